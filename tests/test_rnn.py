@@ -1,0 +1,147 @@
+"""BahdanauRNN: decode_step == forward, masked attention, reorder, padding, arg checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformer.rnn_model import ATTENTIONS, BahdanauRNN
+
+PAD = 0
+SRC_V, TGT_V = 23, 19
+LENGTHS = (5, 2, 7, 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: on a busy CPU, extra threads cost far more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(attention: str, **kwargs) -> BahdanauRNN:
+    torch.manual_seed(0)
+    args = {"emb_dim": 8, "hidden_size": 12, "enc_layers": 2, "dec_layers": 2, "dropout": 0.3}
+    args.update(kwargs)
+    model = BahdanauRNN(SRC_V, TGT_V, PAD, attention=attention, **args)
+    return model.double().eval()
+
+
+def make_batch(extra_pad: int = 0):
+    """Random padded batch; real tokens avoid PAD; ``extra_pad`` appends pad columns."""
+    g = torch.Generator().manual_seed(1)
+    B, S = len(LENGTHS), max(LENGTHS)
+    src = torch.randint(PAD + 1, SRC_V, (B, S), generator=g)
+    tgt_in = torch.randint(PAD + 1, TGT_V, (B, 6), generator=g)
+    src = torch.cat([src, src.new_full((B, extra_pad), PAD)], dim=1)  # (B, S + extra_pad)
+    src_mask = torch.arange(S + extra_pad)[None, :] < torch.tensor(LENGTHS)[:, None]
+    return src.masked_fill(~src_mask, PAD), src_mask, tgt_in
+
+
+def unroll(model, src, src_mask, tgt_in):
+    """Greedy-style incremental decoding fed with tgt_in: logits (B,T,V), weights (B,T,S)."""
+    enc = model.encode(src, src_mask)
+    state = model.init_state(enc)
+    logits, attns = [], []
+    for t in range(tgt_in.shape[1]):
+        step_logits, state = model.decode_step(tgt_in[:, t], enc, state)
+        logits.append(step_logits)
+        attns.append(state.tensors["attn"])
+    return torch.stack(logits, 1), torch.stack(attns, 1)
+
+
+@pytest.fixture(params=ATTENTIONS)
+def model(request):
+    return make_model(request.param)
+
+
+def test_decode_step_matches_forward(model):
+    src, src_mask, tgt_in = make_batch()
+    with torch.no_grad():
+        expected = model(src, src_mask, tgt_in)
+        got, attn = unroll(model, src, src_mask, tgt_in)
+        align = model.attention_weights(src, src_mask, tgt_in)
+    assert expected.shape == (len(LENGTHS), tgt_in.shape[1], TGT_V)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn, align, atol=1e-5, rtol=0)
+
+
+def test_attention_weights_masked_and_normalised(model):
+    src, src_mask, tgt_in = make_batch(extra_pad=2)
+    align = model.attention_weights(src, src_mask, tgt_in)  # (B, T, S)
+    assert align.shape == (*tgt_in.shape, src.shape[1])
+    torch.testing.assert_close(align.sum(-1), torch.ones_like(align[..., 0]))
+    pad = ~src_mask[:, None, :].expand_as(align)
+    assert torch.all(align[pad] == 0)
+    assert torch.all(align[~pad] > 0)
+
+
+def test_reorder_permutes_decoding(model):
+    src, src_mask, tgt_in = make_batch()
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        full, _ = unroll(model, src, src_mask, tgt_in)
+        enc = model.encode(src, src_mask)
+        state = model.init_state(enc)
+        _, state = model.decode_step(tgt_in[:, 0], enc, state)
+        enc, state = enc.reorder(perm), state.reorder(perm)
+        assert state.tensors["attn"].shape == (len(perm), src.shape[1])
+        rest = []
+        for t in range(1, tgt_in.shape[1]):
+            step_logits, state = model.decode_step(tgt_in[perm, t], enc, state)
+            rest.append(step_logits)
+    assert state.step == tgt_in.shape[1]
+    torch.testing.assert_close(torch.stack(rest, 1), full[perm, 1:], atol=1e-10, rtol=0)
+
+
+def test_extra_source_padding_is_invisible(model):
+    src, src_mask, tgt_in = make_batch()
+    src2, src_mask2, _ = make_batch(extra_pad=3)
+    assert torch.equal(src2[:, : src.shape[1]], src)
+    with torch.no_grad():
+        a = model(src, src_mask, tgt_in)
+        b = model(src2, src_mask2, tgt_in)
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_train_mode_backward_and_tying():
+    model = make_model("additive", share_src_tgt_embeddings=False).float().train()
+    assert model.out_proj.weight is model.tgt_embed.weight
+    src, src_mask, tgt_in = make_batch()
+    model(src, src_mask, tgt_in).logsumexp(-1).mean().backward()
+    assert model.tgt_embed.weight.grad is not None
+    assert model.attention.key_proj.weight.grad is not None
+    untied = BahdanauRNN(
+        20, 20, PAD, emb_dim=8, hidden_size=12, tie_embeddings=False, share_src_tgt_embeddings=True
+    )
+    assert untied.src_embed is untied.tgt_embed
+    assert untied.out_proj.weight is not untied.tgt_embed.weight
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"attention": "bilinear"}, "additive"),
+        ({"share_src_tgt_embeddings": True}, "joint vocabulary"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"dec_layers": 0}, "dec_layers"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"pad_id": TGT_V}, "pad_id"),
+    ],
+)
+def test_bad_args_raise(kwargs, match):
+    args = {"emb_dim": 8, "hidden_size": 12, "pad_id": PAD}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        BahdanauRNN(SRC_V, TGT_V, **args)
+
+
+def test_empty_source_raises():
+    model = make_model("dot")
+    src = torch.full((2, 3), PAD)
+    src_mask = torch.zeros(2, 3, dtype=torch.bool)
+    src_mask[0, 0] = True
+    with pytest.raises(ValueError, match="at least one real token"):
+        model.encode(src, src_mask)

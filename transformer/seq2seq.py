@@ -1,0 +1,101 @@
+"""The contract every sequence-to-sequence model implements (Transformer and RNN).
+
+Search code, the trainer and translate.py only ever call what is defined here:
+
+- ``forward(src, src_mask, tgt_in) -> logits (B, T, V)``  teacher forcing
+- ``encode(src, src_mask) -> EncoderOut``
+- ``init_state(enc) -> DecoderState``
+- ``decode_step(prev_tokens (B,), enc, state) -> (logits (B, V), state)``
+
+``EncoderOut.reorder`` and ``DecoderState.reorder`` select along the batch dimension so
+that beam search can expand and reorder hypotheses without ever looking inside a model.
+Masks follow one convention everywhere: bool, True = a real token that may be attended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _reorder(value, idx: torch.Tensor):
+    """index_select dim 0 of a tensor, recursing into lists/tuples/dicts; other values pass."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, idx)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_reorder(v, idx) for v in value)
+    if isinstance(value, dict):
+        return {k: _reorder(v, idx) for k, v in value.items()}
+    return value
+
+
+class Reorderable:
+    """Mixin for dataclasses whose tensor fields all have the batch as dimension 0."""
+
+    def reorder(self, idx: torch.Tensor):
+        """Return a copy with every tensor field index-selected by ``idx`` (shape (B',))."""
+        changes = {f.name: _reorder(getattr(self, f.name), idx) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Batch:
+    """A padded batch of sentence pairs.
+
+    src (B, S) ids, src_mask (B, S) bool True = real token,
+    tgt_in (B, T) = BOS + y, tgt_out (B, T) = y + EOS (pad where tgt_in is pad).
+    """
+
+    src: torch.Tensor
+    src_mask: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in dataclasses.astuple(self)))
+
+    def pin_memory(self) -> "Batch":
+        return Batch(*(t.pin_memory() for t in dataclasses.astuple(self)))
+
+
+@dataclass
+class EncoderOut(Reorderable):
+    """memory (B, S, D) encoder states; src_mask (B, S) bool True = real token.
+
+    ``extra`` holds model-specific per-sentence tensors (e.g. the RNN's pre-projected keys).
+    """
+
+    memory: torch.Tensor
+    src_mask: torch.Tensor
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class DecoderState(Reorderable):
+    """Incremental decoding state. ``tensors`` is model-defined; ``step`` = tokens consumed."""
+
+    tensors: dict
+    step: int = 0
+
+
+class Seq2Seq(nn.Module):
+    """Base class: a model maps (src, src_mask, tgt_in) to next-token logits."""
+
+    def forward(self, src, src_mask, tgt_in):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOut:  # pragma: no cover
+        raise NotImplementedError
+
+    def init_state(self, enc: EncoderOut) -> DecoderState:  # pragma: no cover
+        raise NotImplementedError
+
+    def decode_step(self, prev_tokens, enc, state):  # pragma: no cover
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        """Parameters counted once even when tied."""
+        return sum(p.numel() for p in self.parameters())

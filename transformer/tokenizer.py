@@ -1,0 +1,116 @@
+"""SentencePiece subword tokenizer (Kudo & Richardson 2018): training, caching, loading.
+
+This module is the only owner of the special ids. Models are trained with explicit
+pad/unk/bos/eos ids (SentencePiece has no pad by default). Trained models are cached
+under ``cache_dir`` keyed by a hash of the training text and the settings, so a second
+run with the same corpus reuses the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with the project's special ids."""
+
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    def __init__(self, model_path: str | Path):
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        self.path = model_path
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        if self.sp.pad_id() != PAD_ID or self.sp.eos_id() != EOS_ID:
+            raise ValueError(f"{model_path}: not trained with this project's special ids")
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Sentences -> subword ids (no BOS/EOS; the batcher adds them)."""
+        return self.sp.encode(texts, out_type=int)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Subword ids -> detokenized sentences; special ids are dropped."""
+        specials = {PAD_ID, BOS_ID, EOS_ID}
+        return self.sp.decode([[i for i in seq if i not in specials] for seq in ids])
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in ids]
+
+
+def train_or_load(
+    texts: list[str],
+    cache_dir: str | Path,
+    vocab_size: int,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    input_sentence_size: int = 2_000_000,
+    seed: int = 1,
+) -> Tokenizer:
+    """Train SentencePiece on ``texts`` (or reuse the cached model for the same inputs).
+
+    The cache key hashes every training sentence and every setting, so changing either
+    trains a new model. Returns the loaded Tokenizer; ``tokenizer.path`` is the cached file.
+    """
+    key = hashlib.sha256()
+    for t in texts:
+        key.update(t.encode("utf-8"))
+        key.update(b"\n")
+    settings = f"{vocab_size}|{model_type}|{character_coverage}|{input_sentence_size}|{seed}"
+    key.update(settings.encode())
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"spm-{model_type}{vocab_size}-{key.hexdigest()[:16]}.model"
+    if path.is_file():
+        return Tokenizer(path)
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # the sentence sample is reproducible
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        hard_vocab_limit=False,  # tiny corpora (tests) may not support the full size
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)  # atomic: concurrent runs never read a half-written model
+    return Tokenizer(path)
+
+
+def copy_into(tokenizer: Tokenizer, directory: str | Path, name: str) -> Path:
+    """Copy the model file into ``directory/name`` (a run dir), returning the new path."""
+    dst = Path(directory) / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists() or file_sha256(dst) != file_sha256(tokenizer.path):
+        shutil.copyfile(tokenizer.path, dst)
+    return dst

@@ -1,0 +1,149 @@
+"""The encoder-decoder Transformer (Vaswani et al. 2017), implementing the Seq2Seq contract.
+
+Embeddings scaled by sqrt(d_model) plus sinusoidal positions; N encoder layers; N decoder
+layers with masked self-attention and cross-attention; pre-norm (default, with a final
+LayerNorm on each stack) or post-norm; the target embedding is tied to the output
+projection, and all three matrices are shared when the vocabulary is joint (Section 3.4).
+
+Incremental decoding (``decode_step``) keeps per-layer self-attention keys/values and
+cross-attention keys/values computed once in ``init_state``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import padding_mask
+from .layers import DecoderLayer, EncoderLayer, ScaledEmbedding, SinusoidalPositions
+from .seq2seq import DecoderState, EncoderOut, Seq2Seq
+
+
+class Transformer(Seq2Seq):
+    """Encoder-decoder Transformer.
+
+    :param src_vocab_size, tgt_vocab_size: vocabulary sizes (equal for a joint vocabulary)
+    :param pad_id: padding id (embeddings of pad are zero and receive no gradient)
+    :param norm: "pre" or "post"
+    :param tie_embeddings: tie target embedding and output projection; also share the source
+        embedding when the two vocabularies are the same size (a joint vocabulary)
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        pad_id: int,
+        d_model: int = 256,
+        n_heads: int = 4,
+        d_ff: int = 1024,
+        n_enc_layers: int = 3,
+        n_dec_layers: int = 3,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.0,
+        act_dropout: float = 0.0,
+        norm: str = "pre",
+        tie_embeddings: bool = True,
+        share_src_tgt_embeddings: bool = True,
+        max_positions: int = 1024,
+    ):
+        super().__init__()
+        if norm not in ("pre", "post"):
+            raise ValueError(f"model.norm must be 'pre' or 'post', got {norm!r}")
+        if d_model % n_heads != 0:
+            raise ValueError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
+        if share_src_tgt_embeddings and src_vocab_size != tgt_vocab_size:
+            raise ValueError(
+                "model.share_src_tgt_embeddings=true needs a joint vocabulary "
+                f"(source {src_vocab_size} vs target {tgt_vocab_size} entries); "
+                "set data.joint_vocab=true or model.share_src_tgt_embeddings=false"
+            )
+        self.pad_id = pad_id
+        self.d_model = d_model
+        self.n_heads = n_heads
+        pre = norm == "pre"
+        layer_args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre)
+
+        self.tgt_embed = ScaledEmbedding(tgt_vocab_size, d_model, padding_idx=pad_id)
+        self.src_embed = (
+            self.tgt_embed
+            if share_src_tgt_embeddings
+            else ScaledEmbedding(src_vocab_size, d_model, padding_idx=pad_id)
+        )
+        self.positions = SinusoidalPositions(d_model, max_positions)
+        self.embed_dropout = nn.Dropout(dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(n_enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(n_dec_layers))
+        # Pre-norm leaves the residual stream unnormalised: a final LayerNorm closes each stack.
+        self.enc_norm = nn.LayerNorm(d_model) if pre else nn.Identity()
+        self.dec_norm = nn.LayerNorm(d_model) if pre else nn.Identity()
+        self.out_proj = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        self.reset_parameters()
+        if tie_embeddings:
+            self.out_proj.weight = self.tgt_embed.weight
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        # Embeddings are multiplied by sqrt(d): start them at std d^-1/2 so inputs are O(1).
+        for emb in {self.src_embed, self.tgt_embed}:
+            nn.init.normal_(emb.weight, std=self.d_model**-0.5)
+            with torch.no_grad():
+                emb.weight[self.pad_id].zero_()
+
+    # -- encoder ---------------------------------------------------------------------------
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOut:
+        """src (B, S), src_mask (B, S) bool -> EncoderOut(memory (B, S, D), src_mask)."""
+        x = self.embed_dropout(self.positions(self.src_embed(src)))  # (B, S, D)
+        mask = padding_mask(src_mask)  # (B, 1, 1, S)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return EncoderOut(memory=self.enc_norm(x), src_mask=src_mask)
+
+    # -- decoder ---------------------------------------------------------------------------
+    def forward(self, src, src_mask, tgt_in) -> torch.Tensor:
+        """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V)."""
+        enc = self.encode(src, src_mask)
+        mem_mask = padding_mask(enc.src_mask)
+        y = self.embed_dropout(self.positions(self.tgt_embed(tgt_in)))  # (B, T, D)
+        for layer in self.decoder:
+            y, _, _ = layer(y, enc.memory, mem_mask)
+        return self.out_proj(self.dec_norm(y))
+
+    def init_state(self, enc: EncoderOut) -> DecoderState:
+        """Cross-attention K/V once per sentence; empty self-attention caches."""
+        B = enc.memory.shape[0]
+        cross, selfs = [], []
+        for layer in self.decoder:
+            k, v = layer.cross_attn.project_kv(enc.memory)  # (B, h, S, d_head) each
+            cross += [k, v]
+            empty = k.new_zeros(B, k.shape[1], 0, k.shape[3])  # (B, h, 0, d_head)
+            selfs += [empty, empty]
+        return DecoderState(tensors={"self_kv": selfs, "cross_kv": cross}, step=0)
+
+    def decode_step(self, prev_tokens, enc: EncoderOut, state: DecoderState):
+        """prev_tokens (B,) -> logits (B, V) for the next position, and the updated state."""
+        y = self.tgt_embed(prev_tokens[:, None])  # (B, 1, D)
+        y = self.embed_dropout(self.positions(y, start=state.step))
+        mem_mask = padding_mask(enc.src_mask)
+        selfs, cross = state.tensors["self_kv"], state.tensors["cross_kv"]
+        new_selfs = []
+        for i, layer in enumerate(self.decoder):
+            y, (k, v), _ = layer(
+                y,
+                enc.memory,
+                mem_mask,
+                self_kv=(selfs[2 * i], selfs[2 * i + 1]),
+                cross_kv=(cross[2 * i], cross[2 * i + 1]),
+            )
+            new_selfs += [k, v]
+        logits = self.out_proj(self.dec_norm(y))[:, 0]  # (B, V)
+        tensors = {"self_kv": new_selfs, "cross_kv": cross}
+        return logits, DecoderState(tensors=tensors, step=state.step + 1)
+
+    def cross_attention_modules(self) -> list:
+        """The decoder's cross-attention modules, in layer order (for plots)."""
+        return [layer.cross_attn for layer in self.decoder]

@@ -1,0 +1,112 @@
+"""Rebuild a model from a checkpoint and translate lines of text with it.
+
+Used by translate.py and by the trainer (validation BLEU, final test translations), so both
+decode the same way: inputs sorted by length, cut into batches of ``max_tokens``, decoded with
+greedy or beam search, and restored to input order. Empty lines give empty outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from . import checkpoint
+from .data import plan_batches
+from .search import beam_search, greedy_search
+from .tokenizer import Tokenizer, file_sha256
+
+log = logging.getLogger(__name__)
+
+
+def build_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
+    """Instantiate ``conf/model/*.yaml`` with the sizes that only the data knows."""
+    return instantiate(model_cfg, src_vocab_size=src_vocab_size,
+                       tgt_vocab_size=tgt_vocab_size, pad_id=pad_id)
+
+
+def load_tokenizers(ckpt: dict, ckpt_path: Path) -> tuple[Tokenizer, Tokenizer]:
+    """The tokenizers a checkpoint names, relative to its run directory, hash-checked."""
+    run_dir = ckpt_path.resolve().parent.parent
+    toks = []
+    for side in ("src", "tgt"):
+        rel, digest = ckpt["tokenizer"][side], ckpt["tokenizer"][f"{side}_sha256"]
+        path = run_dir / rel
+        if not path.is_file():
+            raise checkpoint.CheckpointError(
+                f"{ckpt_path}: its {side} tokenizer {path} is missing (the run directory "
+                "must keep the tokenizer/ folder beside checkpoints/)")
+        if file_sha256(path) != digest:
+            raise checkpoint.CheckpointError(
+                f"{ckpt_path}: tokenizer {path} does not match the one it was trained with")
+        toks.append(Tokenizer(path))
+    return toks[0], toks[1]
+
+
+def load_for_inference(ckpt_path: str | Path, device: torch.device):
+    """(model in eval mode on ``device``, src tokenizer, tgt tokenizer, config dict)."""
+    ckpt_path = Path(ckpt_path)
+    ckpt = checkpoint.load(ckpt_path)
+    src_tok, tgt_tok = load_tokenizers(ckpt, ckpt_path)
+    cfg = ckpt["config"]
+    model = build_model(OmegaConf.create(cfg["model"]), **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), src_tok, tgt_tok, cfg
+
+
+def encode_sources(lines: list[str], src_tok: Tokenizer, max_len: int) -> list[list[int]]:
+    """Subword ids + EOS per line; lines longer than ``max_len`` are truncated with a warning
+    naming the line number (1-based)."""
+    ids = src_tok.encode([line.strip() for line in lines])
+    for i, seq in enumerate(ids):
+        if len(seq) > max_len:
+            log.warning("input line %d has %d subwords; truncated to %d", i + 1, len(seq), max_len)
+            ids[i] = seq[:max_len]
+    return [seq + [src_tok.eos_id] if seq else [] for seq in ids]
+
+
+@torch.no_grad()
+def translate_ids(model, src_ids: list[list[int]], tgt_tok: Tokenizer, decode_cfg,
+                  device: torch.device, progress=None) -> list[list]:
+    """Decode every non-empty id list; returns per input a list of (tokens, score) n-best
+    (empty list for an empty input). ``progress`` is called with the number of sentences done.
+    """
+    pad = tgt_tok.pad_id
+    nonempty = np.array([i for i, s in enumerate(src_ids) if s], dtype=np.int64)
+    results: list[list] = [[] for _ in src_ids]
+    if len(nonempty) == 0:
+        return results
+    lengths = np.array([len(src_ids[i]) for i in nonempty])
+    for chunk in plan_batches(lengths, decode_cfg.max_tokens, rng=None):
+        idx = nonempty[chunk]
+        S = max(len(src_ids[i]) for i in idx)
+        src = torch.full((len(idx), S), pad, dtype=torch.long)
+        for row, i in enumerate(idx):
+            src[row, : len(src_ids[i])] = torch.tensor(src_ids[i])
+        src = src.to(device)
+        src_mask = src != pad
+        common = dict(bos_id=tgt_tok.bos_id, eos_id=tgt_tok.eos_id,
+                      max_len_a=decode_cfg.max_len_a, max_len_b=decode_cfg.max_len_b)
+        if decode_cfg.beam_size <= 1:
+            nbest = [[h] for h in greedy_search(model, src, src_mask, **common)]
+        else:
+            nbest = beam_search(model, src, src_mask, beam_size=decode_cfg.beam_size,
+                                alpha=decode_cfg.length_penalty, nbest=decode_cfg.nbest, **common)
+        for row, i in enumerate(idx):
+            results[i] = [(h.tokens, h.score) for h in nbest[row]]
+        if progress is not None:
+            progress(len(idx))
+    return results
+
+
+def translate_lines(model, lines: list[str], src_tok: Tokenizer, tgt_tok: Tokenizer,
+                    decode_cfg, device: torch.device, max_src_len: int) -> list[str]:
+    """Best translation of each line (detokenized), same count and order as ``lines``."""
+    nbest = translate_ids(model, encode_sources(lines, src_tok, max_src_len), tgt_tok,
+                          decode_cfg, device)
+    best = [hyps[0][0] if hyps else [] for hyps in nbest]
+    return tgt_tok.decode(best)
