@@ -238,7 +238,7 @@ class BahdanauRNN(Seq2Seq):
     def attention_weights(
         self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor
     ) -> torch.Tensor:
-        """Teacher-forced alignment matrix (B, T, S) for plotting; rows sum to 1."""
+        """Teacher-forced alignment matrix (B, T, S) for plotting; rows sum to 1 (call in eval)."""
         return self._unroll(src, src_mask, tgt_in)[3]
 
     def decode_step(

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from transformer.transformer_model import Transformer
+
+PAD = 0
+
+
+def padded_batch(V=50, B=3, S=7, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, V, (B, S), generator=g)
+    src[1, 5:] = PAD
+    src[2, 3:] = PAD
+    tgt = torch.randint(4, V, (B, T), generator=g)
+    return src, src != PAD, tgt
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_unrolled_decode_step_equals_forward(norm):
+    torch.manual_seed(0)
+    model = Transformer(50, 50, PAD, d_model=32, n_heads=4, d_ff=64, n_enc_layers=2,
+                        n_dec_layers=2, norm=norm).eval()
+    src, src_mask, tgt = padded_batch()
+    full = model(src, src_mask, tgt)  # (B, T, V)
+    enc = model.encode(src, src_mask)
+    state = model.init_state(enc)
+    for t in range(tgt.shape[1]):
+        logits, state = model.decode_step(tgt[:, t], enc, state)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-4)
+
+
+def test_reorder_permutes_decoding():
+    torch.manual_seed(0)
+    model = Transformer(50, 50, PAD, d_model=32, n_heads=4, d_ff=64).eval()
+    src, src_mask, tgt = padded_batch()
+    enc = model.encode(src, src_mask)
+    state = model.init_state(enc)
+    _, state = model.decode_step(tgt[:, 0], enc, state)
+    perm = torch.tensor([2, 0, 1])
+    logits_perm, _ = model.decode_step(tgt[perm, 1], enc.reorder(perm), state.reorder(perm))
+    logits, _ = model.decode_step(tgt[:, 1], enc, state)
+    torch.testing.assert_close(logits_perm, logits[perm], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_does_not_change_outputs():
+    torch.manual_seed(0)
+    model = Transformer(50, 50, PAD, d_model=32, n_heads=4, d_ff=64).eval()
+    src, src_mask, tgt = padded_batch()
+    extra = torch.cat([src, torch.full((3, 4), PAD)], 1)
+    torch.testing.assert_close(model(src, src_mask, tgt), model(extra, extra != PAD, tgt),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_embeddings_tied_across_all_three_with_joint_vocab():
+    model = Transformer(40, 40, PAD, d_model=16, n_heads=2, d_ff=32)
+    assert model.out_proj.weight is model.tgt_embed.weight
+    assert model.src_embed is model.tgt_embed
+    separate = Transformer(40, 30, PAD, d_model=16, n_heads=2, d_ff=32,
+                           share_src_tgt_embeddings=False)
+    assert separate.src_embed is not separate.tgt_embed
+    assert separate.out_proj.weight is separate.tgt_embed.weight
+
+
+def test_bad_model_args_are_clear_errors():
+    with pytest.raises(ValueError, match="joint vocabulary"):
+        Transformer(40, 30, PAD, d_model=16, n_heads=2)
+    with pytest.raises(ValueError, match="model.norm"):
+        Transformer(40, 40, PAD, d_model=16, n_heads=2, norm="middle")
