@@ -16,10 +16,10 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a runs/gpu.t
 # Train the tokenizer once so concurrent runs share the cached model.
 python3 -c "
 from omegaconf import OmegaConf
-from hydra import compose, initialize
+from hydra import compose, initialize_config_dir
 from transformer.trainer import prepare_data
 from pathlib import Path
-with initialize(version_base='1.3', config_path='../conf'):
+with initialize_config_dir(version_base='1.3', config_dir='$PWD/conf'):
     cfg = compose('train', overrides=['run_dir=/tmp/tokprep'])
 prepare_data(cfg, Path('/tmp/tokprep'))
 " 2>&1 | tail -2

@@ -14,6 +14,7 @@ length-sorted examples so padding is small, and reshuffled every epoch from the 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ def read_lines(path: Path) -> list[str]:
 def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):
     """Read ``split`` from a directory of line-aligned files into a Dataset(src, tgt)."""
     from datasets import Dataset
+    from datasets.table import InMemoryTable
 
     if not directory.is_dir():
         raise DataError(f"data directory not found: {directory} (set MT_DATA_DIR or data.data_dir)")
@@ -79,7 +81,12 @@ def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):
         raise DataError(
             f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}"
         )
-    return Dataset.from_dict({"src": src, "tgt": tgt})
+    # The fingerprint names the files and their versions; computing it this way skips
+    # datasets' pickling of the whole table (slow, and broken on some pyarrow/dill pairs).
+    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                     for p in (src_path, tgt_path))
+    fingerprint = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable.from_pydict({"src": src, "tgt": tgt}), fingerprint=fingerprint)
 
 
 def load_hub(name: str, config: str | None, split: str, src_lang: str, tgt_lang: str):
