@@ -21,11 +21,15 @@ def read_head(split: str, lang: str, n: int) -> list[str]:
 
 
 def synthetic(split: str, lang: str, n: int) -> list[str]:
-    words = {"de": ["ein", "hund", "läuft", "im", "park", "zwei", "kinder", "spielen"],
-             "en": ["a", "dog", "runs", "in", "the", "park", "two", "children", "play"]}[lang]
+    words = {
+        "de": ["ein", "hund", "läuft", "im", "park", "zwei", "kinder", "spielen"],
+        "en": ["a", "dog", "runs", "in", "the", "park", "two", "children", "play"],
+    }[lang]
     offset = {"train": 0, "valid": 7, "test2016": 13}[split]
-    return [" ".join(words[(i * 3 + j + offset) % len(words)] for j in range(3 + i % 6)) + "."
-            for i in range(n)]
+    return [
+        " ".join(words[(i * 3 + j + offset) % len(words)] for j in range(3 + i % 6)) + "."
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +61,16 @@ def compose():
 @pytest.fixture()
 def small_overrides(corpus_root, tmp_path):
     """Overrides for a tiny, fast run on the small corpus under tmp_path."""
-    return [f"data.data_dir={corpus_root}", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.vocab_size=300", "trainer=debug", "model.d_model=32", "model.n_heads=2",
-            "model.d_ff=64", "model.n_enc_layers=1", "model.n_dec_layers=1",
-            f"run_dir={tmp_path / 'run'}", "device=cpu"]
+    return [
+        f"data.data_dir={corpus_root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.vocab_size=300",
+        "trainer=debug",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.d_ff=64",
+        "model.n_enc_layers=1",
+        "model.n_dec_layers=1",
+        f"run_dir={tmp_path / 'run'}",
+        "device=cpu",
+    ]

@@ -8,6 +8,7 @@ from transformer.attention import MultiHeadAttention, causal_mask, padding_mask
 
 def reference_mha(mha, x, memory, mask):
     """Multi-head attention written out in float64 from the paper's formulas."""
+
     def proj(layer, t):
         return t.double() @ layer.weight.double().T + layer.bias.double()
 

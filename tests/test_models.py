@@ -18,8 +18,9 @@ def padded_batch(V=50, B=3, S=7, T=6, seed=0):
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_unrolled_decode_step_equals_forward(norm):
     torch.manual_seed(0)
-    model = Transformer(50, 50, PAD, d_model=32, n_heads=4, d_ff=64, n_enc_layers=2,
-                        n_dec_layers=2, norm=norm).eval()
+    model = Transformer(
+        50, 50, PAD, d_model=32, n_heads=4, d_ff=64, n_enc_layers=2, n_dec_layers=2, norm=norm
+    ).eval()
     src, src_mask, tgt = padded_batch()
     full = model(src, src_mask, tgt)  # (B, T, V)
     enc = model.encode(src, src_mask)
@@ -47,16 +48,18 @@ def test_padding_does_not_change_outputs():
     model = Transformer(50, 50, PAD, d_model=32, n_heads=4, d_ff=64).eval()
     src, src_mask, tgt = padded_batch()
     extra = torch.cat([src, torch.full((3, 4), PAD)], 1)
-    torch.testing.assert_close(model(src, src_mask, tgt), model(extra, extra != PAD, tgt),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        model(src, src_mask, tgt), model(extra, extra != PAD, tgt), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_embeddings_tied_across_all_three_with_joint_vocab():
     model = Transformer(40, 40, PAD, d_model=16, n_heads=2, d_ff=32)
     assert model.out_proj.weight is model.tgt_embed.weight
     assert model.src_embed is model.tgt_embed
-    separate = Transformer(40, 30, PAD, d_model=16, n_heads=2, d_ff=32,
-                           share_src_tgt_embeddings=False)
+    separate = Transformer(
+        40, 30, PAD, d_model=16, n_heads=2, d_ff=32, share_src_tgt_embeddings=False
+    )
     assert separate.src_embed is not separate.tgt_embed
     assert separate.out_proj.weight is separate.tgt_embed.weight
 

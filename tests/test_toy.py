@@ -54,8 +54,9 @@ def train_and_score(model, steps, lr):
 
 def test_transformer_learns_reversal():
     torch.manual_seed(0)
-    model = Transformer(V, V, PAD, d_model=64, n_heads=4, d_ff=128, n_enc_layers=2,
-                        n_dec_layers=2, dropout=0.0)
+    model = Transformer(
+        V, V, PAD, d_model=64, n_heads=4, d_ff=128, n_enc_layers=2, n_dec_layers=2, dropout=0.0
+    )
     assert train_and_score(model, steps=400, lr=2e-3) >= 0.95
 
 

@@ -84,7 +84,9 @@ class MultiHeadAttention(nn.Module):
             out, self.last_weights = reference_attention(q, k, v, mask)
             return out
         p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
+        )
 
     def forward(
         self,

@@ -55,7 +55,9 @@ def load(path: str | Path, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load (not a plain-data checkpoint): {first}") from e
+        raise CheckpointError(
+            f"{path}: refused to load (not a plain-data checkpoint): {first}"
+        ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:

@@ -16,8 +16,15 @@ from omegaconf.errors import OmegaConfBaseException
 from .checkpoint import CheckpointError
 from .data import DataError
 
-EXPECTED = (DataError, CheckpointError, ValueError, FileNotFoundError, PermissionError,
-            OmegaConfBaseException, RuntimeError)
+EXPECTED = (
+    DataError,
+    CheckpointError,
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    OmegaConfBaseException,
+    RuntimeError,
+)
 
 
 def friendly_errors(fn):

@@ -63,8 +63,12 @@ def read_lines(path: Path) -> list[str]:
             bad.append(i)
         out.append(text.rstrip("\r"))
     if bad:
-        log.warning("%s: %d line(s) not valid UTF-8 (first: line %d); bytes replaced with U+FFFD",
-                    path, len(bad), bad[0])
+        log.warning(
+            "%s: %d line(s) not valid UTF-8 (first: line %d); bytes replaced with U+FFFD",
+            path,
+            len(bad),
+            bad[0],
+        )
     return out
 
 
@@ -75,7 +79,10 @@ def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):
 
     if not directory.is_dir():
         raise DataError(f"data directory not found: {directory} (set MT_DATA_DIR or data.data_dir)")
-    src_path, tgt_path = find_file(directory, split, src_lang), find_file(directory, split, tgt_lang)
+    src_path, tgt_path = (
+        find_file(directory, split, src_lang),
+        find_file(directory, split, tgt_lang),
+    )
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
         raise DataError(
@@ -83,14 +90,15 @@ def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):
         )
     # The fingerprint names the files and their versions; computing it this way skips
     # datasets' pickling of the whole table (slow, and broken on some pyarrow/dill pairs).
-    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                     for p in (src_path, tgt_path))
+    stamp = "|".join(
+        f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (src_path, tgt_path)
+    )
     fingerprint = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     return Dataset(InMemoryTable.from_pydict({"src": src, "tgt": tgt}), fingerprint=fingerprint)
 
 
 def load_hub(name: str, config: str | None, split: str, src_lang: str, tgt_lang: str):
-    """Load ``split`` of a Hub dataset (or a local dataset directory/script) as Dataset(src, tgt)."""
+    """Load ``split`` of a Hub dataset (or a local dataset folder) as Dataset(src, tgt)."""
     from datasets import load_dataset
 
     try:
@@ -99,9 +107,12 @@ def load_hub(name: str, config: str | None, split: str, src_lang: str, tgt_lang:
         raise DataError(f"could not load Hub dataset {name!r} split {split!r}: {e}") from e
     if "translation" in ds.column_names:
         ds = ds.map(
-            lambda b: {"src": [t[src_lang] for t in b["translation"]],
-                       "tgt": [t[tgt_lang] for t in b["translation"]]},
-            batched=True, remove_columns=ds.column_names,
+            lambda b: {
+                "src": [t[src_lang] for t in b["translation"]],
+                "tgt": [t[tgt_lang] for t in b["translation"]],
+            },
+            batched=True,
+            remove_columns=ds.column_names,
         )
         return ds
     for lang in (src_lang, tgt_lang):
@@ -153,20 +164,34 @@ def encode_split(ds, src_tok, tgt_tok, max_len: int, filter_long: bool, name: st
     src_ids = [np.asarray(x, dtype=np.int32) for x in src_tok.encode(src_text)]
     tgt_ids = [np.asarray(x, dtype=np.int32) for x in tgt_tok.encode(tgt_text)]
     if filter_long:
-        keep = [i for i in range(len(src_ids))
-                if 0 < len(src_ids[i]) <= max_len and 0 < len(tgt_ids[i]) <= max_len]
+        keep = [
+            i
+            for i in range(len(src_ids))
+            if 0 < len(src_ids[i]) <= max_len and 0 < len(tgt_ids[i]) <= max_len
+        ]
         dropped = len(src_ids) - len(keep)
         empty = sum(1 for i in range(len(src_ids)) if not len(src_ids[i]) or not len(tgt_ids[i]))
-        log.info("%s: %d pairs, dropped %d (%d with an empty side, %d longer than "
-                 "data.max_len=%d tokens)", name, len(keep), dropped, empty, dropped - empty,
-                 max_len)
+        log.info(
+            "%s: %d pairs, dropped %d (%d with an empty side, %d longer than "
+            "data.max_len=%d tokens)",
+            name,
+            len(keep),
+            dropped,
+            empty,
+            dropped - empty,
+            max_len,
+        )
         if not keep:
-            raise DataError(f"{name}: no sentence pairs left after filtering (data.max_len={max_len})")
+            raise DataError(
+                f"{name}: no sentence pairs left after filtering (data.max_len={max_len})"
+            )
         pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
         return EncodedSplit(pick(src_ids), pick(tgt_ids), pick(src_text), pick(tgt_text))
     long = sum(1 for s in src_ids if len(s) > max_len)
     if long:
-        log.warning("%s: %d source sentence(s) longer than %d tokens truncated", name, long, max_len)
+        log.warning(
+            "%s: %d source sentence(s) longer than %d tokens truncated", name, long, max_len
+        )
     return EncodedSplit([s[:max_len] for s in src_ids], tgt_ids, src_text, tgt_text)
 
 
@@ -220,8 +245,16 @@ class TokenBatcher:
     ``rank``/``world_size`` give each distributed process its own shard of the batches.
     """
 
-    def __init__(self, split: EncodedSplit, max_tokens: int, seed: int, special_ids: tuple,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        split: EncodedSplit,
+        max_tokens: int,
+        seed: int,
+        special_ids: tuple,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.split, self.max_tokens, self.seed, self.shuffle = split, max_tokens, seed, shuffle
         self.pad_id, self.bos_id, self.eos_id = special_ids
         self.rank, self.world_size = rank, world_size
@@ -230,8 +263,10 @@ class TokenBatcher:
         )
         longest = int(self.lengths.max())
         if longest > max_tokens:
-            raise DataError(f"data.max_tokens={max_tokens} is smaller than the longest "
-                            f"example ({longest} tokens); raise it or lower data.max_len")
+            raise DataError(
+                f"data.max_tokens={max_tokens} is smaller than the longest "
+                f"example ({longest} tokens); raise it or lower data.max_len"
+            )
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None

@@ -30,6 +30,12 @@ def score_all(hyps: list[str], refs: list[str]) -> dict:
     b, b_sig = bleu(hyps, refs)
     c, c_sig = chrf(hyps, refs)
     lc, lc_sig = bleu(hyps, refs, lowercase=True)
-    return {"bleu": round(b, 2), "bleu_signature": b_sig, "chrf": round(c, 2),
-            "chrf_signature": c_sig, "bleu_lc": round(lc, 2), "bleu_lc_signature": lc_sig,
-            "sentences": len(hyps)}
+    return {
+        "bleu": round(b, 2),
+        "bleu_signature": b_sig,
+        "chrf": round(c, 2),
+        "chrf_signature": c_sig,
+        "bleu_lc": round(lc, 2),
+        "bleu_lc_signature": lc_sig,
+        "sentences": len(hyps),
+    }

@@ -33,8 +33,9 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def greedy_search(model, src, src_mask, bos_id: int, eos_id: int,
-                  max_len_a: float = 1.5, max_len_b: int = 10) -> list[Hypothesis]:
+def greedy_search(
+    model, src, src_mask, bos_id: int, eos_id: int, max_len_a: float = 1.5, max_len_b: int = 10
+) -> list[Hypothesis]:
     """Pick the most probable token at every step, for a batch of sources (B, S)."""
     B = src.shape[0]
     enc = model.encode(src, src_mask)
@@ -65,9 +66,18 @@ def greedy_search(model, src, src_mask, bos_id: int, eos_id: int,
 
 
 @torch.no_grad()
-def beam_search(model, src, src_mask, bos_id: int, eos_id: int, beam_size: int = 5,
-                alpha: float = 0.6, max_len_a: float = 1.5, max_len_b: int = 10,
-                nbest: int = 1) -> list[list[Hypothesis]]:
+def beam_search(
+    model,
+    src,
+    src_mask,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int = 5,
+    alpha: float = 0.6,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, ``nbest`` hypotheses sorted best first."""
     if nbest > beam_size:
         raise ValueError(f"decode.nbest={nbest} exceeds decode.beam_size={beam_size}")

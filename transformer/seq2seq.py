@@ -54,10 +54,10 @@ class Batch:
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in dataclasses.astuple(self)))
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(*(t.pin_memory() for t in dataclasses.astuple(self)))
 
 

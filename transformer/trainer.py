@@ -45,9 +45,11 @@ def pick_device(name: str) -> torch.device:
 
 def inverse_sqrt(warmup: int):
     """LR multiplier: linear warmup to 1 over ``warmup`` steps, then sqrt(warmup / step)."""
+
     def factor(step: int) -> float:
         step = max(step, 1)
         return min(step / warmup, math.sqrt(warmup / step))
+
     return factor
 
 
@@ -55,8 +57,9 @@ def sequence_loss(logits, tgt_out, pad_id: int, label_smoothing: float):
     """Summed label-smoothed CE and summed NLL over non-pad target tokens."""
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
     flat_tgt = tgt_out.reshape(-1)
-    loss = F.cross_entropy(flat_logits, flat_tgt, ignore_index=pad_id,
-                           label_smoothing=label_smoothing, reduction="sum")
+    loss = F.cross_entropy(
+        flat_logits, flat_tgt, ignore_index=pad_id, label_smoothing=label_smoothing, reduction="sum"
+    )
     with torch.no_grad():
         nll = F.cross_entropy(flat_logits, flat_tgt, ignore_index=pad_id, reduction="sum")
     return loss, nll
@@ -68,24 +71,37 @@ def prepare_data(cfg, run_dir: Path):
     d = cfg.data
     raw = {split: load_split(d, split) for split in [d.train_split, d.valid_split, *d.test_splits]}
     train_raw = raw[d.train_split]
-    spm_args = dict(cache_dir=Path(d.cache_dir) / "spm", vocab_size=d.vocab_size,
-                    model_type=d.spm_model_type, character_coverage=d.character_coverage,
-                    input_sentence_size=d.spm_input_sentence_size, seed=cfg.seed)
+    spm_args = dict(
+        cache_dir=Path(d.cache_dir) / "spm",
+        vocab_size=d.vocab_size,
+        model_type=d.spm_model_type,
+        character_coverage=d.character_coverage,
+        input_sentence_size=d.spm_input_sentence_size,
+        seed=cfg.seed,
+    )
     if d.joint_vocab:
-        src_tok = tgt_tok = train_or_load(list(train_raw["src"]) + list(train_raw["tgt"]), **spm_args)
+        src_tok = tgt_tok = train_or_load(
+            list(train_raw["src"]) + list(train_raw["tgt"]), **spm_args
+        )
         paths = {"src": copy_into(src_tok, run_dir, "tokenizer/joint.model")}
         paths["tgt"] = paths["src"]
     else:
         src_tok = train_or_load(list(train_raw["src"]), **spm_args)
         tgt_tok = train_or_load(list(train_raw["tgt"]), **spm_args)
-        paths = {"src": copy_into(src_tok, run_dir, f"tokenizer/{d.src_lang}.model"),
-                 "tgt": copy_into(tgt_tok, run_dir, f"tokenizer/{d.tgt_lang}.model")}
+        paths = {
+            "src": copy_into(src_tok, run_dir, f"tokenizer/{d.src_lang}.model"),
+            "tgt": copy_into(tgt_tok, run_dir, f"tokenizer/{d.tgt_lang}.model"),
+        }
     tok_info = {}
     for side, p in paths.items():
         tok_info[side] = str(p.relative_to(run_dir))
         tok_info[f"{side}_sha256"] = file_sha256(p)
-    splits = {name: encode_split(ds, src_tok, tgt_tok, d.max_len, name == d.train_split,
-                                 f"{d.name}/{name}") for name, ds in raw.items()}
+    splits = {
+        name: encode_split(
+            ds, src_tok, tgt_tok, d.max_len, name == d.train_split, f"{d.name}/{name}"
+        )
+        for name, ds in raw.items()
+    }
     return splits, src_tok, tgt_tok, tok_info
 
 
@@ -98,20 +114,29 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(cfg, run_dir)
         self.pad_id = self.tgt_tok.pad_id
-        self.model_kwargs = dict(src_vocab_size=len(self.src_tok),
-                                 tgt_vocab_size=len(self.tgt_tok), pad_id=self.pad_id)
+        self.model_kwargs = dict(
+            src_vocab_size=len(self.src_tok), tgt_vocab_size=len(self.tgt_tok), pad_id=self.pad_id
+        )
         self.model = build_model(cfg.model, **self.model_kwargs).to(self.device)
-        log.info("model: %s, %.2fM parameters", cfg.model._target_,
-                 self.model.num_parameters() / 1e6)
+        log.info(
+            "model: %s, %.2fM parameters", cfg.model._target_, self.model.num_parameters() / 1e6
+        )
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = instantiate(self.t.optimizer, **fused)(self.model.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, inverse_sqrt(self.t.warmup_steps))
+            self.optimizer, inverse_sqrt(self.t.warmup_steps)
+        )
         specials = (self.pad_id, self.tgt_tok.bos_id, self.tgt_tok.eos_id)
-        self.batcher = TokenBatcher(self.splits[cfg.data.train_split], cfg.data.max_tokens,
-                                    cfg.seed, specials)
-        self.valid_batcher = TokenBatcher(self.splits[cfg.data.valid_split], cfg.data.max_tokens,
-                                          cfg.seed, specials, shuffle=False)
+        self.batcher = TokenBatcher(
+            self.splits[cfg.data.train_split], cfg.data.max_tokens, cfg.seed, specials
+        )
+        self.valid_batcher = TokenBatcher(
+            self.splits[cfg.data.valid_split],
+            cfg.data.max_tokens,
+            cfg.seed,
+            specials,
+            shuffle=False,
+        )
         self.precision = self.t.precision if self.device.type == "cuda" else "fp32"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         # Training position; restored by resume.
@@ -134,10 +159,16 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "progress": {"step": self.step, "epoch": self.epoch,
-                         "batch_in_epoch": self.batch_in_epoch, "best_bleu": self.best_bleu,
-                         "best_step": self.best_step, "bad_evals": self.bad_evals,
-                         "train_seconds": self.train_seconds, "train_tokens": self.train_tokens},
+            "progress": {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "best_bleu": self.best_bleu,
+                "best_step": self.best_step,
+                "bad_evals": self.bad_evals,
+                "train_seconds": self.train_seconds,
+                "train_tokens": self.train_tokens,
+            },
             "rng": rng,
         }
 
@@ -154,8 +185,13 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step,
-                 self.epoch, self.batch_in_epoch)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            path,
+            self.step,
+            self.epoch,
+            self.batch_in_epoch,
+        )
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -177,15 +213,27 @@ class Trainer:
         self.model.eval()
         split = self.splits[split_name]
         with self.autocast():
-            hyps = translate_lines(self.model, split.src_text, self.src_tok, self.tgt_tok,
-                                   decode_cfg, self.device, self.cfg.data.max_len)
+            hyps = translate_lines(
+                self.model,
+                split.src_text,
+                self.src_tok,
+                self.tgt_tok,
+                decode_cfg,
+                self.device,
+                self.cfg.data.max_len,
+            )
         self.model.train()
         return hyps
 
     def valid_bleu(self) -> float:
-        greedy = OmegaConf.create({"beam_size": 1, "max_tokens": self.cfg.decode.max_tokens,
-                                   "max_len_a": self.cfg.decode.max_len_a,
-                                   "max_len_b": self.cfg.decode.max_len_b})
+        greedy = OmegaConf.create(
+            {
+                "beam_size": 1,
+                "max_tokens": self.cfg.decode.max_tokens,
+                "max_len_a": self.cfg.decode.max_len_a,
+                "max_len_b": self.cfg.decode.max_len_b,
+            }
+        )
         hyps = self.translate(self.cfg.data.valid_split, greedy)
         return bleu(hyps, self.splits[self.cfg.data.valid_split].tgt_text)[0]
 
@@ -231,14 +279,32 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if t.resume and last.is_file():
             self.resume(last)
-        train_log = CsvLog(self.run_dir / "train_log.csv",
-                           ["step", "epoch", "loss", "lr", "tokens_per_s", "pad_frac"])
-        valid_log = CsvLog(self.run_dir / "valid_log.csv",
-                           ["step", "epoch", "train_seconds", "valid_loss", "valid_nll",
-                            "valid_ppl", "valid_bleu"])
-        old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not t.progress_bar,
-                   dynamic_ncols=True, mininterval=1.0)
+        train_log = CsvLog(
+            self.run_dir / "train_log.csv",
+            ["step", "epoch", "loss", "lr", "tokens_per_s", "pad_frac"],
+        )
+        valid_log = CsvLog(
+            self.run_dir / "valid_log.csv",
+            [
+                "step",
+                "epoch",
+                "train_seconds",
+                "valid_loss",
+                "valid_nll",
+                "valid_ppl",
+                "valid_bleu",
+            ],
+        )
+        old_handlers = {
+            s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not t.progress_bar,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         stream, stop_reason = self.batches(), None
         self.model.train()
         window_loss, window_tok, window_pad, window_start = 0.0, 0, 0.0, time.perf_counter()
@@ -258,13 +324,21 @@ class Trainer:
                 if self.step % t.log_every == 0:
                     loss = float(window_loss) / window_tok  # the only host sync in the loop
                     seconds = time.perf_counter() - window_start
-                    row = {"step": self.step, "epoch": self.epoch, "loss": round(loss, 4),
-                           "lr": self.scheduler.get_last_lr()[0],
-                           "tokens_per_s": round(window_tok / seconds),
-                           "pad_frac": round(window_pad / (t.log_every * t.accum_steps), 3)}
+                    row = {
+                        "step": self.step,
+                        "epoch": self.epoch,
+                        "loss": round(loss, 4),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": round(window_tok / seconds),
+                        "pad_frac": round(window_pad / (t.log_every * t.accum_steps), 3),
+                    }
                     train_log.write(row)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{row['lr']:.2e}",
-                                    tok_s=row["tokens_per_s"], ep=self.epoch)
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}",
+                        lr=f"{row['lr']:.2e}",
+                        tok_s=row["tokens_per_s"],
+                        ep=self.epoch,
+                    )
                     window_loss, window_tok, window_pad = 0.0, 0, 0.0
                     window_start = time.perf_counter()
                 self.train_seconds += time.perf_counter() - step_start
@@ -279,8 +353,10 @@ class Trainer:
         checkpoint.save(last, self.state())
         log.info("stopped at step %d: %s", self.step, stop_reason)
         if self.stop_signal is not None:
-            raise KeyboardInterrupt(f"interrupted at step {self.step}; last.pt saved in "
-                                    f"{self.ckpt_dir}; run the same command to resume")
+            raise KeyboardInterrupt(
+                f"interrupted at step {self.step}; last.pt saved in "
+                f"{self.ckpt_dir}; run the same command to resume"
+            )
         return {"stop_reason": stop_reason}
 
     def maybe_evaluate(self, valid_log, max_seconds) -> str | None:
@@ -294,10 +370,15 @@ class Trainer:
         if not (self.step % t.eval_every == 0 or at_end):
             return None
         loss, nll = self.valid_loss()
-        row = {"step": self.step, "epoch": self.epoch,
-               "train_seconds": round(self.train_seconds, 1), "valid_loss": round(loss, 4),
-               "valid_nll": round(nll, 4), "valid_ppl": round(math.exp(min(nll, 50)), 2),
-               "valid_bleu": ""}
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "train_seconds": round(self.train_seconds, 1),
+            "valid_loss": round(loss, 4),
+            "valid_nll": round(nll, 4),
+            "valid_ppl": round(math.exp(min(nll, 50)), 2),
+            "valid_bleu": "",
+        }
         stop = None
         if self.step % t.bleu_every == 0 or at_end:
             score = self.valid_bleu()
@@ -310,8 +391,13 @@ class Trainer:
                 if t.patience and self.bad_evals >= t.patience:
                     stop = f"no valid BLEU gain in {t.patience} evaluations"
         valid_log.write(row)
-        log.info("step %d: valid loss %.3f ppl %.2f bleu %s", self.step, loss, row["valid_ppl"],
-                 row["valid_bleu"])
+        log.info(
+            "step %d: valid loss %.3f ppl %.2f bleu %s",
+            self.step,
+            loss,
+            row["valid_ppl"],
+            row["valid_bleu"],
+        )
         checkpoint.save(self.ckpt_dir / "last.pt", self.state())
         if at_end and stop is None:
             stop = "time limit" if out_of_time else "step/epoch limit"
@@ -322,13 +408,19 @@ class Trainer:
         best = self.ckpt_dir / "best.pt"
         if best.is_file():
             checkpoint.unwrap(self.model).load_state_dict(checkpoint.load(best)["model"])
-        metrics = {"model": self.cfg.model._target_, "parameters": self.model.num_parameters(),
-                   "steps": self.step, "epochs": self.epoch, "best_step": self.best_step,
-                   "best_valid_bleu": round(self.best_bleu, 2),
-                   "train_seconds": round(self.train_seconds, 1),
-                   "train_tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9)),
-                   "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "decode": OmegaConf.to_container(self.cfg.decode)}
+        metrics = {
+            "model": self.cfg.model._target_,
+            "parameters": self.model.num_parameters(),
+            "steps": self.step,
+            "epochs": self.epoch,
+            "best_step": self.best_step,
+            "best_valid_bleu": round(self.best_bleu, 2),
+            "train_seconds": round(self.train_seconds, 1),
+            "train_tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9)),
+            "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "decode": OmegaConf.to_container(self.cfg.decode),
+        }
         d = self.cfg.data
         for name in [d.valid_split, *d.test_splits]:
             start = time.perf_counter()
@@ -338,8 +430,13 @@ class Trainer:
             scores = score_all(hyps, self.splits[name].tgt_text)
             scores["decode_sentences_per_s"] = round(len(hyps) / seconds, 1)
             metrics[name] = scores
-            log.info("%s: BLEU %.2f chrF %.2f (%s)", name, scores["bleu"], scores["chrf"],
-                     scores["bleu_signature"])
+            log.info(
+                "%s: BLEU %.2f chrF %.2f (%s)",
+                name,
+                scores["bleu"],
+                scores["chrf"],
+                scores["bleu_signature"],
+            )
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
 

@@ -29,8 +29,9 @@ def translate(cfg) -> list[str]:
     device = pick_device(cfg.device)
     model, src_tok, tgt_tok, train_cfg = load_for_inference(cfg.ckpt, device)
     lines = read_input(cfg.input)
-    hyps = translate_lines(model, lines, src_tok, tgt_tok, cfg.decode, device,
-                           train_cfg["data"]["max_len"])
+    hyps = translate_lines(
+        model, lines, src_tok, tgt_tok, cfg.decode, device, train_cfg["data"]["max_len"]
+    )
     out = "".join(h + "\n" for h in hyps)
     if cfg.output:
         Path(cfg.output).write_text(out, encoding="utf-8")
@@ -40,6 +41,9 @@ def translate(cfg) -> list[str]:
     if cfg.ref:
         refs = read_input(cfg.ref)
         scores = score_all(hyps, refs)
-        print(f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}\n"
-              f"{scores['bleu_signature']}\n{scores['chrf_signature']}", file=sys.stderr)
+        print(
+            f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}\n"
+            f"{scores['bleu_signature']}\n{scores['chrf_signature']}",
+            file=sys.stderr,
+        )
     return hyps

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 def build_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
     """Instantiate ``conf/model/*.yaml`` with the sizes that only the data knows."""
-    return instantiate(model_cfg, src_vocab_size=src_vocab_size,
-                       tgt_vocab_size=tgt_vocab_size, pad_id=pad_id)
+    return instantiate(
+        model_cfg, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, pad_id=pad_id
+    )
 
 
 def load_tokenizers(ckpt: dict, ckpt_path: Path) -> tuple[Tokenizer, Tokenizer]:
@@ -39,10 +40,12 @@ def load_tokenizers(ckpt: dict, ckpt_path: Path) -> tuple[Tokenizer, Tokenizer]:
         if not path.is_file():
             raise checkpoint.CheckpointError(
                 f"{ckpt_path}: its {side} tokenizer {path} is missing (the run directory "
-                "must keep the tokenizer/ folder beside checkpoints/)")
+                "must keep the tokenizer/ folder beside checkpoints/)"
+            )
         if file_sha256(path) != digest:
             raise checkpoint.CheckpointError(
-                f"{ckpt_path}: tokenizer {path} does not match the one it was trained with")
+                f"{ckpt_path}: tokenizer {path} does not match the one it was trained with"
+            )
         toks.append(Tokenizer(path))
     return toks[0], toks[1]
 
@@ -70,8 +73,14 @@ def encode_sources(lines: list[str], src_tok: Tokenizer, max_len: int) -> list[l
 
 
 @torch.no_grad()
-def translate_ids(model, src_ids: list[list[int]], tgt_tok: Tokenizer, decode_cfg,
-                  device: torch.device, progress=None) -> list[list]:
+def translate_ids(
+    model,
+    src_ids: list[list[int]],
+    tgt_tok: Tokenizer,
+    decode_cfg,
+    device: torch.device,
+    progress=None,
+) -> list[list]:
     """Decode every non-empty id list; returns per input a list of (tokens, score) n-best
     (empty list for an empty input). ``progress`` is called with the number of sentences done.
     """
@@ -89,13 +98,24 @@ def translate_ids(model, src_ids: list[list[int]], tgt_tok: Tokenizer, decode_cf
             src[row, : len(src_ids[i])] = torch.tensor(src_ids[i])
         src = src.to(device)
         src_mask = src != pad
-        common = dict(bos_id=tgt_tok.bos_id, eos_id=tgt_tok.eos_id,
-                      max_len_a=decode_cfg.max_len_a, max_len_b=decode_cfg.max_len_b)
+        common = dict(
+            bos_id=tgt_tok.bos_id,
+            eos_id=tgt_tok.eos_id,
+            max_len_a=decode_cfg.max_len_a,
+            max_len_b=decode_cfg.max_len_b,
+        )
         if decode_cfg.beam_size <= 1:
             nbest = [[h] for h in greedy_search(model, src, src_mask, **common)]
         else:
-            nbest = beam_search(model, src, src_mask, beam_size=decode_cfg.beam_size,
-                                alpha=decode_cfg.length_penalty, nbest=decode_cfg.nbest, **common)
+            nbest = beam_search(
+                model,
+                src,
+                src_mask,
+                beam_size=decode_cfg.beam_size,
+                alpha=decode_cfg.length_penalty,
+                nbest=decode_cfg.nbest,
+                **common,
+            )
         for row, i in enumerate(idx):
             results[i] = [(h.tokens, h.score) for h in nbest[row]]
         if progress is not None:
@@ -103,10 +123,18 @@ def translate_ids(model, src_ids: list[list[int]], tgt_tok: Tokenizer, decode_cf
     return results
 
 
-def translate_lines(model, lines: list[str], src_tok: Tokenizer, tgt_tok: Tokenizer,
-                    decode_cfg, device: torch.device, max_src_len: int) -> list[str]:
+def translate_lines(
+    model,
+    lines: list[str],
+    src_tok: Tokenizer,
+    tgt_tok: Tokenizer,
+    decode_cfg,
+    device: torch.device,
+    max_src_len: int,
+) -> list[str]:
     """Best translation of each line (detokenized), same count and order as ``lines``."""
-    nbest = translate_ids(model, encode_sources(lines, src_tok, max_src_len), tgt_tok,
-                          decode_cfg, device)
+    nbest = translate_ids(
+        model, encode_sources(lines, src_tok, max_src_len), tgt_tok, decode_cfg, device
+    )
     best = [hyps[0][0] if hyps else [] for hyps in nbest]
     return tgt_tok.decode(best)

@@ -1,0 +1,123 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from transformer.data import (
+    DataError,
+    EncodedSplit,
+    TokenBatcher,
+    load_hub,
+    load_local,
+    load_split,
+    plan_batches,
+    read_lines,
+)
+
+
+def write(path, lines, gz=False):
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def test_local_plain_and_gzipped_files(tmp_path):
+    write(tmp_path / "train.de", ["eins", "zwei"])
+    write(tmp_path / "train.en.gz", ["one", "two"], gz=True)
+    ds = load_local(tmp_path, "train", "de", "en")
+    assert ds["src"] == ["eins", "zwei"] and ds["tgt"] == ["one", "two"]
+
+
+def test_mismatched_line_counts_name_both_files_and_counts(tmp_path):
+    write(tmp_path / "train.de", ["a", "b", "c"])
+    write(tmp_path / "train.en", ["a", "b"])
+    with pytest.raises(DataError) as e:
+        load_local(tmp_path, "train", "de", "en")
+    msg = str(e.value)
+    assert "train.de has 3 lines" in msg and "train.en has 2" in msg
+
+
+def test_missing_directory_and_language_are_clear_errors(tmp_path, compose):
+    with pytest.raises(DataError, match="data directory not found"):
+        load_local(tmp_path / "nope", "train", "de", "en")
+    write(tmp_path / "train.de", ["a"])
+    with pytest.raises(DataError, match=r"no file train.en\[.gz\].*languages found.*de"):
+        load_local(tmp_path, "train", "de", "en")
+    cfg = compose([f"data.data_dir={tmp_path}", "data.src_lang=xx", "run_dir=/tmp/unused"])
+    with pytest.raises(DataError, match="data.src_lang='xx'"):
+        load_split(cfg.data, "train")
+
+
+def test_invalid_utf8_is_replaced_not_dropped(tmp_path, caplog):
+    (tmp_path / "x.de").write_bytes(b"gut\n\xff\xfe kaputt\nok\n")
+    lines = read_lines(tmp_path / "x.de")
+    assert len(lines) == 3 and lines[1].endswith("kaputt") and "\ufffd" in lines[1]
+    assert "not valid UTF-8 (first: line 2)" in caplog.text
+
+
+def test_hub_path_on_a_local_parquet_dataset(tmp_path):
+    """The Hub code path (load_dataset by name) run on a local dataset of the same schema."""
+    from datasets import Dataset
+
+    d = tmp_path / "multi30k_hub"
+    d.mkdir()
+    Dataset.from_dict({"en": ["a dog", "a cat"], "de": ["ein hund", "eine katze"]}).to_parquet(
+        str(d / "validation.parquet")
+    )
+    ds = load_hub(str(d), None, "validation", "de", "en")
+    assert ds["src"] == ["ein hund", "eine katze"] and ds["tgt"] == ["a dog", "a cat"]
+    t = tmp_path / "wmt_like"
+    t.mkdir()
+    Dataset.from_dict({"translation": [{"de": "hallo", "en": "hello"}]}).to_parquet(
+        str(t / "train.parquet")
+    )
+    ds = load_hub(str(t), None, "train", "de", "en")
+    assert ds["src"] == ["hallo"] and ds["tgt"] == ["hello"]
+    with pytest.raises(DataError, match="no column 'fr'"):
+        load_hub(str(d), None, "validation", "fr", "en")
+
+
+def fake_split(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    src = [rng.integers(4, 50, rng.integers(1, 30)).astype(np.int32) for _ in range(n)]
+    tgt = [rng.integers(4, 50, rng.integers(1, 30)).astype(np.int32) for _ in range(n)]
+    return EncodedSplit(src, tgt, [""] * n, [""] * n)
+
+
+def test_batches_respect_max_tokens_and_cover_every_example_once():
+    split = fake_split()
+    batcher = TokenBatcher(split, max_tokens=120, seed=1, special_ids=(0, 2, 3))
+    plan = batcher.epoch_batches(0)
+    seen = np.concatenate(plan)
+    assert sorted(seen.tolist()) == list(range(len(split)))
+    for idx in plan:
+        b = batcher.batch(idx)
+        assert b.src.numel() <= 120 and b.tgt_in.numel() <= 120
+        assert (b.tgt_in[:, 0] == 2).all()
+
+
+def test_batch_order_reproducible_per_epoch_and_reshuffled_between_epochs():
+    batcher = TokenBatcher(fake_split(), max_tokens=120, seed=1, special_ids=(0, 2, 3))
+    e0, e0_again, e1 = (batcher.epoch_batches(e) for e in (0, 0, 1))
+    assert all((a == b).all() for a, b in zip(e0, e0_again))
+    assert any(len(a) != len(b) or (a != b).any() for a, b in zip(e0, e1))
+
+
+def test_distributed_shards_are_disjoint():
+    split = fake_split()
+    shards = [
+        TokenBatcher(split, 120, 1, (0, 2, 3), rank=r, world_size=2).epoch_batches(0)
+        for r in (0, 1)
+    ]
+    a, b = (set(np.concatenate(s).tolist()) for s in shards)
+    assert a and b and not a & b and len(shards[0]) == len(shards[1])
+
+
+def test_length_sorting_keeps_padding_low():
+    lengths = np.random.default_rng(0).integers(1, 60, 2000)
+    plan = plan_batches(lengths, 1000, np.random.default_rng(0))
+    padded = sum(len(b) * lengths[b].max() for b in plan)
+    assert 1 - lengths.sum() / padded < 0.05
