@@ -65,10 +65,17 @@ def encode_sources(lines: list[str], src_tok: Tokenizer, max_len: int) -> list[l
     """Subword ids + EOS per line; lines longer than ``max_len`` are truncated with a warning
     naming the line number (1-based)."""
     ids = src_tok.encode([line.strip() for line in lines])
-    for i, seq in enumerate(ids):
-        if len(seq) > max_len:
-            log.warning("input line %d has %d subwords; truncated to %d", i + 1, len(seq), max_len)
-            ids[i] = seq[:max_len]
+    long = [i for i, seq in enumerate(ids) if len(seq) > max_len]
+    for i in long:
+        ids[i] = ids[i][:max_len]
+    if long:
+        shown = ", ".join(str(i + 1) for i in long[:10]) + (", ..." if len(long) > 10 else "")
+        log.warning(
+            "%d input line(s) longer than %d subwords truncated (line %s)",
+            len(long),
+            max_len,
+            shown,
+        )
     return [seq + [src_tok.eos_id] if seq else [] for seq in ids]
 
 

@@ -1,0 +1,124 @@
+"""Side-by-side comparison of finished training runs.
+
+    python -m transformer.compare RUN_A RUN_B ... --out results/compare
+
+Reads each run directory's ``metrics.json``, ``config.yaml`` and ``valid_log.csv``; prints a
+Markdown table (BLEU and chrF per test split, parameters, training time, training tokens/s,
+decoding sentences/s, best validation step) and writes it to ``OUT/compare.md`` together with
+``OUT/valid_bleu.png``: validation BLEU against training time for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+class RunError(ValueError):
+    pass
+
+
+def load_run(path: Path) -> dict:
+    """Metrics and validation curve of one run directory; RunError names what is missing."""
+    if not path.is_dir():
+        raise RunError(f"{path}: not a directory")
+    for name in ("metrics.json", "valid_log.csv"):
+        if not (path / name).is_file():
+            raise RunError(f"{path}: no {name} (is the run finished?)")
+    metrics = json.loads((path / "metrics.json").read_text())
+    curve = []
+    with open(path / "valid_log.csv") as f:
+        for row in csv.DictReader(f):
+            if row["valid_bleu"]:
+                curve.append((float(row["train_seconds"]), float(row["valid_bleu"])))
+    return {"path": path, "metrics": metrics, "curve": curve}
+
+
+def run_label(run: dict) -> str:
+    return run["path"].name
+
+
+def table(runs: list[dict]) -> str:
+    splits = sorted(
+        {k for r in runs for k, v in r["metrics"].items() if isinstance(v, dict) and "bleu" in v}
+    )
+    header = ["run", "model", "params (M)"]
+    header += [f"{s} {m}" for s in splits for m in ("BLEU", "chrF")]
+    header += [
+        "train time (s)",
+        "train tok/s",
+        "decode sent/s (test)",
+        "best valid step",
+        "best valid BLEU",
+        "device",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        m = r["metrics"]
+        test = next((m[s] for s in splits if s.startswith("test")), {})
+        row = [run_label(r), m["model"].rsplit(".", 1)[-1], f"{m['parameters'] / 1e6:.1f}"]
+        for s in splits:
+            row += [f"{m[s]['bleu']:.2f}", f"{m[s]['chrf']:.2f}"] if s in m else ["-", "-"]
+        row += [
+            f"{m['train_seconds']:.0f}",
+            str(m["train_tokens_per_s"]),
+            str(test.get("decode_sentences_per_s", "-")),
+            str(m["best_step"]),
+            f"{m['best_valid_bleu']:.2f}",
+            m.get("device", "?"),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    signature = next(
+        (m[s]["bleu_signature"] for r in runs for s in splits if s in (m := r["metrics"])), ""
+    )
+    return "\n".join(lines) + f"\n\nBLEU signature: `{signature}`\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot(xs, ys, marker="o", markersize=3, label=run_label(r))
+    ax.set_xlabel("training time (s, evaluation excluded)")
+    ax.set_ylabel("validation BLEU (greedy)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories")
+    ap.add_argument("--out", type=Path, default=Path("results/compare"))
+    args = ap.parse_args(argv)
+    try:
+        runs = [load_run(p) for p in args.runs]
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    md = table(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare.md").write_text(
+        "# Run comparison\n\nRuns: "
+        + ", ".join(f"`{p}`" for p in args.runs)
+        + "\n\n"
+        + md
+        + "\n![validation BLEU against training time](valid_bleu.png)\n"
+    )
+    plot(runs, args.out / "valid_bleu.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
