@@ -1,0 +1,33 @@
+import json
+
+from transformer.compare import main
+
+
+def fake_run(path, bleu):
+    path.mkdir()
+    metrics = {"model": "transformer.transformer_model.Transformer", "parameters": 1_000_000,
+               "steps": 10, "best_step": 5, "best_valid_bleu": bleu, "train_seconds": 12.0,
+               "train_tokens_per_s": 1000, "device": "cpu",
+               "test2016": {"bleu": bleu, "chrf": 50.0, "bleu_signature": "sig",
+                            "decode_sentences_per_s": 3.0}}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    (path / "valid_log.csv").write_text(
+        "step,epoch,train_seconds,valid_loss,valid_nll,valid_ppl,valid_bleu\n"
+        f"5,0,6.0,3.0,2.9,18.2,{bleu}\n10,0,12.0,2.9,2.8,16.4,\n")
+    return path
+
+
+def test_table_and_plot(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "a", 30.5), fake_run(tmp_path / "b", 28.25)
+    assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "| a | Transformer | 1.0 | 30.50 | 50.00 |" in md and "| b |" in md
+    assert (tmp_path / "out" / "valid_bleu.png").stat().st_size > 1000
+
+
+def test_missing_or_incomplete_run_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    assert main([str(tmp_path / "half")]) == 1
+    assert "no metrics.json (is the run finished?)" in capsys.readouterr().err
+    assert main([str(tmp_path / "none")]) == 1
+    assert "not a directory" in capsys.readouterr().err
