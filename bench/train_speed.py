@@ -1,0 +1,223 @@
+"""Training throughput of our models against Hugging Face Marian of the same size.
+
+    python bench/train_speed.py [--device cuda] [--out results/bench/NAME.md]
+
+For each config (the Multi30k default Transformer, and Transformer-base: d_model 512, 6+6
+layers, 8 heads, FFN 2048) and each token budget per batch, the same real Multi30k de->en
+batches (length-bucketed as in training) are fed to our model and to a ``MarianMTModel``
+built from a ``MarianConfig`` of identical size (random weights, no download). Reported:
+target tokens/s, step time, peak memory, and model FLOPs utilisation (MFU): FLOPs counted
+analytically on the padded batch shapes (matrix multiplies only, forward x 3 for training),
+divided by the step time and the stated peak. The RNN's tokens/s is measured on the same
+batches. Not a test: it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transformer.data import TokenBatcher  # noqa: E402
+from transformer.rnn_model import BahdanauRNN  # noqa: E402
+from transformer.trainer import prepare_data, sequence_loss  # noqa: E402
+from transformer.transformer_model import Transformer  # noqa: E402
+
+CONFIGS = {
+    "multi30k-default": dict(d_model=256, n_heads=4, d_ff=1024, n_enc_layers=3, n_dec_layers=3),
+    "transformer-base": dict(d_model=512, n_heads=8, d_ff=2048, n_enc_layers=6, n_dec_layers=6),
+}
+DROPOUT = dict(dropout=0.3, attn_dropout=0.1, act_dropout=0.1)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures (SXM)
+
+
+def marian(cfg: dict, vocab: int, pad: int, bos: int, eos: int):
+    from transformers import MarianConfig, MarianMTModel
+
+    mc = MarianConfig(
+        vocab_size=vocab,
+        d_model=cfg["d_model"],
+        encoder_layers=cfg["n_enc_layers"],
+        decoder_layers=cfg["n_dec_layers"],
+        encoder_attention_heads=cfg["n_heads"],
+        decoder_attention_heads=cfg["n_heads"],
+        encoder_ffn_dim=cfg["d_ff"],
+        decoder_ffn_dim=cfg["d_ff"],
+        dropout=DROPOUT["dropout"],
+        attention_dropout=DROPOUT["attn_dropout"],
+        activation_dropout=DROPOUT["act_dropout"],
+        activation_function="relu",
+        max_position_embeddings=1024,
+        pad_token_id=pad,
+        decoder_start_token_id=bos,
+        eos_token_id=eos,
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
+    )
+    return MarianMTModel(mc)
+
+
+class MarianAdapter(torch.nn.Module):
+    """Marian behind our forward(src, src_mask, tgt_in) -> logits signature."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src, src_mask, tgt_in):
+        return self.model(
+            input_ids=src, attention_mask=src_mask.long(), decoder_input_ids=tgt_in
+        ).logits
+
+
+def train_flops(cfg: dict, B: int, S: int, T: int, vocab: int) -> float:
+    """Matrix-multiply FLOPs of one training step (forward + backward = 3 x forward)."""
+    d, f = cfg["d_model"], cfg["d_ff"]
+    enc = cfg["n_enc_layers"] * (B * S * (4 * d * d + 2 * d * f) + 2 * B * S * S * d)
+    dec = cfg["n_dec_layers"] * (
+        B * T * (4 * d * d + 2 * d * d + 2 * d * f)  # self q,k,v,o; cross q,o; FFN
+        + B * S * 2 * d * d  # cross-attention k, v over the source
+        + 2 * B * T * T * d
+        + 2 * B * T * S * d
+    )  # self and cross scores + weighted sums
+    out = B * T * d * vocab
+    return 3 * 2 * (enc + dec + out)
+
+
+def measure(model, batches, pad, device, precision, steps, warmup):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    model.train()
+    times, tokens = [], 0
+
+    def step(b):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(b.src, b.src_mask, b.tgt_in)
+        loss, _ = sequence_loss(logits, b.tgt_out, pad, 0.1)
+        (loss / 1000).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    on_dev = [b.to(device) for b in batches]
+    timed = on_dev[warmup : warmup + steps]
+    # Warm up on every timed batch shape too: the first use of a shape loads and picks
+    # kernels (hundreds of ms on a GPU), which is start-up cost, not throughput.
+    for b in on_dev[:warmup] + timed:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for b in timed:
+        t0 = time.perf_counter()
+        step(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        tokens += int((b.tgt_out != pad).sum())
+    total = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {
+        "tok_s": tokens / total,
+        "step_ms": 1000 * statistics.median(times),
+        "peak_gib": peak,
+        "seconds": total,
+        "batches": timed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--max-tokens", default="4096,8192,25000")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--rnn", action="store_true", help="also time the Bahdanau RNN")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    precision = args.precision if device.type == "cuda" else "fp32"
+
+    from hydra import compose, initialize_config_dir
+
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(version_base="1.3", config_dir=conf):
+        cfg = compose("train", overrides=["run_dir=/tmp/bench-run", "data.test_splits=[]"])
+    splits, _, tok, _ = prepare_data(cfg, Path("/tmp/bench-run"))
+    V, pad = len(tok), tok.pad_id
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    lines = [
+        f"# Training throughput: ours vs HF Marian ({name})",
+        "",
+        f"- device: {name}; torch {torch.__version__}; precision {precision}; "
+        f"{os.cpu_count()} CPU threads",
+        f"- command: `python bench/train_speed.py {' '.join(sys.argv[1:])}`",
+        "- batches: real Multi30k de->en training batches, length-bucketed; "
+        f"{args.steps} timed steps each, after {args.warmup} warm-up steps plus one untimed "
+        "pass over the timed batches (first use of a shape is kernel start-up cost); "
+        "dropout 0.3/0.1/0.1; AdamW; label-smoothed CE",
+        f"- MFU peak: {peak / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
+        if peak
+        else "- MFU: no peak figure for this device",
+        "",
+        "| config | max tokens | model | tgt tok/s | step ms (median) | peak GiB | MFU | "
+        "ours / Marian |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for cname in args.configs.split(","):
+        mcfg = CONFIGS[cname]
+        for max_tokens in map(int, args.max_tokens.split(",")):
+            batcher = TokenBatcher(splits["train"], max_tokens, 1, (pad, tok.bos_id, tok.eos_id))
+            plan = batcher.epoch_batches(0)[: args.warmup + args.steps]
+            batches = [batcher.batch(i) for i in plan]
+            results = {}
+            torch.manual_seed(0)
+            models = {  # built and measured inside this iteration
+                "ours": lambda: Transformer(V, V, pad, **mcfg, **DROPOUT),  # noqa: B023
+                "marian": lambda: MarianAdapter(
+                    marian(mcfg, V, pad, tok.bos_id, tok.eos_id)  # noqa: B023
+                ),
+            }
+            if args.rnn and cname == "multi30k-default":
+                models["rnn"] = lambda: BahdanauRNN(V, V, pad)
+            for mname, build in models.items():
+                model = build().to(device)
+                r = measure(model, batches, pad, device, precision, args.steps, args.warmup)
+                flops = sum(
+                    train_flops(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in r["batches"]
+                )
+                r["mfu"] = flops / r["seconds"] / peak if peak and mname != "rnn" else None
+                results[mname] = r
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for mname, r in results.items():
+                ratio = f"{r['tok_s'] / results['marian']['tok_s']:.2f}x" if mname == "ours" else ""
+                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+                lines.append(
+                    f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | "
+                    f"{r['step_ms']:.1f} | {r['peak_gib']:.2f} | {mfu} | {ratio} |"
+                )
+                print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
