@@ -306,6 +306,8 @@ class Trainer:
             mininterval=1.0,
         )
         stream, stop_reason = self.batches(), None
+        if self.step >= t.max_steps:  # a finished run started again: nothing left to train
+            stop_reason = f"already at trainer.max_steps={t.max_steps}"
         self.model.train()
         window_loss, window_tok, window_pad, window_start = 0.0, 0, 0.0, time.perf_counter()
         max_seconds = t.max_time_minutes * 60 if t.max_time_minutes else float("inf")
