@@ -5,15 +5,27 @@ from transformer.compare import main
 
 def fake_run(path, bleu):
     path.mkdir()
-    metrics = {"model": "transformer.transformer_model.Transformer", "parameters": 1_000_000,
-               "steps": 10, "best_step": 5, "best_valid_bleu": bleu, "train_seconds": 12.0,
-               "train_tokens_per_s": 1000, "device": "cpu",
-               "test2016": {"bleu": bleu, "chrf": 50.0, "bleu_signature": "sig",
-                            "decode_sentences_per_s": 3.0}}
+    metrics = {
+        "model": "transformer.transformer_model.Transformer",
+        "parameters": 1_000_000,
+        "steps": 10,
+        "best_step": 5,
+        "best_valid_bleu": bleu,
+        "train_seconds": 12.0,
+        "train_tokens_per_s": 1000,
+        "device": "cpu",
+        "test2016": {
+            "bleu": bleu,
+            "chrf": 50.0,
+            "bleu_signature": "sig",
+            "decode_sentences_per_s": 3.0,
+        },
+    }
     (path / "metrics.json").write_text(json.dumps(metrics))
     (path / "valid_log.csv").write_text(
         "step,epoch,train_seconds,valid_loss,valid_nll,valid_ppl,valid_bleu\n"
-        f"5,0,6.0,3.0,2.9,18.2,{bleu}\n10,0,12.0,2.9,2.8,16.4,\n")
+        f"5,0,6.0,3.0,2.9,18.2,{bleu}\n10,0,12.0,2.9,2.8,16.4,\n"
+    )
     return path
 
 

@@ -89,3 +89,28 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     out = run_cli([str(ROOT / "translate.py"), f"ckpt={tmp_path}/nope.pt"], tmp_path)
     assert out.returncode == 1
     assert "checkpoint not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
+    train(compose(small_overrides))
+    src = tmp_path / "src.txt"
+    src.write_text("Ein Hund.\n\nZwei Katzen spielen.\n", "utf-8")
+    out = run_cli(
+        [
+            str(ROOT / "translate.py"),
+            f"ckpt={tmp_path}/run/checkpoints/best.pt",
+            f"input={src}",
+            f"output={tmp_path}/out.tsv",
+            "device=cpu",
+            "decode.beam_size=3",
+            "decode.nbest=3",
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [r.split("\t") for r in (tmp_path / "out.tsv").read_text("utf-8").splitlines()]
+    assert all(len(r) == 3 for r in rows)
+    assert [r for r in rows if r[0] == "1"] == [["1", "0.0000", ""]]
+    for i in ("0", "2"):
+        scores = [float(r[1]) for r in rows if r[0] == i]
+        assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)

@@ -1,4 +1,11 @@
-"""translate(cfg): the body of translate.py (files/stdin in, translations out, optional BLEU)."""
+"""translate(cfg): the body of translate.py.
+
+Input: ``input=FILE`` or stdin, one sentence per line (an interactive prompt when stdin is a
+terminal). Output: ``output=FILE`` or stdout, one translation per input line, same order;
+with ``decode.nbest=K > 1``, up to K lines per input, tab-separated
+``INDEX<TAB>SCORE<TAB>TRANSLATION`` (INDEX = 0-based input line, SCORE = length-normalised
+log-probability, best first). ``ref=FILE`` also prints sacreBLEU and chrF with signatures.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .metrics import score_all
 from .trainer import pick_device
-from .translator import load_for_inference, translate_lines
+from .translator import encode_sources, load_for_inference, translate_ids
 
 log = logging.getLogger(__name__)
 
@@ -25,25 +34,71 @@ def read_input(path: str | None) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
+def format_output(nbest: list[list], tgt_tok, k: int) -> tuple[list[str], list[str]]:
+    """(best translation per input, output lines: one per input, or TSV n-best lines)."""
+    best = tgt_tok.decode([hyps[0][0] if hyps else [] for hyps in nbest])
+    if k <= 1:
+        return best, best
+    lines = []
+    for i, hyps in enumerate(nbest):
+        if not hyps:
+            lines.append(f"{i}\t0.0000\t")
+            continue
+        texts = tgt_tok.decode([tokens for tokens, _ in hyps])
+        lines += [f"{i}\t{score:.4f}\t{t}" for (_, score), t in zip(hyps, texts)]
+    return best, lines
+
+
 def translate(cfg) -> list[str]:
     device = pick_device(cfg.device)
     model, src_tok, tgt_tok, train_cfg = load_for_inference(cfg.ckpt, device)
+    max_len = train_cfg["data"]["max_len"]
+
+    def run(lines, progress=None):
+        ids = encode_sources(lines, src_tok, max_len)
+        return format_output(
+            translate_ids(model, ids, tgt_tok, cfg.decode, device, progress),
+            tgt_tok,
+            cfg.decode.nbest,
+        )
+
+    if cfg.input is None and sys.stdin.isatty():
+        return interactive(run)
     lines = read_input(cfg.input)
-    hyps = translate_lines(
-        model, lines, src_tok, tgt_tok, cfg.decode, device, train_cfg["data"]["max_len"]
-    )
-    out = "".join(h + "\n" for h in hyps)
+    with tqdm(
+        total=sum(1 for line in lines if line.strip()),
+        unit="sent",
+        file=sys.stderr,
+        disable=cfg.input is None,
+        dynamic_ncols=True,
+    ) as bar:
+        best, out_lines = run(lines, bar.update)
+    out = "".join(line + "\n" for line in out_lines)
     if cfg.output:
         Path(cfg.output).write_text(out, encoding="utf-8")
     else:
         sys.stdout.write(out)
         sys.stdout.flush()
     if cfg.ref:
-        refs = read_input(cfg.ref)
-        scores = score_all(hyps, refs)
+        scores = score_all(best, read_input(cfg.ref))
         print(
             f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}\n"
             f"{scores['bleu_signature']}\n{scores['chrf_signature']}",
             file=sys.stderr,
         )
-    return hyps
+    return best
+
+
+def interactive(run) -> list[str]:
+    """Prompt, translate, repeat until end of input (Ctrl-D)."""
+    print("Type a sentence and press Enter; Ctrl-D to quit.", file=sys.stderr)
+    done = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return done
+        best, out_lines = run([line])
+        print("\n".join(out_lines))
+        done += best
