@@ -43,14 +43,9 @@ def find_file(directory: Path, split: str, lang: str) -> Path:
     )
 
 
-def read_lines(path: Path) -> list[str]:
-    """Lines of a (gzipped) UTF-8 file without newlines; invalid bytes are replaced, with a
-    warning giving the count and the first line number."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if not raw:
-        raise DataError(f"{path} is empty")
+def decode_lines(raw: bytes, source) -> list[str]:
+    """Split bytes into lines without newlines or CR; invalid UTF-8 is replaced, with one
+    warning naming ``source``, the count and the first line number."""
     lines = raw.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
@@ -65,11 +60,21 @@ def read_lines(path: Path) -> list[str]:
     if bad:
         log.warning(
             "%s: %d line(s) not valid UTF-8 (first: line %d); bytes replaced with U+FFFD",
-            path,
+            source,
             len(bad),
             bad[0],
         )
     return out
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a (gzipped) UTF-8 file (see ``decode_lines``); an empty file is an error."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if not raw:
+        raise DataError(f"{path} is empty")
+    return decode_lines(raw, path)
 
 
 def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):

@@ -54,15 +54,15 @@ def inverse_sqrt(warmup: int):
 
 
 def sequence_loss(logits, tgt_out, pad_id: int, label_smoothing: float):
-    """Summed label-smoothed CE and summed NLL over non-pad target tokens."""
+    """Summed label-smoothed cross-entropy over non-pad target tokens."""
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
-    flat_tgt = tgt_out.reshape(-1)
-    loss = F.cross_entropy(
-        flat_logits, flat_tgt, ignore_index=pad_id, label_smoothing=label_smoothing, reduction="sum"
+    return F.cross_entropy(
+        flat_logits,
+        tgt_out.reshape(-1),
+        ignore_index=pad_id,
+        label_smoothing=label_smoothing,
+        reduction="sum",
     )
-    with torch.no_grad():
-        nll = F.cross_entropy(flat_logits, flat_tgt, ignore_index=pad_id, reduction="sum")
-    return loss, nll
 
 
 # -- data and tokenizer -----------------------------------------------------------------------
@@ -203,7 +203,8 @@ class Trainer:
             batch = self.valid_batcher.batch(idx).to(self.device)
             with self.autocast():
                 logits = self.model(batch.src, batch.src_mask, batch.tgt_in)
-            loss, nll = sequence_loss(logits, batch.tgt_out, self.pad_id, self.t.label_smoothing)
+            loss = sequence_loss(logits, batch.tgt_out, self.pad_id, self.t.label_smoothing)
+            nll = sequence_loss(logits, batch.tgt_out, self.pad_id, 0.0)
             total, nll_total = total + loss.item(), nll_total + nll.item()
             ntok += int((batch.tgt_out != self.pad_id).sum())
         self.model.train()
@@ -251,7 +252,7 @@ class Trainer:
                 yield pos, self.batcher.batch(plan[pos])
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def train_step(self, micro_batches) -> float:
+    def train_step(self, micro_batches) -> tuple[torch.Tensor, int]:
         """One optimizer update over ``accum_steps`` micro-batches, normalised by tokens."""
         ntok = sum(int((b.tgt_out != self.pad_id).sum()) for b in micro_batches)
         total = 0.0
@@ -259,7 +260,7 @@ class Trainer:
             b = b.to(self.device, non_blocking=True)
             with self.autocast():
                 logits = self.model(b.src, b.src_mask, b.tgt_in)
-            loss, _ = sequence_loss(logits, b.tgt_out, self.pad_id, self.t.label_smoothing)
+            loss = sequence_loss(logits, b.tgt_out, self.pad_id, self.t.label_smoothing)
             self.scaler.scale(loss / ntok).backward()
             total = total + loss.detach()
         self.scaler.unscale_(self.optimizer)

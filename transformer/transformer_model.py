@@ -50,8 +50,6 @@ class Transformer(Seq2Seq):
         super().__init__()
         if norm not in ("pre", "post"):
             raise ValueError(f"model.norm must be 'pre' or 'post', got {norm!r}")
-        if d_model % n_heads != 0:
-            raise ValueError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
         if share_src_tgt_embeddings and src_vocab_size != tgt_vocab_size:
             raise ValueError(
                 "model.share_src_tgt_embeddings=true needs a joint vocabulary "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .data import decode_lines
 from .metrics import score_all
 from .trainer import pick_device
 from .translator import encode_sources, load_for_inference, translate_ids
@@ -25,13 +26,7 @@ log = logging.getLogger(__name__)
 def read_input(path: str | None) -> list[str]:
     """Lines of ``path`` (or stdin), undecodable bytes replaced with a warning."""
     raw = Path(path).read_bytes() if path else sys.stdin.buffer.read()
-    text = raw.decode("utf-8", errors="replace")
-    if "\ufffd" in text and b"\xef\xbf\xbd" not in raw:
-        log.warning("input has bytes that are not UTF-8; replaced with U+FFFD")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return decode_lines(raw, path or "stdin") if raw else []
 
 
 def format_output(nbest: list[list], tgt_tok, k: int) -> tuple[list[str], list[str]]:
