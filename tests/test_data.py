@@ -55,7 +55,7 @@ def test_invalid_utf8_is_replaced_not_dropped(tmp_path, caplog):
     (tmp_path / "x.de").write_bytes(b"gut\n\xff\xfe kaputt\nok\n")
     lines = read_lines(tmp_path / "x.de")
     assert len(lines) == 3 and lines[1].endswith("kaputt") and "\ufffd" in lines[1]
-    assert "not valid UTF-8 (first: line 2)" in caplog.text
+    assert "1 line(s) not valid UTF-8" in caplog.text and "(first: line 2)" in caplog.text
 
 
 def test_hub_path_on_a_local_parquet_dataset(tmp_path):

@@ -2,21 +2,37 @@
 
 A checkpoint is a dict of plain containers and tensors, loadable with
 ``torch.load(weights_only=True)`` so a file from elsewhere cannot run code when loaded.
-Writes are atomic (temporary file in the same directory, fsync, rename), so a crash
-never leaves a half-written ``last.pt``. The tokenizer is referenced by a path relative to
-the run directory plus its sha256, checked on load.
+
+Guarantees:
+- Writes are atomic: a temporary file in the same directory is written, flushed and
+  fsynced, then renamed over the target (and the directory fsynced), so a crash or
+  ``kill -9`` never leaves a half-written checkpoint under the final name.
+- Every load first checks the zip CRC32 of every record (torch itself would load a
+  bit-flipped tensor silently), then unpickles with ``weights_only=True``, then checks the
+  format version and the sha256 of the stored config. Any failure is one CheckpointError
+  naming the file.
+- The tokenizer is referenced by a path relative to the run directory plus its sha256,
+  checked by whoever loads it (trainer resume, translate.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds config_sha256
+READABLE_VERSIONS = (1, 2)
+STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -29,21 +45,78 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save(path: str | Path, payload: dict) -> None:
-    """Atomically write ``payload`` (plus the format version) to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({**payload, "format_version": FORMAT_VERSION}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def config_sha256(config: dict) -> str:
+    """A stable hash of a plain-container config (key order does not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # make a rename or link itself durable
     finally:
         os.close(dir_fd)
+
+
+def save(path: str | Path, payload: dict) -> None:
+    """Atomically write ``payload`` (plus format version and config hash) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "format_version": FORMAT_VERSION}
+    if "config" in payload:
+        payload["config_sha256"] = config_sha256(payload["config"])
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when the write itself failed
+    _fsync_dir(path.parent)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` another name for the finished file ``src`` (a hard link: no extra disk;
+    a later atomic save over ``src`` replaces the name, not the linked data)."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # filesystems without hard links
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while chunk := fin.read(1 << 24):
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def step_checkpoints(directory: Path) -> list[Path]:
+    """``step_*.pt`` files in ``directory``, newest (highest step) first."""
+    found = [
+        (int(m[1]), p) for p in directory.glob("step_*.pt") if (m := STEP_PATTERN.match(p.name))
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest step checkpoints."""
+    for old in step_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def verify(path: Path) -> None:
+    """Check the zip container and every record's CRC32; CheckpointError when damaged."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from e
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupted checkpoint (CRC mismatch in record {bad})")
 
 
 def load(path: str | Path, map_location="cpu") -> dict:
@@ -51,6 +124,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -60,6 +134,33 @@ def load(path: str | Path, map_location="cpu") -> dict:
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({e})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not a checkpoint of format version {FORMAT_VERSION}")
+    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version}; this version reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
+    if version >= 2 and ckpt.get("config_sha256") != config_sha256(ckpt.get("config")):
+        raise CheckpointError(f"{path}: stored config does not match its sha256")
     return ckpt
+
+
+def load_latest(candidates: list[Path], map_location="cpu") -> tuple[Path, dict] | None:
+    """The first of ``candidates`` (newest first) that loads; damaged ones are skipped with a
+    warning naming them. None when there are no candidates; CheckpointError when every
+    candidate is damaged."""
+    errors = []
+    for path in candidates:
+        try:
+            ckpt = load(path, map_location)
+        except CheckpointError as e:
+            log.warning("%s; trying an older checkpoint", e)
+            errors.append(str(e))
+            continue
+        return path, ckpt
+    if errors:
+        raise CheckpointError(
+            f"no usable checkpoint among {len(errors)} found ({errors[0]}); "
+            "delete them or set trainer.resume=false to start over"
+        )
+    return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,27 +44,39 @@ def find_file(directory: Path, split: str, lang: str) -> Path:
     )
 
 
+# C0 controls except tab and newline, DEL, C1 controls, and the Unicode line/paragraph
+# separators (tools that honour them would split the line); each becomes a space.
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def decode_lines(raw: bytes, source) -> list[str]:
-    """Split bytes into lines without newlines or CR; invalid UTF-8 is replaced, with one
-    warning naming ``source``, the count and the first line number."""
+    """Split bytes on ``\\n`` only into lines without newline or CR. Repairs are counted and
+    reported in one warning each, naming ``source`` and the first line number: invalid
+    UTF-8 is replaced with U+FFFD; control characters become spaces; a leading byte-order
+    mark is dropped. The number of lines never changes."""
     lines = raw.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
-    out, bad = [], []
+    out, bad_utf8, control = [], [], []
     for i, line in enumerate(lines, start=1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             text = line.decode("utf-8", errors="replace")
-            bad.append(i)
-        out.append(text.rstrip("\r"))
-    if bad:
-        log.warning(
-            "%s: %d line(s) not valid UTF-8 (first: line %d); bytes replaced with U+FFFD",
-            source,
-            len(bad),
-            bad[0],
-        )
+            bad_utf8.append(i)
+        text = text.rstrip("\r")
+        if CONTROL_CHARS.search(text):
+            text = CONTROL_CHARS.sub(" ", text)
+            control.append(i)
+        out.append(text)
+    if out and out[0].startswith("\ufeff"):
+        out[0] = out[0][1:]
+    for found, what in (
+        (bad_utf8, "not valid UTF-8; bytes replaced with U+FFFD"),
+        (control, "with control characters; replaced with spaces"),
+    ):
+        if found:
+            log.warning("%s: %d line(s) %s (first: line %d)", source, len(found), what, found[0])
     return out
 
 

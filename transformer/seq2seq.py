@@ -60,6 +60,15 @@ class Batch:
     def pin_memory(self) -> Batch:
         return Batch(*(t.pin_memory() for t in dataclasses.astuple(self)))
 
+    def halves(self) -> list[Batch]:
+        """The batch split into two along B (one piece when B == 1); used to retry a batch
+        that ran out of memory."""
+        cut = (self.src.shape[0] + 1) // 2
+        parts = [dataclasses.astuple(self)]
+        if self.src.shape[0] > 1:
+            parts = [tuple(t[:cut] for t in parts[0]), tuple(t[cut:] for t in parts[0])]
+        return [Batch(*p) for p in parts]
+
 
 @dataclass
 class EncoderOut(Reorderable):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # str.splitlines' set
 
 
 def file_sha256(path: str | Path) -> str:
@@ -49,9 +51,12 @@ class Tokenizer:
         return self.sp.encode(texts, out_type=int)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
-        """Subword ids -> detokenized sentences; special ids are dropped."""
+        """Subword ids -> detokenized sentences; special ids are dropped. A sentence never
+        contains a line break (not even one ``str.splitlines`` honours), so output written
+        one sentence per line stays aligned with the input."""
         specials = {PAD_ID, BOS_ID, EOS_ID}
-        return self.sp.decode([[i for i in seq if i not in specials] for seq in ids])
+        texts = self.sp.decode([[i for i in seq if i not in specials] for seq in ids])
+        return [LINE_BREAKS.sub(" ", t) for t in texts]
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]

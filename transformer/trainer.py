@@ -145,6 +145,7 @@ class Trainer:
         self.train_seconds, self.train_tokens = 0.0, 0
         self.stop_signal = None
         self.epoch_len = 0
+        self.saved_step, self.nonfinite_in_a_row = -1, 0
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
@@ -172,10 +173,29 @@ class Trainer:
             "rng": rng,
         }
 
-    def resume(self, path: Path) -> None:
-        ckpt = checkpoint.load(path)
+    def save_checkpoint(self) -> Path:
+        """Write last.pt and keep it as step_N.pt too (a hard link), pruning step files to
+        the newest ``trainer.keep_checkpoints``."""
+        last = self.ckpt_dir / "last.pt"
+        checkpoint.save(last, self.state())
+        if self.t.keep_checkpoints > 0:
+            checkpoint.link_or_copy(last, self.ckpt_dir / f"step_{self.step:08d}.pt")
+            checkpoint.prune(self.ckpt_dir, self.t.keep_checkpoints)
+        self.saved_step = self.step
+        return last
+
+    def resume(self) -> bool:
+        """Continue from the newest loadable checkpoint (last.pt, else the step files, newest
+        first); damaged ones are skipped with a warning. False when there is none."""
+        last = self.ckpt_dir / "last.pt"
+        older = [p for p in checkpoint.step_checkpoints(self.ckpt_dir) if p != last]
+        found = checkpoint.load_latest([last, *older] if last.is_file() else older)
+        if found is None:
+            return False
+        path, ckpt = found
         if ckpt["tokenizer"] != self.tok_info:
             raise TrainingError(f"{path} was trained with another tokenizer than this run's")
+        self.check_config(path, ckpt["config"])
         checkpoint.unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -185,6 +205,7 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.saved_step = self.step
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -192,6 +213,24 @@ class Trainer:
             self.epoch,
             self.batch_in_epoch,
         )
+        return True
+
+    def check_config(self, path: Path, saved: dict) -> None:
+        """Refuse to resume with another model; warn about any other changed setting."""
+        now = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        before = flatten(saved)
+        changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+        model = [k for k in changed if k.startswith("model.")]
+        if model:
+            k = model[0]
+            raise TrainingError(
+                f"{path} holds another model ({k}={before.get(k)!r}, now {now.get(k)!r}); "
+                "use a new run_dir or the same model settings"
+            )
+        for k in changed:
+            log.warning(
+                "resuming with a changed setting: %s=%r (was %r)", k, now.get(k), before.get(k)
+            )
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -252,34 +291,84 @@ class Trainer:
                 yield pos, self.batcher.batch(plan[pos])
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def train_step(self, micro_batches) -> tuple[torch.Tensor, int]:
-        """One optimizer update over ``accum_steps`` micro-batches, normalised by tokens."""
+    def train_step(self, micro_batches) -> tuple[torch.Tensor, int] | None:
+        """One optimizer update over ``accum_steps`` micro-batches, normalised by tokens.
+        Returns (summed loss, target tokens), or None when the update was skipped because
+        the gradient norm was NaN/inf (the weights are then unchanged)."""
         ntok = sum(int((b.tgt_out != self.pad_id).sum()) for b in micro_batches)
-        total = 0.0
-        for b in micro_batches:
-            b = b.to(self.device, non_blocking=True)
-            with self.autocast():
-                logits = self.model(b.src, b.src_mask, b.tgt_in)
-            loss = sequence_loss(logits, b.tgt_out, self.pad_id, self.t.label_smoothing)
-            self.scaler.scale(loss / ntok).backward()
-            total = total + loss.detach()
+        total = self.accumulate(micro_batches, ntok)
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_norm)
+        finite = bool(torch.isfinite(norm))  # the one host sync per update: needed to skip
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # with fp16, a skipped update also lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            return None
         self.scheduler.step()
         self.train_tokens += ntok
         return total, ntok
+
+    def accumulate(self, micro_batches, ntok: int) -> torch.Tensor:
+        """Forward and backward over the micro-batches. On out-of-memory the whole update is
+        retried with every micro-batch split in halves (``trainer.oom_retries`` times; the
+        gradient is the same since losses are summed and divided by ``ntok``), then fails
+        with one line naming the batch shape."""
+        for attempt in range(self.t.oom_retries + 1):
+            try:
+                total = torch.zeros((), device=self.device)
+                for b in micro_batches:
+                    b = b.to(self.device, non_blocking=True)
+                    with self.autocast():
+                        logits = self.model(b.src, b.src_mask, b.tgt_in)
+                    loss = sequence_loss(logits, b.tgt_out, self.pad_id, self.t.label_smoothing)
+                    self.scaler.scale(loss / ntok).backward()
+                    total += loss.detach()
+                return total
+            except torch.OutOfMemoryError:
+                pass  # handled below, once the traceback (and the tensors it holds) is gone
+            logits = loss = None
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            shapes = " + ".join(
+                f"src {tuple(b.src.shape)} tgt {tuple(b.tgt_out.shape)}" for b in micro_batches
+            )
+            if attempt == self.t.oom_retries or all(len(b.src) == 1 for b in micro_batches):
+                raise TrainingError(
+                    f"out of memory at step {self.step + 1} on a batch of {shapes} "
+                    f"({ntok} target tokens); lower data.max_tokens"
+                )
+            log.warning(
+                "out of memory at step %d on a batch of %s; retrying it split in halves",
+                self.step + 1,
+                shapes,
+            )
+            micro_batches = [half for b in micro_batches for half in b.halves()]
+        raise AssertionError("unreachable")
+
+    def skipped_update(self) -> None:
+        """Count a NaN/inf update; abort after ``trainer.max_nonfinite`` in a row."""
+        self.nonfinite_in_a_row += 1
+        log.warning(
+            "step %d: loss or gradient is NaN/inf; update skipped (%d in a row)",
+            self.step + 1,
+            self.nonfinite_in_a_row,
+        )
+        if self.nonfinite_in_a_row >= self.t.max_nonfinite:
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} updates in a row had a NaN/inf loss or gradient "
+                f"(at step {self.step + 1}); lower trainer.optimizer.lr or check the data "
+                f"(trainer.max_nonfinite={self.t.max_nonfinite})"
+            )
 
     def on_signal(self, signum, _frame):
         self.stop_signal = signum
 
     def run(self) -> dict:
         t = self.t
-        last = self.ckpt_dir / "last.pt"
-        if t.resume and last.is_file():
-            self.resume(last)
+        resumed = t.resume and self.resume()
         train_log = CsvLog(
             self.run_dir / "train_log.csv",
             ["step", "epoch", "loss", "lr", "tokens_per_s", "pad_frac"],
@@ -296,6 +385,9 @@ class Trainer:
                 "valid_bleu",
             ],
         )
+        if resumed:  # rows written after that checkpoint are trained again: drop them
+            train_log.truncate_after(self.step)
+            valid_log.truncate_after(self.step)
         old_handlers = {
             s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)
         }
@@ -320,8 +412,14 @@ class Trainer:
                     micro.append(batch)
                     window_pad += self.batcher.padding_fraction(batch)
                 step_start = time.perf_counter()
-                loss_sum, ntok = self.train_step(micro)
+                result = self.train_step(micro)
                 self.batch_in_epoch = pos + 1
+                if result is None:
+                    self.skipped_update()
+                    stop_reason = self.signal_reason()
+                    continue
+                self.nonfinite_in_a_row = 0
+                loss_sum, ntok = result
                 self.step += 1
                 window_loss, window_tok = window_loss + loss_sum, window_tok + ntok
                 if self.step % t.log_every == 0:
@@ -347,13 +445,13 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - step_start
                 bar.update(1)
                 stop_reason = self.maybe_evaluate(valid_log, max_seconds)
-                if self.stop_signal is not None:
-                    stop_reason = f"signal {signal.Signals(self.stop_signal).name}"
+                stop_reason = self.signal_reason() or stop_reason
         finally:
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        checkpoint.save(last, self.state())
+        if self.step != self.saved_step:
+            self.save_checkpoint()
         log.info("stopped at step %d: %s", self.step, stop_reason)
         if self.stop_signal is not None:
             raise KeyboardInterrupt(
@@ -361,6 +459,11 @@ class Trainer:
                 f"{self.ckpt_dir}; run the same command to resume"
             )
         return {"stop_reason": stop_reason}
+
+    def signal_reason(self) -> str | None:
+        if self.stop_signal is None:
+            return None
+        return f"signal {signal.Signals(self.stop_signal).name}"
 
     def maybe_evaluate(self, valid_log, max_seconds) -> str | None:
         """Validation, checkpoints and stopping decisions after a step; returns a reason to
@@ -382,13 +485,13 @@ class Trainer:
             "valid_ppl": round(math.exp(min(nll, 50)), 2),
             "valid_bleu": "",
         }
-        stop = None
+        stop, improved = None, False
         if self.step % t.bleu_every == 0 or at_end:
             score = self.valid_bleu()
             row["valid_bleu"] = round(score, 2)
             if score > self.best_bleu:
                 self.best_bleu, self.best_step, self.bad_evals = score, self.step, 0
-                checkpoint.save(self.ckpt_dir / "best.pt", self.state())
+                improved = True
             else:
                 self.bad_evals += 1
                 if t.patience and self.bad_evals >= t.patience:
@@ -401,7 +504,9 @@ class Trainer:
             row["valid_ppl"],
             row["valid_bleu"],
         )
-        checkpoint.save(self.ckpt_dir / "last.pt", self.state())
+        last = self.save_checkpoint()
+        if improved:
+            checkpoint.link_or_copy(last, self.ckpt_dir / "best.pt")
         if at_end and stop is None:
             stop = "time limit" if out_of_time else "step/epoch limit"
         return stop
@@ -457,12 +562,37 @@ class CsvLog:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.fields).writerow(row)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (atomically rewritten)."""
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["step"] and int(r["step"]) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
 
 def train(cfg) -> dict:
     """Train per ``cfg`` into ``cfg.run_dir``; returns the final metrics dict."""
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    except OSError as e:
+        raise TrainingError(f"run_dir={run_dir} is not writable: {e.strerror or e}") from e
     trainer = Trainer(cfg, run_dir)
     trainer.run()
     return trainer.finish()

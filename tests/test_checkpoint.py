@@ -1,0 +1,94 @@
+"""Checkpoint safety: atomic writes, damaged and malicious files refused, keep-K, fallback."""
+
+import os
+
+import pytest
+import torch
+
+from transformer import checkpoint
+from transformer.checkpoint import CheckpointError
+
+
+def payload(value: float = 1.0) -> dict:
+    return {"model": {"w": torch.full((64, 64), value)}, "config": {"model": {"d_model": 64}}}
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_roundtrip_records_version_and_config_hash(tmp_path):
+    checkpoint.save(tmp_path / "a.pt", payload())
+    ckpt = checkpoint.load(tmp_path / "a.pt")
+    assert ckpt["format_version"] == checkpoint.FORMAT_VERSION
+    assert ckpt["config_sha256"] == checkpoint.config_sha256({"model": {"d_model": 64}})
+    assert torch.equal(ckpt["model"]["w"], torch.ones(64, 64))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temporary file left
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": RunsCode(marker), "format_version": checkpoint.FORMAT_VERSION}, path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        checkpoint.load(path)
+    assert not marker.exists()
+    # The file really is hostile: an unsafe load runs the command.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_truncated_checkpoint_is_one_clear_error(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, payload())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"last\.pt: unreadable or truncated"):
+        checkpoint.load(path)
+
+
+def test_flipped_bit_is_caught_by_the_crc(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, payload())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensor bytes: torch.load alone would not notice
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC mismatch"):
+        checkpoint.load(path)
+
+
+def test_tampered_config_and_unknown_version_are_refused(tmp_path):
+    path = tmp_path / "a.pt"
+    ckpt = {**payload(), "format_version": checkpoint.FORMAT_VERSION, "config_sha256": "0" * 64}
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        checkpoint.load(path)
+    torch.save({"model": {}, "format_version": 99}, path)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        checkpoint.load(path)
+
+
+def test_keep_k_and_fallback_to_the_newest_good_one(tmp_path, caplog):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path / "last.pt", payload(step))
+        checkpoint.link_or_copy(tmp_path / "last.pt", tmp_path / f"step_{step:08d}.pt")
+        checkpoint.prune(tmp_path, keep=3)
+    steps = checkpoint.step_checkpoints(tmp_path)
+    assert [p.name for p in steps] == [f"step_{s:08d}.pt" for s in (5, 4, 3)]
+    # Damage the newest file in place: last.pt and step 5 share it, so both are bad.
+    with open(tmp_path / "last.pt", "r+b") as f:
+        f.truncate(100)
+    path, ckpt = checkpoint.load_latest([tmp_path / "last.pt", *steps])
+    assert path.name == "step_00000004.pt" and float(ckpt["model"]["w"][0, 0]) == 4.0
+    assert "last.pt: unreadable or truncated" in caplog.text
+    for p in steps[1:]:
+        p.write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no usable checkpoint among 3"):
+        checkpoint.load_latest(steps)
+    assert checkpoint.load_latest([]) is None

@@ -1,0 +1,177 @@
+"""Never lose a run: kill -9 and resume is bit-identical, damaged checkpoints fall back,
+NaN/inf updates are skipped, out-of-memory batches are retried in halves."""
+
+import csv
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer import checkpoint
+from transformer.trainer import Trainer, TrainingError, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_csv(path: Path, *fields) -> list[tuple]:
+    with open(path, newline="") as f:
+        return [tuple(row[k] for k in fields) for row in csv.DictReader(f)]
+
+
+def train_cli(overrides, run_dir: Path, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = [*overrides, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra"]
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def last_logged_step(run_dir: Path) -> int:
+    try:
+        rows = (run_dir / "train_log.csv").read_text().splitlines()[1:]
+        return int(rows[-1].split(",")[0]) if rows else 0
+    except (FileNotFoundError, ValueError, IndexError):
+        return 0
+
+
+def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(small_overrides, tmp_path):
+    overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
+        "trainer.max_steps=48",
+        "trainer.eval_every=4",
+        "trainer.bleu_every=1000",  # BLEU (and best.pt) only at the end
+        "trainer.log_every=1",
+        "trainer.patience=0",
+        "trainer.keep_checkpoints=2",
+        "model.dropout=0.3",  # the dropout RNG stream must be restored too
+    ]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = train_cli(overrides, whole, tmp_path)
+    victim = train_cli(overrides, killed, tmp_path)
+    try:
+        deadline = time.monotonic() + 600
+        while last_logged_step(killed) < 22 and victim.poll() is None:
+            assert time.monotonic() < deadline, "no training progress"
+            time.sleep(0.002)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+        assert not (killed / "metrics.json").exists()
+        assert 22 <= last_logged_step(killed) < 48
+
+        resumed = train_cli(overrides, killed, tmp_path)
+        assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+        assert reference.wait(timeout=600) == 0, reference.stderr.read()
+    finally:
+        for proc in (reference, victim):
+            proc.kill()
+
+    losses = read_csv(whole / "train_log.csv", "step", "loss")
+    assert [int(s) for s, _ in losses] == list(range(1, 49))
+    assert read_csv(killed / "train_log.csv", "step", "loss") == losses
+    fields = ("step", "valid_loss", "valid_bleu")
+    assert read_csv(killed / "valid_log.csv", *fields) == read_csv(whole / "valid_log.csv", *fields)
+    a = checkpoint.load(whole / "checkpoints" / "last.pt")
+    b = checkpoint.load(killed / "checkpoints" / "last.pt")
+    assert a["progress"]["step"] == b["progress"]["step"] == 48
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert len(checkpoint.step_checkpoints(killed / "checkpoints")) == 2
+
+
+def test_resume_falls_back_to_the_previous_good_checkpoint(
+    compose, small_overrides, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO)
+    train(compose(small_overrides))  # 6 steps, checkpoints at 3 and 6
+    ckpts = tmp_path / "run" / "checkpoints"
+    with open(ckpts / "last.pt", "r+b") as f:  # step_6.pt is the same file
+        f.truncate(1000)
+    metrics = train(compose(small_overrides + ["trainer.max_steps=9"]))
+    assert "resumed from" in caplog.text and "step_00000003.pt at step 3" in caplog.text
+    assert "last.pt: unreadable or truncated" in caplog.text
+    assert metrics["steps"] == 9
+    steps = [int(s) for (s,) in read_csv(tmp_path / "run" / "valid_log.csv", "step")]
+    assert steps == [3, 6, 9]  # the lost step-6 row was dropped and written again
+
+
+def test_resume_refuses_another_model(compose, small_overrides):
+    train(compose(small_overrides))
+    with pytest.raises(TrainingError, match="holds another model"):
+        train(compose(small_overrides + ["model.d_model=64", "trainer.max_steps=9"]))
+
+
+def make_trainer(compose, small_overrides, tmp_path, *extra) -> Trainer:
+    cfg = compose(small_overrides + list(extra))
+    (tmp_path / "run").mkdir(exist_ok=True)
+    return Trainer(cfg, tmp_path / "run")
+
+
+def first_batches(trainer: Trainer, n: int):
+    stream = trainer.batches()
+    return [next(stream)[1] for _ in range(n)]
+
+
+def test_nan_loss_skips_the_update_then_aborts(compose, small_overrides, tmp_path, caplog):
+    trainer = make_trainer(compose, small_overrides, tmp_path, "trainer.max_nonfinite=3")
+    batches = first_batches(trainer, 4)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    forward = trainer.model.forward
+    trainer.model.forward = lambda *a: forward(*a) * float("nan")
+    assert trainer.train_step([batches[0]]) is None
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights untouched
+    assert trainer.optimizer.state_dict()["state"] == {}  # no Adam moment was updated
+    with pytest.raises(TrainingError, match="3 updates in a row had a NaN/inf loss"):
+        trainer.run()
+    assert "update skipped (1 in a row)" in caplog.text
+    trainer.model.forward = forward
+    assert trainer.train_step([batches[1]]) is not None  # a finite batch trains again
+
+
+def test_out_of_memory_is_retried_in_halves_with_the_same_gradient(
+    compose, small_overrides, tmp_path, caplog
+):
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "model.dropout=0",
+        "model.attn_dropout=0",
+        "model.act_dropout=0",
+    )
+    batch = max(first_batches(trainer, 3), key=lambda b: len(b.src))
+    assert len(batch.src) >= 4
+    ntok = int((batch.tgt_out != trainer.pad_id).sum())
+    trainer.accumulate([batch], ntok)
+    expected = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    forward, limit = trainer.model.forward, len(batch.src) // 2 + 1
+    calls = []
+
+    def small_memory(src, *rest):
+        calls.append(len(src))
+        if len(src) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(src, *rest)
+
+    trainer.model.forward = small_memory
+    trainer.accumulate([batch], ntok)
+    assert calls == [len(batch.src), (len(batch.src) + 1) // 2, len(batch.src) // 2]
+    for p, g in zip(trainer.model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert "retrying it split in halves" in caplog.text
+
+    trainer.model.forward = lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
+    with pytest.raises(TrainingError, match=r"out of memory at step 1 on a batch of src \("):
+        trainer.accumulate([batch], ntok)
