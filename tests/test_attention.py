@@ -27,6 +27,8 @@ def test_masks_shapes_and_values():
     m = causal_mask(4)
     assert m.dtype == torch.bool and m.shape == (4, 4)
     assert m[2, 2] and m[2, 0] and not m[2, 3]
+    # Fewer queries than keys (a decoder step after a cache): queries sit at the end.
+    assert causal_mask(2, T_k=4).tolist() == [[True, True, True, False], [True] * 4]
     src_mask = torch.tensor([[True, True, False]])
     assert padding_mask(src_mask).shape == (1, 1, 1, 3)
 

@@ -1,20 +1,37 @@
-"""Masks and multi-head scaled dot-product attention (Vaswani et al. 2017, Section 3.2).
+"""Masks, one multi-head attention, and the family of attention kinds behind it.
 
-This is the one place where masks are built. Convention: a bool mask, True = the query
-may attend to that key. Shapes broadcast to (B, h, T_q, T_k).
+``MultiHeadAttention`` (Vaswani et al. 2017, Section 3.2.2) owns the learned projections and
+the incremental-decoding cache. *How* a query scores keys and *which* keys it may see is a
+small ``AttentionKind`` chosen by name (``model.attention`` in conf/model/transformer.yaml):
 
-Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, computed by
-``torch.nn.functional.scaled_dot_product_attention`` so the fused kernels run on a GPU.
-Cost: O(n^2 d) time per head.
+==============  ==========================================  ===========================
+kind            paper, rule                                  time per head (n = length)
+==============  ==========================================  ===========================
+``scaled_dot``  Vaswani et al. 2017: softmax(q k^T / sqrt d)  O(n^2 d), fused SDPA kernel
+``dot``         Luong et al. 2015: softmax(q k^T), no scale   O(n^2 d), fused SDPA kernel
+``additive``    Bahdanau et al. 2014: w^T tanh(q_i + k_j)     O(n^2 d), memory O(n^2 d)
+``local``       sliding window |i - j| <= w                   O(n w d)
+``sparse``      Child et al. 2019: strided or fixed pattern   O(n (l + n/l) d), l = stride
+``linear``      Katharopoulos et al. 2020: elu+1 feature map  O(n d^2)
+==============  ==========================================  ===========================
+
+This is the one place where masks are built. Convention: a bool mask, True = the query may
+attend to that key; shapes broadcast to (B, h, T_q, T_k). Queries are aligned to the end of
+the keys: with T_q < T_k (a decoder step after a cache), query i sits at position
+T_k - T_q + i, and ``causal`` lets it see keys 0..that position.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# -- masks ----------------------------------------------------------------------------------
 
 
 def padding_mask(src_mask: torch.Tensor) -> torch.Tensor:
@@ -22,9 +39,62 @@ def padding_mask(src_mask: torch.Tensor) -> torch.Tensor:
     return src_mask[:, None, None, :]
 
 
-def causal_mask(T: int, device=None) -> torch.Tensor:
-    """(T, T) bool, True on and below the diagonal: query t may see keys 0..t."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+def _positions(T_q: int, T_k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute positions: queries (T_q, 1), aligned to the end of the keys; keys (1, T_k)."""
+    i = torch.arange(T_k - T_q, T_k, device=device)[:, None]
+    return i, torch.arange(T_k, device=device)[None, :]
+
+
+def causal_mask(T: int, device=None, T_k: int | None = None) -> torch.Tensor:
+    """(T, T_k) bool (T_k defaults to T): query t may see keys up to its own position."""
+    i, j = _positions(T, T if T_k is None else T_k, device)
+    return j <= i
+
+
+def local_mask(T_q: int, T_k: int, window: int, causal: bool = False, device=None):
+    """(T_q, T_k) bool: |i - j| <= window, and j <= i when causal."""
+    i, j = _positions(T_q, T_k, device)
+    allowed = (i - j).abs() <= window
+    return allowed & (j <= i) if causal else allowed
+
+
+def sparse_mask(
+    T_q: int, T_k: int, pattern: str, stride: int, summary: int = 1, causal=False, device=None
+):
+    """(T_q, T_k) bool, the factorized patterns of Child et al. 2019 (Section 4.2), merged.
+
+    ``strided``: |i - j| < l or (i - j) mod l = 0 (the previous l positions and every l-th one).
+    ``fixed``: j in the block of i (floor(j / l) = floor(i / l)) or j among the last ``summary``
+    positions of any block (j mod l >= l - c). With ``causal`` also j <= i; without, both
+    patterns are applied symmetrically (an encoder).
+    """
+    i, j = _positions(T_q, T_k, device)
+    if pattern == "strided":
+        allowed = ((i - j).abs() < stride) | ((i - j) % stride == 0)
+    else:
+        allowed = (i // stride == j // stride) | (j % stride >= stride - summary)
+    return allowed & (j <= i) if causal else allowed
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a & b
+
+
+def _is_key_mask(mask: torch.Tensor | None) -> bool:
+    """None or a per-key mask (..., 1, T_k): the form the efficient paths accept."""
+    return mask is None or (mask.dim() == 4 and mask.shape[-2] == 1)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim where ``mask``; a row with no visible key gets all-zero
+    weights (not NaN), e.g. a padded query whose whole window is padding."""
+    if mask is None:
+        return scores.softmax(-1)
+    visible = mask.any(-1, keepdim=True)
+    scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~visible, 0.0)
+    return scores.softmax(-1) * visible
 
 
 def reference_attention(q, k, v, mask=None, scale: float | None = None):
@@ -34,21 +104,449 @@ def reference_attention(q, k, v, mask=None, scale: float | None = None):
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = q @ k.transpose(-2, -1) * scale  # (..., T_q, T_k)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
+    weights = masked_softmax(scores, mask)
     return weights @ v, weights
 
 
-class MultiHeadAttention(nn.Module):
-    """h parallel scaled dot-product heads over learned projections, then an output projection.
+def _dropout(weights, p: float):
+    return F.dropout(weights, p) if p > 0 else weights
 
-    Supports self-attention, cross-attention and incremental decoding: ``forward`` may be
-    given a ``cache`` of previously projected keys/values, in which case the new keys/values
-    are appended (self-attention) or the cached ones are used as they are (cross-attention).
+
+def _weighted(weights, v, dropout: float, need_weights: bool):
+    """(weights, dropped out) @ v, and the weights when asked for."""
+    return _dropout(weights, dropout) @ v, (weights if need_weights else None)
+
+
+def _explicit(q, k, v, mask, dropout: float, need_weights: bool, scale: float | None = None):
+    """Dot-product attention with explicit (T_q, T_k) weights: for plots and general masks."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _weighted(
+        masked_softmax(q @ k.transpose(-2, -1) * scale, mask), v, dropout, need_weights
+    )
+
+
+def _attend_subset(q, k, v, idx: torch.Tensor, need_weights: bool):
+    """One decoder query (B, h, 1, d) over the keys at positions ``idx`` (1-D) of k, v
+    (B, h, t, d), scaled dot-product; weights scattered back to (B, h, 1, t) if asked."""
+    out, weights = reference_attention(q, k[:, :, idx], v[:, :, idx])
+    if not need_weights:
+        return out, None
+    full = weights.new_zeros(*weights.shape[:-1], k.shape[2])  # (B, h, 1, t)
+    full[..., idx] = weights
+    return out, full
+
+
+# -- the kinds ------------------------------------------------------------------------------
+
+
+class AttentionKind(nn.Module):
+    """How queries score keys and which keys they see, over already projected heads.
+
+    ``forward(q, k, v, mask, causal, dropout, need_weights) -> (out, weights | None)`` with
+    q (B, h, T_q, d), k and v (B, h, T_k, d), out (B, h, T_q, d), weights (B, h, T_q, T_k).
+    Incremental decoding (decoder self-attention, one query per step, no padding among its
+    keys): ``cache = empty_cache(B, h, d, like)``, then per step
+    ``out, cache, weights = step(q, k_new, v_new, cache, need_weights)``. The cache is a pair
+    of tensors with the batch first, so ``DecoderState.reorder`` can select beams. This base
+    class keeps every key and value (a KV cache) and calls ``forward`` with the query last.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+    def empty_cache(self, B: int, h: int, d: int, like: torch.Tensor):
+        empty = like.new_zeros(B, h, 0, d)  # (B, h, 0, d)
+        return empty, empty
+
+    def step(self, q, k_new, v_new, cache, need_weights: bool = False):
+        k = torch.cat([cache[0], k_new], dim=2)  # (B, h, t, d)
+        v = torch.cat([cache[1], v_new], dim=2)
+        idx = self.step_keys(k.shape[2], k.device)
+        if idx is None:
+            out, weights = self(q, k, v, None, True, 0.0, need_weights)
+        else:
+            out, weights = _attend_subset(q, k, v, idx, need_weights)
+        return out, (k, v), weights
+
+    def step_keys(self, t: int, device) -> torch.Tensor | None:
+        """Positions (1-D) a decoder step at position t - 1 attends to; None = use forward."""
+        return None
+
+
+class ScaledDot(AttentionKind):
+    """softmax(q k^T / sqrt(d_k)) v (Vaswani et al. 2017, eq. 1); O(n^2 d) time.
+
+    Runs ``F.scaled_dot_product_attention``, whose fused kernels keep memory O(n d);
+    ``need_weights`` (plots) takes the explicit path, which materialises the (n, n) weights.
+    """
+
+    scale: float | None = None  # None: SDPA's default 1/sqrt(d_k)
+
+    def forward(self, q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
+        T_q, T_k = q.shape[2], k.shape[2]
+        if need_weights:
+            mask = _and(mask, causal_mask(T_q, q.device, T_k) if causal else None)
+            return _explicit(q, k, v, mask, dropout, True, self.scale)
+        # SDPA's own causal flag (top-left aligned) keeps the flash kernel eligible; one query
+        # after a cache sees every key and needs no mask at all.
+        is_causal = causal and T_q == T_k and mask is None
+        if causal and T_q > 1 and not is_causal:
+            mask = _and(mask, causal_mask(T_q, q.device, T_k))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
+        )
+        return out, None
+
+
+class Dot(ScaledDot):
+    """Multiplicative score q_i . k_j without the 1/sqrt(d_k) scale (Luong et al. 2015,
+    "dot"); O(n^2 d), fused kernel. Large d_k saturates its softmax at initialisation, which
+    the scale corrects (bench/attention_claims.py measures it)."""
+
+    scale = 1.0
+
+
+class Additive(AttentionKind):
+    """Bahdanau et al. 2014 (Appendix A.1.2) per head: e_ij = w_h^T tanh(q_i + k_j).
+
+    q_i = W s and k_j = U h_j are this head's query and key projections, so the only new
+    parameter is w_h, one vector per head. O(n^2 d) time and O(n^2 d) memory: tanh is taken
+    for every query-key pair. Always explicit (no fused kernel).
+    """
+
+    def __init__(self, n_heads: int, d_head: int):
+        super().__init__()
+        self.score = nn.Parameter(torch.randn(n_heads, d_head) * d_head**-0.5)  # (h, d) w_h
+
+    def forward(self, q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
+        T_q, T_k = q.shape[2], k.shape[2]
+        hidden = torch.tanh(q.unsqueeze(3) + k.unsqueeze(2))  # (B, h, T_q, T_k, d)
+        scores = torch.einsum("bhqkd,hd->bhqk", hidden, self.score)  # (B, h, T_q, T_k)
+        mask = _and(mask, causal_mask(T_q, q.device, T_k) if causal else None)
+        return _weighted(masked_softmax(scores, mask), v, dropout, need_weights)
+
+
+def _key_visible(mask: torch.Tensor | None, pos: torch.Tensor, T_k: int) -> torch.Tensor:
+    """(B', 1, *pos.shape) bool: the key at position ``pos`` exists and ``mask`` lets it be
+    seen; ``mask`` is None or a key mask (B', 1, 1, T_k)."""
+    inside = (pos >= 0) & (pos < T_k)
+    if mask is None:
+        return inside[None, None]
+    return inside & mask[:, :, 0][:, :, pos.clamp(0, T_k - 1)]  # (B', 1, *pos.shape)
+
+
+def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, h, T, d) zero-padded to m = ceil(T / size) blocks -> (B, h, m, size, d)."""
+    B, h, T, d = x.shape
+    m = -(-T // size)
+    return F.pad(x, (0, 0, 0, m * size - T)).view(B, h, m, size, d)
+
+
+def _unblock(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, h, m, size, ...) in position order -> (B, h, T, ...), padding dropped."""
+    return x.flatten(2, 3)[:, :, :T]
+
+
+class _Band:
+    """Band attention by blocks, T_q = T_k = T: query i may see keys i - left .. i + right.
+
+    Queries go in blocks of b; block a shares the keys a b - left .. a b + b - 1 + right
+    (K = b + left + right of them, an unfold of the padded keys), so the scores are one
+    batched (b, d) x (d, K) product per block instead of one tiny product per query:
+    O(n K d) time and O(n K) scores with b ~ max(left, right), i.e. O(n w d).
+    """
+
+    def __init__(self, T: int, left: int, right: int, mask, device):
+        self.T, self.left, self.right = T, min(left, T - 1), min(right, T - 1)
+        self.b = min(T, max(self.left, self.right, 16))
+        m = -(-T // self.b)
+        self.K = self.b + self.left + self.right
+        i = torch.arange(m, device=device)[:, None] * self.b + torch.arange(self.b, device=device)
+        j = i[:, :1] - self.left + torch.arange(self.K, device=device)  # (m, K) key positions
+        i, j = i[:, :, None], j[:, None, :]  # (m, b, 1) query and (m, 1, K) key positions
+        visible = (j >= i - self.left) & (j <= i + self.right)  # (m, b, K)
+        self.visible = _unblock(_key_visible(mask, j.expand_as(visible), T) & visible, T)
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, T, d) -> (B, h, m, K, d): each block's keys, zero outside 0..T-1."""
+        m = -(-self.T // self.b)
+        pad = (0, 0, self.left, m * self.b - self.T + self.right)
+        return F.pad(x, pad).unfold(2, self.K, self.b).transpose(-1, -2)  # (B,h,m,d,K) -> K,d
+
+    def scores(self, q, k) -> torch.Tensor:
+        """(B, h, T, K) dot products of each query with its block's keys."""
+        return _unblock(_blocks(q, self.b) @ self.keys(k).transpose(-1, -2), self.T)
+
+    def output(self, weights, v) -> torch.Tensor:
+        """weights (B, h, T, K) over the block keys' values -> (B, h, T, d)."""
+        return _unblock(_blocks(weights, self.b) @ self.keys(v), self.T)  # (B,h,m,b,K)@(K,d)
+
+
+class Local(AttentionKind):
+    """Sliding-window attention: query i sees keys |i - j| <= w (j <= i when causal), with
+    scaled dot-product scores; the fixed window of Luong et al. 2015's local attention, used
+    as self-attention (Beltagy et al. 2020, Longformer). O(n w d) time and memory, computed
+    by blocks of queries (``_Band``). A decoder step attends to the last w + 1 keys.
+    """
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
+        T_q, T_k, scale = q.shape[2], k.shape[2], q.shape[-1] ** -0.5
+        if need_weights or T_q != T_k or not _is_key_mask(mask):  # explicit (T_q, T_k)
+            mask = _and(mask, local_mask(T_q, T_k, self.window, causal, q.device))
+            return _explicit(q, k, v, mask, dropout, need_weights)
+        band = _Band(T_q, self.window, 0 if causal else self.window, mask, q.device)
+        weights = masked_softmax(band.scores(q, k) * scale, band.visible)  # (B, h, T, K)
+        return band.output(_dropout(weights, dropout), v), None
+
+    def step_keys(self, t: int, device) -> torch.Tensor:
+        return torch.arange(max(0, t - self.window - 1), t, device=device)  # the last w + 1
+
+
+def _strided(q, k, v, mask, causal: bool, st: int, dropout: float):
+    """Strided pattern, T_q = T_k = T, stride l = ``st``: a band |i - j| < l plus the keys
+    j = i (mod l). The band is computed by blocks as in ``Local``; the residue classes are a
+    reshape: position a * l + r goes to class r, slot a, so each class is a small dense
+    (m, m) attention, m = ceil(T / l).
+    """
+    B, h, T, d = q.shape
+    scale = d**-0.5
+    band = _Band(T, st - 1, 0 if causal else st - 1, mask, q.device)
+    s_band = band.scores(q, k) * scale  # (B, h, T, K)
+    qr, kr, vr = (_blocks(x, st).transpose(2, 3) for x in (q, k, v))  # (B, h, st, m, d)
+    m = qr.shape[3]
+    s_res = qr @ kr.transpose(-2, -1) * scale  # (B, h, st, m, m): query a*st+r, key b*st+r
+    s_res = _unblock(s_res.transpose(2, 3), T)  # (B, h, m, st, m) -> (B, h, T, m)
+    i, b = torch.arange(T, device=q.device)[:, None], torch.arange(m, device=q.device)
+    other = b < i // st if causal else b != i // st  # (T, m); j = i itself is in the band
+    vis_res = _key_visible(mask, b * st + i % st, T) & other
+    visible = torch.cat([band.visible, vis_res], -1)  # (B', 1, T, K + m)
+    weights = masked_softmax(torch.cat([s_band, s_res], -1), visible)
+    w_band, w_res = _dropout(weights, dropout).split([band.K, m], -1)
+    w_res = _blocks(w_res, st).transpose(2, 3)  # (B, h, st, m, m)
+    out_res = _unblock((w_res @ vr).transpose(2, 3), T)  # (B, h, st, m, d) -> (B, h, T, d)
+    return band.output(w_band, v) + out_res
+
+
+def _fixed(q, k, v, mask, causal: bool, st: int, c: int, dropout: float):
+    """Fixed pattern, T_q = T_k = T, block length l = ``st``: the query's block of l keys plus
+    the last c keys of every other block (the "summary" columns): a reshape into blocks and
+    one dense product.
+    """
+    B, h, T, d = q.shape
+    scale = d**-0.5
+    qb, kb, vb = (_blocks(x, st) for x in (q, k, v))  # (B, h, m, st, d)
+    m = qb.shape[2]
+    s_blk = _unblock(qb @ kb.transpose(-2, -1) * scale, T)  # (B, h, m, st, st) -> (B, h, T, st)
+    i, s = torch.arange(T, device=q.device)[:, None], torch.arange(st, device=q.device)
+    pos_blk = i // st * st + s  # (T, st) key position in each slot of the query's block
+    vis_blk = _key_visible(mask, pos_blk, T) & ((pos_blk <= i) if causal else True)
+    ks, vs = (x[:, :, :, st - c :].flatten(2, 3) for x in (kb, vb))  # (B, h, m*c, d)
+    s_sum = q @ ks.transpose(-2, -1) * scale  # (B, h, T, m*c)
+    u = torch.arange(m * c, device=q.device)
+    pos_sum = u // c * st + st - c + u % c  # (m*c,) positions of the summary keys
+    other = u // c < i // st if causal else u // c != i // st  # (T, m*c); own block is above
+    vis_sum = _key_visible(mask, pos_sum.expand(T, -1), T) & other
+    weights = masked_softmax(torch.cat([s_blk, s_sum], -1), torch.cat([vis_blk, vis_sum], -1))
+    w_blk, w_sum = _dropout(weights, dropout).split([st, m * c], -1)
+    out_blk = _unblock(_blocks(w_blk, st) @ vb, T)  # (B, h, m, st, st) @ (B, h, m, st, d)
+    return out_blk + w_sum @ vs
+
+
+class Sparse(AttentionKind):
+    """Factorized sparse attention of Child et al. 2019 (Section 4.2), the two factors merged
+    into one head: ``strided`` (the previous l positions and every l-th one before them) or
+    ``fixed`` (the query's block of l positions and the last c positions of every block);
+    ``sparse_mask`` defines both. O(n (l + n/l) d) time, O(n sqrt(n) d) for l = sqrt(n),
+    computed with reshapes and unfolds (no per-element gather). A decoder step attends to
+    the positions the pattern allows (O(l + n/l) keys).
+    """
+
+    def __init__(self, pattern: str, stride: int, summary: int = 1):
+        super().__init__()
+        self.pattern, self.stride, self.summary = pattern, stride, summary
+
+    def mask(self, T_q: int, T_k: int, causal: bool, device=None) -> torch.Tensor:
+        return sparse_mask(T_q, T_k, self.pattern, self.stride, self.summary, causal, device)
+
+    def forward(self, q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
+        T_q, T_k = q.shape[2], k.shape[2]
+        if need_weights or T_q != T_k or not _is_key_mask(mask):  # explicit (T_q, T_k)
+            mask = _and(mask, self.mask(T_q, T_k, causal, q.device))
+            return _explicit(q, k, v, mask, dropout, True)
+        if self.pattern == "strided":
+            return _strided(q, k, v, mask, causal, self.stride, dropout), None
+        return _fixed(q, k, v, mask, causal, self.stride, self.summary, dropout), None
+
+    def step_keys(self, t: int, device) -> torch.Tensor:
+        return self.mask(1, t, True, device)[0].nonzero().squeeze(1)
+
+
+def elu_feature(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020, eq. 7)."""
+    return F.elu(x) + 1.0
+
+
+def _causal_linear(fq, fk, v, chunk: int, eps: float) -> torch.Tensor:
+    """Causal linear attention by prefix sums over chunks of C positions, exact:
+    out_i = phi(q_i) S_i / phi(q_i) . z_i with S_i = sum_{j<=i} phi(k_j) v_j^T,
+    z_i = sum_{j<=i} phi(k_j). Earlier chunks enter through a running sum of S (one d x d
+    matrix per chunk), the current chunk through a masked C x C product: O(n (C + d) d) time,
+    O(n d + (n / C) d^2) memory, where a per-position cumsum of S would need O(n d^2).
+    """
+    B, h, T, d = fq.shape
+    C = min(chunk, T)
+    fq, fk, v = (_blocks(x, C) for x in (fq, fk, v))  # (B, h, m, C, d)
+    kv = fk.transpose(-2, -1) @ v  # (B, h, m, d, d_v) sum over each chunk
+    z = fk.sum(3)  # (B, h, m, d)
+    S = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], 2).cumsum(2)  # before chunk
+    Z = torch.cat([torch.zeros_like(z[:, :, :1]), z[:, :, :-1]], 2).cumsum(2)  # (B, h, m, d)
+    a = (fq @ fk.transpose(-2, -1)).tril()  # (B, h, m, C, C) causal inside the chunk
+    num = fq @ S + a @ v  # (B, h, m, C, d_v)
+    den = (fq @ Z.unsqueeze(-1)).squeeze(-1) + a.sum(-1)  # (B, h, m, C)
+    return _unblock(num / den.clamp_min(eps).unsqueeze(-1), T)  # (B, h, T, d_v)
+
+
+class Linear(AttentionKind):
+    """Linear (kernelized) attention, Katharopoulos et al. 2020: the softmax kernel replaced
+    by phi(q_i) . phi(k_j), phi = elu + 1, so out_i = phi(q_i) (sum_j phi(k_j) v_j^T) /
+    (phi(q_i) . sum_j phi(k_j)): O(n d^2) time, O(d^2) state instead of O(n^2) weights.
+
+    Causal: prefix sums (``_causal_linear``). Decoding is a recurrence: the cache is the
+    state (S (B, h, d, d), z (B, h, 1, d)) instead of past keys and values, so a step costs
+    O(d^2) whatever the length. There is no weight matrix to drop out: attention dropout does
+    not apply. ``need_weights`` takes the quadratic form phi(q) phi(k)^T, row-normalised.
+    """
+
+    eps = 1e-6
+
+    def __init__(self, chunk: int = 64):
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
+        T_q, T_k = q.shape[2], k.shape[2]
+        fq, fk = elu_feature(q), elu_feature(k)
+        if need_weights or not _is_key_mask(mask) or (causal and T_q != T_k):
+            mask = _and(mask, causal_mask(T_q, q.device, T_k) if causal else None)
+            a = fq @ fk.transpose(-2, -1)  # (B, h, T_q, T_k)
+            a = a if mask is None else a * mask
+            weights = a / a.sum(-1, keepdim=True).clamp_min(self.eps)
+            return weights @ v, (weights if need_weights else None)
+        if mask is not None:
+            fk = fk * mask[:, :, 0, :, None]  # (B', 1, T_k, 1): masked keys add nothing
+        if causal:
+            return _causal_linear(fq, fk, v, self.chunk, self.eps), None
+        kv = fk.transpose(-2, -1) @ v  # (B, h, d, d_v) = sum_j phi(k_j) v_j^T
+        den = fq @ fk.sum(2).unsqueeze(-1)  # (B, h, T_q, d) @ (B, h, d, 1) -> (B, h, T_q, 1)
+        return fq @ kv / den.clamp_min(self.eps), None
+
+    def empty_cache(self, B: int, h: int, d: int, like: torch.Tensor):
+        return like.new_zeros(B, h, d, d), like.new_zeros(B, h, 1, d)  # S, z
+
+    def step(self, q, k_new, v_new, cache, need_weights: bool = False):
+        fq, fk = elu_feature(q), elu_feature(k_new)  # (B, h, 1, d)
+        S = cache[0] + fk.transpose(-2, -1) @ v_new  # (B, h, d, 1) @ (B, h, 1, d_v)
+        z = cache[1] + fk  # (B, h, 1, d)
+        den = (fq * z).sum(-1, keepdim=True).clamp_min(self.eps)  # (B, h, 1, 1)
+        return fq @ S / den, (S, z), None
+
+
+# -- configuration --------------------------------------------------------------------------
+
+KINDS = ("scaled_dot", "dot", "additive", "local", "sparse", "linear")
+CROSS_KINDS = ("scaled_dot", "dot", "additive", "linear")  # local/sparse need one axis
+SPARSE_PATTERNS = ("strided", "fixed")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """``model.attention``: the kind of each attention role and the sizes of the patterns.
+
+    The defaults repeat conf/model/transformer.yaml, for checkpoints made before it had the
+    key. ``kind`` sets ``encoder`` and ``decoder`` (self-attention) when they are not given.
+    """
+
+    kind: str = "scaled_dot"
+    encoder: str = "scaled_dot"  # encoder self-attention
+    decoder: str = "scaled_dot"  # decoder causal self-attention
+    cross: str = "scaled_dot"  # decoder over encoder
+    window: int = 8  # local: keys |i - j| <= window
+    sparse_pattern: str = "strided"  # sparse: strided | fixed
+    stride: int = 8  # sparse: l
+    summary: int = 1  # sparse fixed: c summary positions per block
+    chunk: int = 64  # linear causal: prefix-sum chunk length
+
+
+def attention_config(options: Mapping | None = None) -> AttentionConfig:
+    """Validate a ``model.attention`` mapping of plain values; every error names its key."""
+    values = dict(options or {})
+    names = [f.name for f in fields(AttentionConfig)]
+    for key in values:
+        if key not in names:
+            raise ValueError(f"model.attention.{key} is not an option; allowed: {names}")
+    if "kind" in values:
+        values.setdefault("encoder", values["kind"])
+        values.setdefault("decoder", values["kind"])
+    cfg = AttentionConfig(**values)
+    roles = {"kind": KINDS, "encoder": KINDS, "decoder": KINDS, "cross": CROSS_KINDS}
+    for role, allowed in roles.items():
+        value = getattr(cfg, role)
+        if value not in allowed:
+            why = " (local and sparse are for self-attention)" if value in KINDS else ""
+            raise ValueError(f"model.attention.{role}={value!r} must be one of {allowed}{why}")
+    if cfg.sparse_pattern not in SPARSE_PATTERNS:
+        raise ValueError(
+            f"model.attention.sparse_pattern={cfg.sparse_pattern!r} must be one of "
+            f"{SPARSE_PATTERNS}"
+        )
+    for key in ("window", "stride", "chunk", "summary"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
+            raise ValueError(f"model.attention.{key} must be a positive integer")
+    if cfg.summary > cfg.stride:
+        raise ValueError(
+            f"model.attention.summary={cfg.summary} exceeds model.attention.stride={cfg.stride}"
+        )
+    return cfg
+
+
+def make_kind(name: str, n_heads: int, d_head: int, cfg: AttentionConfig) -> AttentionKind:
+    """The ``AttentionKind`` called ``name`` (one of ``KINDS``), sized by ``cfg``."""
+    builders = {
+        "scaled_dot": ScaledDot,
+        "dot": Dot,
+        "additive": lambda: Additive(n_heads, d_head),
+        "local": lambda: Local(cfg.window),
+        "sparse": lambda: Sparse(cfg.sparse_pattern, cfg.stride, cfg.summary),
+        "linear": lambda: Linear(cfg.chunk),
+    }
+    if name not in builders:
+        raise ValueError(f"attention kind {name!r} must be one of {KINDS}")
+    return builders[name]()
+
+
+# -- multi-head attention -------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """h parallel heads over learned projections, then an output projection (Section 3.2.2).
+
+    The projections and the cache live here; the score and pattern are the ``kind``'s.
+    Supports self-attention, cross-attention and incremental decoding: ``forward`` may be
+    given a ``cache`` of previously projected keys/values (or a linear-attention state), in
+    which case the step updates it (self-attention) or uses it as it is (cross-attention).
+
+    :param kind: one of ``KINDS``  :param options: pattern sizes (window, stride, ...)
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        kind: str = "scaled_dot",
+        options: AttentionConfig | None = None,
+    ):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
@@ -59,7 +557,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.need_weights = False  # set True to keep the last weights (plots); uses math path
+        self.kind = make_kind(kind, n_heads, self.d_head, options or AttentionConfig())
+        self.need_weights = False  # True keeps the last weights (plots); explicit path
         self.last_weights: torch.Tensor | None = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,23 +569,9 @@ class MultiHeadAttention(nn.Module):
         """Keys and values of ``x`` (B, T, D) -> two (B, h, T, d_head)."""
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
 
-    def attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
-        """q (B,h,Tq,dh), k/v (B,h,Tk,dh), mask broadcastable bool -> (B, h, Tq, dh).
-
-        ``causal`` (only with T_q == T_k) lets SDPA build the causal mask itself, which keeps
-        the flash kernel eligible on a GPU. Decoder padding needs no mask: pads come last,
-        so a causal query never sees them before its own position and their outputs are
-        ignored by the loss.
-        """
-        if self.need_weights:
-            if causal:
-                mask = causal_mask(q.shape[2], q.device)
-            out, self.last_weights = reference_attention(q, k, v, mask)
-            return out
-        p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
-        )
+    def empty_cache(self, B: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder self-attention cache before the first step (a pair, batch first)."""
+        return self.kind.empty_cache(B, self.n_heads, self.d_head, like)
 
     def forward(
         self,
@@ -101,21 +586,24 @@ class MultiHeadAttention(nn.Module):
         :param x: (B, T_q, D) queries (and keys/values for self-attention)
         :param memory: (B, T_k, D) keys/values source for cross-attention; None = self
         :param mask: bool broadcastable to (B, h, T_q, T_k), True = attend
-        :param kv: cached (k, v), each (B, h, T_cached, d_head)
-        :param append_kv: True for incremental self-attention: new k/v are appended to ``kv``;
-            False with ``kv`` given: ``kv`` is used as is (precomputed cross-attention)
+        :param kv: the cache: cached (k, v), each (B, h, T_cached, d_head), or the kind's state
+        :param append_kv: True for incremental self-attention: the kind's ``step`` updates
+            ``kv`` with this position; False with ``kv`` given: ``kv`` is used as is
+            (precomputed cross-attention keys and values)
         :param causal: full-sequence causal self-attention (training / teacher forcing)
-        :return: output (B, T_q, D) and the (k, v) used, for the caller's cache
+        :return: output (B, T_q, D) and the cache, for the caller
         """
         B, T, D = x.shape
         q = self.split_heads(self.q_proj(x))  # (B, h, T_q, d_head)
-        if kv is None:
-            k, v = self.project_kv(x if memory is None else memory)
-        elif append_kv:
+        if kv is not None and append_kv:
             k_new, v_new = self.project_kv(x)
-            k, v = torch.cat([kv[0], k_new], dim=2), torch.cat([kv[1], v_new], dim=2)
+            out, kv, weights = self.kind.step(q, k_new, v_new, kv, self.need_weights)
         else:
-            k, v = kv
-        out = self.attend(q, k, v, mask, causal)  # (B, h, T_q, d_head)
+            k, v = self.project_kv(x if memory is None else memory) if kv is None else kv
+            p = self.dropout if self.training else 0.0
+            out, weights = self.kind(q, k, v, mask, causal, p, self.need_weights)
+            kv = (k, v)
+        if self.need_weights:
+            self.last_weights = weights  # (B, h, T_q, T_k), None for a linear decoder step
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T_q, D)
-        return self.out_proj(out), (k, v)
+        return self.out_proj(out), kv

@@ -4,6 +4,8 @@ ScaledEmbedding (embeddings times sqrt(d_model), 3.4), SinusoidalPositions (3.5)
 FeedForward (FFN(x) = max(0, x W1 + b1) W2 + b2, 3.3), EncoderLayer and DecoderLayer with
 residual connections around each sublayer and layer norm, either before the sublayer
 (pre-norm, the default: stabler without long warmup) or after it (post-norm, the paper).
+Each attention sublayer uses the kind its role names in ``AttentionConfig`` (attention.py):
+``encoder`` self-attention, ``decoder`` causal self-attention, ``cross`` attention.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import MultiHeadAttention
+from .attention import AttentionConfig, MultiHeadAttention
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -79,9 +81,12 @@ class Sublayer(nn.Module):
 class EncoderLayer(nn.Module):
     """Self-attention over the source, then the feed-forward network."""
 
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm):
+    def __init__(
+        self, d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm, attention=None
+    ):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
+        att = attention or AttentionConfig()
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, att.encoder, att)
         self.ffn = FeedForward(d_model, d_ff, act_dropout)
         self.sub_attn = Sublayer(d_model, dropout, pre_norm)
         self.sub_ffn = Sublayer(d_model, dropout, pre_norm)
@@ -96,10 +101,13 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Masked self-attention, cross-attention over the encoder memory, feed-forward."""
 
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm):
+    def __init__(
+        self, d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm, attention=None
+    ):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
+        att = attention or AttentionConfig()
+        self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, att.decoder, att)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, att.cross, att)
         self.ffn = FeedForward(d_model, d_ff, act_dropout)
         self.sub_self = Sublayer(d_model, dropout, pre_norm)
         self.sub_cross = Sublayer(d_model, dropout, pre_norm)
@@ -109,7 +117,8 @@ class DecoderLayer(nn.Module):
         """
         :param x: (B, T, D) target states; T = 1 when decoding incrementally with ``self_kv``
         :param memory: (B, S, D) encoder output  :param memory_mask: (B, 1, 1, S)
-        :param self_kv: cached self-attention (k, v) of earlier positions, or None (training)
+        :param self_kv: self-attention cache of earlier positions (k, v), or a linear
+            attention state; None when training
         :param cross_kv: precomputed cross-attention (k, v), or None
         :return: (B, T, D), new self (k, v), cross (k, v)
         """

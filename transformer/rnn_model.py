@@ -210,9 +210,8 @@ class BahdanauRNN(Seq2Seq):
         t = t.unflatten(-1, (self.emb_dim, 2)).amax(dim=-1)  # (..., E, 2) -> (..., E) maxout
         return self.out_proj(self.dropout(t))
 
-    def _unroll(self, src, src_mask, tgt_in):
+    def _unroll(self, tgt_in: torch.Tensor, enc: EncoderOut):
         """Teacher-forced recurrence: emb (B,T,E), s (B,T,H), c (B,T,2H), weights (B,T,S)."""
-        enc = self.encode(src, src_mask)
         hidden = self.init_state(enc).tensors["hidden"]  # (B, L, H)
         emb = self.dropout(self.tgt_embed(tgt_in))  # (B, T, E)
         states, contexts, attns = [], [], []
@@ -231,7 +230,14 @@ class BahdanauRNN(Seq2Seq):
         :param tgt_in: (B, T) BOS + y
         :return: logits (B, T, V)
         """
-        emb, states, contexts, _ = self._unroll(src, src_mask, tgt_in)
+        return self.decode_prefix(tgt_in, self.encode(src, src_mask))
+
+    def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher-forced decoder over ``enc``: tgt_in (B, T) -> logits (B, T, V).
+
+        Training uses it through ``forward``; uncached decoding re-runs it on the prefix.
+        """
+        emb, states, contexts, _ = self._unroll(tgt_in, enc)
         return self._readout(states, contexts, emb)  # one (B*T, E) x (E, V) product
 
     @torch.no_grad()
@@ -239,7 +245,7 @@ class BahdanauRNN(Seq2Seq):
         self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor
     ) -> torch.Tensor:
         """Teacher-forced alignment matrix (B, T, S) for plotting; rows sum to 1 (call in eval)."""
-        return self._unroll(src, src_mask, tgt_in)[3]
+        return self._unroll(tgt_in, self.encode(src, src_mask))[3]
 
     def decode_step(
         self, prev_tokens: torch.Tensor, enc: EncoderOut, state: DecoderState

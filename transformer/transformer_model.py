@@ -5,16 +5,20 @@ layers with masked self-attention and cross-attention; pre-norm (default, with a
 LayerNorm on each stack) or post-norm; the target embedding is tied to the output
 projection, and all three matrices are shared when the vocabulary is joint (Section 3.4).
 
-Incremental decoding (``decode_step``) keeps per-layer self-attention keys/values and
-cross-attention keys/values computed once in ``init_state``.
+Incremental decoding (``decode_step``) keeps per-layer self-attention keys/values (or, for
+linear attention, its recurrent state); the cross-attention keys/values depend on the
+source only, so ``encode`` computes them once into ``EncoderOut.extra["cross_kv"]``, where
+beam search expands them once instead of reordering them at every step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from .attention import padding_mask
+from .attention import attention_config, padding_mask
 from .layers import DecoderLayer, EncoderLayer, ScaledEmbedding, SinusoidalPositions
 from .seq2seq import DecoderState, EncoderOut, Seq2Seq
 
@@ -27,6 +31,9 @@ class Transformer(Seq2Seq):
     :param norm: "pre" or "post"
     :param tie_embeddings: tie target embedding and output projection; also share the source
         embedding when the two vocabularies are the same size (a joint vocabulary)
+    :param attention: ``model.attention``, plain values: the attention kind of the encoder,
+        decoder and cross-attention and the pattern sizes (``attention.AttentionConfig``);
+        None = scaled dot-product everywhere
     """
 
     def __init__(
@@ -46,6 +53,7 @@ class Transformer(Seq2Seq):
         tie_embeddings: bool = True,
         share_src_tgt_embeddings: bool = True,
         max_positions: int = 1024,
+        attention: Mapping | None = None,
     ):
         super().__init__()
         if norm not in ("pre", "post"):
@@ -60,7 +68,8 @@ class Transformer(Seq2Seq):
         self.d_model = d_model
         self.n_heads = n_heads
         pre = norm == "pre"
-        layer_args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre)
+        att = attention_config(attention)
+        layer_args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre, att)
 
         self.tgt_embed = ScaledEmbedding(tgt_vocab_size, d_model, padding_idx=pad_id)
         self.src_embed = (
@@ -94,40 +103,47 @@ class Transformer(Seq2Seq):
 
     # -- encoder ---------------------------------------------------------------------------
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOut:
-        """src (B, S), src_mask (B, S) bool -> EncoderOut(memory (B, S, D), src_mask)."""
+        """src (B, S), src_mask (B, S) bool -> EncoderOut(memory (B, S, D), src_mask), with
+        extra["cross_kv"] = [k_1, v_1, k_2, ...] per decoder layer, each (B, h, S, d_head)."""
         x = self.embed_dropout(self.positions(self.src_embed(src)))  # (B, S, D)
         mask = padding_mask(src_mask)  # (B, 1, 1, S)
         for layer in self.encoder:
             x = layer(x, mask)
-        return EncoderOut(memory=self.enc_norm(x), src_mask=src_mask)
+        memory = self.enc_norm(x)
+        cross = [kv for layer in self.decoder for kv in layer.cross_attn.project_kv(memory)]
+        return EncoderOut(memory=memory, src_mask=src_mask, extra={"cross_kv": cross})
 
     # -- decoder ---------------------------------------------------------------------------
     def forward(self, src, src_mask, tgt_in) -> torch.Tensor:
         """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V)."""
-        enc = self.encode(src, src_mask)
+        return self.decode_prefix(tgt_in, self.encode(src, src_mask))
+
+    def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher-forced decoder stack over ``enc``: tgt_in (B, T) -> logits (B, T, V).
+
+        Training uses it through ``forward``; uncached decoding re-runs it on the prefix.
+        """
         mem_mask = padding_mask(enc.src_mask)
         y = self.embed_dropout(self.positions(self.tgt_embed(tgt_in)))  # (B, T, D)
-        for layer in self.decoder:
-            y, _, _ = layer(y, enc.memory, mem_mask)
+        cross = enc.extra["cross_kv"]
+        for i, layer in enumerate(self.decoder):
+            y, _, _ = layer(y, enc.memory, mem_mask, cross_kv=(cross[2 * i], cross[2 * i + 1]))
         return self.out_proj(self.dec_norm(y))
 
     def init_state(self, enc: EncoderOut) -> DecoderState:
-        """Cross-attention K/V once per sentence; empty self-attention caches."""
-        B = enc.memory.shape[0]
-        cross, selfs = [], []
+        """Empty self-attention caches (the cross-attention K/V are in ``enc.extra``)."""
+        B, like = enc.memory.shape[0], enc.extra["cross_kv"][0]  # (B, h, S, d_head)
+        selfs = []
         for layer in self.decoder:
-            k, v = layer.cross_attn.project_kv(enc.memory)  # (B, h, S, d_head) each
-            cross += [k, v]
-            empty = k.new_zeros(B, k.shape[1], 0, k.shape[3])  # (B, h, 0, d_head)
-            selfs += [empty, empty]
-        return DecoderState(tensors={"self_kv": selfs, "cross_kv": cross}, step=0)
+            selfs += list(layer.self_attn.empty_cache(B, like=like))  # (k, v) or linear state
+        return DecoderState(tensors={"self_kv": selfs}, step=0)
 
     def decode_step(self, prev_tokens, enc: EncoderOut, state: DecoderState):
         """prev_tokens (B,) -> logits (B, V) for the next position, and the updated state."""
         y = self.tgt_embed(prev_tokens[:, None])  # (B, 1, D)
         y = self.embed_dropout(self.positions(y, start=state.step))
         mem_mask = padding_mask(enc.src_mask)
-        selfs, cross = state.tensors["self_kv"], state.tensors["cross_kv"]
+        selfs, cross = state.tensors["self_kv"], enc.extra["cross_kv"]
         new_selfs = []
         for i, layer in enumerate(self.decoder):
             y, (k, v), _ = layer(
@@ -139,8 +155,7 @@ class Transformer(Seq2Seq):
             )
             new_selfs += [k, v]
         logits = self.out_proj(self.dec_norm(y))[:, 0]  # (B, V)
-        tensors = {"self_kv": new_selfs, "cross_kv": cross}
-        return logits, DecoderState(tensors=tensors, step=state.step + 1)
+        return logits, DecoderState(tensors={"self_kv": new_selfs}, step=state.step + 1)
 
     def cross_attention_modules(self) -> list:
         """The decoder's cross-attention modules, in layer order (for plots)."""

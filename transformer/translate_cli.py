@@ -5,6 +5,8 @@ terminal). Output: ``output=FILE`` or stdout, one translation per input line, sa
 with ``decode.nbest=K > 1``, up to K lines per input, tab-separated
 ``INDEX<TAB>SCORE<TAB>TRANSLATION`` (INDEX = 0-based input line, SCORE = length-normalised
 log-probability, best first). ``ref=FILE`` also prints sacreBLEU and chrF with signatures.
+``attention_plot=DIR`` draws the attention behind each best translation into
+``DIR/{INDEX:04d}/`` (transformer/visualize.py).
 """
 
 from __future__ import annotations
@@ -49,13 +51,18 @@ def translate(cfg) -> list[str]:
     model, src_tok, tgt_tok, train_cfg = load_for_inference(cfg.ckpt, device)
     max_len = train_cfg["data"]["max_len"]
 
+    plotted = [0]  # inputs seen so far: the index of the next picture folder
+
     def run(lines, progress=None):
         ids = encode_sources(lines, src_tok, max_len)
-        return format_output(
-            translate_ids(model, ids, tgt_tok, cfg.decode, device, progress),
-            tgt_tok,
-            cfg.decode.nbest,
-        )
+        nbest = translate_ids(model, ids, tgt_tok, cfg.decode, device, progress)
+        if cfg.attention_plot:
+            from .visualize import plot_translations  # matplotlib only when asked for
+
+            best = [hyps[0][0] if hyps else None for hyps in nbest]
+            plot_translations(model, ids, best, src_tok, tgt_tok, cfg.attention_plot, plotted[0])
+            plotted[0] += len(lines)
+        return format_output(nbest, tgt_tok, cfg.decode.nbest)
 
     if cfg.input is None and sys.stdin.isatty():
         return interactive(run)

@@ -2,7 +2,12 @@
 
 Used by translate.py and by the trainer (validation BLEU, final test translations), so both
 decode the same way: inputs sorted by length, cut into batches of ``max_tokens``, decoded with
-greedy or beam search, and restored to input order. Empty lines give empty outputs.
+greedy search, beam search or sampling (``search``), and restored to input order. Empty lines
+give empty outputs.
+
+Decode options are completed from conf/decode/greedy.yaml, the one file that holds every
+decode key and its default (beam.yaml and sample.yaml extend it), so a config built by hand,
+such as the trainer's greedy one for validation, decodes with the same defaults.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .data import plan_batches
-from .search import beam_search, greedy_search
+from .search import Hypothesis, beam_search, greedy_search, sample_search
 from .tokenizer import Tokenizer, file_sha256
 
 log = logging.getLogger(__name__)
+
+DECODE_DEFAULTS = Path(__file__).resolve().parent.parent / "conf" / "decode" / "greedy.yaml"
 
 
 def build_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
@@ -79,6 +86,57 @@ def encode_sources(lines: list[str], src_tok: Tokenizer, max_len: int) -> list[l
     return [seq + [src_tok.eos_id] if seq else [] for seq in ids]
 
 
+def decode_options(decode_cfg) -> DictConfig:
+    """``decode_cfg`` over the defaults of conf/decode/greedy.yaml; an unknown key is an error."""
+    base = OmegaConf.load(DECODE_DEFAULTS)
+    OmegaConf.set_struct(base, True)
+    return OmegaConf.merge(base, decode_cfg)
+
+
+def search(
+    model, src, src_mask, bos_id: int, eos_id: int, opts, generator=None
+) -> list[list[Hypothesis]]:
+    """Decode a batch src (B, S) as ``opts`` (complete decode options) say: sampling when
+    ``opts.sample``, else greedy for beam_size 1, else beam search. Returns n-best lists."""
+    if opts.min_len < 0:
+        raise ValueError(f"decode.min_len must be >= 0, got {opts.min_len}")
+    common = dict(
+        bos_id=bos_id,
+        eos_id=eos_id,
+        min_len=opts.min_len,
+        max_len_a=opts.max_len_a,
+        max_len_b=opts.max_len_b,
+    )
+    if opts.sample:
+        if opts.beam_size > 1:
+            raise ValueError(
+                "decode.sample=true draws decode.nbest samples per input and needs "
+                f"decode.beam_size=1, got {opts.beam_size} (use decode=sample)"
+            )
+        return sample_search(
+            model,
+            src,
+            src_mask,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            top_p=opts.top_p,
+            nbest=opts.nbest,
+            generator=generator,
+            **common,
+        )
+    if opts.beam_size <= 1:
+        return [[h] for h in greedy_search(model, src, src_mask, **common)]
+    return beam_search(
+        model,
+        src,
+        src_mask,
+        beam_size=opts.beam_size,
+        alpha=opts.length_penalty,
+        nbest=opts.nbest,
+        **common,
+    )
+
+
 @torch.no_grad()
 def translate_ids(
     model,
@@ -90,39 +148,24 @@ def translate_ids(
 ) -> list[list]:
     """Decode every non-empty id list; returns per input a list of (tokens, score) n-best
     (empty list for an empty input). ``progress`` is called with the number of sentences done.
+    Sampling seeds one generator with ``decode.seed`` per call.
     """
+    opts = decode_options(decode_cfg)
+    generator = torch.Generator(device).manual_seed(opts.seed) if opts.sample else None
     pad = tgt_tok.pad_id
     nonempty = np.array([i for i, s in enumerate(src_ids) if s], dtype=np.int64)
     results: list[list] = [[] for _ in src_ids]
     if len(nonempty) == 0:
         return results
     lengths = np.array([len(src_ids[i]) for i in nonempty])
-    for chunk in plan_batches(lengths, decode_cfg.max_tokens, rng=None):
+    for chunk in plan_batches(lengths, opts.max_tokens, rng=None):
         idx = nonempty[chunk]
         S = max(len(src_ids[i]) for i in idx)
         src = torch.full((len(idx), S), pad, dtype=torch.long)
         for row, i in enumerate(idx):
             src[row, : len(src_ids[i])] = torch.tensor(src_ids[i])
         src = src.to(device)
-        src_mask = src != pad
-        common = dict(
-            bos_id=tgt_tok.bos_id,
-            eos_id=tgt_tok.eos_id,
-            max_len_a=decode_cfg.max_len_a,
-            max_len_b=decode_cfg.max_len_b,
-        )
-        if decode_cfg.beam_size <= 1:
-            nbest = [[h] for h in greedy_search(model, src, src_mask, **common)]
-        else:
-            nbest = beam_search(
-                model,
-                src,
-                src_mask,
-                beam_size=decode_cfg.beam_size,
-                alpha=decode_cfg.length_penalty,
-                nbest=decode_cfg.nbest,
-                **common,
-            )
+        nbest = search(model, src, src != pad, tgt_tok.bos_id, tgt_tok.eos_id, opts, generator)
         for row, i in enumerate(idx):
             results[i] = [(h.tokens, h.score) for h in nbest[row]]
         if progress is not None:

@@ -1,0 +1,261 @@
+"""Decoding options: the uncached adapter, sampling (temperature, top-k, top-p, seed), min_len,
+and the translator's dispatch on the decode config."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from transformer import search as search_module
+from transformer.rnn_model import BahdanauRNN
+from transformer.search import (
+    Uncached,
+    beam_search,
+    greedy_search,
+    sample_search,
+    sampler,
+    top_k_top_p,
+)
+from transformer.transformer_model import Transformer
+from transformer.translator import decode_options, search
+
+PAD, BOS, EOS, V = 0, 1, 2, 30
+KINDS = ["transformer", "additive"]
+
+
+def make(kind):
+    torch.manual_seed(0)
+    if kind == "transformer":
+        return Transformer(
+            V, V, PAD, d_model=32, n_heads=4, d_ff=64, n_enc_layers=1, n_dec_layers=2
+        ).eval()
+    return BahdanauRNN(V, V, PAD, emb_dim=16, hidden_size=32, attention=kind).eval()
+
+
+def sources(B=4, S=7, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, V, (B, S), generator=g)
+    src[1, 4:] = PAD
+    src[3, 2:] = PAD
+    return src, src != PAD
+
+
+class Recorder:
+    """Passes the contract through, recording each step's logits; ``eos_bias`` is added to
+    the EOS logit (a model that wants to stop at once)."""
+
+    def __init__(self, model, eos_bias=0.0):
+        self.model, self.eos_bias, self.logits = model, eos_bias, []
+
+    def encode(self, src, src_mask):
+        return self.model.encode(src, src_mask)
+
+    def init_state(self, enc):
+        return self.model.init_state(enc)
+
+    def decode_step(self, prev, enc, state):
+        logits, state = self.model.decode_step(prev, enc, state)
+        logits = logits.clone()
+        logits[:, EOS] += self.eos_bias
+        self.logits.append(logits)
+        return logits, state
+
+
+# -- cached == uncached -------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_uncached_greedy_equals_cached(kind):
+    model = make(kind)
+    src, mask = sources()
+    cached = greedy_search(model, src, mask, BOS, EOS)
+    uncached = greedy_search(Uncached(model), src, mask, BOS, EOS)
+    assert [h.tokens for h in cached] == [h.tokens for h in uncached]
+    assert any(len(h.tokens) > 3 for h in cached)  # long enough for the cache to matter
+    for a, b in zip(cached, uncached):
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_uncached_beam_nbest_equals_cached(kind):
+    model = make(kind)
+    src, mask = sources()
+    cached = beam_search(model, src, mask, BOS, EOS, beam_size=5, nbest=5)
+    uncached = beam_search(Uncached(model), src, mask, BOS, EOS, beam_size=5, nbest=5)
+    for a, b in zip(cached, uncached):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_prefix_last_position_equals_decode_step(kind):
+    model = make(kind)
+    src, mask = sources()
+    enc = model.encode(src, mask)
+    state = model.init_state(enc)
+    prefix = torch.randint(3, V, (4, 5))
+    prefix[:, 0] = BOS
+    with torch.no_grad():
+        full = model.decode_prefix(prefix, enc)  # (B, T, V)
+        for t in range(prefix.shape[1]):
+            logits, state = model.decode_step(prefix[:, t], enc, state)
+            torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropping_finished_rows_changes_nothing(kind, monkeypatch):
+    model = make(kind)
+    src, mask = sources(B=8, S=6, seed=5)
+    src[::2, 3:] = PAD  # varied lengths, so rows finish at different steps
+    mask = src != PAD
+    runs = []
+    for shrink in (0.0, 2.0):  # drop ended rows at once / never
+        monkeypatch.setattr(search_module, "SHRINK", shrink)
+        greedy = greedy_search(model, src, mask, BOS, EOS, max_len_a=1.0, max_len_b=4)
+        beam = beam_search(model, src, mask, BOS, EOS, beam_size=3, nbest=3)
+        runs.append(([h.tokens for h in greedy], [[h.tokens for h in b] for b in beam]))
+    assert runs[0] == runs[1]  # (sampling draws differ: fewer rows, other random stream)
+    assert len({len(t) for t in runs[0][0]}) > 1  # the rows did end at different steps
+
+
+# -- sampling ------------------------------------------------------------------------------------
+def draw(model, seed, **kw):
+    src, mask = sources()
+    gen = torch.Generator().manual_seed(seed)
+    return sample_search(model, src, mask, BOS, EOS, generator=gen, **kw)
+
+
+def tokens_of(nbest):
+    return [[h.tokens for h in hyps] for hyps in nbest]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampling_reproducible_with_seed(kind):
+    model = make(kind)
+    kw = dict(temperature=1.5, top_p=0.95, nbest=3)
+    first, again, other = draw(model, 7, **kw), draw(model, 7, **kw), draw(model, 8, **kw)
+    assert tokens_of(first) == tokens_of(again)
+    assert tokens_of(first) != tokens_of(other)
+    for hyps in first:
+        assert len(hyps) == 3
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_k_one_equals_greedy(kind):
+    model = make(kind)
+    src, mask = sources()
+    greedy = greedy_search(model, src, mask, BOS, EOS)
+    sampled = draw(model, 0, temperature=2.0, top_k=1)
+    assert [h.tokens for h in greedy] == [hyps[0].tokens for hyps in sampled]
+    for g, s in zip(greedy, sampled):
+        assert s[0].score == pytest.approx(g.score, abs=1e-5)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.5), (5, 0.6)])
+def test_sampled_tokens_lie_in_kept_set(top_k, top_p, monkeypatch):
+    """Every sampled token is among the tokens the filter keeps for that step's logits."""
+    monkeypatch.setattr(search_module, "SHRINK", 2.0)  # rows stay put: logits row = input row
+    rec = Recorder(make("transformer"))
+    hyps = draw(rec, 1, temperature=3.0, top_k=top_k, top_p=top_p)
+    for row, h in enumerate(hyps):
+        for t, tok in enumerate(h[0].tokens):
+            kept = top_k_top_p(rec.logits[t][row : row + 1].log_softmax(-1) / 3.0, top_k, top_p)
+            assert torch.isfinite(kept[0, tok]), (row, t, tok)
+
+
+# -- the filter, on random logits -----------------------------------------------------------------
+logit_rows = st.lists(st.floats(-8.0, 8.0, allow_nan=False, width=32), min_size=2, max_size=40).map(
+    lambda xs: torch.tensor(xs)[None]
+)  # (1, V)
+
+
+@settings(max_examples=150, deadline=None)
+@given(logits=logit_rows, k=st.integers(0, 45))
+def test_top_k_keeps_exactly_the_k_largest(logits, k):
+    kept = torch.isfinite(top_k_top_p(logits, top_k=k))[0]
+    n = logits.shape[1]
+    assert int(kept.sum()) == (min(k, n) if k > 0 else n)
+    if not kept.all():
+        assert logits[0, kept].min() >= logits[0, ~kept].max()
+
+
+@settings(max_examples=150, deadline=None)
+@given(logits=logit_rows, p=st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_nucleus(logits, p):
+    probs = logits[0].double().softmax(-1)
+    kept = torch.isfinite(top_k_top_p(logits, top_p=p))[0]
+    mass = float(probs[kept].sum())
+    assert probs[kept].max() == probs.max()  # a most probable token (ties: any of them)
+    assert mass >= p - 1e-5  # reaches p ...
+    assert mass - float(probs[kept].min()) < p + 1e-5  # ... and no kept token is superfluous
+    if not kept.all():  # the most probable ones (up to float32 rounding of near-ties)
+        assert probs[kept].min() >= probs[~kept].max() - 1e-6
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    logits=logit_rows,
+    k=st.integers(1, 6),
+    p=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sampler_draws_only_kept_tokens(logits, k, p, seed):
+    logp = logits.log_softmax(-1).expand(64, -1)  # (64, V): 64 draws at once
+    kept = torch.isfinite(top_k_top_p(logp[:1], k, p))[0]
+    drawn = sampler(1.0, k, p, torch.Generator().manual_seed(seed))(logp)
+    assert kept[drawn].all()
+
+
+# -- min_len --------------------------------------------------------------------------------------
+def eager_to_stop(kind):
+    return Recorder(make(kind), eos_bias=50.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_min_len_respected_by_every_search(kind):
+    src, mask = sources()
+    model = eager_to_stop(kind)
+    assert all(h.tokens == [] for h in greedy_search(model, src, mask, BOS, EOS))
+    for h in greedy_search(model, src, mask, BOS, EOS, min_len=4):
+        assert len(h.tokens) == 4  # EOS as soon as it is allowed
+    for hyps in beam_search(model, src, mask, BOS, EOS, beam_size=3, nbest=3, min_len=4):
+        assert len(hyps) == 3 and all(len(h.tokens) >= 4 for h in hyps)
+    for hyps in draw(model, 0, nbest=2, min_len=4):
+        assert all(len(h.tokens) == 4 for h in hyps)
+
+
+def test_length_limit_wins_over_min_len():
+    src, mask = sources()
+    model = make("transformer")
+    limit = dict(max_len_a=0.0, max_len_b=3, min_len=10)
+    assert all(len(h.tokens) == 2 for h in greedy_search(model, src, mask, BOS, EOS, **limit))
+    for hyps in beam_search(model, src, mask, BOS, EOS, beam_size=3, **limit):
+        assert all(len(h.tokens) == 2 for h in hyps)
+
+
+# -- translator dispatch --------------------------------------------------------------------------
+def test_decode_configs_dispatch(compose):
+    src, mask = sources()
+    model = make("transformer")
+    decode = {
+        name: compose([f"decode={name}", "run_dir=/tmp/unused"]).decode
+        for name in ("greedy", "beam", "sample")
+    }
+    assert decode["beam"].min_len == 0 and decode["sample"].sample
+    greedy = search(model, src, mask, BOS, EOS, decode["greedy"])
+    beam = search(model, src, mask, BOS, EOS, decode["beam"])
+    assert greedy == [[h] for h in greedy_search(model, src, mask, BOS, EOS)]
+    assert beam == beam_search(model, src, mask, BOS, EOS, beam_size=5, alpha=0.6)
+    gen = torch.Generator().manual_seed(3)
+    sampled = search(model, src, mask, BOS, EOS, decode["sample"], gen)
+    assert tokens_of(sampled) == tokens_of(draw(model, 3, top_p=0.9))
+    decode["sample"].beam_size = 2
+    with pytest.raises(ValueError, match="decode.beam_size=1"):
+        search(model, src, mask, BOS, EOS, decode["sample"], gen)
+
+
+def test_decode_options_complete_a_partial_config():
+    opts = decode_options(OmegaConf.create({"beam_size": 1, "max_tokens": 100}))
+    assert opts.max_tokens == 100 and opts.min_len == 0 and opts.sample is False
+    with pytest.raises(Exception, match="top_kk"):
+        decode_options(OmegaConf.create({"top_kk": 5}))

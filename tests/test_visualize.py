@@ -1,0 +1,178 @@
+"""Attention pictures (visualize.py): the plotted weights are the ones the search used."""
+
+import matplotlib.image
+import pytest
+import torch
+
+from transformer import translate_cli
+from transformer.rnn_model import BahdanauRNN
+from transformer.search import beam_search
+from transformer.seq2seq import DecoderState, EncoderOut
+from transformer.tokenizer import train_or_load
+from transformer.transformer_model import Transformer
+from transformer.visualize import cross_attention, plot_translations
+
+PAD, BOS, EOS, V = 0, 2, 3, 40
+
+
+def make(name, n_heads=4):
+    torch.manual_seed(0)
+    if name == "rnn":
+        return BahdanauRNN(V, V, PAD, emb_dim=16, hidden_size=24).eval()
+    att = {"kind": "scaled_dot", "cross": name, "window": 3, "stride": 4}
+    return Transformer(
+        V,
+        V,
+        PAD,
+        d_model=32,
+        n_heads=n_heads,
+        d_ff=64,
+        n_enc_layers=1,
+        n_dec_layers=2,
+        attention=att,
+    ).eval()
+
+
+def sources():
+    g = torch.Generator().manual_seed(5)
+    src = torch.randint(4, V, (3, 9), generator=g)
+    src[1, 6:] = PAD
+    src[2, 3:] = PAD
+    return src, src != PAD
+
+
+def step_weights(model, state: DecoderState) -> torch.Tensor:
+    """The attention of the step just taken, (N, L, h, S)."""
+    if isinstance(model, BahdanauRNN):
+        return state.tensors["attn"][:, None, None]  # (N, S) -> (N, 1, 1, S)
+    return torch.stack([m.last_weights[:, :, 0] for m in model.cross_attention_modules()], 1)
+
+
+class Recorder:
+    """The Seq2Seq contract around ``model``; every decode step records, for each row, its
+    sentence, its prefix and the attention weights it used (what beam search saw)."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, {}
+        for m in getattr(model, "cross_attention_modules", list)():
+            m.need_weights = True
+
+    def encode(self, src, src_mask):
+        enc = self.model.encode(src, src_mask)
+        sent = torch.arange(src.shape[0])  # follows enc.reorder through the beams
+        return EncoderOut(enc.memory, enc.src_mask, {**enc.extra, "sent": sent})
+
+    def init_state(self, enc):
+        inner = self.model.init_state(enc)
+        prefix = torch.empty(enc.memory.shape[0], 0, dtype=torch.long)
+        return DecoderState({"inner": inner.tensors, "prefix": prefix}, inner.step)
+
+    def decode_step(self, prev, enc, state):
+        prefix = torch.cat([state.tensors["prefix"], prev[:, None]], 1)  # (N, t + 1)
+        inner = DecoderState(state.tensors["inner"], state.step)
+        logits, inner = self.model.decode_step(prev, enc, inner)
+        for row, w in enumerate(step_weights(self.model, inner)):
+            self.seen[int(enc.extra["sent"][row]), tuple(prefix[row].tolist())] = w
+        return logits, DecoderState({"inner": inner.tensors, "prefix": prefix}, inner.step)
+
+
+MODELS = ["scaled_dot", "additive", "linear", "rnn"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_teacher_forced_weights_equal_incremental_decoding(name):
+    model = make(name)
+    src, src_mask = sources()
+    tgt_in = torch.randint(4, V, (3, 7), generator=torch.Generator().manual_seed(1))
+    tgt_in[:, 0] = BOS
+    replay = cross_attention(model, src, src_mask, tgt_in)  # (B, L, h, T, S)
+    for m in getattr(model, "cross_attention_modules", list)():
+        m.need_weights = True
+    enc = model.encode(src, src_mask)
+    state = model.init_state(enc)
+    for t in range(tgt_in.shape[1]):
+        _, state = model.decode_step(tgt_in[:, t], enc, state)
+        torch.testing.assert_close(
+            step_weights(model, state), replay[:, :, :, t], atol=1e-5, rtol=0
+        )
+    torch.testing.assert_close(replay.sum(-1), torch.ones(replay.shape[:-1]))
+    assert torch.all(replay[2, ..., 3:] == 0)  # padded source positions
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_plotted_weights_are_those_beam_search_used(name):
+    model = make(name)
+    rec = Recorder(model)
+    src, src_mask = sources()
+    best = beam_search(rec, src, src_mask, BOS, EOS, beam_size=3, max_len_a=0.0, max_len_b=6)
+    for b, hyps in enumerate(best):
+        n = int(src_mask[b].sum())
+        tokens = [BOS, *hyps[0].tokens]
+        replay = cross_attention(
+            model, src[b : b + 1, :n], src_mask[b : b + 1, :n], torch.tensor([tokens])
+        )[0]  # (L, h, T, n) of the chosen hypothesis alone, unpadded
+        for t in range(len(tokens)):
+            seen = rec.seen[b, tuple(tokens[: t + 1])]  # (L, h, S) during the search
+            assert torch.all(seen[..., n:] == 0)
+            torch.testing.assert_close(seen[..., :n], replay[:, :, t], atol=1e-5, rtol=0)
+
+
+class TinyTok:
+    """Stands in for a Tokenizer: ids print as themselves."""
+
+    bos_id, eos_id, pad_id = BOS, EOS, PAD
+
+    def pieces(self, ids):
+        return [f"w{i}" for i in ids]
+
+    def decode(self, seqs):
+        return [" ".join(self.pieces(s)) for s in seqs]
+
+
+def test_plot_files_per_layer_head_overview_and_rnn_alignment(tmp_path):
+    tok = TinyTok()
+    src_ids = [[5, 6, 7, EOS], [], [9, 10, EOS]]
+    outputs = [[11, 12], None, [13]]
+    dirs = plot_translations(make("scaled_dot", 2), src_ids, outputs, tok, tok, tmp_path / "tf")
+    assert [d.name for d in dirs] == ["0000", "0002"]
+    names = sorted(p.name for p in dirs[0].iterdir())
+    heads = [f"layer{layer}_head{h}.png" for layer in range(2) for h in range(2)]
+    assert names == sorted(heads + ["layer0_heads.png", "layer1_heads.png", "sentence.txt"])
+    image = matplotlib.image.imread(dirs[0] / "layer1_heads.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image[..., :3].std() > 0.05
+    assert "w11 w12" in (dirs[0] / "sentence.txt").read_text()
+    rnn = plot_translations(make("rnn"), src_ids, outputs, tok, tok, tmp_path / "rnn", start=7)
+    assert [d.name for d in rnn] == ["0007", "0009"]
+    assert sorted(p.name for p in rnn[0].iterdir()) == ["alignment.png", "sentence.txt"]
+
+
+def test_translate_cli_writes_plots(compose, corpus_root, tmp_path, monkeypatch):
+    lines = (corpus_root / "multi30k" / "train.de").read_text("utf-8").splitlines()
+    tok = train_or_load(lines, tmp_path / "spm", vocab_size=200)
+    torch.manual_seed(0)
+    model = Transformer(
+        len(tok), len(tok), tok.pad_id, d_model=16, n_heads=2, d_ff=32, n_dec_layers=1
+    ).eval()
+    monkeypatch.setattr(
+        translate_cli,
+        "load_for_inference",
+        lambda ckpt, device: (model, tok, tok, {"data": {"max_len": 50}}),
+    )
+    (tmp_path / "in.txt").write_text("Ein Hund.\n\nZwei Kinder spielen.\n", "utf-8")
+    cfg = compose(
+        [
+            "ckpt=unused.pt",
+            f"input={tmp_path / 'in.txt'}",
+            f"output={tmp_path / 'out.txt'}",
+            f"attention_plot={tmp_path / 'plots'}",
+            "device=cpu",
+            "decode.beam_size=2",
+            "decode.max_len_a=0",
+            "decode.max_len_b=5",
+        ],
+        name="translate",
+    )
+    best = translate_cli.translate(cfg)
+    assert len(best) == 3
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["0000", "0002"]
+    assert (tmp_path / "plots" / "0002" / "layer0_heads.png").is_file()
