@@ -110,6 +110,21 @@ def test_resume_refuses_another_model(compose, small_overrides):
         train(compose(small_overrides + ["model.d_model=64", "trainer.max_steps=9"]))
 
 
+def test_a_run_saved_before_model_attention_existed_resumes(compose, small_overrides):
+    """Checkpoints made before model.attention existed mean the defaults (scaled_dot)."""
+    cfg = compose(small_overrides + ["model=transformer"])
+    train(cfg)
+    last = Path(cfg.run_dir) / "checkpoints" / "last.pt"
+    ckpt = checkpoint.load(last)
+    del ckpt["config"]["model"]["attention"]
+    checkpoint.save(last, ckpt)
+    train(compose(small_overrides + ["model=transformer", "trainer.max_steps=9"]))
+    with pytest.raises(
+        TrainingError, match=r"another model \(model\.attention\.\w+='scaled_dot', now 'local'\)"
+    ):
+        train(compose(small_overrides + ["model=transformer", "model.attention.kind=local"]))
+
+
 def make_trainer(compose, small_overrides, tmp_path, *extra) -> Trainer:
     cfg = compose(small_overrides + list(extra))
     (tmp_path / "run").mkdir(exist_ok=True)

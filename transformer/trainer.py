@@ -9,6 +9,7 @@ Label smoothing: Szegedy et al. 2016; schedule: Vaswani et al. 2017, eq. 3.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from . import checkpoint
+from .attention import attention_config
 from .data import TokenBatcher, encode_split, load_split
 from .metrics import bleu, score_all
 from .tokenizer import copy_into, file_sha256, train_or_load
@@ -217,8 +219,8 @@ class Trainer:
 
     def check_config(self, path: Path, saved: dict) -> None:
         """Refuse to resume with another model; warn about any other changed setting."""
-        now = flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        before = flatten(saved)
+        now = flatten(with_full_attention(OmegaConf.to_container(self.cfg, resolve=True)))
+        before = flatten(with_full_attention(saved))
         changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
         model = [k for k in changed if k.startswith("model.")]
         if model:
@@ -572,6 +574,16 @@ class CsvLog:
             writer.writeheader()
             writer.writerows(rows)
         tmp.replace(self.path)
+
+
+def with_full_attention(config: dict) -> dict:
+    """``config`` with ``model.attention`` spelled out in full (``AttentionConfig``), so a run
+    saved before the key existed (which means the defaults) resumes under the defaults."""
+    model = config.get("model") or {}
+    if "attention" not in model and not str(model.get("_target_", "")).endswith(".Transformer"):
+        return config
+    full = dataclasses.asdict(attention_config(model.get("attention")))
+    return {**config, "model": {**model, "attention": full}}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
