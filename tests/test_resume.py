@@ -88,6 +88,31 @@ def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(small_overrides
     assert len(checkpoint.step_checkpoints(killed / "checkpoints")) == 2
 
 
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(small_overrides, tmp_path):
+    overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
+        "trainer.max_steps=100000",
+        "trainer.eval_every=100000",  # no checkpoint but the one the signal writes
+        "trainer.bleu_every=100000",
+        "trainer.log_every=1",
+        "trainer.patience=0",
+    ]
+    run = tmp_path / "run"
+    proc = train_cli(overrides, run, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while last_logged_step(run) < 5 and proc.poll() is None:
+            assert time.monotonic() < deadline, "no training progress"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+        stderr = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert "run the same command to resume" in stderr and "Traceback" not in stderr
+    step = checkpoint.load(run / "checkpoints" / "last.pt")["progress"]["step"]
+    assert step == last_logged_step(run) >= 5
+
+
 def test_resume_falls_back_to_the_previous_good_checkpoint(
     compose, small_overrides, tmp_path, caplog
 ):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,41 @@ def test_bad_config_is_one_clear_line(small_overrides, tmp_path, override, messa
     out = run_cli(args, tmp_path)
     assert out.returncode == 1
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model=nope", "Could not find 'model/nope'"),
+        ("data=nope", "Could not find 'data/nope'"),
+        ("run_dir={tmp}/a_file/run", "a_file/run is not writable"),
+    ],
+)
+def test_unknown_name_or_unwritable_run_dir_is_clear(small_overrides, tmp_path, override, message):
+    (tmp_path / "a_file").write_text("not a directory")
+    args = [str(ROOT / "train.py"), *small_overrides, override.format(tmp=tmp_path)]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 1
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("empty", "train.en is empty"),
+        ("short", "line counts differ: {root}/multi30k/train.de has 300 lines, "),
+    ],
+)
+def test_bad_corpus_is_one_clear_line(corpus_root, small_overrides, tmp_path, damage, message):
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus_root, root)
+    en = root / "multi30k" / "train.en"
+    lines = en.read_text("utf-8").splitlines(keepends=True)
+    en.write_text("" if damage == "empty" else "".join(lines[:-1]), "utf-8")
+    args = [str(ROOT / "train.py"), *small_overrides, f"data.data_dir={root}"]
+    out = run_cli(args, tmp_path)
+    assert out.returncode == 1
+    assert message.format(root=root) in out.stderr and "Traceback" not in out.stderr
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):

@@ -1,0 +1,166 @@
+"""translate.py keeps line alignment and never crashes, whatever bytes or Unicode it is fed.
+
+Property tests (hypothesis) drive the same path as translate.py (decode_lines ->
+encode_sources -> translate_ids -> format_output) on a tiny model trained once per module;
+one subprocess run feeds translate.py itself the nastiest input we know of.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from transformer.data import decode_lines
+from transformer.trainer import train
+from transformer.translate_cli import format_output
+from transformer.translator import encode_sources, load_for_inference, translate_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+MAX_LEN = 24  # data.max_len of the tiny model: inputs longer than this are truncated
+
+
+@pytest.fixture(scope="module")
+def tiny(corpus_root, tmp_path_factory):
+    """(checkpoint path, model, src tokenizer, tgt tokenizer) of a 6-step model."""
+    from hydra import compose, initialize_config_dir
+
+    tmp = tmp_path_factory.mktemp("robust")
+    overrides = [
+        f"data.data_dir={corpus_root}",
+        f"data.cache_dir={tmp / 'cache'}",
+        "data.vocab_size=300",
+        f"data.max_len={MAX_LEN}",
+        "trainer=debug",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.d_ff=64",
+        "model.n_enc_layers=1",
+        "model.n_dec_layers=1",
+        f"run_dir={tmp / 'run'}",
+        "device=cpu",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        train(compose("train", overrides=overrides))
+    ckpt = tmp / "run" / "checkpoints" / "best.pt"
+    model, src_tok, tgt_tok, _ = load_for_inference(ckpt, CPU)
+    return ckpt, model, src_tok, tgt_tok
+
+
+def translate_bytes(tiny, raw: bytes, beam: int = 1, nbest: int = 1) -> tuple[list, list]:
+    """(input lines, output lines) exactly as translate.py computes them."""
+    _, model, src_tok, tgt_tok = tiny
+    lines = decode_lines(raw, "stdin") if raw else []
+    decode = OmegaConf.create({"beam_size": beam, "nbest": nbest, "max_len_b": 5})
+    ids = encode_sources(lines, src_tok, MAX_LEN)
+    _, out = format_output(translate_ids(model, ids, tgt_tok, decode, CPU), tgt_tok, nbest)
+    return lines, out
+
+
+def expected_line_count(raw: bytes) -> int:
+    """Lines a reader splitting on \\n sees (a missing final newline still ends a line)."""
+    return raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
+
+
+def assert_aligned(lines: list[str], out: list[str], n: int) -> None:
+    assert len(lines) == len(out) == n
+    written = "".join(line + "\n" for line in out)
+    assert written.splitlines() == out  # no output line hides a line break of any kind
+    for src, hyp in zip(lines, out):
+        if not src.strip():
+            assert hyp == ""
+
+
+nasty_text = st.lists(
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",)),  # anything UTF-8 can encode
+        max_size=40,
+    ),
+    max_size=6,
+).map(lambda parts: "\n".join(parts))
+nasty_pieces = st.sampled_from(
+    [b"\x00", b"\r", b"\r\n", b"\n", b"\xff\xfe", b"\xc3", b"\xe2\x80\xa8", b"\xef\xbb\xbf", b" "]
+)
+nasty_bytes = st.lists(st.one_of(st.binary(max_size=12), nasty_pieces), max_size=12).map(b"".join)
+
+SETTINGS = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@SETTINGS
+@given(text=nasty_text, final_newline=st.booleans())
+def test_any_unicode_keeps_line_alignment(tiny, text, final_newline):
+    raw = (text + ("\n" if final_newline else "")).encode("utf-8")
+    lines, out = translate_bytes(tiny, raw)
+    assert_aligned(lines, out, expected_line_count(raw))
+
+
+@SETTINGS
+@given(raw=nasty_bytes)
+def test_any_bytes_keep_line_alignment(tiny, raw):
+    lines, out = translate_bytes(tiny, raw)
+    assert_aligned(lines, out, expected_line_count(raw))
+
+
+@SETTINGS
+@given(raw=nasty_bytes)
+def test_nbest_tsv_indexes_every_input_in_order(tiny, raw):
+    lines, out = translate_bytes(tiny, raw, beam=3, nbest=2)
+    fields = [row.split("\t") for row in out]
+    assert all(len(f) == 3 for f in fields)
+    index = [int(f[0]) for f in fields]
+    assert index == sorted(index) and set(index) == set(range(len(lines)))
+    assert all(index.count(i) <= 2 for i in set(index))
+
+
+def test_translate_cli_on_nasty_input(tiny, tmp_path):
+    ckpt = tiny[0]
+    raw = b"".join(
+        [
+            b"\xef\xbb\xbfEin Hund.\n",  # byte-order mark
+            b"Ein\x00Mann\r\n",  # NUL, CRLF
+            b"kaputt \xff\xfe\xc3\n",  # invalid UTF-8
+            b"\n",  # empty
+            b"  \t \n",  # whitespace only
+            "Zwei\u2028Frauen\x85und\x1cKinder.\n".encode(),  # separators str.splitlines honours
+            ("Hund " * 2000).encode() + b"\n",  # far longer than data.max_len
+            "\u202e\U0001f600 \u0301\ufffd".encode(),  # bidi override, emoji, lone combining
+        ]
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "translate.py"), f"ckpt={ckpt}", "device=cpu"],
+        input=raw,
+        capture_output=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    stderr = out.stderr.decode()
+    assert out.returncode == 0, stderr
+    lines = out.stdout.decode("utf-8").split("\n")
+    assert len(lines) == 9 and lines[-1] == ""  # 8 inputs, each ended by a newline
+    assert lines[3] == lines[4] == ""
+    assert "Traceback" not in stderr
+    assert "1 line(s) not valid UTF-8" in stderr and "(first: line 3)" in stderr
+    assert "2 line(s) with control characters" in stderr and "(first: line 2)" in stderr
+    assert "truncated (line 7)" in stderr
+
+
+def test_control_characters_are_repaired_and_counted(caplog):
+    caplog.set_level(logging.WARNING)
+    lines = decode_lines("a\x00b\nok\n\x1bc\x7f\nd\u2029e\n".encode(), "corpus.de")
+    assert lines == ["a b", "ok", " c ", "d e"]
+    assert (
+        "corpus.de: 3 line(s) with control characters; replaced with spaces (first: line 1)"
+        in caplog.text
+    )
+    assert caplog.text.count("control characters") == 1
