@@ -74,3 +74,30 @@ def small_overrides(corpus_root, tmp_path):
         f"run_dir={tmp_path / 'run'}",
         "device=cpu",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(corpus_root, tmp_path_factory) -> Path:
+    """best.pt of a 6-step d32 Transformer trained once per session (data.max_len=24)."""
+    from hydra import compose, initialize_config_dir
+
+    from transformer.trainer import train
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    overrides = [
+        f"data.data_dir={corpus_root}",
+        f"data.cache_dir={tmp / 'cache'}",
+        "data.vocab_size=300",
+        "data.max_len=24",  # so that long inputs get truncated
+        "trainer=debug",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.d_ff=64",
+        "model.n_enc_layers=1",
+        "model.n_dec_layers=1",
+        f"run_dir={tmp / 'run'}",
+        "device=cpu",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        train(compose("train", overrides=overrides))
+    return tmp / "run" / "checkpoints" / "best.pt"

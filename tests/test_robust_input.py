@@ -18,48 +18,26 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from transformer.data import decode_lines
-from transformer.trainer import train
 from transformer.translate_cli import format_output
 from transformer.translator import encode_sources, load_for_inference, translate_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-MAX_LEN = 24  # data.max_len of the tiny model: inputs longer than this are truncated
 
 
 @pytest.fixture(scope="module")
-def tiny(corpus_root, tmp_path_factory):
-    """(checkpoint path, model, src tokenizer, tgt tokenizer) of a 6-step model."""
-    from hydra import compose, initialize_config_dir
-
-    tmp = tmp_path_factory.mktemp("robust")
-    overrides = [
-        f"data.data_dir={corpus_root}",
-        f"data.cache_dir={tmp / 'cache'}",
-        "data.vocab_size=300",
-        f"data.max_len={MAX_LEN}",
-        "trainer=debug",
-        "model.d_model=32",
-        "model.n_heads=2",
-        "model.d_ff=64",
-        "model.n_enc_layers=1",
-        "model.n_dec_layers=1",
-        f"run_dir={tmp / 'run'}",
-        "device=cpu",
-    ]
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        train(compose("train", overrides=overrides))
-    ckpt = tmp / "run" / "checkpoints" / "best.pt"
-    model, src_tok, tgt_tok, _ = load_for_inference(ckpt, CPU)
-    return ckpt, model, src_tok, tgt_tok
+def tiny(tiny_ckpt):
+    """(checkpoint path, model, src tokenizer, tgt tokenizer, data.max_len) of a 6-step model."""
+    model, src_tok, tgt_tok, cfg = load_for_inference(tiny_ckpt, CPU)
+    return tiny_ckpt, model, src_tok, tgt_tok, cfg["data"]["max_len"]
 
 
 def translate_bytes(tiny, raw: bytes, beam: int = 1, nbest: int = 1) -> tuple[list, list]:
     """(input lines, output lines) exactly as translate.py computes them."""
-    _, model, src_tok, tgt_tok = tiny
+    _, model, src_tok, tgt_tok, max_len = tiny
     lines = decode_lines(raw, "stdin") if raw else []
     decode = OmegaConf.create({"beam_size": beam, "nbest": nbest, "max_len_b": 5})
-    ids = encode_sources(lines, src_tok, MAX_LEN)
+    ids = encode_sources(lines, src_tok, max_len)
     _, out = format_output(translate_ids(model, ids, tgt_tok, decode, CPU), tgt_tok, nbest)
     return lines, out
 

@@ -1,0 +1,46 @@
+"""python -m transformer.evaluate: hypotheses on disk, scores recomputable from them."""
+
+import json
+
+import pytest
+import sacrebleu
+
+from transformer.evaluate import decode_setting, main
+
+
+def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path):
+    out = tmp_path / "eval"
+    specs = ["greedy", "beam:beam_size=1", "beam:beam_size=3,length_penalty=1.0"]
+    argv = [str(tiny_ckpt), "--names", "tiny", "--split", "valid", "--out", str(out)]
+    assert main([*argv, "--data-dir", str(corpus_root), "--decode", *specs]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["decode"] for r in rows] == [
+        "greedy",
+        "beam.beam_size=1",
+        "beam.beam_size=3.length_penalty=1.0",
+    ]
+    assert rows[2]["decode_config"]["beam_size"] == 3
+    assert rows[2]["decode_config"]["length_penalty"] == 1.0
+    refs = (corpus_root / "multi30k" / "valid.en").read_text("utf-8").splitlines()
+    hyps = {}
+    for r in rows:
+        hyps[r["decode"]] = (out / "tiny" / f"valid.{r['decode']}.hyp").read_text("utf-8")
+        lines = hyps[r["decode"]].splitlines()
+        assert len(lines) == len(refs)
+        assert r["bleu"] == round(sacrebleu.corpus_bleu(lines, [refs]).score, 2)
+    assert hyps["greedy"] == hyps["beam.beam_size=1"]
+    assert "| tiny | beam.beam_size=3.length_penalty=1.0 |" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [("nope", "no conf/decode/nope.yaml"), ("beam:beam_size", "'beam_size' is not KEY=VALUE")],
+)
+def test_bad_decode_setting_is_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        decode_setting(spec)
+
+
+def test_unknown_decode_key_is_one_line(tiny_ckpt, tmp_path, capsys):
+    assert main([str(tiny_ckpt), "--decode", "beam:nope=1", "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

@@ -1,0 +1,156 @@
+"""Score checkpoints on one split under several decoding settings, keeping every hypothesis.
+
+    python -m transformer.evaluate CKPT [CKPT ...] [--names A B] [--split test2016]
+        [--decode greedy beam beam:length_penalty=1.0 ...] [--data-dir DIR] [--out DIR]
+
+A decoding setting is ``NAME[:KEY=VALUE,...]``: conf/decode/NAME.yaml with those ``decode.*``
+overrides, composed by Hydra exactly as ``translate.py decode=NAME decode.KEY=VALUE`` would.
+For each checkpoint and setting, the best translation of every line of ``--split`` goes to
+``OUT/NAME/SPLIT.SETTING.hyp``; ``OUT/results.json`` and ``OUT/README.md`` hold cased BLEU,
+chrF and lowercased BLEU with their sacreBLEU signatures, decoding time and the command.
+Use it on ``valid`` to pick a beam size or length penalty, then report ``test2016`` once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from .cli import EXPECTED
+from .metrics import score_all
+from .trainer import pick_device
+from .translator import encode_sources, load_for_inference, translate_ids
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def decode_setting(spec: str):
+    """``NAME[:KEY=VALUE,...]`` -> (file-name tag, decode config)."""
+    from hydra import compose, initialize_config_dir
+
+    name, _, rest = spec.partition(":")
+    pairs = [p for p in rest.split(",") if p]
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"--decode {spec}: {p!r} is not KEY=VALUE")
+    if not (CONF / "decode" / f"{name}.yaml").is_file():
+        options = sorted(p.stem for p in (CONF / "decode").glob("*.yaml"))
+        raise ValueError(f"--decode {spec}: no conf/decode/{name}.yaml (options: {options})")
+    overrides = ["ckpt=none", f"decode={name}", *(f"decode.{p}" for p in pairs)]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("translate", overrides=overrides)
+    tag = ".".join([name, *pairs])
+    return tag, cfg.decode
+
+
+def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list[dict]:
+    """Decode ``split`` with each setting in ``specs``; write hypotheses; rows of scores."""
+    model, src_tok, tgt_tok, cfg = load_for_inference(ckpt, device)
+    data_cfg = OmegaConf.create(cfg["data"])
+    if data_dir:
+        data_cfg.data_dir = str(data_dir)
+    from .data import load_split  # datasets is imported only here
+
+    ds = load_split(data_cfg, split)
+    sources, refs = list(ds["src"]), list(ds["tgt"])
+    ids = encode_sources(sources, src_tok, data_cfg.max_len)
+    rows = []
+    for spec in specs:
+        tag, decode_cfg = decode_setting(spec)
+        start = time.perf_counter()
+        nbest = translate_ids(model, ids, tgt_tok, decode_cfg, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        hyps = tgt_tok.decode([hyps[0][0] if hyps else [] for hyps in nbest])
+        hyp_path = out / name / f"{split}.{tag}.hyp"
+        hyp_path.parent.mkdir(parents=True, exist_ok=True)
+        hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        rows.append(
+            {
+                "name": name,
+                "checkpoint": str(ckpt),
+                "split": split,
+                "decode": tag,
+                "decode_config": OmegaConf.to_container(decode_cfg, resolve=True),
+                "hypotheses": str(hyp_path),
+                "seconds": round(seconds, 2),
+                "sentences_per_s": round(len(hyps) / seconds, 1),
+                **score_all(hyps, refs),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], command: str, device) -> str:
+    lines = [
+        f"# Decoding settings on {rows[0]['split']}",
+        "",
+        f"Command: `{command}`  ",
+        f"Device: {device_name(device)}; torch {torch.__version__}; fp32.",
+        "",
+        "| model | decode | BLEU | chrF | BLEU (lc) | sentences/s | hypotheses |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['decode']} | {r['bleu']:.2f} | {r['chrf']:.2f} | "
+            f"{r['bleu_lc']:.2f} | {r['sentences_per_s']} | [{Path(r['hypotheses']).name}]"
+            f"({r['name']}/{Path(r['hypotheses']).name}) |"
+        )
+    r = rows[0]
+    lines += [
+        "",
+        f"BLEU: `{r['bleu_signature']}`  ",
+        f"chrF: `{r['chrf_signature']}`  ",
+        f"BLEU (lc): `{r['bleu_lc_signature']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("ckpts", nargs="+", type=Path)
+    p.add_argument("--names", nargs="+", help="one label per checkpoint (default: run folder)")
+    p.add_argument("--split", default="test2016")
+    p.add_argument("--decode", nargs="+", default=["greedy", "beam"])
+    p.add_argument("--data-dir", help="folder holding the corpus (default: the training one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=Path("results/decode/evaluate"))
+    args = p.parse_args(argv)
+    names = args.names or [c.resolve().parent.parent.name for c in args.ckpts]
+    if len(names) != len(args.ckpts) or len(set(names)) != len(names):
+        p.error("--names needs one distinct label per checkpoint")
+    device = pick_device(args.device)
+    rows = []
+    try:
+        for ckpt, name in zip(args.ckpts, names):
+            rows += evaluate(ckpt, name, args.split, args.decode, args.out, device, args.data_dir)
+    except (*EXPECTED, HydraException) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    command = shlex.join(["python", "-m", "transformer.evaluate", *(argv or sys.argv[1:])])
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "README.md").write_text(markdown(rows, command, device))
+    print((args.out / "README.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
