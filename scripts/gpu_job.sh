@@ -2,6 +2,7 @@
 # The whole GPU job in one call (run through the device tool from the repo root):
 #   - installs the carried wheels (.whl/: hydra-core, omegaconf, datasets, ...) into /tmp/site
 #   - trains the configured runs concurrently on the one GPU, Multi30k from .gpudata/
+#   - scores greedy vs beam 5 on test2016 for each run (transformer.evaluate)
 #   - packs run directories (without checkpoints) into $OUT/runs.tar.gz
 # Usage: bash scripts/gpu_job.sh NAME "OVERRIDES" [NAME "OVERRIDES" ...]
 # Prepare here first: ../shared/gpu/wheels ... ; mkdir -p .gpudata && cp -r ../shared/data/multi30k .gpudata/
@@ -38,4 +39,9 @@ import json,sys; m=json.load(open('$f')); t=m.get('test2016',{})
 print(m['model'], 'steps', m['steps'], 'train_s', m['train_seconds'], 'tok/s', m['train_tokens_per_s'],
       'best_valid_bleu', m['best_valid_bleu'], 'test BLEU', t.get('bleu'), 'chrF', t.get('chrf'))"; done
 tail -n 3 runs/*.log
+# Greedy vs beam 5 (and any other settings in $DECODES) on test2016 for every trained run,
+# hypothesis files included: runs/evaluate/{README.md,results.json,NAME/*.hyp}.
+ckpts=(runs/*/checkpoints/best.pt)
+[ -e "${ckpts[0]}" ] && python3 -m transformer.evaluate "${ckpts[@]}" \
+  --decode ${DECODES:-greedy beam} --out runs/evaluate 2>&1 | tail -n 20
 tar czf "$OUT/runs.tar.gz" --exclude='*.pt' runs

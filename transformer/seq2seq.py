@@ -105,6 +105,11 @@ class Seq2Seq(nn.Module):
     def decode_step(self, prev_tokens, enc, state):  # pragma: no cover
         raise NotImplementedError
 
+    def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher-forced decoder over ``enc``: tgt_in (B, T) -> logits (B, T, V); ``forward``
+        is ``decode_prefix(tgt_in, encode(src, src_mask))``. Uncached search re-runs it."""
+        raise NotImplementedError  # pragma: no cover - interface
+
     def num_parameters(self) -> int:
         """Parameters counted once even when tied."""
         return sum(p.numel() for p in self.parameters())
