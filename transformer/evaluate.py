@@ -124,17 +124,23 @@ def device_name(device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def default_names(ckpts: list[Path]) -> list[str]:
+    """The run folder of each checkpoint, plus the file name when a run appears twice."""
+    runs = [c.resolve().parent.parent.name for c in ckpts]
+    return [r if runs.count(r) == 1 else f"{r}-{c.stem}" for r, c in zip(runs, ckpts)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("ckpts", nargs="+", type=Path)
-    p.add_argument("--names", nargs="+", help="one label per checkpoint (default: run folder)")
+    p.add_argument("--names", nargs="+", help="one label per checkpoint (default: its run)")
     p.add_argument("--split", default="test2016")
     p.add_argument("--decode", nargs="+", default=["greedy", "beam"])
     p.add_argument("--data-dir", help="folder holding the corpus (default: the training one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("results/decode/evaluate"))
     args = p.parse_args(argv)
-    names = args.names or [c.resolve().parent.parent.name for c in args.ckpts]
+    names = args.names or default_names(args.ckpts)
     if len(names) != len(args.ckpts) or len(set(names)) != len(names):
         p.error("--names needs one distinct label per checkpoint")
     device = pick_device(args.device)

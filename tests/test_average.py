@@ -1,0 +1,53 @@
+"""python -m transformer.average: the mean of the last N step checkpoints, usable by translate."""
+
+import pytest
+import torch
+
+from transformer import checkpoint
+from transformer.average import average, main
+from transformer.trainer import train
+from transformer.translator import load_for_inference
+
+
+@pytest.fixture()
+def run(compose, small_overrides, tmp_path):
+    """A 9-step run with step checkpoints at 3, 6 and 9."""
+    train(compose(small_overrides + ["trainer.max_steps=9", "trainer.keep_checkpoints=3"]))
+    return tmp_path / "run"
+
+
+def test_average_of_the_last_three_is_their_mean_and_translates(run):
+    steps = checkpoint.step_checkpoints(run / "checkpoints")
+    assert [p.name for p in steps] == [f"step_{s:08d}.pt" for s in (9, 6, 3)]
+    assert main([str(run), "--last", "3"]) == 0
+    avg = checkpoint.load(run / "checkpoints" / "avg_last3.pt")
+    assert [s["step"] for s in avg["averaged_from"]] == [9, 6, 3]
+    states = [checkpoint.load(p)["model"] for p in steps]
+    for name, tensor in avg["model"].items():
+        expected = sum(s[name].double() for s in states) / 3
+        assert tensor.dtype == states[0][name].dtype
+        torch.testing.assert_close(tensor, expected.to(tensor.dtype), rtol=0, atol=1e-6)
+    assert not torch.equal(avg["model"]["out_proj.weight"], states[0]["out_proj.weight"])
+    model, *_ = load_for_inference(run / "checkpoints" / "avg_last3.pt", torch.device("cpu"))
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_averaging_one_checkpoint_changes_nothing(run):
+    one = checkpoint.step_checkpoints(run / "checkpoints")[0]
+    avg = average([one])
+    for name, tensor in checkpoint.load(one)["model"].items():
+        assert torch.equal(avg["model"][name], tensor), name
+
+
+def test_too_few_checkpoints_or_another_model_is_one_clear_line(
+    run, compose, small_overrides, tmp_path, capsys
+):
+    assert main([str(run), "--last", "5"]) == 1
+    assert "holds 3 step checkpoint(s), fewer than --last 5" in capsys.readouterr().err
+    other = tmp_path / "other"
+    train(compose(small_overrides + ["model.d_model=64", f"run_dir={other}"]))
+    mixed = [str(run / "checkpoints" / "last.pt"), str(other / "checkpoints" / "last.pt")]
+    assert main([*mixed, "--out", str(run / "checkpoints" / "mixed.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "differ" in err
+    assert not (run / "checkpoints" / "mixed.pt").exists()
