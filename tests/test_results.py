@@ -1,0 +1,45 @@
+"""Every committed BLEU figure is recomputable from the hypothesis file beside it."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from transformer.metrics import score_all
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "multi30k"
+RUNS = sorted(p.parent for p in (ROOT / "results").glob("**/metrics.json"))
+
+
+def references(split: str, lang: str) -> list[str]:
+    with gzip.open(DATA / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/multi30k for references")
+@pytest.mark.parametrize("run", RUNS, ids=[str(r.relative_to(ROOT / "results")) for r in RUNS])
+def test_metrics_json_matches_its_hypotheses(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg["data"]["name"] == "multi30k"
+    for split in ("valid", "test2016"):
+        hyps = (run / f"{split}.hyp").read_text("utf-8").splitlines()
+        scores = score_all(hyps, references(split, cfg["data"]["tgt_lang"]))
+        for key in ("bleu", "chrf", "bleu_lc", "bleu_signature", "sentences"):
+            assert metrics[split][key] == scores[key], (split, key)
+
+
+def test_there_are_results_for_every_required_direction():
+    found = {str(r.relative_to(ROOT / "results")) for r in RUNS}
+    for required in (
+        "multi30k-de-en/transformer",
+        "multi30k-de-en/rnn",
+        "multi30k-en-de/transformer",
+        "multi30k-en-de/rnn",
+        "multi30k-fr-en/transformer",
+        "multi30k-cs-en/transformer",
+    ):
+        assert required in found
