@@ -25,6 +25,7 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from . import checkpoint
 from .cli import EXPECTED
 from .metrics import score_all
 from .trainer import pick_device
@@ -55,6 +56,7 @@ def decode_setting(spec: str):
 def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list[dict]:
     """Decode ``split`` with each setting in ``specs``; write hypotheses; rows of scores."""
     model, src_tok, tgt_tok, cfg = load_for_inference(ckpt, device)
+    step = checkpoint.load(ckpt).get("progress", {}).get("step")
     data_cfg = OmegaConf.create(cfg["data"])
     if data_dir:
         data_cfg.data_dir = str(data_dir)
@@ -79,6 +81,7 @@ def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list
             {
                 "name": name,
                 "checkpoint": str(ckpt),
+                "step": step,
                 "split": split,
                 "decode": tag,
                 "decode_config": OmegaConf.to_container(decode_cfg, resolve=True),
@@ -98,12 +101,12 @@ def markdown(rows: list[dict], command: str, device) -> str:
         f"Command: `{command}`  ",
         f"Device: {device_name(device)}; torch {torch.__version__}; fp32.",
         "",
-        "| model | decode | BLEU | chrF | BLEU (lc) | sentences/s | hypotheses |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| model | step | decode | BLEU | chrF | BLEU (lc) | sentences/s | hypotheses |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['decode']} | {r['bleu']:.2f} | {r['chrf']:.2f} | "
+            f"| {r['name']} | {r['step']} | {r['decode']} | {r['bleu']:.2f} | {r['chrf']:.2f} | "
             f"{r['bleu_lc']:.2f} | {r['sentences_per_s']} | [{Path(r['hypotheses']).name}]"
             f"({r['name']}/{Path(r['hypotheses']).name}) |"
         )
