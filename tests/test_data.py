@@ -84,7 +84,7 @@ def fake_split(n=200, seed=0):
     rng = np.random.default_rng(seed)
     src = [rng.integers(4, 50, rng.integers(1, 30)).astype(np.int32) for _ in range(n)]
     tgt = [rng.integers(4, 50, rng.integers(1, 30)).astype(np.int32) for _ in range(n)]
-    return EncodedSplit(src, tgt, [""] * n, [""] * n)
+    return EncodedSplit.from_lists(src, tgt)
 
 
 def test_batches_respect_max_tokens_and_cover_every_example_once():
@@ -101,7 +101,9 @@ def test_batches_respect_max_tokens_and_cover_every_example_once():
 
 def test_batch_order_reproducible_per_epoch_and_reshuffled_between_epochs():
     batcher = TokenBatcher(fake_split(), max_tokens=120, seed=1, special_ids=(0, 2, 3))
-    e0, e0_again, e1 = (batcher.epoch_batches(e) for e in (0, 0, 1))
+    fresh = TokenBatcher(fake_split(), max_tokens=120, seed=1, special_ids=(0, 2, 3))
+    e0, e1, e0_again = batcher.epoch_batches(0), batcher.epoch_batches(1), fresh.epoch_batches(0)
+    assert len(e0) == len(e0_again)
     assert all((a == b).all() for a, b in zip(e0, e0_again))
     assert any(len(a) != len(b) or (a != b).any() for a, b in zip(e0, e1))
 
@@ -114,6 +116,26 @@ def test_distributed_shards_are_disjoint():
     ]
     a, b = (set(np.concatenate(s).tolist()) for s in shards)
     assert a and b and not a & b and len(shards[0]) == len(shards[1])
+
+
+def greedy_cuts(sorted_lengths, max_tokens):
+    """Reference for plan_batches: walk the sorted examples one at a time and cut when the
+    next one would push (longest so far) x (batch size) over max_tokens."""
+    sizes, size, longest = [], 0, 0
+    for length in sorted_lengths:
+        if size and max(longest, length) * (size + 1) > max_tokens:
+            sizes.append(size)
+            size, longest = 0, 0
+        size, longest = size + 1, max(longest, length)
+    return sizes + [size]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 64, 1000])
+def test_plan_batches_matches_the_one_at_a_time_greedy_cut(max_tokens):
+    lengths = np.random.default_rng(max_tokens).integers(1, 80, 3000)
+    plan = plan_batches(lengths, max_tokens, None)
+    assert [len(b) for b in plan] == greedy_cuts(np.sort(lengths), max_tokens)
+    assert (np.concatenate(plan) == np.argsort(lengths, kind="stable")).all()
 
 
 def test_length_sorting_keeps_padding_low():

@@ -40,9 +40,15 @@ class CheckpointError(RuntimeError):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model under DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    """The plain model under DistributedDataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers, nested in either order."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def config_sha256(config: dict) -> str:

@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,38 @@ def find_file(directory: Path, split: str, lang: str) -> Path:
 CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+class LineRepairs:
+    """Repairs one line at a time and reports them once per source (see ``decode_lines``)."""
+
+    def __init__(self, source):
+        self.source, self.bad_utf8, self.control, self.count = source, [], [], 0
+
+    def __call__(self, line: bytes) -> str:
+        self.count += 1
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", errors="replace")
+            self.bad_utf8.append(self.count)
+        text = text.rstrip("\r")
+        if CONTROL_CHARS.search(text):
+            text = CONTROL_CHARS.sub(" ", text)
+            self.control.append(self.count)
+        if self.count == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        return text
+
+    def report(self) -> None:
+        for found, what in (
+            (self.bad_utf8, "not valid UTF-8; bytes replaced with U+FFFD"),
+            (self.control, "with control characters; replaced with spaces"),
+        ):
+            if found:
+                log.warning(
+                    "%s: %d line(s) %s (first: line %d)", self.source, len(found), what, found[0]
+                )
+
+
 def decode_lines(raw: bytes, source) -> list[str]:
     """Split bytes on ``\\n`` only into lines without newline or CR. Repairs are counted and
     reported in one warning each, naming ``source`` and the first line number: invalid
@@ -57,33 +88,31 @@ def decode_lines(raw: bytes, source) -> list[str]:
     lines = raw.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
-    out, bad_utf8, control = [], [], []
-    for i, line in enumerate(lines, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", errors="replace")
-            bad_utf8.append(i)
-        text = text.rstrip("\r")
-        if CONTROL_CHARS.search(text):
-            text = CONTROL_CHARS.sub(" ", text)
-            control.append(i)
-        out.append(text)
-    if out and out[0].startswith("\ufeff"):
-        out[0] = out[0][1:]
-    for found, what in (
-        (bad_utf8, "not valid UTF-8; bytes replaced with U+FFFD"),
-        (control, "with control characters; replaced with spaces"),
-    ):
-        if found:
-            log.warning("%s: %d line(s) %s (first: line %d)", source, len(found), what, found[0])
+    repair = LineRepairs(source)
+    out = [repair(line) for line in lines]
+    repair.report()
     return out
+
+
+def open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def iter_lines(path: Path):
+    """Lines of a (gzipped) UTF-8 file, one at a time, repaired and reported as
+    ``decode_lines`` does; an empty file is an error."""
+    repair = LineRepairs(path)
+    with open_binary(path) as f:
+        for line in f:  # binary files split on b"\n" only, like decode_lines
+            yield repair(line[:-1] if line.endswith(b"\n") else line)
+    if repair.count == 0:
+        raise DataError(f"{path} is empty")
+    repair.report()
 
 
 def read_lines(path: Path) -> list[str]:
     """Lines of a (gzipped) UTF-8 file (see ``decode_lines``); an empty file is an error."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with open_binary(path) as f:
         raw = f.read()
     if not raw:
         raise DataError(f"{path} is empty")
@@ -115,35 +144,43 @@ def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):
     return Dataset(InMemoryTable.from_pydict({"src": src, "tgt": tgt}), fingerprint=fingerprint)
 
 
-def load_hub(name: str, config: str | None, split: str, src_lang: str, tgt_lang: str):
-    """Load ``split`` of a Hub dataset (or a local dataset folder) as Dataset(src, tgt)."""
+def load_hub(
+    name: str,
+    config: str | None,
+    split: str,
+    src_lang: str,
+    tgt_lang: str,
+    revision: str | None = None,
+    data_dir: str | None = None,
+):
+    """Load ``split`` of a Hub dataset (or a local dataset folder) as Dataset(src, tgt).
+
+    Either one column per language, or the WMT/IWSLT layout: one ``translation`` column of
+    {lang: text} structs, flattened (a zero-copy Arrow operation, no pass over the rows).
+    ``revision``/``data_dir`` reach datasets stored as parquet on a branch, e.g.
+    ``refs/convert/parquet`` with one folder per config (script-based datasets such as
+    IWSLT/iwslt2017 load only that way in datasets >= 4).
+    """
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(name, config, split=split)
+        ds = load_dataset(name, config, split=split, revision=revision, data_dir=data_dir)
     except Exception as e:  # network, missing split, unknown name: one clear line
         raise DataError(f"could not load Hub dataset {name!r} split {split!r}: {e}") from e
+    prefix = ""
     if "translation" in ds.column_names:
-        ds = ds.map(
-            lambda b: {
-                "src": [t[src_lang] for t in b["translation"]],
-                "tgt": [t[tgt_lang] for t in b["translation"]],
-            },
-            batched=True,
-            remove_columns=ds.column_names,
-        )
-        return ds
+        ds, prefix = ds.select_columns(["translation"]).flatten(), "translation."
     for lang in (src_lang, tgt_lang):
-        if lang not in ds.column_names:
+        if prefix + lang not in ds.column_names:
             raise DataError(
-                f"Hub dataset {name!r} has no column {lang!r} (columns: {ds.column_names})"
+                f"Hub dataset {name!r} has no column {prefix + lang!r} (columns: {ds.column_names})"
             )
-    ds = ds.select_columns([src_lang, tgt_lang])
-    return ds.rename_columns({src_lang: "src", tgt_lang: "tgt"})
+    ds = ds.select_columns([prefix + src_lang, prefix + tgt_lang])
+    return ds.rename_columns({prefix + src_lang: "src", prefix + tgt_lang: "tgt"})
 
 
-def load_split(data_cfg, split: str):
-    """Dataset(src, tgt) for ``split`` (train / valid / test2016 ...) per the data config."""
+def check_langs(data_cfg) -> None:
+    """The direction is two different languages of the corpus, else a DataError."""
     src_lang, tgt_lang = data_cfg.src_lang, data_cfg.tgt_lang
     for key, lang in (("data.src_lang", src_lang), ("data.tgt_lang", tgt_lang)):
         if lang not in data_cfg.langs:
@@ -152,65 +189,84 @@ def load_split(data_cfg, split: str):
             )
     if src_lang == tgt_lang:
         raise DataError(f"data.src_lang and data.tgt_lang are both {src_lang!r}")
+
+
+def load_split(data_cfg, split: str):
+    """Dataset(src, tgt) for ``split`` (train / valid / test2016 ...) per the data config."""
+    check_langs(data_cfg)
+    src_lang, tgt_lang = data_cfg.src_lang, data_cfg.tgt_lang
     if data_cfg.data_dir:
         return load_local(Path(data_cfg.data_dir) / data_cfg.name, split, src_lang, tgt_lang)
     if not data_cfg.hub_name:
         raise DataError(f"data.data_dir is unset and corpus {data_cfg.name} has no data.hub_name")
     hub_split = data_cfg.hub_splits.get(split, split)
-    return load_hub(data_cfg.hub_name, data_cfg.hub_config, hub_split, src_lang, tgt_lang)
+    return load_hub(
+        data_cfg.hub_name,
+        data_cfg.hub_config,
+        hub_split,
+        src_lang,
+        tgt_lang,
+        revision=data_cfg.get("hub_revision"),
+        data_dir=data_cfg.get("hub_data_dir"),
+    )
 
 
-# -- encoding ---------------------------------------------------------------------------------
-@dataclass
+# -- encoded splits -------------------------------------------------------------------------
 class EncodedSplit:
-    """Subword ids of one split; ``src[i]``/``tgt[i]`` are int32 arrays without BOS/EOS."""
+    """Subword ids of one split (no BOS/EOS) in an Arrow table with int32 list columns
+    ``src_ids`` and ``tgt_ids``, memory-mapped when it comes from the cache
+    (``transformer/corpus_cache.py``). Rows are read by index as numpy views of the Arrow
+    buffers, so millions of examples cost no Python objects. Evaluation splits also carry
+    their text (``src_text``/``tgt_text``); training splits have None there.
+    """
 
-    src: list[np.ndarray]
-    tgt: list[np.ndarray]
-    src_text: list[str]
-    tgt_text: list[str]
+    def __init__(self, table, src_text: list[str] | None = None, tgt_text: list[str] | None = None):
+        import pyarrow.compute as pc
+
+        if [len(c) for c in table["src_ids"].chunks] != [len(c) for c in table["tgt_ids"].chunks]:
+            table = table.combine_chunks()  # rare: give both columns one chunk layout
+        self.table, self.src_text, self.tgt_text = table, src_text, tgt_text
+        self.src_lens = pc.list_value_length(table["src_ids"]).to_numpy().astype(np.int64)
+        self.tgt_lens = pc.list_value_length(table["tgt_ids"]).to_numpy().astype(np.int64)
+        # Per Arrow chunk: its first row, and offsets and values as zero-copy numpy views.
+        sizes = [len(c) for c in table["src_ids"].chunks]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._cols = {
+            name: [(c.offsets.to_numpy(), c.values.to_numpy()) for c in table[name].chunks]
+            for name in ("src_ids", "tgt_ids")
+        }
+
+    @classmethod
+    def from_lists(cls, src, tgt, src_text=None, tgt_text=None) -> EncodedSplit:
+        """An in-memory split from sequences of id arrays (tests, small data)."""
+        import pyarrow as pa
+
+        ids = pa.list_(pa.int32())
+        table = pa.table(
+            {
+                "src_ids": pa.array([np.asarray(x, np.int32) for x in src], type=ids),
+                "tgt_ids": pa.array([np.asarray(x, np.int32) for x in tgt], type=ids),
+            }
+        )
+        return cls(table, src_text, tgt_text)
 
     def __len__(self) -> int:
-        return len(self.src)
+        return len(self.src_lens)
 
-
-def encode_split(ds, src_tok, tgt_tok, max_len: int, filter_long: bool, name: str) -> EncodedSplit:
-    """Tokenize a Dataset(src, tgt). Training splits drop empty and overlong pairs
-    (``filter_long``); evaluation splits keep every line and truncate overlong sources,
-    so hypotheses stay line-aligned with references. Counts are logged."""
-    src_text, tgt_text = [s.strip() for s in ds["src"]], [t.strip() for t in ds["tgt"]]
-    src_ids = [np.asarray(x, dtype=np.int32) for x in src_tok.encode(src_text)]
-    tgt_ids = [np.asarray(x, dtype=np.int32) for x in tgt_tok.encode(tgt_text)]
-    if filter_long:
-        keep = [
-            i
-            for i in range(len(src_ids))
-            if 0 < len(src_ids[i]) <= max_len and 0 < len(tgt_ids[i]) <= max_len
-        ]
-        dropped = len(src_ids) - len(keep)
-        empty = sum(1 for i in range(len(src_ids)) if not len(src_ids[i]) or not len(tgt_ids[i]))
-        log.info(
-            "%s: %d pairs, dropped %d (%d with an empty side, %d longer than "
-            "data.max_len=%d tokens)",
-            name,
-            len(keep),
-            dropped,
-            empty,
-            dropped - empty,
-            max_len,
-        )
-        if not keep:
-            raise DataError(
-                f"{name}: no sentence pairs left after filtering (data.max_len={max_len})"
-            )
-        pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
-        return EncodedSplit(pick(src_ids), pick(tgt_ids), pick(src_text), pick(tgt_text))
-    long = sum(1 for s in src_ids if len(s) > max_len)
-    if long:
-        log.warning(
-            "%s: %d source sentence(s) longer than %d tokens truncated", name, long, max_len
-        )
-    return EncodedSplit([s[:max_len] for s in src_ids], tgt_ids, src_text, tgt_text)
+    def rows(self, idx: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(source ids, target ids) of examples ``idx``: int32 views, no copies."""
+        idx = np.asarray(idx, dtype=np.int64)
+        chunk = np.searchsorted(self._starts, idx, side="right") - 1
+        local = idx - self._starts[chunk]
+        out = []
+        for name in ("src_ids", "tgt_ids"):
+            cols = self._cols[name]
+            rows = []
+            for c, i in zip(chunk.tolist(), local.tolist()):
+                offsets, values = cols[c]
+                rows.append(values[offsets[i] : offsets[i + 1]])
+            out.append(rows)
+        return out[0], out[1]
 
 
 # -- batching ---------------------------------------------------------------------------------
@@ -226,14 +282,18 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator 
         order = np.argsort(lengths, kind="stable")
     else:
         order = np.lexsort((rng.random(len(lengths)), lengths))
-    batches, start, longest = [], 0, 0
-    for pos, idx in enumerate(order):
-        longest_if_added = max(longest, lengths[idx])
-        if pos > start and longest_if_added * (pos - start + 1) > max_tokens:
-            batches.append(order[start:pos])
-            start, longest_if_added = pos, lengths[idx]
-        longest = longest_if_added
-    batches.append(order[start:])
+    # Sorted lengths never shrink, so a batch starting at ``start`` holding j+1 examples needs
+    # sorted[start + j] * (j + 1) tokens, and no more than max_tokens // sorted[start] + 1
+    # examples are ever candidates: each cut looks at that window only (numpy, no per-example
+    # Python), so planning millions of examples takes a fraction of a second.
+    sorted_lengths = lengths[order]
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        window = sorted_lengths[start : start + max_tokens // max(1, sorted_lengths[start]) + 1]
+        over = np.flatnonzero(window * np.arange(1, len(window) + 1) > max_tokens)
+        size = max(1, over[0]) if len(over) else len(window)  # one example even if too long
+        batches.append(order[start : start + size])
+        start += size
     if rng is not None:
         rng.shuffle(batches)
     return batches
@@ -241,8 +301,7 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator 
 
 def collate(split: EncodedSplit, idx: np.ndarray, pad_id: int, bos_id: int, eos_id: int) -> Batch:
     """Pad examples ``idx`` into a Batch: src + EOS, BOS + tgt, tgt + EOS."""
-    src = [split.src[i] for i in idx]
-    tgt = [split.tgt[i] for i in idx]
+    src, tgt = split.rows(idx)
     B, S, T = len(idx), max(len(s) for s in src) + 1, max(len(t) for t in tgt) + 1
     src_arr = np.full((B, S), pad_id, dtype=np.int64)
     tgt_in = np.full((B, T), pad_id, dtype=np.int64)
@@ -276,9 +335,8 @@ class TokenBatcher:
         self.split, self.max_tokens, self.seed, self.shuffle = split, max_tokens, seed, shuffle
         self.pad_id, self.bos_id, self.eos_id = special_ids
         self.rank, self.world_size = rank, world_size
-        self.lengths = np.array(
-            [max(len(s), len(t)) + 1 for s, t in zip(split.src, split.tgt)], dtype=np.int64
-        )
+        self.lengths = np.maximum(split.src_lens, split.tgt_lens) + 1
+        self._plan = None  # (epoch, batches) of the last epoch planned
         longest = int(self.lengths.max())
         if longest > max_tokens:
             raise DataError(
@@ -287,11 +345,14 @@ class TokenBatcher:
             )
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if self._plan is not None and self._plan[0] == epoch:
+            return self._plan[1]
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         batches = plan_batches(self.lengths, self.max_tokens, rng)
         if self.world_size > 1:  # equal count per rank so collective ops stay in step
             n = len(batches) // self.world_size * self.world_size
             batches = batches[self.rank : n : self.world_size]
+        self._plan = (epoch, batches)  # the trainer asks again on resume and at epoch ends
         return batches
 
     def batch(self, idx: np.ndarray) -> Batch:

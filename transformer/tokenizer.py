@@ -63,30 +63,39 @@ class Tokenizer:
 
 
 def train_or_load(
-    texts: list[str],
+    texts,
     cache_dir: str | Path,
     vocab_size: int,
     model_type: str = "unigram",
     character_coverage: float = 1.0,
     input_sentence_size: int = 2_000_000,
     seed: int = 1,
+    key: str | None = None,
 ) -> Tokenizer:
     """Train SentencePiece on ``texts`` (or reuse the cached model for the same inputs).
 
-    The cache key hashes every training sentence and every setting, so changing either
-    trains a new model. Returns the loaded Tokenizer; ``tokenizer.path`` is the cached file.
+    ``texts`` is an iterable of sentences, or a function returning one (called only when a
+    model has to be trained). The cache key hashes ``key`` (e.g. a corpus fingerprint) or,
+    without one, every training sentence one at a time, plus every setting, so changing
+    either trains a new model. SentencePiece samples at most ``input_sentence_size``
+    sentences (shuffled, from ``seed``). Returns the Tokenizer; ``tokenizer.path`` is the file.
     """
-    key = hashlib.sha256()
-    for t in texts:
-        key.update(t.encode("utf-8"))
-        key.update(b"\n")
+    h = hashlib.sha256()
+    if key is not None:
+        h.update(f"key:{key}\n".encode())
+    else:
+        for t in texts() if callable(texts) else texts:
+            h.update(t.encode("utf-8"))
+            h.update(b"\n")
     settings = f"{vocab_size}|{model_type}|{character_coverage}|{input_sentence_size}|{seed}"
-    key.update(settings.encode())
+    h.update(settings.encode())
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"spm-{model_type}{vocab_size}-{key.hexdigest()[:16]}.model"
+    path = cache_dir / f"spm-{model_type}{vocab_size}-{h.hexdigest()[:16]}.model"
     if path.is_file():
         return Tokenizer(path)
+    if callable(texts):
+        texts = texts()
 
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # the sentence sample is reproducible

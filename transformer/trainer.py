@@ -3,11 +3,15 @@ gradient clipping and accumulation, validation loss and BLEU, best/last checkpoi
 early stopping, exact resume, and final test translations with sacreBLEU scores.
 
 ``train(cfg)`` is a plain function (train.py only calls it), so tests drive it directly.
+Under ``torchrun`` it trains data-parallel (``distributed.py``): each rank its own shard of
+the token batches, gradients averaged by DistributedDataParallel, validation and stopping
+decided alike on every rank, files written by rank 0 only.
 Label smoothing: Szegedy et al. 2016; schedule: Vaswani et al. 2017, eq. 3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -17,15 +21,17 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .attention import attention_config
-from .data import TokenBatcher, encode_split, load_split
+from .corpus_cache import encode_split, open_split, sample_sentences
+from .data import TokenBatcher
 from .metrics import bleu, score_all
 from .tokenizer import copy_into, file_sha256, train_or_load
 from .translator import build_model, translate_lines
@@ -37,12 +43,17 @@ class TrainingError(RuntimeError):
     """A fault that stops training with a clear message."""
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` = cuda when available, else cpu. Under torchrun (``local_rank`` given) a
+    CUDA device is always ``cuda:LOCAL_RANK``: one GPU per process."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"device={name} requested but CUDA is not available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def inverse_sqrt(warmup: int):
@@ -69,27 +80,39 @@ def sequence_loss(logits, tgt_out, pad_id: int, label_smoothing: float):
 
 # -- data and tokenizer -----------------------------------------------------------------------
 def prepare_data(cfg, run_dir: Path):
-    """Load splits, train or reuse the tokenizer(s), copy them into the run dir, encode."""
+    """Train or reuse the tokenizer(s) (on a bounded sample of the training split), copy them
+    into the run dir, and encode every split or map its cached encoding
+    (``transformer/corpus_cache.py``)."""
     d = cfg.data
-    raw = {split: load_split(d, split) for split in [d.train_split, d.valid_split, *d.test_splits]}
-    train_raw = raw[d.train_split]
+    cache_dir = Path(d.cache_dir)
+    sources = {
+        split: open_split(d, split, cache_dir)
+        for split in [d.train_split, d.valid_split, *d.test_splits]
+    }
+    train_fp, train_load = sources[d.train_split]
     spm_args = dict(
-        cache_dir=Path(d.cache_dir) / "spm",
+        cache_dir=cache_dir / "spm",
         vocab_size=d.vocab_size,
         model_type=d.spm_model_type,
         character_coverage=d.character_coverage,
         input_sentence_size=d.spm_input_sentence_size,
         seed=cfg.seed,
     )
+
+    def sample(*columns):  # called only when a tokenizer has to be trained
+        return lambda: sample_sentences(
+            train_load(), list(columns), d.spm_input_sentence_size, cfg.seed
+        )
+
     if d.joint_vocab:
         src_tok = tgt_tok = train_or_load(
-            list(train_raw["src"]) + list(train_raw["tgt"]), **spm_args
+            sample("src", "tgt"), key=f"{train_fp}|src+tgt", **spm_args
         )
         paths = {"src": copy_into(src_tok, run_dir, "tokenizer/joint.model")}
         paths["tgt"] = paths["src"]
     else:
-        src_tok = train_or_load(list(train_raw["src"]), **spm_args)
-        tgt_tok = train_or_load(list(train_raw["tgt"]), **spm_args)
+        src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
+        tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
         paths = {
             "src": copy_into(src_tok, run_dir, f"tokenizer/{d.src_lang}.model"),
             "tgt": copy_into(tgt_tok, run_dir, f"tokenizer/{d.tgt_lang}.model"),
@@ -100,26 +123,42 @@ def prepare_data(cfg, run_dir: Path):
         tok_info[f"{side}_sha256"] = file_sha256(p)
     splits = {
         name: encode_split(
-            ds, src_tok, tgt_tok, d.max_len, name == d.train_split, f"{d.name}/{name}"
+            f"{fp}|{d.src_lang}-{d.tgt_lang}",
+            load,
+            src_tok,
+            tgt_tok,
+            d.max_len,
+            name == d.train_split,
+            f"{d.name}/{name}",
+            cache_dir,
+            d.num_proc,
         )
-        for name, ds in raw.items()
+        for name, (fp, load) in sources.items()
     }
     return splits, src_tok, tgt_tok, tok_info
 
 
 # -- the loop ---------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, dist: distributed.Dist | None = None):
         self.cfg, self.t = cfg, cfg.trainer
+        self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
-        self.device = pick_device(cfg.device)
+        self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
         torch.manual_seed(cfg.seed)
+        if not self.dist.is_main:  # rank 0 trains (or finds) the tokenizer, the others reuse it
+            self.dist.barrier()
         self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(cfg, run_dir)
+        if self.dist.is_main:
+            self.dist.barrier()
         self.pad_id = self.tgt_tok.pad_id
         self.model_kwargs = dict(
             src_vocab_size=len(self.src_tok), tgt_vocab_size=len(self.tgt_tok), pad_id=self.pad_id
         )
+        # self.model is the plain module (checkpoints, validation, decoding); train_model the
+        # DDP / torch.compile wrapper the training forward and backward go through.
         self.model = build_model(cfg.model, **self.model_kwargs).to(self.device)
+        self.train_model = self.wrap(self.model)
         log.info(
             "model: %s, %.2fM parameters", cfg.model._target_, self.model.num_parameters() / 1e6
         )
@@ -130,8 +169,18 @@ class Trainer:
         )
         specials = (self.pad_id, self.tgt_tok.bos_id, self.tgt_tok.eos_id)
         self.batcher = TokenBatcher(
-            self.splits[cfg.data.train_split], cfg.data.max_tokens, cfg.seed, specials
+            self.splits[cfg.data.train_split],
+            cfg.data.max_tokens,
+            cfg.seed,
+            specials,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
+        if not self.batcher.epoch_batches(0):
+            raise TrainingError(
+                f"the training set makes fewer batches than the {self.dist.world_size} "
+                f"processes; lower data.max_tokens={cfg.data.max_tokens} or use fewer processes"
+            )
         self.valid_batcher = TokenBatcher(
             self.splits[cfg.data.valid_split],
             cfg.data.max_tokens,
@@ -145,9 +194,30 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_bleu, self.best_step, self.bad_evals = -1.0, 0, 0
         self.train_seconds, self.train_tokens = 0.0, 0
-        self.stop_signal = None
+        self.stop_signal = None  # set by the signal handler of this process
+        self.agreed_signal = None  # the one every rank acts on (agree_to_stop)
         self.epoch_len = 0
         self.saved_step, self.nonfinite_in_a_row = -1, 0
+        self.debug = distributed.DebugLog(self.dist.rank)
+        self.reseed_rank()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel under torchrun, then torch.compile when
+        ``trainer.compile`` (compiling the DDP module lets its graph break at gradient
+        buckets so all-reduce overlaps the backward pass). ``dynamic=True``: token batches
+        change shape at every step and must not recompile each time."""
+        if self.dist.enabled:
+            model = distributed.wrap_ddp(model, self.device)
+        if self.t.compile:
+            model = torch.compile(model, dynamic=True)
+        return model
+
+    def reseed_rank(self) -> None:
+        """Ranks other than 0 draw their own dropout masks, seeded from (seed, rank, step);
+        rank 0 keeps the stream of a single-process run (and of its checkpoint)."""
+        if self.dist.rank > 0:
+            seq = np.random.SeedSequence([self.cfg.seed, self.dist.rank, self.step])
+            torch.manual_seed(int(seq.generate_state(1)[0]))
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
@@ -175,16 +245,20 @@ class Trainer:
             "rng": rng,
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, best: bool = False) -> None:
         """Write last.pt and keep it as step_N.pt too (a hard link), pruning step files to
-        the newest ``trainer.keep_checkpoints``."""
+        the newest ``trainer.keep_checkpoints``; ``best``: link it as best.pt as well.
+        Only rank 0 writes (the weights are the same on every rank)."""
+        self.saved_step = self.step
+        if not self.dist.is_main:
+            return
         last = self.ckpt_dir / "last.pt"
         checkpoint.save(last, self.state())
         if self.t.keep_checkpoints > 0:
             checkpoint.link_or_copy(last, self.ckpt_dir / f"step_{self.step:08d}.pt")
             checkpoint.prune(self.ckpt_dir, self.t.keep_checkpoints)
-        self.saved_step = self.step
-        return last
+        if best:
+            checkpoint.link_or_copy(last, self.ckpt_dir / "best.pt")
 
     def resume(self) -> bool:
         """Continue from the newest loadable checkpoint (last.pt, else the step files, newest
@@ -207,6 +281,7 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.reseed_rank()  # the checkpoint holds rank 0's generator state
         self.saved_step = self.step
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
@@ -237,11 +312,12 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
     def valid_loss(self) -> tuple[float, float]:
-        """Teacher-forced per-token label-smoothed loss and NLL on the validation set."""
+        """Teacher-forced per-token label-smoothed loss and NLL on the validation set (each
+        rank its share of the batches, sums all-reduced)."""
         self.model.eval()
         total, nll_total, ntok = 0.0, 0.0, 0
-        for idx in self.valid_batcher.epoch_batches(0):
-            batch = self.valid_batcher.batch(idx).to(self.device)
+        for idx in self.dist.shard(self.valid_batcher.epoch_batches(0)):
+            batch = self.to_device(self.valid_batcher.batch(idx))
             with self.autocast():
                 logits = self.model(batch.src, batch.src_mask, batch.tgt_in)
             loss = sequence_loss(logits, batch.tgt_out, self.pad_id, self.t.label_smoothing)
@@ -249,23 +325,28 @@ class Trainer:
             total, nll_total = total + loss.item(), nll_total + nll.item()
             ntok += int((batch.tgt_out != self.pad_id).sum())
         self.model.train()
+        total, nll_total, ntok = self.dist.sum([total, nll_total, ntok])
         return total / ntok, nll_total / ntok
 
     def translate(self, split_name: str, decode_cfg) -> list[str]:
+        """Translations of a split, in order; each rank decodes every world_size-th line
+        with the plain (uncompiled) model and every rank gets all of them back."""
         self.model.eval()
-        split = self.splits[split_name]
-        with self.autocast():
-            hyps = translate_lines(
-                self.model,
-                split.src_text,
-                self.src_tok,
-                self.tgt_tok,
-                decode_cfg,
-                self.device,
-                self.cfg.data.max_len,
-            )
+        lines = self.dist.shard(self.splits[split_name].src_text)
+        hyps = []
+        if lines:
+            with self.autocast():
+                hyps = translate_lines(
+                    self.model,
+                    lines,
+                    self.src_tok,
+                    self.tgt_tok,
+                    decode_cfg,
+                    self.device,
+                    self.cfg.data.max_len,
+                )
         self.model.train()
-        return hyps
+        return self.dist.unshard(self.dist.gather(hyps))
 
     def valid_bleu(self) -> float:
         greedy = OmegaConf.create(
@@ -285,20 +366,32 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------
     def batches(self):
-        """Endless (epoch, position, Batch) stream starting at the saved position."""
+        """Endless (position, Batch) stream of this rank's batches from the saved position."""
         while True:
             plan = self.batcher.epoch_batches(self.epoch)
             self.epoch_len = len(plan)
             for pos in range(self.batch_in_epoch, len(plan)):
+                self.debug.write(step=self.step + 1, epoch=self.epoch, examples=plan[pos].tolist())
                 yield pos, self.batcher.batch(plan[pos])
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
+    def to_device(self, batch):
+        """Host-to-device copy; on CUDA from pinned memory, so that it runs asynchronously."""
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
     def train_step(self, micro_batches) -> tuple[torch.Tensor, int] | None:
-        """One optimizer update over ``accum_steps`` micro-batches, normalised by tokens.
-        Returns (summed loss, target tokens), or None when the update was skipped because
-        the gradient norm was NaN/inf (the weights are then unchanged)."""
+        """One optimizer update over ``accum_steps`` micro-batches, normalised by the target
+        tokens of the update on all ranks. Returns (summed loss, target tokens) of this
+        rank, or None when the update was skipped because the gradient norm was NaN/inf
+        (the weights are then unchanged; the norm is of the all-reduced gradient, so every
+        rank skips alike)."""
         ntok = sum(int((b.tgt_out != self.pad_id).sum()) for b in micro_batches)
-        total = self.accumulate(micro_batches, ntok)
+        (ntok_all,) = self.dist.sum([ntok])
+        # DDP averages gradients over ranks, so dividing each rank's summed loss by
+        # ntok_all / world_size gives the gradient of (all losses) / ntok_all.
+        total = self.accumulate(micro_batches, ntok_all / self.dist.world_size)
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_norm)
         finite = bool(torch.isfinite(norm))  # the one host sync per update: needed to skip
@@ -309,23 +402,27 @@ class Trainer:
         if not finite:
             return None
         self.scheduler.step()
-        self.train_tokens += ntok
+        self.train_tokens += int(ntok_all)
         return total, ntok
 
-    def accumulate(self, micro_batches, ntok: int) -> torch.Tensor:
-        """Forward and backward over the micro-batches. On out-of-memory the whole update is
-        retried with every micro-batch split in halves (``trainer.oom_retries`` times; the
-        gradient is the same since losses are summed and divided by ``ntok``), then fails
+    def accumulate(self, micro_batches, ntok: float) -> torch.Tensor:
+        """Forward and backward over the micro-batches, each summed loss divided by
+        ``ntok``; under DDP gradients are all-reduced in the last backward only. On
+        out-of-memory the whole update is retried with every micro-batch split in halves
+        (``trainer.oom_retries`` times, single process only: DDP expects the same backward
+        passes on every rank; the gradient is the same since losses are summed), then fails
         with one line naming the batch shape."""
-        for attempt in range(self.t.oom_retries + 1):
+        retries = 0 if self.dist.enabled else self.t.oom_retries
+        for attempt in range(retries + 1):
             try:
                 total = torch.zeros((), device=self.device)
-                for b in micro_batches:
-                    b = b.to(self.device, non_blocking=True)
-                    with self.autocast():
-                        logits = self.model(b.src, b.src_mask, b.tgt_in)
-                    loss = sequence_loss(logits, b.tgt_out, self.pad_id, self.t.label_smoothing)
-                    self.scaler.scale(loss / ntok).backward()
+                for i, b in enumerate(micro_batches):
+                    b = self.to_device(b)
+                    with self.grad_sync(i == len(micro_batches) - 1):
+                        with self.autocast():
+                            logits = self.train_model(b.src, b.src_mask, b.tgt_in)
+                        loss = sequence_loss(logits, b.tgt_out, self.pad_id, self.t.label_smoothing)
+                        self.scaler.scale(loss / ntok).backward()
                     total += loss.detach()
                 return total
             except torch.OutOfMemoryError:
@@ -337,7 +434,7 @@ class Trainer:
             shapes = " + ".join(
                 f"src {tuple(b.src.shape)} tgt {tuple(b.tgt_out.shape)}" for b in micro_batches
             )
-            if attempt == self.t.oom_retries or all(len(b.src) == 1 for b in micro_batches):
+            if attempt == retries or all(len(b.src) == 1 for b in micro_batches):
                 raise TrainingError(
                     f"out of memory at step {self.step + 1} on a batch of {shapes} "
                     f"({ntok} target tokens); lower data.max_tokens"
@@ -349,6 +446,15 @@ class Trainer:
             )
             micro_batches = [half for b in micro_batches for half in b.halves()]
         raise AssertionError("unreachable")
+
+    def grad_sync(self, last: bool):
+        """A context in which DDP skips its gradient all-reduce (all micro-batches of an
+        update but the last); a no-op context otherwise."""
+        ddp = self.train_model
+        ddp = getattr(ddp, "_orig_mod", ddp)  # under torch.compile
+        if last or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return ddp.no_sync()
 
     def skipped_update(self) -> None:
         """Count a NaN/inf update; abort after ``trainer.max_nonfinite`` in a row."""
@@ -368,9 +474,10 @@ class Trainer:
     def on_signal(self, signum, _frame):
         self.stop_signal = signum
 
-    def run(self) -> dict:
-        t = self.t
-        resumed = t.resume and self.resume()
+    def open_logs(self, resumed: bool):
+        """train_log.csv and valid_log.csv (rank 0; the other ranks get ``NullLog``s)."""
+        if not self.dist.is_main:
+            return NullLog(), NullLog()
         train_log = CsvLog(
             self.run_dir / "train_log.csv",
             ["step", "epoch", "loss", "lr", "tokens_per_s", "pad_frac"],
@@ -390,13 +497,19 @@ class Trainer:
         if resumed:  # rows written after that checkpoint are trained again: drop them
             train_log.truncate_after(self.step)
             valid_log.truncate_after(self.step)
+        return train_log, valid_log
+
+    def run(self) -> dict:
+        t = self.t
+        resumed = t.resume and self.resume()
+        train_log, valid_log = self.open_logs(resumed)
         old_handlers = {
             s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)
         }
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
-            disable=not t.progress_bar,
+            disable=not (t.progress_bar and self.dist.is_main),
             dynamic_ncols=True,
             mininterval=1.0,
         )
@@ -416,37 +529,25 @@ class Trainer:
                 step_start = time.perf_counter()
                 result = self.train_step(micro)
                 self.batch_in_epoch = pos + 1
+                if result is not None:
+                    self.nonfinite_in_a_row = 0
+                    self.step += 1
+                    window_loss, window_tok = window_loss + result[0], window_tok + result[1]
+                    if self.step % t.log_every == 0:
+                        seconds = time.perf_counter() - window_start
+                        self.log_window(
+                            train_log, bar, window_loss, window_tok, window_pad, seconds
+                        )
+                        window_loss, window_tok, window_pad = 0.0, 0, 0.0
+                        window_start = time.perf_counter()
+                    self.train_seconds += time.perf_counter() - step_start
+                    bar.update(1)
+                out_of_time = self.agree_to_stop(max_seconds)
                 if result is None:
                     self.skipped_update()
                     stop_reason = self.signal_reason()
                     continue
-                self.nonfinite_in_a_row = 0
-                loss_sum, ntok = result
-                self.step += 1
-                window_loss, window_tok = window_loss + loss_sum, window_tok + ntok
-                if self.step % t.log_every == 0:
-                    loss = float(window_loss) / window_tok  # the only host sync in the loop
-                    seconds = time.perf_counter() - window_start
-                    row = {
-                        "step": self.step,
-                        "epoch": self.epoch,
-                        "loss": round(loss, 4),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": round(window_tok / seconds),
-                        "pad_frac": round(window_pad / (t.log_every * t.accum_steps), 3),
-                    }
-                    train_log.write(row)
-                    bar.set_postfix(
-                        loss=f"{loss:.3f}",
-                        lr=f"{row['lr']:.2e}",
-                        tok_s=row["tokens_per_s"],
-                        ep=self.epoch,
-                    )
-                    window_loss, window_tok, window_pad = 0.0, 0, 0.0
-                    window_start = time.perf_counter()
-                self.train_seconds += time.perf_counter() - step_start
-                bar.update(1)
-                stop_reason = self.maybe_evaluate(valid_log, max_seconds)
+                stop_reason = self.maybe_evaluate(valid_log, out_of_time)
                 stop_reason = self.signal_reason() or stop_reason
         finally:
             bar.close()
@@ -454,27 +555,64 @@ class Trainer:
                 signal.signal(s, h)
         if self.step != self.saved_step:
             self.save_checkpoint()
+        self.debug.write(step=self.step, weights_sha256=self.weights_sha256())
         log.info("stopped at step %d: %s", self.step, stop_reason)
-        if self.stop_signal is not None:
+        (signum,) = self.dist.max([self.stop_signal or 0])  # also one caught after the loop
+        if signum:
             raise KeyboardInterrupt(
                 f"interrupted at step {self.step}; last.pt saved in "
                 f"{self.ckpt_dir}; run the same command to resume"
             )
         return {"stop_reason": stop_reason}
 
-    def signal_reason(self) -> str | None:
-        if self.stop_signal is None:
-            return None
-        return f"signal {signal.Signals(self.stop_signal).name}"
+    def log_window(self, train_log, bar, loss_sum, ntok, pad, seconds) -> None:
+        """One train_log.csv row for the last ``log_every`` updates: loss per target token
+        and tokens/s of all ranks together."""
+        t = self.t
+        loss_sum, ntok = self.dist.sum([float(loss_sum), ntok])  # float(): a host sync
+        row = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": round(loss_sum / ntok, 4),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": round(ntok / seconds),
+            "pad_frac": round(pad / (t.log_every * t.accum_steps), 3),
+        }
+        train_log.write(row)
+        bar.set_postfix(
+            loss=f"{row['loss']:.3f}",
+            lr=f"{row['lr']:.2e}",
+            tok_s=row["tokens_per_s"],
+            ep=self.epoch,
+        )
 
-    def maybe_evaluate(self, valid_log, max_seconds) -> str | None:
+    def agree_to_stop(self, max_seconds: float) -> bool:
+        """Stop flags every rank acts on alike, once per update: a signal caught by any rank
+        stops all of them (``agreed_signal``), and so does any rank's training clock passing
+        ``trainer.max_time_minutes``. Returns whether time is up."""
+        signum, late = self.dist.max(
+            [self.stop_signal or 0, int(self.train_seconds >= max_seconds)]
+        )
+        self.agreed_signal = signum or None
+        return bool(late)
+
+    def signal_reason(self) -> str | None:
+        if self.agreed_signal is None:
+            return None
+        return f"signal {signal.Signals(self.agreed_signal).name}"
+
+    def weights_sha256(self) -> str | None:
+        """Hash of the weights for the debug log (None when it is off: hashing costs time)."""
+        if self.debug.path is None:
+            return None
+        return distributed.state_dict_sha256(self.model.state_dict())
+
+    def maybe_evaluate(self, valid_log, out_of_time: bool) -> str | None:
         """Validation, checkpoints and stopping decisions after a step; returns a reason to
-        stop or None."""
+        stop or None, the same on every rank (rank 0's)."""
         t = self.t
         epochs_done = self.epoch + (self.batch_in_epoch >= self.epoch_len)
-        at_end = self.step >= t.max_steps or epochs_done >= t.max_epochs
-        out_of_time = self.train_seconds >= max_seconds
-        at_end = at_end or out_of_time
+        at_end = self.step >= t.max_steps or epochs_done >= t.max_epochs or out_of_time
         if not (self.step % t.eval_every == 0 or at_end):
             return None
         loss, nll = self.valid_loss()
@@ -506,15 +644,17 @@ class Trainer:
             row["valid_ppl"],
             row["valid_bleu"],
         )
-        last = self.save_checkpoint()
-        if improved:
-            checkpoint.link_or_copy(last, self.ckpt_dir / "best.pt")
+        self.save_checkpoint(best=improved)
         if at_end and stop is None:
             stop = "time limit" if out_of_time else "step/epoch limit"
-        return stop
+        # Every rank saw the same hypotheses, so the same BLEU; rank 0's decision is
+        # broadcast anyway so that early stopping is decided exactly once.
+        return self.dist.broadcast(stop)
 
     def finish(self) -> dict:
-        """Translate valid and test splits with the best checkpoint and score them."""
+        """Translate valid and test splits with the best checkpoint and score them (every
+        rank decodes its share; rank 0 writes the files)."""
+        self.dist.barrier()  # rank 0 has written best.pt
         best = self.ckpt_dir / "best.pt"
         if best.is_file():
             checkpoint.unwrap(self.model).load_state_dict(checkpoint.load(best)["model"])
@@ -528,6 +668,7 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 1),
             "train_tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9)),
             "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+            "world_size": self.dist.world_size,
             "torch": torch.__version__,
             "decode": OmegaConf.to_container(self.cfg.decode),
         }
@@ -536,10 +677,12 @@ class Trainer:
             start = time.perf_counter()
             hyps = self.translate(name, self.cfg.decode)
             seconds = time.perf_counter() - start
-            (self.run_dir / f"{name}.hyp").write_text("".join(h + "\n" for h in hyps), "utf-8")
             scores = score_all(hyps, self.splits[name].tgt_text)
             scores["decode_sentences_per_s"] = round(len(hyps) / seconds, 1)
             metrics[name] = scores
+            if self.dist.is_main:
+                text = "".join(h + "\n" for h in hyps)
+                (self.run_dir / f"{name}.hyp").write_text(text, "utf-8")
             log.info(
                 "%s: BLEU %.2f chrF %.2f (%s)",
                 name,
@@ -547,8 +690,16 @@ class Trainer:
                 scores["chrf"],
                 scores["bleu_signature"],
             )
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if self.dist.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
+
+
+class NullLog:
+    """What ranks other than 0 write logs to: nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
 
 
 class CsvLog:
@@ -598,13 +749,25 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def train(cfg) -> dict:
-    """Train per ``cfg`` into ``cfg.run_dir``; returns the final metrics dict."""
-    run_dir = Path(cfg.run_dir)
+    """Train per ``cfg`` into ``cfg.run_dir``; returns the final metrics dict. Under
+    torchrun, every process calls this; it joins and finally leaves the process group."""
+    ctx = distributed.from_env()
+    device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
+    ctx = distributed.init(ctx, cfg.trainer.dist_backend, device, cfg.trainer.dist_timeout_minutes)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    except OSError as e:
-        raise TrainingError(f"run_dir={run_dir} is not writable: {e.strerror or e}") from e
-    trainer = Trainer(cfg, run_dir)
-    trainer.run()
-    return trainer.finish()
+        if not ctx.is_main:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
+        if ctx.enabled:  # ranks started a second apart may have named different run dirs
+            cfg.run_dir = ctx.broadcast(str(cfg.run_dir))
+        run_dir = Path(cfg.run_dir)
+        if ctx.is_main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            except OSError as e:
+                raise TrainingError(f"run_dir={run_dir} is not writable: {e.strerror or e}") from e
+        trainer = Trainer(cfg, run_dir, ctx)
+        trainer.run()
+        return trainer.finish()
+    finally:
+        distributed.shutdown(ctx)

@@ -1,0 +1,131 @@
+"""The Arrow caches of corpus_cache.py: same ids and batches as plain encoding, a warm
+second start, a bounded tokenizer sample, and the Hub configs on a local dataset."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transformer.corpus_cache import sample_sentences
+from transformer.data import TokenBatcher, read_lines
+from transformer.tokenizer import train_or_load
+from transformer.trainer import prepare_data
+
+
+def plain_encoding(corpus_root, tok, max_len):
+    """Training ids as the in-memory pipeline made them: strip, encode, drop empty/long."""
+    src = [s.strip() for s in read_lines(corpus_root / "multi30k" / "train.de")]
+    tgt = [t.strip() for t in read_lines(corpus_root / "multi30k" / "train.en")]
+    pairs = zip(tok.encode(src), tok.encode(tgt))
+    return [(s, t) for s, t in pairs if 0 < len(s) <= max_len and 0 < len(t) <= max_len]
+
+
+def test_cached_split_matches_plain_encoding_and_second_start_is_a_hit(
+    compose, small_overrides, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO)
+    cfg = compose([*small_overrides, "data.max_len=20"])
+    splits, tok, _, _ = prepare_data(cfg, tmp_path / "run1")
+    assert "loaded the cached encoding" not in caplog.text
+    train = splits["train"]
+    expected = plain_encoding(Path(cfg.data.data_dir), tok, 20)
+    src, tgt = train.rows(np.arange(len(train)))
+    assert [(s.tolist(), t.tolist()) for s, t in zip(src, tgt)] == expected
+    assert train.src_text is None and len(splits["valid"].src_text) == 40
+    dropped = 300 - len(expected)
+    assert f"multi30k/train: {len(expected)} pairs, dropped {dropped}" in caplog.text
+    specials = (tok.pad_id, tok.bos_id, tok.eos_id)
+    before = TokenBatcher(train, 512, 1, specials)
+    lengths = [max(len(s), len(t)) + 1 for s, t in expected]
+    assert before.lengths.tolist() == lengths
+
+    caplog.clear()
+    again, tok2, _, _ = prepare_data(cfg, tmp_path / "run2")
+    assert tok2.path == tok.path
+    assert "multi30k/train: loaded the cached encoding" in caplog.text
+    assert f"multi30k/train: {len(expected)} pairs, dropped {dropped}" in caplog.text
+    after = TokenBatcher(again["train"], 512, 1, specials)
+    for a, b in zip(before.epoch_batches(3), after.epoch_batches(3), strict=True):
+        assert (a == b).all()
+        x, y = before.batch(a), after.batch(b)
+        assert (x.src == y.src).all() and (x.tgt_out == y.tgt_out).all()
+    assert again["valid"].tgt_text == splits["valid"].tgt_text
+
+
+def test_tokenizer_sample_is_bounded_and_reproducible(tmp_path):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict(
+        {"src": [f"s{i}" for i in range(500)], "tgt": [f"t{i}" for i in range(500)]}
+    )
+    a = sample_sentences(ds, ["src", "tgt"], 100, seed=1)
+    assert len(a) == 100 and a == sample_sentences(ds, ["src", "tgt"], 100, seed=1)
+    assert a != sample_sentences(ds, ["src", "tgt"], 100, seed=2)
+    assert any(t.startswith("s") for t in a) and any(t.startswith("t") for t in a)
+    everything = sample_sentences(ds, ["src", "tgt"], 5000, seed=1)
+    assert everything == list(ds["src"]) + list(ds["tgt"])  # small corpora: all, in order
+    calls = []
+
+    def texts():
+        calls.append(1)
+        return [f"ein satz nummer {i} über hunde und katzen" for i in range(200)]
+
+    first = train_or_load(texts, tmp_path, vocab_size=60, key="corpus-a")
+    second = train_or_load(texts, tmp_path, vocab_size=60, key="corpus-a")
+    assert second.path == first.path and calls == [1]  # a hit never reads the corpus
+
+
+@pytest.mark.parametrize("config", ["wmt14", "iwslt2017"])
+def test_hub_configs_on_a_local_dataset_of_the_hub_schema(config, compose, tmp_path, caplog):
+    """data=wmt14 / data=iwslt2017 with hub_name pointed at a local parquet dataset laid out
+    like the Hub's (a `translation` column; train/validation/test), through prepare_data."""
+    from datasets import Dataset
+
+    caplog.set_level(logging.INFO)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    words = ["hund", "katze", "haus", "baum", "auto", "ball"]
+    en = {"hund": "dog", "katze": "cat", "haus": "house", "baum": "tree", "auto": "car"}
+    en["ball"] = "ball"
+    for split, n in (("train", 120), ("validation", 10), ("test", 12)):
+        rows = []
+        for i in range(n):
+            de = [words[(i + j) % 6] for j in range(1 + i % 5)]
+            rows.append({"de": "der " + " ".join(de), "en": "the " + " ".join(en[w] for w in de)})
+        Dataset.from_dict({"translation": rows}).to_parquet(str(hub / f"{split}.parquet"))
+    cfg = compose(
+        [
+            f"data={config}",
+            f"data.hub_name={hub}",
+            "data.hub_config=null",
+            "data.hub_revision=null",
+            "data.hub_data_dir=null",
+            "data.vocab_size=40",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
+    splits, tok, _, _ = prepare_data(cfg, tmp_path / "run")
+    assert set(splits) == {"train", "valid", "test"}
+    assert len(splits["train"]) == 120 and len(splits["test"].src_text) == 12
+    src_lang = cfg.data.src_lang
+    assert splits["valid"].src_text[3].startswith("der " if src_lang == "de" else "the ")
+    prepare_data(cfg, tmp_path / "run")
+    assert f"{config}/train: loaded the cached encoding" in caplog.text
+
+
+def test_raw_arrow_from_bad_files_is_an_error_that_leaves_no_file(tmp_path):
+    from transformer.corpus_cache import stream_to_arrow
+    from transformer.data import DataError
+
+    (tmp_path / "a.de").write_text("eins\nzwei\n")
+    (tmp_path / "a.en").write_text("one\n")
+    (tmp_path / "empty.en").write_text("")
+    out = tmp_path / "cache" / "raw.arrow"
+    out.parent.mkdir()
+    with pytest.raises(DataError, match="a.de has 2 lines, .*a.en has 1"):
+        stream_to_arrow(tmp_path / "a.de", tmp_path / "a.en", out)
+    with pytest.raises(DataError, match="empty.en is empty"):
+        stream_to_arrow(tmp_path / "a.de", tmp_path / "empty.en", out)
+    assert list(out.parent.iterdir()) == []

@@ -1,0 +1,168 @@
+"""torchrun with 2 CPU processes (gloo): each rank trains on its own shard of the batches,
+the ranks end with identical weights, only rank 0 writes files, the run resumes, and a
+SIGTERM to one rank stops both after the same update with a checkpoint."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from transformer import checkpoint
+from transformer.distributed import DEBUG_ENV, state_dict_sha256
+from transformer.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun_popen(overrides, run_dir: Path, debug_dir: Path, cwd: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        DEBUG_ENV: str(debug_dir),
+    }
+    args = [*overrides, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.Popen(
+        [*cmd, str(ROOT / "train.py"), *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def worker_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of ``rank`` (Linux /proc)."""
+    for children in Path(f"/proc/{torchrun_pid}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"no worker of rank {rank} under torchrun (pid {torchrun_pid})")
+
+
+def read_debug(debug_dir: Path, rank: int) -> tuple[list[dict], list[str]]:
+    """(micro-batch records, final weight hashes in order) written by one rank."""
+    records = [json.loads(line) for line in (debug_dir / f"rank{rank}.jsonl").open()]
+    batches = [r for r in records if "examples" in r]
+    return batches, [r["weights_sha256"] for r in records if "weights_sha256" in r]
+
+
+def steps(path: Path) -> list[int]:
+    return [int(row.split(",")[0]) for row in path.read_text().splitlines()[1:]]
+
+
+def last_step(path: Path) -> int:
+    try:
+        return steps(path)[-1]
+    except (FileNotFoundError, IndexError, ValueError):
+        return 0
+
+
+def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
+    compose, small_overrides, tmp_path
+):
+    overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
+        "trainer.max_steps=4",
+        "trainer.eval_every=2",
+        "trainer.bleu_every=2",
+        "trainer.log_every=1",
+        "trainer.patience=0",
+        "data.max_tokens=300",  # small batches: a few per rank and epoch
+        "model.dropout=0",  # so that one process can redo the same updates
+        "model.attn_dropout=0",
+        "model.act_dropout=0",
+        # Adam's eps=1e-9 turns rounding noise in a zero gradient (the key bias) into full
+        # steps; eps=1 keeps updates proportional to gradients, so the runs can be compared.
+        "trainer.optimizer.eps=1.0",
+        "trainer.optimizer.lr=0.1",
+    ]
+    run, debug = tmp_path / "run", tmp_path / "debug"
+    proc = torchrun_popen(overrides, run, debug, tmp_path)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+
+    (b0, w0), (b1, w1) = read_debug(debug, 0), read_debug(debug, 1)
+    assert [r["step"] for r in b0] == [r["step"] for r in b1] == [1, 2, 3, 4]
+    for step in range(4):  # same epoch here, so no example may be trained on by both ranks
+        assert b0[step]["epoch"] == b1[step]["epoch"] == 0
+    seen0 = {i for r in b0 for i in r["examples"]}
+    seen1 = {i for r in b1 for i in r["examples"]}
+    assert seen0 and seen1 and not seen0 & seen1
+    last = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert w0 == w1 == [state_dict_sha256(last["model"])]
+
+    # Rank r trains on batches r, r+2, ... of the epoch, so one process accumulating 2
+    # batches per update sees the same pairs: the same gradients if the loss normalisation
+    # over all ranks' tokens is right.
+    single = compose([*overrides, f"run_dir={tmp_path / 'single'}", "trainer.accum_steps=2"])
+    train(single)
+    alone = checkpoint.load(tmp_path / "single" / "checkpoints" / "last.pt")["model"]
+    for name, tensor in last["model"].items():
+        torch.testing.assert_close(tensor, alone[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    # Rank 0 alone wrote: one row per step, one log line per evaluation, one set of files.
+    assert steps(run / "train_log.csv") == [1, 2, 3, 4]
+    assert steps(run / "valid_log.csv") == [2, 4]
+    log_text = (run / "hydra" / "train.log").read_text()
+    assert log_text.count("valid loss") == 2, log_text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "step_00000002.pt",
+        "step_00000004.pt",
+    ]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 4
+    n_test = len((run / "test2016.hyp").read_text("utf-8").splitlines())
+    assert n_test == metrics["test2016"]["sentences"]
+
+    # Resume, then SIGTERM one rank only: every rank stops after the same update and rank 0
+    # saves it (the stop flag is all-reduced), so both ranks end on the saved weights.
+    proc = torchrun_popen(
+        [*overrides, "trainer.max_steps=100000", "trainer.eval_every=100000"], run, debug, tmp_path
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while last_step(run / "train_log.csv") < 6 and proc.poll() is None:
+            assert time.monotonic() < deadline, "no training progress"
+            time.sleep(0.05)
+        os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "run the same command to resume" in stderr, stderr[-3000:]
+    last = checkpoint.load(run / "checkpoints" / "last.pt")
+    stopped = last["progress"]["step"]
+    assert stopped == last_step(run / "train_log.csv") >= 6
+    (b0, w0), (b1, w1) = read_debug(debug, 0), read_debug(debug, 1)
+    assert [r["step"] for r in b0][4:] == [r["step"] for r in b1][4:] == list(range(5, stopped + 1))
+    assert w0[-1] == w1[-1] == state_dict_sha256(last["model"])
+    assert "resumed from" in (run / "hydra" / "train.log").read_text()
+    assert steps(run / "train_log.csv") == list(range(1, stopped + 1))
+
+
+def test_unwrap_sees_through_ddp_and_compile_in_either_order():
+    import torch.distributed as dist
+
+    model = torch.nn.Linear(2, 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        compiled_ddp = torch.compile(ddp)  # compilation is lazy: nothing is compiled here
+        ddp_compiled = torch.nn.parallel.DistributedDataParallel(torch.compile(model))
+        for wrapped in (ddp, compiled_ddp, ddp_compiled, torch.compile(model), model):
+            assert checkpoint.unwrap(wrapped) is model
+    finally:
+        dist.destroy_process_group()
