@@ -50,14 +50,34 @@ def best_time(fn, repeats: int, warmup: int = 1) -> float:
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
+DEVICE = torch.device("cpu")  # --device cuda: claim (3) on the GPU
+DTYPE = torch.float32  # bf16 on the GPU
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def peak_bytes(fn) -> int:
-    """Peak of (allocated - freed) bytes by the CPU allocator while ``fn()`` runs."""
+    """Peak of (allocated - freed) bytes by the CPU allocator while ``fn()`` runs (on CUDA:
+    the caching allocator's peak of allocated bytes above what was allocated before)."""
+    if DEVICE.type == "cuda":
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        sync()
+        del out
+        return torch.cuda.max_memory_allocated() - base
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
@@ -183,7 +203,7 @@ def measure_length(lengths, h: int, d: int, window: int, repeats: int, budget_s:
     for causal in (False, True):
         mode = "causal" if causal else "bidirectional"
         for n in lengths:
-            q, k, v = torch.randn(3, 1, h, n, d).unbind(0)  # each (1, h, n, d)
+            q, k, v = torch.randn(3, 1, h, n, d, device=DEVICE, dtype=DTYPE).unbind(0)
             for label, (kind, weights) in length_kinds(n, window).items():
                 if (mode, label) in over:
                     continue
@@ -433,7 +453,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--budget-s", type=float, default=20.0, help="stop a kind's n sweep")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cuda: only claim (3), in bf16, on the GPU")
     args = p.parse_args(argv)
+    if args.device != "cpu":
+        return main_gpu(args, sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args_given = sys.argv[1:] if argv is None else argv
@@ -471,6 +494,68 @@ def main(argv=None) -> None:
     (out / "claims.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "README.md").write_text(report(out, meta, scale, heads, length, cross, overhead))
     print(f"wrote {out}/README.md, claims.json and plots")
+
+
+def main_gpu(args, args_given) -> None:
+    """Claim (3) on a GPU: the same kinds and lengths, bf16, CUDA-synchronised times, peak
+    memory from the CUDA caching allocator."""
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), torch.bfloat16
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = [128 * 2**i for i in range(7)] if not args.quick else [128, 256, 512]
+    len_cfg = dict(h=4, d=64, window=64)
+    t0 = time.time()
+    length = measure_length(
+        lengths, len_cfg["h"], len_cfg["d"], len_cfg["window"], args.repeats, args.budget_s
+    )
+    plot_length(out, length, lengths)
+    cross = crossovers(length)
+    name = torch.cuda.get_device_name(DEVICE)
+    meta = dict(
+        command=" ".join(["python bench/attention_claims.py", *args_given]), device=name,
+        torch=torch.__version__, dtype="bfloat16", wall_s=time.time() - t0, **len_cfg,
+    )  # fmt: skip
+    (out / "claims.json").write_text(
+        json.dumps(dict(meta=meta, length=length, crossovers=cross), indent=1) + "\n"
+    )
+    text = [
+        f"# Attention time and memory against sequence length on a GPU ({name})",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- device: {name}; torch {meta['torch']}; bfloat16; wall time {meta['wall_s']:.0f} s; "
+        "raw numbers in [claims.json](claims.json)",
+        f"- one attention call of each kind on q, k, v of shape (1, h={len_cfg['h']}, n, "
+        f"d={len_cfg['d']}), forward only, in `torch.inference_mode`; time: fastest of the "
+        "repeats, CUDA-synchronised; peak memory: the CUDA caching allocator's peak of "
+        "allocated bytes during the call above what was allocated before (output and "
+        "temporaries, not the inputs). The CPU figures are in [../README.md](../README.md).",
+        "",
+        "Time (ms):",
+        "",
+        length_tables(length, "time_ms", "{:.3f}"),
+        "",
+        "Peak memory (MiB):",
+        "",
+        length_tables(length, "peak_mib", "{:.1f}"),
+        "",
+        "![time](length_time.png)",
+        "",
+        "![memory](length_memory.png)",
+        "",
+        "Crossovers: the length from which a kind is cheaper than full attention.",
+        "",
+        table(
+            ["mode", "kind", "vs", "time", "peak memory"],
+            [
+                [c["mode"], c["kind"], c["vs"], c["where"], m["where"]]
+                for c, m in zip(cross[0::2], cross[1::2])
+            ],
+        ),
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(text))
+    print("\n".join(text))
 
 
 if __name__ == "__main__":

@@ -93,20 +93,48 @@ def train_flops(cfg: dict, B: int, S: int, T: int, vocab: int) -> float:
     return 3 * 2 * (enc + dec + out)
 
 
-def measure(model, batches, pad, device, precision, steps, warmup):
+def make_step(model, pad, device, precision, compile=False):
+    """One training update (forward, label-smoothed loss, backward, clip, fused AdamW) as
+    the trainer does it; ``compile``: the forward and loss through torch.compile(dynamic=True)
+    as with ``trainer.compile=true``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if precision == "bf16" else None
     model.train()
-    times, tokens = [], 0
+
+    def loss_of(src, src_mask, tgt_in, tgt_out):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(src, src_mask, tgt_in)
+        return sequence_loss(logits, tgt_out, pad, 0.1)
+
+    if compile:
+        loss_of = torch.compile(loss_of, dynamic=True)
 
     def step(b):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(b.src, b.src_mask, b.tgt_in)
-        loss = sequence_loss(logits, b.tgt_out, pad, 0.1)
+        loss = loss_of(b.src, b.src_mask, b.tgt_in, b.tgt_out)
         (loss / 1000).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def load_batches(max_tokens: int, n: int):
+    """The first ``n`` length-bucketed Multi30k de->en training batches of ``max_tokens``
+    tokens (epoch 0, seed 1) and the tokenizer."""
+    from hydra import compose, initialize_config_dir
+
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(version_base="1.3", config_dir=conf):
+        cfg = compose("train", overrides=["run_dir=/tmp/bench-run", "data.test_splits=[]"])
+    splits, _, tok, _ = prepare_data(cfg, Path("/tmp/bench-run"))
+    batcher = TokenBatcher(splits["train"], max_tokens, 1, (tok.pad_id, tok.bos_id, tok.eos_id))
+    return [batcher.batch(i) for i in batcher.epoch_batches(0)[:n]], tok
+
+
+def measure(model, batches, pad, device, precision, steps, warmup, compile=False):
+    step = make_step(model, pad, device, precision, compile)
+    times, tokens = [], 0
 
     on_dev = [b.to(device) for b in batches]
     timed = on_dev[warmup : warmup + steps]
@@ -145,17 +173,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--rnn", action="store_true", help="also time the Bahdanau RNN")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time both through torch.compile(dynamic=True)"
+    )
+    ap.add_argument(
+        "--kinds",
+        default="",
+        help="also time ours with these model.attention.kind values (comma-separated)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
     precision = args.precision if device.type == "cuda" else "fp32"
 
-    from hydra import compose, initialize_config_dir
-
-    conf = str(Path(__file__).resolve().parent.parent / "conf")
-    with initialize_config_dir(version_base="1.3", config_dir=conf):
-        cfg = compose("train", overrides=["run_dir=/tmp/bench-run", "data.test_splits=[]"])
-    splits, _, tok, _ = prepare_data(cfg, Path("/tmp/bench-run"))
+    _, tok = load_batches(1024, 0)
     V, pad = len(tok), tok.pad_id
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -174,15 +205,13 @@ def main() -> None:
         else "- MFU: no peak figure for this device",
         "",
         "| config | max tokens | model | tgt tok/s | step ms (median) | peak GiB | MFU | "
-        "ours / Marian |",
+        "ours / Marian (same mode) |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for cname in args.configs.split(","):
         mcfg = CONFIGS[cname]
         for max_tokens in map(int, args.max_tokens.split(",")):
-            batcher = TokenBatcher(splits["train"], max_tokens, 1, (pad, tok.bos_id, tok.eos_id))
-            plan = batcher.epoch_batches(0)[: args.warmup + args.steps]
-            batches = [batcher.batch(i) for i in plan]
+            batches, _ = load_batches(max_tokens, args.warmup + args.steps)
             results = {}
             torch.manual_seed(0)
             models = {  # built and measured inside this iteration
@@ -191,21 +220,44 @@ def main() -> None:
                     marian(mcfg, V, pad, tok.bos_id, tok.eos_id)  # noqa: B023
                 ),
             }
+            if args.compile:
+                models["ours+compile"] = models["ours"]
+                models["marian+compile"] = models["marian"]
             if args.rnn and cname == "multi30k-default":
                 models["rnn"] = lambda: BahdanauRNN(V, V, pad)
+            for kind in filter(None, args.kinds.split(",")):
+                if kind != "scaled_dot":
+                    models[f"ours/{kind}"] = lambda k=kind, c=mcfg: Transformer(
+                        V, V, pad, **c, **DROPOUT, attention={"kind": k}
+                    )
             for mname, build in models.items():
                 model = build().to(device)
-                r = measure(model, batches, pad, device, precision, args.steps, args.warmup)
+                compiled = mname.endswith("+compile")
+                try:
+                    r = measure(
+                        model, batches, pad, device, precision, args.steps, args.warmup, compiled
+                    )
+                except torch.OutOfMemoryError as e:
+                    print(f"{cname} {max_tokens} {mname}: out of memory: {e}", flush=True)
+                    del model
+                    torch.cuda.empty_cache()
+                    continue
                 flops = sum(
                     train_flops(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in r["batches"]
                 )
-                r["mfu"] = flops / r["seconds"] / peak if peak and mname != "rnn" else None
+                rnn_or_kind = mname == "rnn" or "/" in mname
+                r["mfu"] = flops / r["seconds"] / peak if peak and not rnn_or_kind else None
                 results[mname] = r
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             for mname, r in results.items():
-                ratio = f"{r['tok_s'] / results['marian']['tok_s']:.2f}x" if mname == "ours" else ""
+                base = "marian+compile" if mname == "ours+compile" else "marian"
+                ratio = (
+                    f"{r['tok_s'] / results[base]['tok_s']:.2f}x"
+                    if mname.startswith("ours") and "/" not in mname and base in results
+                    else ""
+                )
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
                 lines.append(
                     f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | "

@@ -28,7 +28,7 @@ pids=()
 while [ $# -ge 2 ]; do
   name=$1; overrides=$2; shift 2
   # shellcheck disable=SC2086
-  echo "python train.py $overrides" > runs/$name.cmd
+  echo "python3 train.py $overrides" > runs/$name.cmd
   OMP_NUM_THREADS=2 timeout "${RUN_TIMEOUT:-480}" python3 train.py $overrides \
     trainer.progress_bar=false hydra.run.dir=runs/$name > runs/$name.log 2>&1 &
   pids+=($!)
@@ -39,9 +39,10 @@ import json,sys; m=json.load(open('$f')); t=m.get('test2016',{})
 print(m['model'], 'steps', m['steps'], 'train_s', m['train_seconds'], 'tok/s', m['train_tokens_per_s'],
       'best_valid_bleu', m['best_valid_bleu'], 'test BLEU', t.get('bleu'), 'chrF', t.get('chrf'))"; done
 tail -n 3 runs/*.log
-# Greedy vs beam 5 (and any other settings in $DECODES) on test2016 for every trained run,
+# Greedy vs beam 5 (and any other settings in $DECODES) on test2016 for every trained run
+# (EVALUATE=0 skips it),
 # hypothesis files included: runs/evaluate/{README.md,results.json,NAME/*.hyp}.
 ckpts=(runs/*/checkpoints/best.pt)
-[ -e "${ckpts[0]}" ] && python3 -m transformer.evaluate "${ckpts[@]}" \
+[ "${EVALUATE:-1}" = 1 ] && [ -e "${ckpts[0]}" ] && python3 -m transformer.evaluate "${ckpts[@]}" \
   --decode ${DECODES:-greedy beam} --out runs/evaluate 2>&1 | tail -n 20
 tar czf "$OUT/runs.tar.gz" --exclude='*.pt' runs

@@ -1,0 +1,299 @@
+"""Data pipeline at scale (issue 9): tokenizer training, encoding, cache size, peak memory and
+time to the first training step, for synthetic corpora of growing size.
+
+Each corpus is made at run time under --work by recombining Multi30k training pairs (pair i
+joins pairs a_i and b_i of a seeded draw, source with source and target with target), so
+sentences are real text and twice Multi30k's length; valid/test2016 are Multi30k's own.
+Per size:
+  prepare   a child process runs open_split + train_or_load + encode_split on an empty
+            cache: text-to-Arrow time, tokenizer time, encoding time, cache size on disk;
+            peak RSS: the largest sum of RSS over the child and its workers (/proc).
+  cold      ``train.py trainer.max_steps=1`` on an empty cache: seconds from launch until
+            train_log.csv holds step 1 (the run is then stopped: evaluation is not timed).
+  warm      the same command again on the filled cache.
+Throughput: target tokens/s over --steps steps (first log window left out), same model, on
+the largest corpus and on Multi30k.
+
+    python bench/data_scale.py --sizes 100000 1000000 5000000 --out results/data-scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+COMMON = ["trainer.progress_bar=false", "device=cpu", "decode=greedy"]
+
+
+def read(split: str, lang: str) -> list[str]:
+    with gzip.open(MULTI30K / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def make_corpus(root: Path, size: int, seed: int = 0) -> Path:
+    """root/multi30k/{train,valid,test2016}.{de,en}; train has ``size`` recombined pairs."""
+    d = root / "multi30k"
+    if (d / "train.en").is_file():
+        return root
+    d.mkdir(parents=True, exist_ok=True)
+    de, en = read("train", "de"), read("train", "en")
+    rng = np.random.default_rng(seed)
+    with open(d / "train.de", "w") as fd, open(d / "train.en", "w") as fe:
+        for start in range(0, size, 100_000):
+            n = min(100_000, size - start)
+            a, b = rng.integers(0, len(de), n), rng.integers(0, len(de), n)
+            fd.writelines(f"{de[i]} {de[j]}\n" for i, j in zip(a, b))
+            fe.writelines(f"{en[i]} {en[j]}\n" for i, j in zip(a, b))
+    for split in ("valid", "test2016"):
+        for lang in ("de", "en"):
+            (d / f"{split}.{lang}").write_text("\n".join(read(split, lang)) + "\n")
+    return root
+
+
+def tree_rss(pid: int) -> int:
+    """Bytes of RSS of ``pid`` and all its descendants (psutil if installed, else /proc)."""
+    try:
+        import psutil
+
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+        return sum(q.memory_info().rss for q in procs if q.is_running())
+    except ImportError:
+        pass
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def watch(cmd: list[str], done=None, timeout: float = 7200) -> dict:
+    """Run ``cmd`` polling its tree's RSS; stop it when ``done()`` is true. Returns seconds
+    (to done, or to exit), peak RSS in bytes, and the return code (None if stopped)."""
+    out_path = Path(f"/tmp/data-scale-{os.getpid()}-{time.monotonic_ns()}.log")
+    peak, seconds, rc = 0, None, None
+    start = time.perf_counter()
+    with open(out_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        while True:
+            peak = max(peak, tree_rss(proc.pid))
+            if done is not None and done():
+                seconds = time.perf_counter() - start
+                os.killpg(proc.pid, signal.SIGKILL)  # our child; SIGTERM would evaluate
+                proc.wait()
+                break
+            if proc.poll() is not None:
+                seconds, rc = time.perf_counter() - start, proc.returncode
+                break
+            if time.perf_counter() - start > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise TimeoutError(" ".join(cmd))
+            time.sleep(0.2)
+    if rc not in (None, 0):
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); see {out_path}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 2**20), "log": str(out_path)}
+
+
+def prepare_child(data_dir: str, cache_dir: str) -> None:
+    """(child) Time the tokenizer and the encoding of every split; print one JSON line."""
+    sys.path.insert(0, str(ROOT))
+    from hydra import compose, initialize_config_dir
+
+    from transformer.corpus_cache import encode_split, open_split, sample_sentences
+    from transformer.tokenizer import train_or_load
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("train", [f"data.data_dir={data_dir}", f"data.cache_dir={cache_dir}"])
+    d, cache = cfg.data, Path(cache_dir)
+    start = time.perf_counter()
+    sources = {s: open_split(d, s, cache) for s in [d.train_split, d.valid_split, *d.test_splits]}
+    fp, load = sources[d.train_split]
+    load()  # local text -> raw Arrow (memory-mapped)
+    read_s = time.perf_counter() - start
+    texts = lambda: sample_sentences(load(), ["src", "tgt"], d.spm_input_sentence_size, cfg.seed)  # noqa: E731
+    tok = train_or_load(
+        texts, cache / "spm", d.vocab_size, d.spm_model_type, d.character_coverage,
+        d.spm_input_sentence_size, cfg.seed, key=f"{fp}|src+tgt",
+    )  # fmt: skip
+    spm_s = time.perf_counter() - start - read_s
+    for name, (fp, load) in sources.items():
+        encode_split(f"{fp}|{d.src_lang}-{d.tgt_lang}", load, tok, tok, d.max_len,
+                     name == d.train_split, f"{d.name}/{name}", cache, d.num_proc)  # fmt: skip
+    encode_s = time.perf_counter() - start - read_s - spm_s
+    times = {"read_s": read_s, "spm_s": spm_s, "encode_s": encode_s}
+    print(json.dumps({k: round(v, 1) for k, v in times.items()}), flush=True)
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def steps_logged(run_dir: Path, steps: int):
+    def done() -> bool:
+        f = run_dir / "train_log.csv"
+        if not f.is_file():
+            return False
+        rows = list(csv.DictReader(f.open()))
+        return bool(rows) and int(rows[-1]["step"]) >= steps
+
+    return done
+
+
+def train_cmd(data_dir: Path, cache_dir: Path, run_dir: Path, steps: int, log_every: int):
+    return [
+        *TRAIN,
+        f"data.data_dir={data_dir}",
+        f"data.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+        f"trainer.max_steps={steps}",
+        f"trainer.log_every={log_every}",
+        f"trainer.eval_every={steps + 1000}",
+        *COMMON,
+    ]
+
+
+def throughput(data_dir: Path, cache_dir: Path, run_dir: Path, steps: int) -> float:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log_every = max(1, steps // 5)
+    watch(train_cmd(data_dir, cache_dir, run_dir, steps, log_every), steps_logged(run_dir, steps))
+    rows = list(csv.DictReader((run_dir / "train_log.csv").open()))[1:]  # first: warm-up
+    return round(float(np.mean([float(r["tokens_per_s"]) for r in rows])))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "data-scale")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/data-scale"))
+    ap.add_argument("--steps", type=int, default=50, help="steps for the tokens/s comparison")
+    args = ap.parse_args()
+    rows = []
+    for size in args.sizes:
+        data = make_corpus(args.work / f"corpus-{size}", size)
+        cache, run = args.work / f"cache-{size}", args.work / f"run-{size}"
+        shutil.rmtree(cache, ignore_errors=True)
+        child = [sys.executable, __file__, "--child-prepare", str(data), str(cache)]
+        prep = watch(child)
+        times = json.loads(Path(prep["log"]).read_text().strip().splitlines()[-1])
+        row = {"pairs": size, **times, "prepare_peak_rss_mb": prep["peak_rss_mb"]}
+        row["cache_mb"] = round(du(cache) / 2**20)
+        row["cache_encoded_mb"] = round(du(cache / "encoded") / 2**20)
+        for phase in ("cold", "warm"):
+            if phase == "cold":
+                shutil.rmtree(cache)
+            shutil.rmtree(run, ignore_errors=True)
+            r = watch(train_cmd(data, cache, run, 1, 1), steps_logged(run, 1))
+            row[f"first_step_{phase}_s"] = r["seconds"]
+            row[f"first_step_{phase}_peak_rss_mb"] = r["peak_rss_mb"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    largest = max(args.sizes)
+    tps = {
+        f"synthetic {largest:,}": throughput(
+            args.work / f"corpus-{largest}",
+            args.work / f"cache-{largest}",
+            args.work / "tps",
+            args.steps,
+        ),  # fmt: skip
+        "Multi30k": throughput(
+            MULTI30K.parent, args.work / "cache-multi30k", args.work / "tps", args.steps
+        ),  # fmt: skip
+    }
+    write_results(args.out, rows, tps, args)
+
+
+def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "command": "python bench/data_scale.py " + " ".join(sys.argv[1:]),
+    }
+    (out / "data_scale.json").write_text(
+        json.dumps({"meta": meta, "sizes": rows, "tokens_per_s": tps}, indent=2) + "\n"
+    )
+    cols = [
+        ("pairs", "pairs"),
+        ("read_s", "text to Arrow s"),
+        ("spm_s", "tokenizer s"),
+        ("encode_s", "encoding s"),
+        ("cache_mb", "cache MB"),
+        ("prepare_peak_rss_mb", "peak RSS MB (prepare)"),
+        ("first_step_cold_s", "first step, cold s"),
+        ("first_step_warm_s", "first step, warm s"),
+        ("first_step_warm_peak_rss_mb", "peak RSS MB (warm start)"),
+    ]
+    lines = [
+        "# Data pipeline at scale",
+        "",
+        f"`{meta['command']}`; {meta['machine']}, Python {meta['python']}, torch {meta['torch']}.",
+        "",
+        "| " + " | ".join(c[1] for c in cols) + " |",
+        "|" + "---:|" * len(cols),
+    ]
+    lines += ["| " + " | ".join(f"{r[k]:,}" for k, _ in cols) + " |" for r in rows]
+    lines += ["", "Training target tokens/s, same model and settings:", ""]
+    lines += [f"- {k}: {v:,}" for k, v in tps.items()]
+    (out / "data_scale.md").write_text("\n".join(lines) + "\n")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    n = [r["pairs"] for r in rows]
+    for key, label in [("spm_s", "tokenizer"), ("encode_s", "encoding"),
+                       ("first_step_cold_s", "first step, cold"),
+                       ("first_step_warm_s", "first step, warm")]:  # fmt: skip
+        ax1.plot(n, [r[key] for r in rows], "o-", label=label)
+    for key, label in [("prepare_peak_rss_mb", "prepare"),
+                       ("first_step_cold_peak_rss_mb", "cold start"),
+                       ("first_step_warm_peak_rss_mb", "warm start")]:  # fmt: skip
+        ax2.plot(n, [r[key] / 1024 for r in rows], "o-", label=label)
+    for ax, y in ((ax1, "seconds"), (ax2, "peak RSS, GiB (process + workers)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training pairs")
+        ax.set_ylabel(y)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "data_scale.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child-prepare":
+        prepare_child(sys.argv[2], sys.argv[3])
+    else:
+        main()
