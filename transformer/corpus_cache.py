@@ -8,7 +8,10 @@ setting makes a new entry instead of reusing a stale one:
   (spm/)    the SentencePiece model, trained on a bounded random sample (``sample_sentences``).
   encoded/  subword ids from ``Dataset.map(batched=True, num_proc=data.num_proc)``, keyed by
             the corpus fingerprint, direction, split, filters and both tokenizers' sha256,
-            written with ``save_to_disk`` and opened with ``load_from_disk`` (memory-mapped).
+            written with ``save_to_disk`` and opened with ``load_from_disk`` (memory-mapped),
+            plus ``lengths.npy``: both sides' lengths, so that a warm start reads 8 bytes per
+            pair instead of paging in the Arrow list offsets, which sit between the token ids
+            (read-ahead would bring most of the ids into memory with them).
 
 A warm start reads no corpus text: it stats the files, finds the tokenizer and the encoded
 splits by key and maps them. ``EncodedSplit`` (data.py) reads rows straight from the map.
@@ -29,7 +32,7 @@ from .data import DataError, EncodedSplit, check_langs, find_file, iter_lines, l
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the cached layout or the encoding changes
+CACHE_VERSION = 2  # bump when the cached layout or the encoding changes
 RECORD_ROWS = 100_000  # rows per Arrow record batch of raw text
 
 
@@ -224,9 +227,9 @@ def encode_split(
             desc=f"encoding {name}",
         )
         counts = {"pairs": len(ds)}
+        mapped = EncodedSplit(ds.data.table)  # the map's output: no row selection yet
+        src, tgt = mapped.src_lens, mapped.tgt_lens
         if filter_long:
-            split = EncodedSplit(ds.data.table)
-            src, tgt = split.src_lens, split.tgt_lens
             keep = (src > 0) & (src <= max_len) & (tgt > 0) & (tgt <= max_len)
             counts = {
                 "pairs": int(keep.sum()),
@@ -240,12 +243,14 @@ def encode_split(
                 )
             if counts["dropped"]:
                 ds = ds.select(np.flatnonzero(keep))
+                src, tgt = src[keep], tgt[keep]
         else:
             counts["truncated"] = int(np.asarray(ds.data.table["src_long"]).sum())
             ds = ds.remove_columns("src_long")
         ds.save_to_disk(str(work / "saved"))
+        np.save(work / "saved" / "lengths.npy", np.stack([src, tgt]).astype(np.int32))
         (work / "saved" / "counts.json").write_text(json.dumps(counts))
-        del ds
+        del ds, mapped
         shutil.rmtree(final, ignore_errors=True)
         os.replace(work / "saved", final)  # atomic: a half-written cache is never found
         shutil.rmtree(work, ignore_errors=True)
@@ -254,6 +259,7 @@ def encode_split(
     counts = json.loads((final / "counts.json").read_text())
     log_counts(name, counts, max_len)
     ds = load_from_disk(str(final))
+    lengths = tuple(np.load(final / "lengths.npy"))
     if filter_long:
-        return EncodedSplit(ds.data.table)
-    return EncodedSplit(ds.data.table, list(ds["src_text"]), list(ds["tgt_text"]))
+        return EncodedSplit(ds.data.table, lengths=lengths)
+    return EncodedSplit(ds.data.table, list(ds["src_text"]), list(ds["tgt_text"]), lengths)

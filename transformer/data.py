@@ -220,14 +220,25 @@ class EncodedSplit:
     their text (``src_text``/``tgt_text``); training splits have None there.
     """
 
-    def __init__(self, table, src_text: list[str] | None = None, tgt_text: list[str] | None = None):
+    def __init__(
+        self,
+        table,
+        src_text: list[str] | None = None,
+        tgt_text: list[str] | None = None,
+        lengths: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
+        """``lengths``: (source, target) lengths per row when known (the cache stores them),
+        else read from the table's list offsets."""
         import pyarrow.compute as pc
 
         if [len(c) for c in table["src_ids"].chunks] != [len(c) for c in table["tgt_ids"].chunks]:
             table = table.combine_chunks()  # rare: give both columns one chunk layout
         self.table, self.src_text, self.tgt_text = table, src_text, tgt_text
-        self.src_lens = pc.list_value_length(table["src_ids"]).to_numpy().astype(np.int64)
-        self.tgt_lens = pc.list_value_length(table["tgt_ids"]).to_numpy().astype(np.int64)
+        if lengths is None:
+            lengths = [pc.list_value_length(table[c]).to_numpy() for c in ("src_ids", "tgt_ids")]
+        self.src_lens, self.tgt_lens = (np.asarray(x, dtype=np.int64) for x in lengths)
+        if len(self.src_lens) != len(table) or len(self.tgt_lens) != len(table):
+            raise DataError(f"lengths for {len(self.src_lens)} rows, table has {len(table)}")
         # Per Arrow chunk: its first row, and offsets and values as zero-copy numpy views.
         sizes = [len(c) for c in table["src_ids"].chunks]
         self._starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
