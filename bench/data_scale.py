@@ -65,16 +65,16 @@ def make_corpus(root: Path, size: int, seed: int = 0) -> Path:
     return root
 
 
-def tree_rss(pid: int) -> int:
-    """Bytes of RSS of ``pid`` and all its descendants (psutil if installed, else /proc)."""
-    try:
-        import psutil
+MEM_FIELDS = ("Rss", "Pss", "Pss_Anon")  # of /proc/PID/smaps_rollup, in kB
 
-        p = psutil.Process(pid)
-        procs = [p, *p.children(recursive=True)]
-        return sum(q.memory_info().rss for q in procs if q.is_running())
-    except ImportError:
-        pass
+
+def tree_memory(pid: int) -> dict[str, int]:
+    """Bytes of memory of ``pid`` and all its descendants, summed over the processes:
+    Rss (what ``ps`` shows; pages shared by several processes, such as the shared libraries
+    and the memory-mapped Arrow files the encoding workers all read, count once per process),
+    Pss (each shared page divided among its sharers: the tree's real share of RAM, page cache
+    of mapped files included), Pss_Anon (the anonymous part of Pss: heap and stacks, memory
+    that cannot be dropped and re-read from disk)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -82,15 +82,16 @@ def tree_rss(pid: int) -> int:
             children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
-    total, todo = 0, [pid]
+    total, todo = dict.fromkeys(MEM_FIELDS, 0), [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in total:
+                    total[key] += int(value.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
             pass
     return total
 
@@ -99,13 +100,14 @@ def watch(cmd: list[str], done=None, timeout: float = 7200) -> dict:
     """Run ``cmd`` polling its tree's RSS; stop it when ``done()`` is true. Returns seconds
     (to done, or to exit), peak RSS in bytes, and the return code (None if stopped)."""
     out_path = Path(f"/tmp/data-scale-{os.getpid()}-{time.monotonic_ns()}.log")
-    peak, seconds, rc = 0, None, None
+    peak, seconds, rc = dict.fromkeys(MEM_FIELDS, 0), None, None
     start = time.perf_counter()
     with open(out_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=log,
                                 stderr=subprocess.STDOUT)  # fmt: skip
         while True:
-            peak = max(peak, tree_rss(proc.pid))
+            now = tree_memory(proc.pid)
+            peak = {k: max(peak[k], now[k]) for k in MEM_FIELDS}  # each its own peak
             if done is not None and done():
                 seconds = time.perf_counter() - start
                 os.killpg(proc.pid, signal.SIGKILL)  # our child; SIGTERM would evaluate
@@ -120,7 +122,8 @@ def watch(cmd: list[str], done=None, timeout: float = 7200) -> dict:
             time.sleep(0.2)
     if rc not in (None, 0):
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); see {out_path}")
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 2**20), "log": str(out_path)}
+    mb = {f"peak_{k.lower()}_mb": round(v / 2**20) for k, v in peak.items()}
+    return {"seconds": round(seconds, 2), **mb, "log": str(out_path)}
 
 
 def prepare_child(data_dir: str, cache_dir: str) -> None:
@@ -181,12 +184,17 @@ def train_cmd(data_dir: Path, cache_dir: Path, run_dir: Path, steps: int, log_ev
     ]
 
 
-def throughput(data_dir: Path, cache_dir: Path, run_dir: Path, steps: int) -> float:
+def throughput(data_dir: Path, cache_dir: Path, run_dir: Path, steps: int) -> dict:
+    """Mean target tokens/s over ``steps`` training steps (the first log window, warm-up,
+    left out) and the peak memory of the run."""
     shutil.rmtree(run_dir, ignore_errors=True)
     log_every = max(1, steps // 5)
-    watch(train_cmd(data_dir, cache_dir, run_dir, steps, log_every), steps_logged(run_dir, steps))
-    rows = list(csv.DictReader((run_dir / "train_log.csv").open()))[1:]  # first: warm-up
-    return round(float(np.mean([float(r["tokens_per_s"]) for r in rows])))
+    r = watch(
+        train_cmd(data_dir, cache_dir, run_dir, steps, log_every), steps_logged(run_dir, steps)
+    )
+    rows = list(csv.DictReader((run_dir / "train_log.csv").open()))[1:]
+    out = {"tokens_per_s": round(float(np.mean([float(x["tokens_per_s"]) for x in rows])))}
+    return out | {k: v for k, v in r.items() if k.startswith("peak_")}
 
 
 def main() -> None:
@@ -204,7 +212,8 @@ def main() -> None:
         child = [sys.executable, __file__, "--child-prepare", str(data), str(cache)]
         prep = watch(child)
         times = json.loads(Path(prep["log"]).read_text().strip().splitlines()[-1])
-        row = {"pairs": size, **times, "prepare_peak_rss_mb": prep["peak_rss_mb"]}
+        row = {"pairs": size, **times}
+        row.update({f"prepare_{k}": v for k, v in prep.items() if k.startswith("peak_")})
         row["cache_mb"] = round(du(cache) / 2**20)
         row["cache_encoded_mb"] = round(du(cache / "encoded") / 2**20)
         for phase in ("cold", "warm"):
@@ -213,7 +222,9 @@ def main() -> None:
             shutil.rmtree(run, ignore_errors=True)
             r = watch(train_cmd(data, cache, run, 1, 1), steps_logged(run, 1))
             row[f"first_step_{phase}_s"] = r["seconds"]
-            row[f"first_step_{phase}_peak_rss_mb"] = r["peak_rss_mb"]
+            row.update(
+                {f"first_step_{phase}_{k}": v for k, v in r.items() if k.startswith("peak_")}
+            )
         print(json.dumps(row), flush=True)
         rows.append(row)
     largest = max(args.sizes)
@@ -229,6 +240,15 @@ def main() -> None:
         ),  # fmt: skip
     }
     write_results(args.out, rows, tps, args)
+
+
+def md_table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
+    fmt = lambda v: f"{v:,}" if isinstance(v, (int, float)) else str(v)  # noqa: E731
+    return [
+        "| " + " | ".join(c[1] for c in cols) + " |",
+        "|" + "---:|" * len(cols),
+        *("| " + " | ".join(fmt(r[k]) for k, _ in cols) + " |" for r in rows),
+    ]
 
 
 def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
@@ -248,28 +268,48 @@ def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
     (out / "data_scale.json").write_text(
         json.dumps({"meta": meta, "sizes": rows, "tokens_per_s": tps}, indent=2) + "\n"
     )
-    cols = [
+    times = [
         ("pairs", "pairs"),
         ("read_s", "text to Arrow s"),
         ("spm_s", "tokenizer s"),
         ("encode_s", "encoding s"),
         ("cache_mb", "cache MB"),
-        ("prepare_peak_rss_mb", "peak RSS MB (prepare)"),
-        ("first_step_cold_s", "first step, cold s"),
-        ("first_step_warm_s", "first step, warm s"),
-        ("first_step_warm_peak_rss_mb", "peak RSS MB (warm start)"),
+        ("first_step_cold_s", "first step, cold cache s"),
+        ("first_step_warm_s", "first step, warm cache s"),
+    ]
+    phases = [("prepare", "preprocessing"), ("first_step_cold", "cold start"),
+              ("first_step_warm", "warm start")]  # fmt: skip
+    kinds = [("rss", "RSS"), ("pss", "PSS"), ("pss_anon", "anonymous")]
+    memory = [("pairs", "pairs")] + [
+        (f"{p}_peak_{k}_mb", f"{pl}: {kl}") for p, pl in phases for k, kl in kinds
     ]
     lines = [
         "# Data pipeline at scale",
         "",
         f"`{meta['command']}`; {meta['machine']}, Python {meta['python']}, torch {meta['torch']}.",
         "",
-        "| " + " | ".join(c[1] for c in cols) + " |",
-        "|" + "---:|" * len(cols),
+        "Seconds and cache size (preprocessing: text to Arrow, SentencePiece on a sample of at "
+        "most `data.spm_input_sentence_size` sentences, encoding of all splits; first step: "
+        "`train.py` launched until step 1 is logged):",
+        "",
     ]
-    lines += ["| " + " | ".join(f"{r[k]:,}" for k, _ in cols) + " |" for r in rows]
-    lines += ["", "Training target tokens/s, same model and settings:", ""]
-    lines += [f"- {k}: {v:,}" for k, v in tps.items()]
+    lines += md_table(rows, times)
+    lines += [
+        "",
+        "Peak memory, MB, of the process and all its workers (sampled every 0.2 s from "
+        "/proc/PID/smaps_rollup, summed over the processes): RSS counts a page shared by "
+        "several processes (libraries, the memory-mapped Arrow files the encoding workers "
+        "read) once per process; PSS splits it among them (the tree's real share of RAM, page "
+        "cache of mapped files included); anonymous is the heap part of PSS, memory that "
+        "cannot be dropped and re-read from disk.",
+        "",
+    ]
+    lines += md_table(rows, memory)
+    lines += ["", "Training (same model and settings, `--steps` steps):", ""]
+    train_cols = [("name", "corpus"), ("tokens_per_s", "target tokens/s")] + [
+        (f"peak_{k}_mb", f"peak {kl} MB") for k, kl in kinds
+    ]
+    lines += md_table([{"name": k, **v} for k, v in tps.items()], train_cols)
     (out / "data_scale.md").write_text("\n".join(lines) + "\n")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     n = [r["pairs"] for r in rows]
@@ -277,15 +317,16 @@ def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
                        ("first_step_cold_s", "first step, cold"),
                        ("first_step_warm_s", "first step, warm")]:  # fmt: skip
         ax1.plot(n, [r[key] for r in rows], "o-", label=label)
-    for key, label in [("prepare_peak_rss_mb", "prepare"),
-                       ("first_step_cold_peak_rss_mb", "cold start"),
-                       ("first_step_warm_peak_rss_mb", "warm start")]:  # fmt: skip
-        ax2.plot(n, [r[key] / 1024 for r in rows], "o-", label=label)
-    for ax, y in ((ax1, "seconds"), (ax2, "peak RSS, GiB (process + workers)")):
+    for (p, pl), style in zip(phases, ("o", "s", "^")):
+        for (k, kl), line in zip(kinds, ("-", "--", ":")):
+            values = [r[f"{p}_peak_{k}_mb"] / 1024 for r in rows]
+            ax2.plot(n, values, style + line, label=f"{pl}, {kl}")
+    ax2.axhline(3, color="grey", lw=0.8)
+    for ax, y in ((ax1, "seconds"), (ax2, "peak memory, GiB (process + workers)")):
         ax.set_xscale("log")
         ax.set_xlabel("training pairs")
         ax.set_ylabel(y)
-        ax.legend()
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "data_scale.png", dpi=120)

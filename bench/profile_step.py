@@ -1,12 +1,13 @@
 """Where the time of one training step goes: a torch.profiler breakdown.
 
     python bench/profile_step.py [--config transformer-base] [--max-tokens 25000]
-        [--models ours,marian] [--compile] [--out results/bench/profile_NAME.md]
+        [--models ours,marian] [--compile] [--device cpu] [--out results/bench/profile_NAME.md]
 
 For each model, after warm-up on the same real Multi30k batches as ``bench/train_speed.py``,
 profiles a few training steps and reports: wall time per step, GPU kernel time per step (the
 time the GPU is busy; wall minus that is time the GPU waits for the host), kernel launches per
 step, and the operators with the most host (CPU) time and the kernels with the most GPU time.
+On a CPU (``--device cpu``, fp32): wall time per step and the operators with the most time.
 Not a test: it measures.
 """
 
@@ -48,17 +49,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    precision = "bf16" if cuda else "fp32"
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    if cuda:
+        name = torch.cuda.get_device_name()
+    else:
+        import platform
+
+        name = (
+            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        )
     mcfg = CONFIGS[args.config]
     batches, tok = load_batches(args.max_tokens, 4 + args.steps)
     batches = [b.to(device) for b in batches]
     V, pad = len(tok), tok.pad_id
     lines = [
-        f"# Profile of one training step ({torch.cuda.get_device_name()})",
+        f"# Profile of one training step ({name})",
         "",
-        f"- torch {torch.__version__}; bf16 autocast; config {args.config} "
+        f"- torch {torch.__version__}; {'bf16 autocast' if cuda else 'fp32'}; config {args.config} "
         f"({mcfg}); max tokens {args.max_tokens}; compile: {args.compile}",
         f"- command: `python bench/profile_step.py {' '.join(sys.argv[1:])}`",
         "",
@@ -70,33 +83,38 @@ def main() -> None:
         else:
             model = MarianAdapter(marian(mcfg, V, pad, tok.bos_id, tok.eos_id))
         model = model.to(device)
-        step = make_step(model, pad, device, "bf16", args.compile)
+        step = make_step(model, pad, device, precision, args.compile)
         for b in batches:  # warm-up, every shape once (compilation included)
             step(b)
-        torch.cuda.synchronize()
+        sync()
         timed = batches[-args.steps :]
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             for b in timed:
                 step(b)
-            torch.cuda.synchronize()
+            sync()
             wall = (time.perf_counter() - t0) / len(timed)
         events = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
         launch_ops = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
         launches = sum(e.count for e in events if e.key in launch_ops)
         n = len(timed)
+        tokens = sum(int((b.tgt_out != pad).sum()) for b in timed) / n
         lines += [
             f"## {mname}",
             "",
-            f"- wall per step: {1000 * wall:.1f} ms (profiled; the profiler adds host overhead)",
-            f"- GPU kernel time per step: {gpu_us / n / 1000:.1f} ms "
-            f"({100 * gpu_us / n / 1e6 / wall:.0f}% of wall: the rest the GPU waits for the host)",
-            f"- kernel launches per step: {launches / n:.0f}",
-            "",
-            "Host time by operator (self CPU, per step):",
-            "",
+            f"- wall per step: {1000 * wall:.1f} ms for {tokens:,.0f} target tokens "
+            "(profiled; the profiler adds host overhead)",
         ]
+        if cuda:
+            lines += [
+                f"- GPU kernel time per step: {gpu_us / n / 1000:.1f} ms "
+                f"({100 * gpu_us / n / 1e6 / wall:.0f}% of wall: "
+                "the rest the GPU waits for the host)",
+                f"- kernel launches per step: {launches / n:.0f}",
+            ]
+        lines += ["", "Host time by operator (self CPU, per step):", ""]
         cpu = sorted(
             (e for e in events if e.device_type.name == "CPU"),
             key=lambda e: e.self_cpu_time_total,
@@ -106,20 +124,23 @@ def main() -> None:
             [(e.key[:60], e.count // n, f"{e.self_cpu_time_total / n / 1000:.2f}") for e in cpu],
             ["operator", "calls/step", "self CPU ms/step"],
         )
-        lines += ["", "GPU time by kernel (per step):", ""]
-        gpu = sorted(
-            (e for e in events if e.device_type.name == "CUDA"),
-            key=lambda e: e.self_device_time_total,
-            reverse=True,
-        )[: args.top]
-        lines += table(
-            [(e.key[:70], e.count // n, f"{e.self_device_time_total / n / 1000:.2f}") for e in gpu],
-            ["kernel", "calls/step", "GPU ms/step"],
-        )
+        if cuda:
+            lines += ["", "GPU time by kernel (per step):", ""]
+            gpu = sorted(
+                (e for e in events if e.device_type.name == "CUDA"),
+                key=lambda e: e.self_device_time_total,
+                reverse=True,
+            )[: args.top]
+            rows = [
+                (e.key[:70], e.count // n, f"{e.self_device_time_total / n / 1000:.2f}")
+                for e in gpu
+            ]
+            lines += table(rows, ["kernel", "calls/step", "GPU ms/step"])
         lines.append("")
         print("\n".join(lines[-40:]), flush=True)
         del model, step
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
