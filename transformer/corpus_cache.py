@@ -208,52 +208,55 @@ def encode_split(
         work = cache_dir / "encoded" / f"tmp-{key}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        workers = max(1, min(num_proc, len(ds) // 50_000))  # small splits: no workers
-        ds = ds.map(
-            encode_batch,
-            batched=True,
-            num_proc=workers,
-            remove_columns=ds.column_names,
-            features=Features(features),
-            fn_kwargs=dict(
-                src_model=str(src_tok.path),
-                tgt_model=str(tgt_tok.path),
-                max_len=max_len,
-                eval_split=not filter_long,
-                num_threads=1 if workers > 1 else None,
-            ),
-            cache_file_name=str(work / "map.arrow"),
-            new_fingerprint=key,  # our key; skips hashing the function
-            desc=f"encoding {name}",
-        )
-        counts = {"pairs": len(ds)}
-        mapped = EncodedSplit(ds.data.table)  # the map's output: no row selection yet
-        src, tgt = mapped.src_lens, mapped.tgt_lens
-        if filter_long:
-            keep = (src > 0) & (src <= max_len) & (tgt > 0) & (tgt <= max_len)
-            counts = {
-                "pairs": int(keep.sum()),
-                "dropped": int((~keep).sum()),
-                "empty": int(((src == 0) | (tgt == 0)).sum()),
-            }
-            if counts["pairs"] == 0:
-                shutil.rmtree(work)
-                raise DataError(
-                    f"{name}: no sentence pairs left after filtering (data.max_len={max_len})"
-                )
-            if counts["dropped"]:
-                ds = ds.select(np.flatnonzero(keep))
-                src, tgt = src[keep], tgt[keep]
-        else:
-            counts["truncated"] = int(np.asarray(ds.data.table["src_long"]).sum())
-            ds = ds.remove_columns("src_long")
-        ds.save_to_disk(str(work / "saved"))
-        np.save(work / "saved" / "lengths.npy", np.stack([src, tgt]).astype(np.int32))
-        (work / "saved" / "counts.json").write_text(json.dumps(counts))
-        del ds, mapped
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(work / "saved", final)  # atomic: a half-written cache is never found
-        shutil.rmtree(work, ignore_errors=True)
+        try:
+            workers = max(1, min(num_proc, len(ds) // 50_000))  # small splits: no workers
+            ds = ds.map(
+                encode_batch,
+                batched=True,
+                num_proc=workers,
+                remove_columns=ds.column_names,
+                features=Features(features),
+                fn_kwargs=dict(
+                    src_model=str(src_tok.path),
+                    tgt_model=str(tgt_tok.path),
+                    max_len=max_len,
+                    eval_split=not filter_long,
+                    num_threads=1 if workers > 1 else None,
+                ),
+                cache_file_name=str(work / "map.arrow"),
+                new_fingerprint=key,  # our key; skips hashing the function
+                desc=f"encoding {name}",
+            )
+            counts = {"pairs": len(ds)}
+            mapped = EncodedSplit(ds.data.table)  # the map's output: no row selection yet
+            src, tgt = mapped.src_lens, mapped.tgt_lens
+            if filter_long:
+                keep = (src > 0) & (src <= max_len) & (tgt > 0) & (tgt <= max_len)
+                counts = {
+                    "pairs": int(keep.sum()),
+                    "dropped": int((~keep).sum()),
+                    "empty": int(((src == 0) | (tgt == 0)).sum()),
+                }
+                if counts["pairs"] == 0:
+                    raise DataError(
+                        f"{name}: no sentence pairs left after filtering (data.max_len={max_len})"
+                    )
+                if counts["dropped"]:
+                    ds = ds.select(np.flatnonzero(keep))
+                    src, tgt = src[keep], tgt[keep]
+            else:
+                counts["truncated"] = int(np.asarray(ds.data.table["src_long"]).sum())
+                ds = ds.remove_columns("src_long")
+            ds.save_to_disk(str(work / "saved"))
+            np.save(work / "saved" / "lengths.npy", np.stack([src, tgt]).astype(np.int32))
+            (work / "saved" / "counts.json").write_text(json.dumps(counts))
+            del ds, mapped
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(work / "saved", final)  # atomic: a half-written cache is never found
+            shutil.rmtree(work, ignore_errors=True)
+        except BaseException:  # an error or a kill mid-way: leave no partial files behind
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     else:
         log.info("%s: loaded the cached encoding %s (memory-mapped)", name, final)
     counts = json.loads((final / "counts.json").read_text())
