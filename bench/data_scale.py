@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 TRAIN = [sys.executable, str(ROOT / "train.py")]
 COMMON = ["trainer.progress_bar=false", "device=cpu", "decode=greedy"]
+EXTRA: list[str] = []  # overrides from the command line (--num-proc), for every run
 
 
 def read(split: str, lang: str) -> list[str]:
@@ -126,7 +127,7 @@ def watch(cmd: list[str], done=None, timeout: float = 7200) -> dict:
     return {"seconds": round(seconds, 2), **mb, "log": str(out_path)}
 
 
-def prepare_child(data_dir: str, cache_dir: str) -> None:
+def prepare_child(data_dir: str, cache_dir: str, overrides: list[str]) -> None:
     """(child) Time the tokenizer and the encoding of every split; print one JSON line."""
     sys.path.insert(0, str(ROOT))
     from hydra import compose, initialize_config_dir
@@ -135,7 +136,8 @@ def prepare_child(data_dir: str, cache_dir: str) -> None:
     from transformer.tokenizer import train_or_load
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("train", [f"data.data_dir={data_dir}", f"data.cache_dir={cache_dir}"])
+        base = [f"data.data_dir={data_dir}", f"data.cache_dir={cache_dir}"]
+        cfg = compose("train", base + overrides)
     d, cache = cfg.data, Path(cache_dir)
     start = time.perf_counter()
     sources = {s: open_split(d, s, cache) for s in [d.train_split, d.valid_split, *d.test_splits]}
@@ -181,6 +183,7 @@ def train_cmd(data_dir: Path, cache_dir: Path, run_dir: Path, steps: int, log_ev
         f"trainer.log_every={log_every}",
         f"trainer.eval_every={steps + 1000}",
         *COMMON,
+        *EXTRA,
     ]
 
 
@@ -203,13 +206,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "data-scale")
     ap.add_argument("--work", type=Path, default=Path("/tmp/data-scale"))
     ap.add_argument("--steps", type=int, default=50, help="steps for the tokens/s comparison")
+    ap.add_argument("--num-proc", type=int, help="data.num_proc for every run (default: config)")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the tokens/s comparison")
     args = ap.parse_args()
+    if args.num_proc:
+        EXTRA.append(f"data.num_proc={args.num_proc}")
     rows = []
     for size in args.sizes:
         data = make_corpus(args.work / f"corpus-{size}", size)
         cache, run = args.work / f"cache-{size}", args.work / f"run-{size}"
         shutil.rmtree(cache, ignore_errors=True)
-        child = [sys.executable, __file__, "--child-prepare", str(data), str(cache)]
+        child = [sys.executable, __file__, "--child-prepare", str(data), str(cache), *EXTRA]
         prep = watch(child)
         times = json.loads(Path(prep["log"]).read_text().strip().splitlines()[-1])
         row = {"pairs": size, **times}
@@ -228,17 +235,21 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     largest = max(args.sizes)
-    tps = {
-        f"synthetic {largest:,}": throughput(
-            args.work / f"corpus-{largest}",
-            args.work / f"cache-{largest}",
-            args.work / "tps",
-            args.steps,
-        ),  # fmt: skip
-        "Multi30k": throughput(
-            MULTI30K.parent, args.work / "cache-multi30k", args.work / "tps", args.steps
-        ),  # fmt: skip
-    }
+    tps = (
+        {}
+        if args.no_throughput
+        else {
+            f"synthetic {largest:,}": throughput(
+                args.work / f"corpus-{largest}",
+                args.work / f"cache-{largest}",
+                args.work / "tps",
+                args.steps,
+            ),  # fmt: skip
+            "Multi30k": throughput(
+                MULTI30K.parent, args.work / "cache-multi30k", args.work / "tps", args.steps
+            ),  # fmt: skip
+        }
+    )
     write_results(args.out, rows, tps, args)
 
 
@@ -305,11 +316,12 @@ def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
         "",
     ]
     lines += md_table(rows, memory)
-    lines += ["", "Training (same model and settings, `--steps` steps):", ""]
     train_cols = [("name", "corpus"), ("tokens_per_s", "target tokens/s")] + [
         (f"peak_{k}_mb", f"peak {kl} MB") for k, kl in kinds
     ]
-    lines += md_table([{"name": k, **v} for k, v in tps.items()], train_cols)
+    if tps:
+        lines += ["", "Training (same model and settings, `--steps` steps):", ""]
+        lines += md_table([{"name": k, **v} for k, v in tps.items()], train_cols)
     (out / "data_scale.md").write_text("\n".join(lines) + "\n")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     n = [r["pairs"] for r in rows]
@@ -334,7 +346,7 @@ def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child-prepare":
-        prepare_child(sys.argv[2], sys.argv[3])
+    if len(sys.argv) >= 4 and sys.argv[1] == "--child-prepare":
+        prepare_child(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         main()
