@@ -213,7 +213,7 @@ def encode_split(
             ds = ds.map(
                 encode_batch,
                 batched=True,
-                num_proc=workers,
+                num_proc=workers if workers > 1 else None,  # datasets forks a pool even for 1
                 remove_columns=ds.column_names,
                 features=Features(features),
                 fn_kwargs=dict(
