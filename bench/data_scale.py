@@ -11,6 +11,10 @@ Per size:
   cold      ``train.py trainer.max_steps=1`` on an empty cache: seconds from launch until
             train_log.csv holds step 1 (the run is then stopped: evaluation is not timed).
   warm      the same command again on the filled cache.
+Reading: on the largest corpus, a child process reads every batch of one training epoch
+(TokenBatcher, as the trainer does, without the model) from the warm cache, once with the
+default ``data.mapped_budget_mb`` and once with 0 (mapped pages never released): peak memory
+over a whole epoch, which the short training run below does not reach.
 Throughput: target tokens/s over --steps steps (first log window left out), same model, on
 the largest corpus and on Multi30k.
 
@@ -158,6 +162,43 @@ def prepare_child(data_dir: str, cache_dir: str, overrides: list[str]) -> None:
     print(json.dumps({k: round(v, 1) for k, v in times.items()}), flush=True)
 
 
+def epoch_child(data_dir: str, cache_dir: str, run_dir: str, overrides: list[str]) -> None:
+    """(child) Read every batch of training epoch 0 from the cache; print one JSON line."""
+    sys.path.insert(0, str(ROOT))
+    from hydra import compose, initialize_config_dir
+
+    from transformer.data import TokenBatcher
+    from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
+    from transformer.trainer import prepare_data
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        base = [f"data.data_dir={data_dir}", f"data.cache_dir={cache_dir}"]
+        cfg = compose("train", base + overrides)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    splits = prepare_data(cfg, Path(run_dir))[0]
+    train = splits[cfg.data.train_split]
+    batcher = TokenBatcher(train, cfg.data.max_tokens, cfg.seed, (PAD_ID, BOS_ID, EOS_ID))
+    start = time.perf_counter()
+    batches = batcher.epoch_batches(0)
+    for idx in batches:
+        batcher.batch(idx)
+    seconds = time.perf_counter() - start
+    releases = train.pages.releases if train.pages is not None else 0
+    print(json.dumps({"batches": len(batches), "read_s": round(seconds, 1), "releases": releases}))
+
+
+def read_epoch(data_dir: Path, cache_dir: Path, run_dir: Path, budget_mb: int | None) -> dict:
+    overrides = [*EXTRA] + ([] if budget_mb is None else [f"data.mapped_budget_mb={budget_mb}"])
+    child = [sys.executable, __file__, "--child-epoch", str(data_dir), str(cache_dir),
+             str(run_dir), *overrides]  # fmt: skip
+    r = watch(child)
+    out = json.loads(Path(r["log"]).read_text().strip().splitlines()[-1])
+    budget = "default" if budget_mb is None else budget_mb
+    return {"mapped_budget_mb": budget, **out} | {
+        k: v for k, v in r.items() if k.startswith("peak_")
+    }
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -235,6 +276,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     largest = max(args.sizes)
+    corpus, cache = args.work / f"corpus-{largest}", args.work / f"cache-{largest}"
+    reading = [read_epoch(corpus, cache, args.work / "epoch", b) for b in (None, 0)]
+    for r in reading:
+        print(json.dumps(r), flush=True)
     tps = (
         {}
         if args.no_throughput
@@ -250,7 +295,7 @@ def main() -> None:
             ),  # fmt: skip
         }
     )
-    write_results(args.out, rows, tps, args)
+    write_results(args.out, rows, reading, tps, args)
 
 
 def md_table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
@@ -262,7 +307,7 @@ def md_table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
     ]
 
 
-def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
+def write_results(out: Path, rows: list[dict], reading: list[dict], tps: dict, args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,7 +322,8 @@ def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
         "command": "python bench/data_scale.py " + " ".join(sys.argv[1:]),
     }
     (out / "data_scale.json").write_text(
-        json.dumps({"meta": meta, "sizes": rows, "tokens_per_s": tps}, indent=2) + "\n"
+        json.dumps({"meta": meta, "sizes": rows, "reading": reading, "tokens_per_s": tps}, indent=2)
+        + "\n"
     )
     times = [
         ("pairs", "pairs"),
@@ -316,6 +362,17 @@ def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
         "",
     ]
     lines += md_table(rows, memory)
+    largest = max(r["pairs"] for r in rows)
+    lines += [
+        "",
+        f"Reading one training epoch of the {largest:,}-pair corpus from the warm cache (every "
+        "batch collated, no model), with the mapped pages released whenever more than "
+        "`data.mapped_budget_mb` of them are resident, and never (0):",
+        "",
+    ]
+    read_cols = [("mapped_budget_mb", "data.mapped_budget_mb"), ("batches", "batches"),
+                 ("read_s", "seconds"), ("releases", "releases")]  # fmt: skip
+    lines += md_table(reading, read_cols + [(f"peak_{k}_mb", f"peak {kl} MB") for k, kl in kinds])
     train_cols = [("name", "corpus"), ("tokens_per_s", "target tokens/s")] + [
         (f"peak_{k}_mb", f"peak {kl} MB") for k, kl in kinds
     ]
@@ -348,5 +405,7 @@ def write_results(out: Path, rows: list[dict], tps: dict, args) -> None:
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--child-prepare":
         prepare_child(sys.argv[2], sys.argv[3], sys.argv[4:])
+    elif len(sys.argv) >= 5 and sys.argv[1] == "--child-epoch":
+        epoch_child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     else:
         main()

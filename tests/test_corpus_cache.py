@@ -2,13 +2,15 @@
 second start, a bounded tokenizer sample, and the Hub configs on a local dataset."""
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from transformer.corpus_cache import sample_sentences
-from transformer.data import TokenBatcher, read_lines
+from transformer.corpus_cache import MappedPages, sample_sentences
+from transformer.data import EncodedSplit, TokenBatcher, read_lines
 from transformer.tokenizer import train_or_load
 from transformer.trainer import prepare_data
 
@@ -51,6 +53,43 @@ def test_cached_split_matches_plain_encoding_and_second_start_is_a_hit(
         x, y = before.batch(a), after.batch(b)
         assert (x.src == y.src).all() and (x.tgt_out == y.tgt_out).all()
     assert again["valid"].tgt_text == splits["valid"].tgt_text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux's")
+def test_mapped_pages_stay_within_budget_and_rows_read_back_intact(tmp_path):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(4, 30_000, rng.integers(1, 100), dtype=np.int32) for _ in range(100_000)]
+    table = pa.table({"src_ids": pa.array(ids, pa.list_(pa.int32()))})
+    table = table.append_column("tgt_ids", table["src_ids"])  # ~40 MB of ids in all
+    (tmp_path / "cache").mkdir()
+    with pa.OSFile(str(tmp_path / "cache" / "split.arrow"), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=1000)
+
+    def read_all(budget_mb: int) -> tuple[int, int]:
+        """(most file-backed resident MB added, releases) reading random batches of rows."""
+        source = pa.memory_map(str(tmp_path / "cache" / "split.arrow"))
+        mapped = pa.ipc.open_file(source).read_all()  # zero-copy views of the map
+        pages = MappedPages(tmp_path / "cache", budget_mb)
+        assert len(pages.ranges()) == 1  # that file, and nothing else of the process
+        split = EncodedSplit(mapped, pages=pages)
+        pages.release()  # opening touched the record batch headers: start from none resident
+        before, most, releases = MappedPages._shared_pages(), 0, pages.releases
+        for batch in rng.integers(0, len(ids), (600, 16)):
+            src, tgt = split.rows(batch)  # reading the views maps their pages
+            expected = np.concatenate([ids[i] for i in batch])
+            assert (np.concatenate(src) == expected).all()
+            assert (np.concatenate(tgt) == expected).all()
+            most = max(most, MappedPages._shared_pages())
+        grown = (most - before) * os.sysconf("SC_PAGE_SIZE") // 2**20
+        return grown, pages.releases - releases
+
+    assert read_all(budget_mb=0) >= (20, 0)  # never released: most of the file is resident
+    grown, releases = read_all(budget_mb=4)  # the budget and one batch (16 rows x 3 faults
+    assert grown <= 10 and releases >= 10  # x 64 KB mapped around each: 3 MB), with a margin
+    assert MappedPages(tmp_path / "elsewhere", 1).ranges() == []
 
 
 def test_tokenizer_sample_is_bounded_and_reproducible(tmp_path):

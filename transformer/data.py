@@ -226,14 +226,16 @@ class EncodedSplit:
         src_text: list[str] | None = None,
         tgt_text: list[str] | None = None,
         lengths: tuple[np.ndarray, np.ndarray] | None = None,
+        pages=None,
     ):
         """``lengths``: (source, target) lengths per row when known (the cache stores them),
-        else read from the table's list offsets."""
+        else read from the table's list offsets. ``pages``: the ``MappedPages`` of the files
+        the table maps, asked after each read whether to release them (None: in memory)."""
         import pyarrow.compute as pc
 
         if [len(c) for c in table["src_ids"].chunks] != [len(c) for c in table["tgt_ids"].chunks]:
             table = table.combine_chunks()  # rare: give both columns one chunk layout
-        self.table, self.src_text, self.tgt_text = table, src_text, tgt_text
+        self.table, self.src_text, self.tgt_text, self.pages = table, src_text, tgt_text, pages
         if lengths is None:
             lengths = [pc.list_value_length(table[c]).to_numpy() for c in ("src_ids", "tgt_ids")]
         self.src_lens, self.tgt_lens = (np.asarray(x, dtype=np.int64) for x in lengths)
@@ -266,6 +268,8 @@ class EncodedSplit:
 
     def rows(self, idx: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(source ids, target ids) of examples ``idx``: int32 views, no copies."""
+        if self.pages is not None:  # drop what earlier batches left mapped, if over budget
+            self.pages.maybe_release()
         idx = np.asarray(idx, dtype=np.int64)
         chunk = np.searchsorted(self._starts, idx, side="right") - 1
         local = idx - self._starts[chunk]
