@@ -26,9 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from transformer import dropout  # noqa: E402
 from transformer.data import TokenBatcher  # noqa: E402
+from transformer.loss import projected_loss, sequence_loss  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
-from transformer.trainer import prepare_data, sequence_loss  # noqa: E402
+from transformer.trainer import prepare_data  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 CONFIGS = {
@@ -93,16 +95,20 @@ def train_flops(cfg: dict, B: int, S: int, T: int, vocab: int) -> float:
     return 3 * 2 * (enc + dec + out)
 
 
-def make_step(model, pad, device, precision, compile=False):
+def make_step(model, pad, device, precision, compile=False, fused_loss=False):
     """One training update (forward, label-smoothed loss, backward, clip, fused AdamW) as
     the trainer does it; ``compile``: the forward and loss through torch.compile(dynamic=True)
-    as with ``trainer.compile=true``."""
+    as with ``trainer.compile=true``; ``fused_loss``: the output projection fused into the
+    loss (``trainer.fused_loss``; our models only)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     dtype = torch.bfloat16 if precision == "bf16" else None
     model.train()
 
     def loss_of(src, src_mask, tgt_in, tgt_out):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if fused_loss:
+                features = model(src, src_mask, tgt_in, project=False)
+                return projected_loss(features, model.out_proj, tgt_out, pad, 0.1)
             logits = model(src, src_mask, tgt_in)
         return sequence_loss(logits, tgt_out, pad, 0.1)
 
@@ -132,8 +138,8 @@ def load_batches(max_tokens: int, n: int):
     return [batcher.batch(i) for i in batcher.epoch_batches(0)[:n]], tok
 
 
-def measure(model, batches, pad, device, precision, steps, warmup, compile=False):
-    step = make_step(model, pad, device, precision, compile)
+def measure(model, batches, pad, device, precision, steps, warmup, compile=False, fused=False):
+    step = make_step(model, pad, device, precision, compile, fused)
     times, tokens = [], 0
 
     on_dev = [b.to(device) for b in batches]
@@ -181,10 +187,22 @@ def main() -> None:
         default="",
         help="also time ours with these model.attention.kind values (comma-separated)",
     )
+    ap.add_argument(
+        "--fused-loss",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="ours with the projection fused into the loss (auto: on the CPU, as the trainer)",
+    )
+    ap.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also time ours without the fused loss and with torch's bernoulli CPU dropout",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
     precision = args.precision if device.type == "cuda" else "fp32"
+    fused = args.fused_loss == "true" or (args.fused_loss == "auto" and device.type == "cpu")
 
     _, tok = load_batches(1024, 0)
     V, pad = len(tok), tok.pad_id
@@ -199,7 +217,11 @@ def main() -> None:
         "- batches: real Multi30k de->en training batches, length-bucketed; "
         f"{args.steps} timed steps each, after {args.warmup} warm-up steps plus one untimed "
         "pass over the timed batches (first use of a shape is kernel start-up cost); "
-        "dropout 0.3/0.1/0.1; AdamW; label-smoothed CE",
+        "dropout 0.3/0.1/0.1; AdamW; label-smoothed CE; "
+        f"ours: output projection fused into the loss: {fused} (`trainer.fused_loss`), "
+        "CPU dropout masks from torch.rand (transformer/dropout.py)",
+        "- ablations (`--ablate`): ours/unfused-loss = logits then F.cross_entropy, as "
+        "Marian; ours/bernoulli-dropout = torch's own CPU dropout mask",
         f"- MFU peak: {peak / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
         if peak
         else "- MFU: no peak figure for this device",
@@ -223,6 +245,9 @@ def main() -> None:
             if args.compile:
                 models["ours+compile"] = models["ours"]
                 models["marian+compile"] = models["marian"]
+            if args.ablate:
+                models["ours/unfused-loss"] = models["ours"]
+                models["ours/bernoulli-dropout"] = models["ours"]
             if args.rnn and cname == "multi30k-default":
                 models["rnn"] = lambda: BahdanauRNN(V, V, pad)
             for kind in filter(None, args.kinds.split(",")):
@@ -233,10 +258,13 @@ def main() -> None:
             for mname, build in models.items():
                 model = build().to(device)
                 compiled = mname.endswith("+compile")
+                ours_fused = fused and mname.startswith("ours") and mname != "ours/unfused-loss"
+                dropout.RAND_MASK_ON_CPU = mname != "ours/bernoulli-dropout"
                 try:
                     r = measure(
-                        model, batches, pad, device, precision, args.steps, args.warmup, compiled
-                    )
+                        model, batches, pad, device, precision, args.steps, args.warmup,
+                        compiled, ours_fused,
+                    )  # fmt: skip
                 except torch.OutOfMemoryError as e:
                     print(f"{cname} {max_tokens} {mname}: out of memory: {e}", flush=True)
                     del model

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import dropout
+
 # -- masks ----------------------------------------------------------------------------------
 
 
@@ -109,7 +111,7 @@ def reference_attention(q, k, v, mask=None, scale: float | None = None):
 
 
 def _dropout(weights, p: float):
-    return F.dropout(weights, p) if p > 0 else weights
+    return dropout(weights, p) if p > 0 else weights
 
 
 def _weighted(weights, v, dropout: float, need_weights: bool):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .attention import AttentionConfig, MultiHeadAttention
+from .dropout import Dropout
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -54,7 +55,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
-        self.act_dropout = nn.Dropout(act_dropout)
+        self.act_dropout = Dropout(act_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act_dropout(torch.relu(self.fc1(x))))
@@ -66,7 +67,7 @@ class Sublayer(nn.Module):
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def forward(self, x: torch.Tensor, fn) -> tuple[torch.Tensor, object]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .dropout import Dropout
 from .seq2seq import DecoderState, EncoderOut, Seq2Seq
 
 ATTENTIONS = ("additive", "dot", "general")
@@ -130,7 +131,7 @@ class BahdanauRNN(Seq2Seq):
             if share_src_tgt_embeddings
             else self._embedding(src_vocab_size, emb_dim, pad_id)
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.encoder = nn.GRU(
             emb_dim,
             H,
@@ -204,11 +205,12 @@ class BahdanauRNN(Seq2Seq):
             x = self.dropout(h) if layer < self.dec_layers - 1 else h
         return new_hidden[-1], context, attn, torch.stack(new_hidden, dim=1)  # hidden (B, L, H)
 
-    def _readout(self, s: torch.Tensor, context: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Deep output over any leading dims: s (..., H), c (..., 2H), emb (..., E) -> (..., V)."""
+    def _readout(self, s, context, emb, project: bool = True) -> torch.Tensor:
+        """Deep output over any leading dims: s (..., H), c (..., 2H), emb (..., E) -> logits
+        (..., V), or with ``project=False`` the features (..., E) that ``out_proj`` maps."""
         t = self.readout(torch.cat([s, context, emb], dim=-1))  # (..., 2E)
-        t = t.unflatten(-1, (self.emb_dim, 2)).amax(dim=-1)  # (..., E, 2) -> (..., E) maxout
-        return self.out_proj(self.dropout(t))
+        t = self.dropout(t.unflatten(-1, (self.emb_dim, 2)).amax(dim=-1))  # (..., E) maxout
+        return self.out_proj(t) if project else t
 
     def _unroll(self, tgt_in: torch.Tensor, enc: EncoderOut):
         """Teacher-forced recurrence: emb (B,T,E), s (B,T,H), c (B,T,2H), weights (B,T,S)."""
@@ -223,22 +225,24 @@ class BahdanauRNN(Seq2Seq):
         return emb, torch.stack(states, 1), torch.stack(contexts, 1), torch.stack(attns, 1)
 
     def forward(
-        self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor
+        self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor, project=True
     ) -> torch.Tensor:
         """
         :param src: (B, S) ids  :param src_mask: (B, S) bool True = real
         :param tgt_in: (B, T) BOS + y
+        :param project: False returns the features (B, T, E) that ``out_proj`` maps to logits
         :return: logits (B, T, V)
         """
-        return self.decode_prefix(tgt_in, self.encode(src, src_mask))
+        return self.decode_prefix(tgt_in, self.encode(src, src_mask), project)
 
-    def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
-        """Teacher-forced decoder over ``enc``: tgt_in (B, T) -> logits (B, T, V).
+    def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut, project: bool = True):
+        """Teacher-forced decoder over ``enc``: tgt_in (B, T) -> logits (B, T, V) (features
+        (B, T, E) with ``project=False``).
 
         Training uses it through ``forward``; uncached decoding re-runs it on the prefix.
         """
         emb, states, contexts, _ = self._unroll(tgt_in, enc)
-        return self._readout(states, contexts, emb)  # one (B*T, E) x (E, V) product
+        return self._readout(states, contexts, emb, project)  # one (B*T, E) x (E, V) product
 
     @torch.no_grad()
     def attention_weights(

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from . import checkpoint, distributed
 from .attention import attention_config
 from .corpus_cache import encode_split, open_split, sample_sentences
 from .data import TokenBatcher
+from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
 from .tokenizer import copy_into, file_sha256, train_or_load
 from .translator import build_model, translate_lines
@@ -64,18 +64,6 @@ def inverse_sqrt(warmup: int):
         return min(step / warmup, math.sqrt(warmup / step))
 
     return factor
-
-
-def sequence_loss(logits, tgt_out, pad_id: int, label_smoothing: float):
-    """Summed label-smoothed cross-entropy over non-pad target tokens."""
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
-    return F.cross_entropy(
-        flat_logits,
-        tgt_out.reshape(-1),
-        ignore_index=pad_id,
-        label_smoothing=label_smoothing,
-        reduction="sum",
-    )
 
 
 # -- data and tokenizer -----------------------------------------------------------------------
@@ -190,6 +178,14 @@ class Trainer:
             shuffle=False,
         )
         self.precision = self.t.precision if self.device.type == "cuda" else "fp32"
+        if self.t.fused_loss not in ("auto", True, False):
+            raise TrainingError(
+                f"trainer.fused_loss must be auto, true or false, got {self.t.fused_loss!r}"
+            )
+        # auto: fused where it was measured faster (the CPU; results/bench/train_speed_cpu.md)
+        self.fused_loss = self.t.fused_loss is True or (
+            self.t.fused_loss == "auto" and self.device.type == "cpu"
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         # Training position; restored by resume.
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -420,15 +416,13 @@ class Trainer:
                 for i, b in enumerate(micro_batches):
                     b = self.to_device(b)
                     with self.grad_sync(i == len(micro_batches) - 1):
-                        with self.autocast():
-                            logits = self.train_model(b.src, b.src_mask, b.tgt_in)
-                        loss = sequence_loss(logits, b.tgt_out, self.pad_id, self.t.label_smoothing)
+                        loss = self.loss(b)
                         self.scaler.scale(loss / ntok).backward()
                     total += loss.detach()
                 return total
             except torch.OutOfMemoryError:
                 pass  # handled below, once the traceback (and the tensors it holds) is gone
-            logits = loss = None
+            loss = None
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -447,6 +441,18 @@ class Trainer:
             )
             micro_batches = [half for b in micro_batches for half in b.halves()]
         raise AssertionError("unreachable")
+
+    def loss(self, b) -> torch.Tensor:
+        """Summed label-smoothed loss of batch ``b`` through the training model, with the
+        output projection fused into the loss (``transformer/loss.py``) or not."""
+        ls = self.t.label_smoothing
+        with self.autocast():
+            if not self.fused_loss:
+                return sequence_loss(
+                    self.train_model(b.src, b.src_mask, b.tgt_in), b.tgt_out, self.pad_id, ls
+                )
+            features = self.train_model(b.src, b.src_mask, b.tgt_in, project=False)
+            return projected_loss(features, self.model.out_proj, b.tgt_out, self.pad_id, ls)
 
     def grad_sync(self, last: bool):
         """A context in which DDP skips its gradient all-reduce (all micro-batches of an

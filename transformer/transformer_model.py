@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .attention import attention_config, padding_mask
+from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer, ScaledEmbedding, SinusoidalPositions
 from .seq2seq import DecoderState, EncoderOut, Seq2Seq
 
@@ -78,7 +79,7 @@ class Transformer(Seq2Seq):
             else ScaledEmbedding(src_vocab_size, d_model, padding_idx=pad_id)
         )
         self.positions = SinusoidalPositions(d_model, max_positions)
-        self.embed_dropout = nn.Dropout(dropout)
+        self.embed_dropout = Dropout(dropout)
         self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(n_enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(n_dec_layers))
         # Pre-norm leaves the residual stream unnormalised: a final LayerNorm closes each stack.
@@ -114,12 +115,14 @@ class Transformer(Seq2Seq):
         return EncoderOut(memory=memory, src_mask=src_mask, extra={"cross_kv": cross})
 
     # -- decoder ---------------------------------------------------------------------------
-    def forward(self, src, src_mask, tgt_in) -> torch.Tensor:
-        """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V)."""
-        return self.decode_prefix(tgt_in, self.encode(src, src_mask))
+    def forward(self, src, src_mask, tgt_in, project: bool = True) -> torch.Tensor:
+        """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V),
+        or with ``project=False`` the features (B, T, D) that ``out_proj`` maps to them."""
+        return self.decode_prefix(tgt_in, self.encode(src, src_mask), project)
 
-    def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
-        """Teacher-forced decoder stack over ``enc``: tgt_in (B, T) -> logits (B, T, V).
+    def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut, project: bool = True):
+        """Teacher-forced decoder stack over ``enc``: tgt_in (B, T) -> logits (B, T, V)
+        (features (B, T, D) with ``project=False``).
 
         Training uses it through ``forward``; uncached decoding re-runs it on the prefix.
         """
@@ -128,7 +131,8 @@ class Transformer(Seq2Seq):
         cross = enc.extra["cross_kv"]
         for i, layer in enumerate(self.decoder):
             y, _, _ = layer(y, enc.memory, mem_mask, cross_kv=(cross[2 * i], cross[2 * i + 1]))
-        return self.out_proj(self.dec_norm(y))
+        y = self.dec_norm(y)
+        return self.out_proj(y) if project else y
 
     def init_state(self, enc: EncoderOut) -> DecoderState:
         """Empty self-attention caches (the cross-attention K/V are in ``enc.extra``)."""

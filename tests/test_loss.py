@@ -1,0 +1,89 @@
+"""The fused projection + loss (loss.py) against the plain one, and the CPU dropout."""
+
+import pytest
+import torch
+from torch import nn
+
+from transformer.dropout import Dropout, dropout
+from transformer.loss import projected_loss, sequence_loss
+from transformer.rnn_model import BahdanauRNN
+from transformer.transformer_model import Transformer
+
+PAD = 0
+
+
+def batch(B=5, T=7, D=16, V=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    tgt = torch.randint(1, V, (B, T), generator=g)
+    for b, n in enumerate([7, 3, 5, 1, 6]):  # ragged lengths: pad after n tokens
+        tgt[b, n:] = PAD
+    return hidden, tgt
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1024])
+def test_projected_loss_matches_the_plain_loss_and_its_gradients(smoothing, bias, chunk_rows):
+    hidden, tgt = batch()
+    proj = nn.Linear(16, 50, bias=bias).double()
+    with torch.no_grad():
+        proj.weight[PAD] = 0.0  # as a tied pad embedding is
+    grads = []
+    for fused in (False, True):
+        h = hidden.clone().requires_grad_()
+        proj.zero_grad()
+        if fused:
+            loss = projected_loss(h, proj, tgt, PAD, smoothing, chunk_rows)
+        else:
+            loss = sequence_loss(proj(h), tgt, PAD, smoothing).double()
+        (2.5 * loss).backward()  # a scaled loss: the backward must scale the stored gradients
+        grads.append([loss.detach(), h.grad, proj.weight.grad] + ([proj.bias.grad] if bias else []))
+    for plain, fused in zip(*grads):
+        torch.testing.assert_close(fused.to(plain.dtype), plain, rtol=1e-6, atol=1e-6)
+    assert grads[1][1][tgt == PAD].abs().sum() == 0  # padding rows get no gradient
+
+
+def test_projected_loss_without_grad_and_under_autocast():
+    hidden, tgt = batch()
+    proj = nn.Linear(16, 50, bias=False)
+    hidden = hidden.float()
+    with torch.no_grad():
+        plain = sequence_loss(proj(hidden), tgt, PAD, 0.1)
+        assert torch.allclose(projected_loss(hidden, proj, tgt, PAD, 0.1, 3), plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = hidden.clone().requires_grad_()
+        fused = projected_loss(h, proj, tgt, PAD, 0.1, 3)
+        fused.backward()
+        reference = sequence_loss(proj(hidden), tgt, PAD, 0.1)  # bf16 product, fp32 softmax
+    assert fused.dtype == torch.float32 and h.grad.dtype == torch.float32
+    assert proj.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(fused, reference, rtol=2e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("model", ["transformer", "rnn"])
+def test_models_return_the_features_their_out_proj_maps_to_logits(model):
+    torch.manual_seed(0)
+    if model == "transformer":
+        m = Transformer(40, 40, PAD, d_model=32, n_heads=4, d_ff=64, n_enc_layers=1, n_dec_layers=1)
+    else:
+        m = BahdanauRNN(40, 40, PAD, emb_dim=16, hidden_size=24)
+    m.eval()
+    src, tgt_in = torch.randint(1, 40, (3, 6)), torch.randint(1, 40, (3, 5))
+    logits = m(src, src != PAD, tgt_in)
+    features = m(src, src != PAD, tgt_in, project=False)
+    torch.testing.assert_close(m.out_proj(features), logits)
+
+
+def test_cpu_dropout_is_an_inverted_bernoulli_mask_shared_by_the_backward():
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x, 0.3)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.005  # 1e6 draws: std of the fraction ~0.0005
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d y / d x is the same scaled mask
+    layer = Dropout(0.3)
+    assert layer(x) is not x and layer.eval()(x) is x and dropout(x, 0.0) is x
+    assert repr(layer) == "Dropout(p=0.3, inplace=False)"
