@@ -166,7 +166,7 @@ def test_nan_loss_skips_the_update_then_aborts(compose, small_overrides, tmp_pat
     batches = first_batches(trainer, 4)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     forward = trainer.model.forward
-    trainer.model.forward = lambda *a: forward(*a) * float("nan")
+    trainer.model.forward = lambda *a, **kw: forward(*a, **kw) * float("nan")
     assert trainer.train_step([batches[0]]) is None
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # weights untouched
@@ -199,11 +199,11 @@ def test_out_of_memory_is_retried_in_halves_with_the_same_gradient(
     forward, limit = trainer.model.forward, len(batch.src) // 2 + 1
     calls = []
 
-    def small_memory(src, *rest):
+    def small_memory(src, *rest, **kw):
         calls.append(len(src))
         if len(src) > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return forward(src, *rest)
+        return forward(src, *rest, **kw)
 
     trainer.model.forward = small_memory
     trainer.accumulate([batch], ntok)
@@ -212,6 +212,6 @@ def test_out_of_memory_is_retried_in_halves_with_the_same_gradient(
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
     assert "retrying it split in halves" in caplog.text
 
-    trainer.model.forward = lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
+    trainer.model.forward = lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
     with pytest.raises(TrainingError, match=r"out of memory at step 1 on a batch of src \("):
         trainer.accumulate([batch], ntok)

@@ -45,16 +45,17 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, eps, chunk_rows, dtype):
         N, V = hidden.shape[0], weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
         with torch.autocast(hidden.device.type, enabled=False):  # casts are explicit here
             h, w = hidden.to(dtype), weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
             grad_h = torch.empty_like(hidden) if need_h else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-            grad_b = torch.zeros(V, device=h.device) if need_b else None
-            total = torch.zeros((), device=h.device)
+            grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+            grad_b = torch.zeros(V, device=h.device, dtype=acc) if need_b else None
+            total = torch.zeros((), device=h.device, dtype=acc)
             for start in range(0, N, chunk_rows):
                 h_c, y = h[start : start + chunk_rows], target[start : start + chunk_rows, None]
-                z = (h_c @ w.t() if b is None else torch.addmm(b, h_c, w.t())).float()  # (C, V)
+                z = (h_c @ w.t() if b is None else torch.addmm(b, h_c, w.t())).to(acc)  # (C, V)
                 z -= z.amax(dim=1, keepdim=True)  # shifted: exp cannot overflow
                 z_y, z_mean = z.gather(1, y).squeeze(1), z.mean(dim=1)
                 z.exp_()
@@ -69,13 +70,17 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
                 g = z.to(dtype)
                 if need_h:
                     grad_h[start : start + chunk_rows] = g @ w
-                if need_w and dtype == torch.float32:
+                if need_w and dtype == acc:
                     grad_w.addmm_(g.t(), h_c)
                 elif need_w:
-                    grad_w += (g.t() @ h_c).float()
+                    grad_w += (g.t() @ h_c).to(acc)
                 if need_b:
                     grad_b += z.sum(dim=0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+        )
         return total
 
     @staticmethod
