@@ -21,6 +21,7 @@ splits by key and maps them. ``EncodedSplit`` (data.py) reads rows straight from
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -117,6 +118,14 @@ def sample_sentences(ds, columns: list[str], n: int, seed: int) -> list[str]:
     return texts
 
 
+@functools.cache
+def _libc_madvise():
+    """libc's madvise(addr, length, advice), loaded once."""
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 class MappedPages:
     """The pages of the files in ``folder`` that this process has memory-mapped, and a way to
     take them out of its resident set when they exceed ``budget_mb``.
@@ -161,10 +170,9 @@ class MappedPages:
         return out
 
     def release(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise = _libc_madvise()
         for start, length in self.ranges():
-            if libc.madvise(start, length, self.MADV_DONTNEED) != 0:
+            if madvise(start, length, self.MADV_DONTNEED) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"madvise on the mapped cache {self.prefix}: {os.strerror(err)}")
         self.releases += 1

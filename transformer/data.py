@@ -230,7 +230,7 @@ class EncodedSplit:
     ):
         """``lengths``: (source, target) lengths per row when known (the cache stores them),
         else read from the table's list offsets. ``pages``: the ``MappedPages`` of the files
-        the table maps, asked after each read whether to release them (None: in memory)."""
+        the table maps, asked before each read whether to release them (None: in memory)."""
         import pyarrow.compute as pc
 
         if [len(c) for c in table["src_ids"].chunks] != [len(c) for c in table["tgt_ids"].chunks]:

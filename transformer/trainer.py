@@ -120,7 +120,7 @@ def prepare_data(cfg, run_dir: Path):
             f"{d.name}/{name}",
             cache_dir,
             d.num_proc,
-            d.get("mapped_budget_mb", 256),
+            d.mapped_budget_mb,
         )
         for name, (fp, load) in sources.items()
     }
