@@ -90,6 +90,8 @@ def test_mapped_pages_stay_within_budget_and_rows_read_back_intact(tmp_path):
     grown, releases = read_all(budget_mb=4)  # the budget and one batch (16 rows x 3 faults
     assert grown <= 10 and releases >= 10  # x 64 KB mapped around each: 3 MB), with a margin
     assert MappedPages(tmp_path / "elsewhere", 1).ranges() == []
+    with pytest.raises(ValueError, match="data.mapped_budget_mb"):
+        MappedPages(tmp_path / "cache", -1)
 
 
 def test_tokenizer_sample_is_bounded_and_reproducible(tmp_path):

@@ -145,6 +145,11 @@ class MappedPages:
     MADV_DONTNEED = 4  # Linux value
 
     def __init__(self, folder: Path, budget_mb: int):
+        if not isinstance(budget_mb, int) or budget_mb < 0:
+            raise ValueError(
+                f"data.mapped_budget_mb must be a whole number of MB >= 0 (0 = never release), "
+                f"got {budget_mb!r}"
+            )
         self.prefix = str(Path(folder).resolve()) + os.sep
         self.budget_pages = budget_mb * 2**20 // os.sysconf("SC_PAGE_SIZE") if budget_mb else 0
         self.enabled = bool(self.budget_pages) and sys.platform.startswith("linux")
