@@ -185,7 +185,8 @@ def test_top_p_keeps_the_smallest_nucleus(logits, p):
     probs = logits[0].double().softmax(-1)
     kept = torch.isfinite(top_k_top_p(logits, top_p=p))[0]
     mass = float(probs[kept].sum())
-    assert probs[kept].max() == probs.max()  # a most probable token (ties: any of them)
+    # a most probable token (ties, and near-ties that float32 rounds to ties: any of them)
+    assert probs[kept].max() >= probs.max() - 1e-6
     assert mass >= p - 1e-5  # reaches p ...
     assert mass - float(probs[kept].min()) < p + 1e-5  # ... and no kept token is superfluous
     if not kept.all():  # the most probable ones (up to float32 rounding of near-ties)
