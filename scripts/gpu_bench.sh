@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The GPU benchmarks, in two device calls of under 10 minutes each (from the repo root):
-#   bash scripts/gpu_bench.sh eager    profile of a Transformer-base step (ours and HF Marian),
-#                                      throughput vs Marian (+ RNN), per attention kind,
-#                                      attention time/memory against length (claim 3)
-#   bash scripts/gpu_bench.sh compile  the same profile and throughput through torch.compile
-#                                      (compiling takes minutes per model on that machine)
+# The GPU benchmarks, one device call of under 10 minutes per mode (from the repo root):
+#   bash scripts/gpu_bench.sh speed    ours vs HF Marian at 4k and 25k tokens, both configs, with
+#                                      each SDPA kernel set (trainer.sdpa_backends) and the fused
+#                                      loss on and off; profiles of a Transformer-base step with
+#                                      cuDNN (torch's pick) and with the efficient kernel
+#   SDPA=efficient bash scripts/gpu_bench.sh compile
+#                                      ours and Marian through torch.compile, both with the
+#                                      $SDPA kernels (pick them from the speed table), at 25k
+#                                      tokens, both configs (compiling takes minutes per model)
+#   bash scripts/gpu_bench.sh eager    the first benchmark: profile, throughput vs Marian (+ RNN)
+#                                      at 4k/8k/25k, per attention kind, attention against length
 # Results: $OUT/bench.tar.gz holding results/bench/*_<gpu>*.md and results/attention/gpu/.
 # Prepare here first: ../shared/gpu/wheels ... ; mkdir -p .gpudata && cp -r ../shared/data/multi30k .gpudata/
 set -u
@@ -15,7 +20,22 @@ export MT_DATA_DIR=$PWD/.gpudata HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 MT_CACHE
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" results/bench results/attention/gpu
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
 step() { echo "== $(date +%T) $*"; timeout "$@"; echo "== rc $?"; }
-if [ "${1:-eager}" = eager ]; then
+case "${1:-speed}" in
+speed)
+  step 300 python3 bench/train_speed.py --configs multi30k-default,transformer-base \
+    --max-tokens 4096,25000 --sdpa efficient,math,cudnn --ablate --steps 20 --warmup 3 \
+    --out "results/bench/train_speed_${gpu}_sdpa.md"
+  step 100 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
+    --out "results/bench/profile_${gpu}_cudnn.md"
+  step 100 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
+    --sdpa efficient --out "results/bench/profile_${gpu}_efficient.md"
+  ;;
+compile)
+  step 540 python3 bench/train_speed.py --compiled-only --sdpa "${SDPA:-efficient}" \
+    --configs transformer-base,multi30k-default --max-tokens 25000 --steps 20 --warmup 3 \
+    --out "results/bench/train_speed_${gpu}_compile.md"
+  ;;
+eager)
   step 120 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
     --out "results/bench/profile_${gpu}_eager.md"
   step 200 python3 bench/train_speed.py --rnn --steps 20 --warmup 3 \
@@ -24,10 +44,7 @@ if [ "${1:-eager}" = eager ]; then
     --kinds scaled_dot,dot,additive,local,sparse,linear --steps 20 --warmup 3 \
     --out "results/bench/train_speed_${gpu}_kinds.md"
   step 60 python3 bench/attention_claims.py --device cuda --out results/attention/gpu
-else
-  step 240 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 --compile \
-    --out "results/bench/profile_${gpu}_compile.md"
-  step 320 python3 bench/train_speed.py --compile --configs transformer-base,multi30k-default \
-    --max-tokens 25000 --steps 20 --warmup 3 --out "results/bench/train_speed_${gpu}_compile.md"
-fi
+  ;;
+*) echo "usage: bash scripts/gpu_bench.sh speed|compile|eager"; exit 2 ;;
+esac
 tar czf "$OUT/bench.tar.gz" results/bench results/attention/gpu

@@ -2,19 +2,28 @@
 # The whole GPU job in one call (run through the device tool from the repo root):
 #   - installs the carried wheels (.whl/: hydra-core, omegaconf, datasets, ...) into /tmp/site
 #   - trains the configured runs concurrently on the one GPU, Multi30k from .gpudata/
-#   - scores greedy vs beam 5 on test2016 for each run (transformer.evaluate)
-#   - packs run directories (without checkpoints) into $OUT/runs.tar.gz
+#   - scores each run (transformer.evaluate), several runs at once:
+#       default:   best.pt on test2016 with each setting in $DECODES (greedy, beam 5)
+#       AVERAGE=N: also averages each run's last N step checkpoints (transformer.average) and
+#                  scores best.pt and the average on valid with each setting in
+#                  $VALID_DECODES, then on test2016 with the same settings (reported; the
+#                  choice is made on valid). Runs named in $GRID_RUNS get $GRID_DECODES.
+#   (SKIP_INSTALL=1 and a python3 with the packages on PATH: a dry run on any machine)
+#   - packs run directories (without checkpoints) into $OUT/runs.tar.gz, also when a phase
+#     runs out of time: every phase ends by the deadline, $BUDGET_S seconds after the start.
 # Usage: bash scripts/gpu_job.sh NAME "OVERRIDES" [NAME "OVERRIDES" ...]
 # Prepare here first: ../shared/gpu/wheels ... ; mkdir -p .gpudata && cp -r ../shared/data/multi30k .gpudata/
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+deadline=$(($(date +%s) + ${BUDGET_S:-570}))
+left() { echo $((deadline - $(date +%s) - ${1:-0})); }
+[ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+  --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1  # SKIP_INSTALL=1: a dry run
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export MT_DATA_DIR=$PWD/.gpudata HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 MT_CACHE_DIR=/tmp/mtcache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee runs/gpu.txt
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a runs/gpu.txt
-# Train the tokenizer once so concurrent runs share the cached model.
+# Train the default tokenizer once so concurrent runs share the cached model.
 python3 -c "
 from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
@@ -24,12 +33,13 @@ with initialize_config_dir(version_base='1.3', config_dir='$PWD/conf'):
     cfg = compose('train', overrides=['run_dir=/tmp/tokprep'])
 prepare_data(cfg, Path('/tmp/tokprep'))
 " 2>&1 | tail -2
-pids=()
+pids=() names=()
 while [ $# -ge 2 ]; do
   name=$1; overrides=$2; shift 2
+  names+=("$name")
   # shellcheck disable=SC2086
   echo "python3 train.py $overrides" > runs/$name.cmd
-  OMP_NUM_THREADS=2 timeout "${RUN_TIMEOUT:-480}" python3 train.py $overrides \
+  OMP_NUM_THREADS=2 timeout "${RUN_TIMEOUT:-$(left 150)}" python3 train.py $overrides \
     trainer.progress_bar=false hydra.run.dir=runs/$name > runs/$name.log 2>&1 &
   pids+=($!)
 done
@@ -39,10 +49,36 @@ import json,sys; m=json.load(open('$f')); t=m.get('test2016',{})
 print(m['model'], 'steps', m['steps'], 'train_s', m['train_seconds'], 'tok/s', m['train_tokens_per_s'],
       'best_valid_bleu', m['best_valid_bleu'], 'test BLEU', t.get('bleu'), 'chrF', t.get('chrf'))"; done
 tail -n 3 runs/*.log
-# Greedy vs beam 5 (and any other settings in $DECODES) on test2016 for every trained run
-# (EVALUATE=0 skips it),
-# hypothesis files included: runs/evaluate/{README.md,results.json,NAME/*.hyp}.
-ckpts=(runs/*/checkpoints/best.pt)
-[ "${EVALUATE:-1}" = 1 ] && [ -e "${ckpts[0]}" ] && python3 -m transformer.evaluate "${ckpts[@]}" \
-  --decode ${DECODES:-greedy beam} --out runs/evaluate 2>&1 | tail -n 20
+
+score_run() {  # NAME: the scoring of one run, as described at the top
+  local name=$1 ckpts names
+  ckpts=(runs/$name/checkpoints/best.pt)
+  [ -e "${ckpts[0]}" ] || return 0
+  if [ "${AVERAGE:-0}" -gt 0 ]; then
+    python3 -m transformer.average "runs/$name" --last "$AVERAGE" 2>&1 | tail -n 1
+    ckpts+=(runs/$name/checkpoints/avg_last$AVERAGE.pt)
+    [ -e "${ckpts[1]}" ] || ckpts=("${ckpts[0]}")
+    local decodes=${VALID_DECODES:-beam}
+    [[ " ${GRID_RUNS:-} " == *" $name "* ]] && decodes=${GRID_DECODES:-$decodes}
+    for split in valid test2016; do  # both at once: decoding leaves the GPU mostly idle
+      # shellcheck disable=SC2086
+      python3 -m transformer.evaluate "${ckpts[@]}" --split $split --decode $decodes \
+        --out runs/$name/evaluate-$split > runs/$name/evaluate-$split.log 2>&1 &
+    done
+    wait
+  else
+    # shellcheck disable=SC2086
+    python3 -m transformer.evaluate "${ckpts[@]}" --names "$name" \
+      --decode ${DECODES:-greedy beam} --out runs/evaluate-$name > runs/evaluate-$name.log 2>&1
+  fi
+}
+if [ "${EVALUATE:-1}" = 1 ]; then
+  pids=()
+  for name in "${names[@]}"; do
+    (export -f score_run; timeout "$(left 30)" bash -c "score_run $name") &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  cat runs/*/evaluate-*/README.md runs/evaluate-*/README.md 2>/dev/null | grep '^| '
+fi
 tar czf "$OUT/runs.tar.gz" --exclude='*.pt' runs
