@@ -120,7 +120,7 @@ def claim_scale(out: Path, dims, n: int, seeds: int) -> list[dict]:
                 with torch.inference_mode():
                     mha(x)
                     w = mha.last_weights  # (B, 1, n, n)
-                    q, k = mha.q_proj(x), mha.k_proj(x)
+                    q, k = mha.project_q(x), mha.project_kv(x)[0]  # (B, 1, n, d)
                     logits = q @ k.transpose(-1, -2) * (d**-0.5 if kind == "scaled_dot" else 1)
                 ent.append(float(-(w * w.clamp_min(1e-30).log()).sum(-1).mean()))
                 top.append(float(w.amax(-1).mean()))
@@ -285,8 +285,7 @@ def default_overhead(repeats: int, rounds: int = 5) -> list[dict]:
     mask = A.padding_mask(torch.ones(B, n, dtype=torch.bool))
 
     def bare(causal):
-        q = mha.split_heads(mha.q_proj(x))
-        k, v = mha.project_kv(x)
+        q, k, v = mha.project_qkv(x)
         o = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=None if causal else mask, is_causal=causal
         )

@@ -1,7 +1,8 @@
 """Where the time of one training step goes: a torch.profiler breakdown.
 
     python bench/profile_step.py [--config transformer-base] [--max-tokens 25000]
-        [--models ours,marian] [--compile] [--device cpu] [--out results/bench/profile_NAME.md]
+        [--models ours,marian] [--compile] [--sdpa efficient] [--fused-loss true]
+        [--device cpu] [--out results/bench/profile_NAME.md]
 
 For each model, after warm-up on the same real Multi30k batches as ``bench/train_speed.py``,
 profiles a few training steps and reports: wall time per step, GPU kernel time per step (the
@@ -32,6 +33,7 @@ from train_speed import (  # noqa: E402
     marian,
 )
 
+from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 
@@ -48,6 +50,10 @@ def main() -> None:
     ap.add_argument("--models", default="ours,marian")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each")
+    ap.add_argument(
+        "--sdpa", default="", help="only these SDPA kernels, e.g. efficient or cudnn+math"
+    )
+    ap.add_argument("--fused-loss", choices=["auto", "true", "false"], default="auto")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path)
@@ -65,6 +71,7 @@ def main() -> None:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
     mcfg = CONFIGS[args.config]
+    sdpa = use_sdpa_backends(args.sdpa.split("+") if args.sdpa else None)
     batches, tok = load_batches(args.max_tokens, 4 + args.steps)
     batches = [b.to(device) for b in batches]
     V, pad = len(tok), tok.pad_id
@@ -72,7 +79,8 @@ def main() -> None:
         f"# Profile of one training step ({name})",
         "",
         f"- torch {torch.__version__}; {'bf16 autocast' if cuda else 'fp32'}; config {args.config} "
-        f"({mcfg}); max tokens {args.max_tokens}; compile: {args.compile}",
+        f"({mcfg}); max tokens {args.max_tokens}; compile: {args.compile}; "
+        f"SDPA kernels allowed: {', '.join(sdpa)}",
         f"- command: `python bench/profile_step.py {' '.join(sys.argv[1:])}`",
         "",
     ]
@@ -83,7 +91,9 @@ def main() -> None:
         else:
             model = MarianAdapter(marian(mcfg, V, pad, tok.bos_id, tok.eos_id))
         model = model.to(device)
-        fused = mname == "ours" and not cuda  # as trainer.fused_loss=auto
+        fused = mname == "ours" and (
+            args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
+        )  # as trainer.fused_loss
         step = make_step(model, pad, device, precision, args.compile, fused)
         for b in batches:  # warm-up, every shape once (compilation included)
             step(b)

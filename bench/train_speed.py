@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformer import dropout  # noqa: E402
+from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.data import TokenBatcher  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
@@ -183,6 +184,11 @@ def main() -> None:
         "--compile", action="store_true", help="also time both through torch.compile(dynamic=True)"
     )
     ap.add_argument(
+        "--compiled-only",
+        action="store_true",
+        help="time only the compiled models (with each --sdpa setting, or torch's kernels)",
+    )
+    ap.add_argument(
         "--kinds",
         default="",
         help="also time ours with these model.attention.kind values (comma-separated)",
@@ -198,11 +204,22 @@ def main() -> None:
         action="store_true",
         help="also time ours without the fused loss and with torch's bernoulli CPU dropout",
     )
+    ap.add_argument(
+        "--sdpa",
+        default="",
+        help="also time ours and Marian with only these SDPA kernels allowed (comma-separated "
+        "settings, each one or more of flash, efficient, cudnn, math joined by +; "
+        "trainer.sdpa_backends)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
     precision = args.precision if device.type == "cuda" else "fp32"
     fused = args.fused_loss == "true" or (args.fused_loss == "auto" and device.type == "cpu")
+    sdpa_settings = [x for x in args.sdpa.split(",") if x]
+    for sdpa in sdpa_settings:
+        use_sdpa_backends(sdpa.split("+"))  # an unknown name fails here, before any timing
+    use_sdpa_backends(None)
 
     _, tok = load_batches(1024, 0)
     V, pad = len(tok), tok.pad_id
@@ -220,8 +237,12 @@ def main() -> None:
         "dropout 0.3/0.1/0.1; AdamW; label-smoothed CE; "
         f"ours: output projection fused into the loss: {fused} (`trainer.fused_loss`), "
         "CPU dropout masks from torch.rand (transformer/dropout.py)",
-        "- ablations (`--ablate`): ours/unfused-loss = logits then F.cross_entropy, as "
-        "Marian; ours/bernoulli-dropout = torch's own CPU dropout mask",
+        "- ablations (`--ablate`): ours/unfused-loss (ours/fused-loss where it is off) = "
+        "the other setting of `trainer.fused_loss`, compared with plain Marian; "
+        "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask",
+        "- modes: +compile = forward and loss through torch.compile(dynamic=True); "
+        "/sdpa=X = only the SDPA kernels X (and math, the fallback) allowed, for both models "
+        "(`trainer.sdpa_backends`); ours is compared with Marian in the same mode",
         f"- MFU peak: {peak / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
         if peak
         else "- MFU: no peak figure for this device",
@@ -236,56 +257,75 @@ def main() -> None:
             batches, _ = load_batches(max_tokens, args.warmup + args.steps)
             results = {}
             torch.manual_seed(0)
-            models = {  # built and measured inside this iteration
-                "ours": lambda: Transformer(V, V, pad, **mcfg, **DROPOUT),  # noqa: B023
-                "marian": lambda: MarianAdapter(
-                    marian(mcfg, V, pad, tok.bos_id, tok.eos_id)  # noqa: B023
-                ),
-            }
+            ours = lambda: Transformer(V, V, pad, **mcfg, **DROPOUT)  # noqa: B023, E731
+            theirs = lambda: MarianAdapter(  # noqa: E731
+                marian(mcfg, V, pad, tok.bos_id, tok.eos_id)  # noqa: B023
+            )
+            # name -> (build, options); a name's mode is what follows the model ("+compile",
+            # "/sdpa=..."), and ours is compared with Marian in the same mode.
+            models = {}
+            eager = [] if args.compiled_only else [None, *sdpa_settings]  # None: torch's pick
+            compiled = (sdpa_settings or [None]) if args.compiled_only else []
             if args.compile:
-                models["ours+compile"] = models["ours"]
-                models["marian+compile"] = models["marian"]
+                compiled = [None, *sdpa_settings]
+            for sdpa in eager:
+                mode = f"/sdpa={sdpa}" if sdpa else ""
+                models["ours" + mode] = (ours, {"sdpa": sdpa})
+                models["marian" + mode] = (theirs, {"sdpa": sdpa})
+            for sdpa in compiled:
+                mode = f"+compile/sdpa={sdpa}" if sdpa else "+compile"
+                models["ours" + mode] = (ours, {"compile": True, "sdpa": sdpa})
+                models["marian" + mode] = (theirs, {"compile": True, "sdpa": sdpa})
             if args.ablate:
-                models["ours/unfused-loss"] = models["ours"]
-                models["ours/bernoulli-dropout"] = models["ours"]
+                models[f"ours/{'unfused' if fused else 'fused'}-loss"] = (
+                    ours, {"fused": not fused}
+                )  # fmt: skip
+                if device.type == "cpu":
+                    models["ours/bernoulli-dropout"] = (ours, {"rand_mask": False})
             if args.rnn and cname == "multi30k-default":
-                models["rnn"] = lambda: BahdanauRNN(V, V, pad)
+                models["rnn"] = (lambda: BahdanauRNN(V, V, pad), {})
             for kind in filter(None, args.kinds.split(",")):
                 if kind != "scaled_dot":
-                    models[f"ours/{kind}"] = lambda k=kind, c=mcfg: Transformer(
-                        V, V, pad, **c, **DROPOUT, attention={"kind": k}
+                    models[f"ours/{kind}"] = (
+                        lambda k=kind, c=mcfg: Transformer(
+                            V, V, pad, **c, **DROPOUT, attention={"kind": k}
+                        ),
+                        {"kind": kind},
                     )
-            for mname, build in models.items():
+            for mname, (build, opt) in models.items():
                 model = build().to(device)
-                compiled = mname.endswith("+compile")
-                ours_fused = fused and mname.startswith("ours") and mname != "ours/unfused-loss"
-                dropout.RAND_MASK_ON_CPU = mname != "ours/bernoulli-dropout"
+                ours_fused = opt.get("fused", fused) and mname.startswith("ours")
+                dropout.RAND_MASK_ON_CPU = opt.get("rand_mask", True)
+                use_sdpa_backends(opt["sdpa"].split("+") if opt.get("sdpa") else None)
                 try:
                     r = measure(
                         model, batches, pad, device, precision, args.steps, args.warmup,
-                        compiled, ours_fused,
+                        opt.get("compile", False), ours_fused,
                     )  # fmt: skip
                 except torch.OutOfMemoryError as e:
                     print(f"{cname} {max_tokens} {mname}: out of memory: {e}", flush=True)
                     del model
                     torch.cuda.empty_cache()
                     continue
+                finally:
+                    use_sdpa_backends(None)
                 flops = sum(
                     train_flops(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in r["batches"]
                 )
-                rnn_or_kind = mname == "rnn" or "/" in mname
-                r["mfu"] = flops / r["seconds"] / peak if peak and not rnn_or_kind else None
+                counted = peak and mname != "rnn" and "kind" not in opt  # FLOPs as in train_flops
+                r["mfu"] = flops / r["seconds"] / peak if counted else None
+                r["mode"] = mname.removeprefix("ours").removeprefix("marian")
+                r["ratio_to"] = None
+                if mname.startswith("ours") and "kind" not in opt:
+                    mode = "" if "-loss" in mname else r["mode"]  # loss ablation: vs Marian
+                    r["ratio_to"] = "marian" + mode
                 results[mname] = r
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             for mname, r in results.items():
-                base = "marian+compile" if mname == "ours+compile" else "marian"
-                ratio = (
-                    f"{r['tok_s'] / results[base]['tok_s']:.2f}x"
-                    if mname.startswith("ours") and "/" not in mname and base in results
-                    else ""
-                )
+                base = results.get(r["ratio_to"])
+                ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
                 lines.append(
                     f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | "

@@ -197,6 +197,37 @@ class ScaledDot(AttentionKind):
         return out, None
 
 
+# Which CUDA kernels ``F.scaled_dot_product_attention`` may use (``trainer.sdpa_backends``).
+SDPA_BACKENDS = {
+    "flash": "enable_flash_sdp",  # FlashAttention-2: no attn_mask, so causal-only calls
+    "efficient": "enable_mem_efficient_sdp",  # memory-efficient (CUTLASS), takes masks
+    "cudnn": "enable_cudnn_sdp",  # cuDNN fused attention
+    "math": "enable_math_sdp",  # the unfused matmul-softmax-matmul; always the last resort
+}
+
+
+def use_sdpa_backends(names) -> list[str]:
+    """Allow only the named SDPA kernels (a name or a list) on CUDA, process-wide; ``None``
+    = all of them, and torch picks one per call. ``math`` stays allowed in every case, so a
+    call that no fused kernel accepts still runs. Why it is a setting: on an H100, with
+    Multi30k's 15-30-token sentences, the cuDNN kernel torch picked took 30% of the GPU time
+    of a Transformer-base step (results/bench/profile_h100_eager.md), and
+    ``bench/train_speed.py --sdpa`` measures the others. Returns the backends now allowed."""
+    if isinstance(names, str):
+        names = [names]
+    allowed = list(SDPA_BACKENDS) if names is None else [str(n) for n in names]
+    unknown = [n for n in allowed if n not in SDPA_BACKENDS]
+    if unknown or not allowed:
+        raise ValueError(
+            f"trainer.sdpa_backends: unknown {unknown or 'empty list'}; use null or a list "
+            f"of {list(SDPA_BACKENDS)}"
+        )
+    allowed = [n for n in SDPA_BACKENDS if n in allowed or n == "math"]
+    for name, switch in SDPA_BACKENDS.items():
+        getattr(torch.backends.cuda, switch)(name in allowed)
+    return allowed
+
+
 class Dot(ScaledDot):
     """Multiplicative score q_i . k_j without the 1/sqrt(d_k) scale (Luong et al. 2015,
     "dot"); O(n^2 d), fused kernel. Large d_k saturates its softmax at initialisation, which
@@ -530,6 +561,15 @@ def make_kind(name: str, n_heads: int, d_head: int, cfg: AttentionConfig) -> Att
 # -- multi-head attention -------------------------------------------------------------------
 
 
+def _stack_qkv(state_dict, prefix, *_):
+    """Load a checkpoint written with separate ``q_proj``, ``k_proj``, ``v_proj`` layers
+    (before they were stacked into ``in_proj``)."""
+    for t in ("weight", "bias"):
+        keys = [f"{prefix}{p}_proj.{t}" for p in "qkv"]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}in_proj.{t}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
 class MultiHeadAttention(nn.Module):
     """h parallel heads over learned projections, then an output projection (Section 3.2.2).
 
@@ -555,21 +595,44 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = n_heads
         self.d_head = d_model // n_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
+        # W_q, W_k, W_v stacked (3 D, D): self-attention projects x in one matrix product,
+        # cross-attention takes the query rows for x and the key/value rows for the memory.
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self._register_load_state_dict_pre_hook(_stack_qkv)
         self.kind = make_kind(kind, n_heads, self.d_head, options or AttentionConfig())
         self.need_weights = False  # True keeps the last weights (plots); explicit path
         self.last_weights: torch.Tensor | None = None
+
+    def xavier_init(self) -> None:
+        """Xavier-uniform for each of W_q, W_k, W_v and W_o on its own (the D x D fans that
+        separate layers would have), zero biases: the Transformer's initialisation."""
+        for w in (*self.in_proj.weight.detach().chunk(3), self.out_proj.weight.detach()):
+            nn.init.xavier_uniform_(w)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, h, T, d_head)
 
+    def _project(self, x: torch.Tensor, rows: slice, n: int) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) through the ``rows`` of the stacked projection -> n (B, h, T, d_head)."""
+        y = F.linear(x, self.in_proj.weight[rows], self.in_proj.bias[rows])  # (B, T, n D)
+        return tuple(self.split_heads(part) for part in y.chunk(n, dim=-1))
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries of ``x`` (B, T, D) -> (B, h, T, d_head)."""
+        return self._project(x, slice(0, self.d_head * self.n_heads), 1)[0]
+
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``x`` (B, T, D) -> two (B, h, T, d_head)."""
-        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        return self._project(x, slice(self.d_head * self.n_heads, None), 2)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values of ``x`` (B, T, D), one matrix product -> three
+        (B, h, T, d_head)."""
+        return self._project(x, slice(None), 3)
 
     def empty_cache(self, B: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder self-attention cache before the first step (a pair, batch first)."""
@@ -596,12 +659,15 @@ class MultiHeadAttention(nn.Module):
         :return: output (B, T_q, D) and the cache, for the caller
         """
         B, T, D = x.shape
-        q = self.split_heads(self.q_proj(x))  # (B, h, T_q, d_head)
-        if kv is not None and append_kv:
-            k_new, v_new = self.project_kv(x)
+        if kv is not None and append_kv:  # one more position of self-attention
+            q, k_new, v_new = self.project_qkv(x)  # (B, h, T_q, d_head) each
             out, kv, weights = self.kind.step(q, k_new, v_new, kv, self.need_weights)
         else:
-            k, v = self.project_kv(x if memory is None else memory) if kv is None else kv
+            if kv is None and memory is None:  # self-attention
+                q, k, v = self.project_qkv(x)
+            else:  # cross-attention: keys and values of the memory, or its cache
+                q = self.project_q(x)
+                k, v = self.project_kv(memory) if kv is None else kv
             p = self.dropout if self.training else 0.0
             out, weights = self.kind(q, k, v, mask, causal, p, self.need_weights)
             kv = (k, v)

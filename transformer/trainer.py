@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .attention import attention_config
+from .attention import attention_config, use_sdpa_backends
 from .corpus_cache import encode_split, open_split, sample_sentences
 from .data import TokenBatcher
 from .loss import projected_loss, sequence_loss
@@ -135,6 +135,9 @@ class Trainer:
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
         torch.manual_seed(cfg.seed)
+        sdpa = use_sdpa_backends(self.t.get("sdpa_backends"))
+        if self.device.type == "cuda":
+            log.info("attention kernels allowed: %s", ", ".join(sdpa))
         if not self.dist.is_main:  # rank 0 trains (or finds) the tokenizer, the others reuse it
             self.dist.barrier()
         self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(cfg, run_dir)

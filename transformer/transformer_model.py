@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .attention import attention_config, padding_mask
+from .attention import MultiHeadAttention, attention_config, padding_mask
 from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer, ScaledEmbedding, SinusoidalPositions
 from .seq2seq import DecoderState, EncoderOut, Seq2Seq
@@ -96,6 +96,9 @@ class Transformer(Seq2Seq):
                 nn.init.xavier_uniform_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+        for m in self.modules():  # stacked W_q, W_k, W_v: Xavier fans of each D x D block
+            if isinstance(m, MultiHeadAttention):
+                m.xavier_init()
         # Embeddings are multiplied by sqrt(d): start them at std d^-1/2 so inputs are O(1).
         for emb in {self.src_embed, self.tgt_embed}:
             nn.init.normal_(emb.weight, std=self.d_model**-0.5)
