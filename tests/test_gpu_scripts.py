@@ -46,12 +46,12 @@ def test_gpu_job_trains_averages_and_scores_every_run(corpus_root, tmp_path):
         tmp_path / "out",
         ["tf", f"{TINY} {keep}", "rnn", f"{TINY_RNN} {keep}"],
         AVERAGE="2",
-        VALID_DECODES="greedy",
+        VALID_DECODES="beam",
         GRID_RUNS="tf",
-        GRID_DECODES="greedy beam:beam_size=2",
+        GRID_DECODES="greedy beam",
     )
     n_valid = len((corpus_root / "multi30k" / "valid.en").read_text().splitlines())
-    for run, decodes in (("tf", {"greedy", "beam.beam_size=2"}), ("rnn", {"greedy"})):
+    for run, decodes in (("tf", {"greedy", "beam"}), ("rnn", {"beam"})):
         assert (work / "runs" / run / "checkpoints" / "avg_last2.pt").is_file()
         for split in ("valid", "test2016"):
             rows = json.loads((work / f"runs/{run}/evaluate-{split}/results.json").read_text())
@@ -59,6 +59,18 @@ def test_gpu_job_trains_averages_and_scores_every_run(corpus_root, tmp_path):
             assert got == {(f"{run}-{c}", d) for c in ("best", "avg_last2") for d in decodes}
         for r in json.loads((work / f"runs/{run}/evaluate-valid/results.json").read_text()):
             assert len((work / r["hypotheses"]).read_text().splitlines()) == n_valid
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/runs_table.py"), "--averaged", "runs/tf", "runs/rnn"],
+        cwd=work, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    for line, run in zip(table[2:4], ("tf", "rnn")):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == f"[{run}]({run}/)" and len(cells) == 12
+        rows = json.loads((work / f"runs/{run}/evaluate-test2016/results.json").read_text())
+        beam = {r["name"]: r["bleu"] for r in rows if r["decode"] == "beam"}
+        assert [float(c) for c in cells[10:]] == pytest.approx(
+            [beam[f"{run}-best"], beam[f"{run}-avg_last2"]], abs=0.005
+        )
     with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert "runs/tf/metrics.json" in names and not any(n.endswith(".pt") for n in names)
