@@ -101,7 +101,7 @@ def make_step(model, pad, device, precision, compile=False, fused_loss=False):
     the trainer does it; ``compile``: the forward and loss through torch.compile(dynamic=True)
     as with ``trainer.compile=true``; ``fused_loss``: the output projection fused into the
     loss (``trainer.fused_loss``; our models only)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     dtype = torch.bfloat16 if precision == "bf16" else None
     model.train()
 

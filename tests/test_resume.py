@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from transformer import checkpoint
-from transformer.trainer import Trainer, TrainingError, train
+from transformer.trainer import SkipCounter, Trainer, TrainingError, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,21 +161,60 @@ def first_batches(trainer: Trainer, n: int):
     return [next(stream)[1] for _ in range(n)]
 
 
-def test_nan_loss_skips_the_update_then_aborts(compose, small_overrides, tmp_path, caplog):
+def test_nan_loss_skips_the_update_on_the_device_then_aborts(
+    compose, small_overrides, tmp_path, caplog
+):
+    """Fused AdamW skips a NaN/inf update itself (found_inf): no host sync per update; the
+    skips are read, logged and checked against max_nonfinite at each log interval."""
     trainer = make_trainer(compose, small_overrides, tmp_path, "trainer.max_nonfinite=3")
+    assert trainer.skip_on_device
+    batches = first_batches(trainer, 4)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    forward = trainer.model.forward
+    trainer.model.forward = lambda *a, **kw: forward(*a, **kw) * float("nan")
+    loss, ntok = trainer.train_step([batches[0]])
+    assert float(loss) == 0.0  # a skipped update adds nothing to the logged loss
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights untouched
+    for state in trainer.optimizer.state.values():  # no Adam moment was updated
+        assert float(state["step"]) == 0 and not state["exp_avg"].any()
+        assert not state["exp_avg_sq"].any()
+    assert trainer.check_skips() == ntok  # its tokens are left out of the loss per token
+    with pytest.raises(TrainingError, match="3 updates in a row had a NaN/inf loss"):
+        trainer.run()  # log_every=2: the run of 1 goes on; at step 2 it is 3 long
+    assert "2 of the updates up to step 2 skipped: NaN/inf loss or gradient" in caplog.text
+    trainer.model.forward = forward
+    trainer.train_step([batches[1]])  # a finite batch trains again
+    assert not torch.equal(
+        trainer.model.state_dict()[next(iter(before))], next(iter(before.values()))
+    )
+    assert trainer.skips.read() == (0, 0, 0)
+
+
+def test_nan_loss_skips_on_the_host_with_an_optimizer_that_cannot(
+    compose, small_overrides, tmp_path, caplog
+):
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "trainer.max_nonfinite=3",
+        "trainer.optimizer._target_=torch.optim.RAdam",  # no fused kernel, no found_inf
+    )
+    assert not trainer.skip_on_device
     batches = first_batches(trainer, 4)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     forward = trainer.model.forward
     trainer.model.forward = lambda *a, **kw: forward(*a, **kw) * float("nan")
     assert trainer.train_step([batches[0]]) is None
     for k, v in trainer.model.state_dict().items():
-        assert torch.equal(v, before[k]), k  # weights untouched
-    assert trainer.optimizer.state_dict()["state"] == {}  # no Adam moment was updated
+        assert torch.equal(v, before[k]), k
+    assert trainer.optimizer.state_dict()["state"] == {}
     with pytest.raises(TrainingError, match="3 updates in a row had a NaN/inf loss"):
         trainer.run()
     assert "update skipped (1 in a row)" in caplog.text
     trainer.model.forward = forward
-    assert trainer.train_step([batches[1]]) is not None  # a finite batch trains again
+    assert trainer.train_step([batches[1]]) is not None
 
 
 def test_out_of_memory_is_retried_in_halves_with_the_same_gradient(
@@ -215,3 +254,14 @@ def test_out_of_memory_is_retried_in_halves_with_the_same_gradient(
     trainer.model.forward = lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
     with pytest.raises(TrainingError, match=r"out of memory at step 1 on a batch of src \("):
         trainer.accumulate([batch], ntok)
+
+
+def test_skip_counter_measures_a_run_across_reads_whole():
+    skips = SkipCounter(torch.device("cpu"))
+    for bad in (False, True, True):
+        skips.record(torch.tensor(bad), 10)
+    assert skips.read() == (2, 2, 20)  # (count, longest run, tokens)
+    for bad in (True, False, True):
+        skips.record(torch.tensor(bad), 5)
+    assert skips.read() == (2, 3, 10)  # the run of 2 went on to 3
+    assert skips.read() == (0, 0, 0)

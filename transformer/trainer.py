@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -128,6 +129,30 @@ def prepare_data(cfg, run_dir: Path):
 
 
 # -- the loop ---------------------------------------------------------------------------------
+class SkipCounter:
+    """NaN/inf updates counted on the device, so that no update waits for the GPU: how many
+    since the last read, the tokens they held, and the longest run of them in a row."""
+
+    def __init__(self, device):
+        zero = torch.zeros((), device=device)
+        self.count, self.tokens, self.run, self.longest = zero, zero, zero, zero
+
+    def record(self, bad: torch.Tensor, ntok: int) -> None:
+        bad = bad.float()
+        self.count, self.tokens = self.count + bad, self.tokens + bad * ntok
+        self.run = (self.run + 1) * bad
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def read(self) -> tuple[int, int, int]:
+        """(count, longest run, tokens) since the last read. A run still going on goes on
+        counting from its length, so a run across two reads is measured whole."""
+        count, longest, tokens = (int(x) for x in torch.stack(
+            [self.count, self.longest, self.tokens]).tolist())  # fmt: skip
+        zero = torch.zeros_like(self.count)
+        self.count, self.tokens, self.longest = zero, zero, zero
+        return count, longest, tokens
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: Path, dist: distributed.Dist | None = None):
         self.cfg, self.t = cfg, cfg.trainer
@@ -154,8 +179,13 @@ class Trainer:
         log.info(
             "model: %s, %.2fM parameters", cfg.model._target_, self.model.num_parameters() / 1e6
         )
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = instantiate(self.t.optimizer, **fused)(self.model.parameters())
+        # Fused (one kernel for all parameters) where the optimizer class offers it, on the CPU
+        # too: it also takes a found_inf flag, so a NaN/inf update is skipped on the device.
+        make_optimizer = instantiate(self.t.optimizer)
+        fused = "fused" in inspect.signature(make_optimizer.func).parameters
+        self.optimizer = make_optimizer(
+            self.model.parameters(), **({"fused": True} if fused else {})
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, inverse_sqrt(self.t.warmup_steps)
         )
@@ -181,6 +211,13 @@ class Trainer:
             shuffle=False,
         )
         self.precision = self.t.precision if self.device.type == "cuda" else "fp32"
+        # Without a host sync per update when the optimizer can skip by itself (fp16's
+        # GradScaler keeps its own found_inf, so it takes the host path).
+        self.skip_on_device = (
+            bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+            and self.precision != "fp16"
+        )
+        self.skips = SkipCounter(self.device)
         if self.t.fused_loss not in ("auto", True, False):
             raise TrainingError(
                 f"trainer.fused_loss must be auto, true or false, got {self.t.fused_loss!r}"
@@ -383,10 +420,12 @@ class Trainer:
 
     def train_step(self, micro_batches) -> tuple[torch.Tensor, int] | None:
         """One optimizer update over ``accum_steps`` micro-batches, normalised by the target
-        tokens of the update on all ranks. Returns (summed loss, target tokens) of this
-        rank, or None when the update was skipped because the gradient norm was NaN/inf
-        (the weights are then unchanged; the norm is of the all-reduced gradient, so every
-        rank skips alike)."""
+        tokens of the update on all ranks. Returns (summed loss, target tokens) of this rank.
+        An update whose gradient norm is NaN/inf is skipped (the norm is of the all-reduced
+        gradient, so every rank skips alike; the weights and moments stay unchanged): by the
+        fused optimizer itself, without a host sync, its loss returned as 0 and the skip
+        counted on the device (``check_skips``); or, with an optimizer that cannot (or fp16),
+        on the host, and then None is returned."""
         ntok = sum(int((b.tgt_out != self.pad_id).sum()) for b in micro_batches)
         (ntok_all,) = self.dist.sum([ntok])
         # DDP averages gradients over ranks, so dividing each rank's summed loss by
@@ -394,7 +433,17 @@ class Trainer:
         total = self.accumulate(micro_batches, ntok_all / self.dist.world_size)
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_norm)
-        finite = bool(torch.isfinite(norm))  # the one host sync per update: needed to skip
+        if self.skip_on_device:  # no host sync: the fused step is skipped where found_inf = 1
+            bad = ~torch.isfinite(norm)
+            self.optimizer.found_inf = bad.float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.skips.record(bad, ntok)
+            self.train_tokens += int(ntok_all)
+            return torch.where(bad, 0.0, total), ntok
+        finite = bool(torch.isfinite(norm))  # a host sync per update, to skip on the host
         if finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()  # with fp16, a skipped update also lowers the loss scale
@@ -466,8 +515,30 @@ class Trainer:
             return contextlib.nullcontext()
         return ddp.no_sync()
 
+    def check_skips(self) -> int:
+        """Read the device's count of skipped NaN/inf updates (one host sync; at each log
+        interval); warn about them, and abort if ``trainer.max_nonfinite`` came in a row.
+        Returns the target tokens of the skipped updates, for the loss per token."""
+        count, longest, tokens = self.skips.read()
+        if count:
+            log.warning(
+                "%d of the updates up to step %d skipped: NaN/inf loss or gradient "
+                "(longest run %d)",
+                count,
+                self.step,
+                longest,
+            )
+        if longest >= self.t.max_nonfinite:
+            raise TrainingError(
+                f"{longest} updates in a row had a NaN/inf loss or gradient (up to step "
+                f"{self.step}); lower trainer.optimizer.lr or check the data "
+                f"(trainer.max_nonfinite={self.t.max_nonfinite})"
+            )
+        return tokens
+
     def skipped_update(self) -> None:
-        """Count a NaN/inf update; abort after ``trainer.max_nonfinite`` in a row."""
+        """Count a NaN/inf update skipped on the host (optimizers that cannot skip by
+        themselves, fp16); abort after ``trainer.max_nonfinite`` in a row."""
         self.nonfinite_in_a_row += 1
         log.warning(
             "step %d: loss or gradient is NaN/inf; update skipped (%d in a row)",
@@ -544,6 +615,7 @@ class Trainer:
                     self.step += 1
                     window_loss, window_tok = window_loss + result[0], window_tok + result[1]
                     if self.step % t.log_every == 0:
+                        window_tok -= self.check_skips()
                         seconds = time.perf_counter() - window_start
                         self.log_window(
                             train_log, bar, window_loss, window_tok, window_pad, seconds
