@@ -139,36 +139,49 @@ def load_batches(max_tokens: int, n: int):
     return [batcher.batch(i) for i in batcher.epoch_batches(0)[:n]], tok
 
 
-def measure(model, batches, pad, device, precision, steps, warmup, compile=False, fused=False):
-    step = make_step(model, pad, device, precision, compile, fused)
-    times, tokens = [], 0
+class Timing:
+    """One model's training steps on the timed batches: warmed up when built, then timed in
+    one go, or in chunks that alternate with the other models' (``--rounds``), so that a
+    change in the machine's load hits every model alike. ``setup`` sets the process-wide
+    switches this model runs with (dropout mask, SDPA kernels) before each chunk."""
 
-    on_dev = [b.to(device) for b in batches]
-    timed = on_dev[warmup : warmup + steps]
-    # Warm up on every timed batch shape too: the first use of a shape loads and picks
-    # kernels (hundreds of ms on a GPU), which is start-up cost, not throughput.
-    for b in on_dev[:warmup] + timed:
-        step(b)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for b in timed:
-        t0 = time.perf_counter()
-        step(b)
+    def __init__(self, model, batches, pad, device, precision, steps, warmup, compile, fused,
+                 setup):  # fmt: skip
+        self.pad, self.device, self.setup = pad, device, setup
+        setup()
+        self.step = make_step(model, pad, device, precision, compile, fused)
+        on_dev = [b.to(device) for b in batches]
+        self.timed = on_dev[warmup : warmup + steps]
+        # Warm up on every timed batch shape too: the first use of a shape loads and picks
+        # kernels (hundreds of ms on a GPU), which is start-up cost, not throughput.
+        for b in on_dev[:warmup] + self.timed:
+            self.step(b)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        tokens += int((b.tgt_out != pad).sum())
-    total = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {
-        "tok_s": tokens / total,
-        "step_ms": 1000 * statistics.median(times),
-        "peak_gib": peak,
-        "seconds": total,
-        "batches": timed,
-    }
+            torch.cuda.reset_peak_memory_stats()
+        self.times, self.tokens, self.done = [], 0, 0
+
+    def run(self, n: int) -> None:
+        """Time the next ``n`` steps."""
+        self.setup()
+        for b in self.timed[self.done : self.done + n]:
+            t0 = time.perf_counter()
+            self.step(b)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - t0)
+            self.tokens += int((b.tgt_out != self.pad).sum())
+        self.done += n
+
+    def result(self) -> dict:
+        cuda = self.device.type == "cuda"
+        return {
+            "tok_s": self.tokens / sum(self.times),
+            "step_ms": 1000 * statistics.median(self.times),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "seconds": sum(self.times),
+            "batches": self.timed,
+        }
 
 
 def main() -> None:
@@ -211,8 +224,17 @@ def main() -> None:
         "settings, each one or more of flash, efficient, cudnn, math joined by +; "
         "trainer.sdpa_backends)",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="CPU: time the models of a batch size in this many alternating rounds of "
+        "steps/rounds steps each (all models stay built), so that load drift hits all alike",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.rounds < 1 or (args.rounds > 1 and args.device != "cpu"):
+        ap.error("--rounds must be 1, or more on the CPU (on a GPU peak memory is per model)")
     device = torch.device(args.device)
     precision = args.precision if device.type == "cuda" else "fp32"
     fused = args.fused_loss == "true" or (args.fused_loss == "auto" and device.type == "cpu")
@@ -234,7 +256,13 @@ def main() -> None:
         "- batches: real Multi30k de->en training batches, length-bucketed; "
         f"{args.steps} timed steps each, after {args.warmup} warm-up steps plus one untimed "
         "pass over the timed batches (first use of a shape is kernel start-up cost); "
-        "dropout 0.3/0.1/0.1; AdamW; label-smoothed CE; "
+        + (
+            f"timed in {args.rounds} rounds that alternate between the models (each model "
+            f"{args.steps // args.rounds}-{-(-args.steps // args.rounds)} steps per round); "
+            if args.rounds > 1
+            else ""
+        )
+        + "dropout 0.3/0.1/0.1; fused AdamW; label-smoothed CE; "
         f"ours: output projection fused into the loss: {fused} (`trainer.fused_loss`), "
         "CPU dropout masks from torch.rand (transformer/dropout.py)",
         "- ablations (`--ablate`): ours/unfused-loss (ours/fused-loss where it is off) = "
@@ -292,16 +320,22 @@ def main() -> None:
                         ),
                         {"kind": kind},
                     )
+            timings = {}
             for mname, (build, opt) in models.items():
+
+                def setup(opt=opt):
+                    dropout.RAND_MASK_ON_CPU = opt.get("rand_mask", True)
+                    use_sdpa_backends(opt["sdpa"].split("+") if opt.get("sdpa") else None)
+
                 model = build().to(device)
                 ours_fused = opt.get("fused", fused) and mname.startswith("ours")
-                dropout.RAND_MASK_ON_CPU = opt.get("rand_mask", True)
-                use_sdpa_backends(opt["sdpa"].split("+") if opt.get("sdpa") else None)
                 try:
-                    r = measure(
+                    timing = Timing(
                         model, batches, pad, device, precision, args.steps, args.warmup,
-                        opt.get("compile", False), ours_fused,
+                        opt.get("compile", False), ours_fused, setup,
                     )  # fmt: skip
+                    if args.rounds == 1:
+                        timing.run(args.steps)
                 except torch.OutOfMemoryError as e:
                     print(f"{cname} {max_tokens} {mname}: out of memory: {e}", flush=True)
                     del model
@@ -309,6 +343,19 @@ def main() -> None:
                     continue
                 finally:
                     use_sdpa_backends(None)
+                timings[mname] = (timing, opt)
+                if args.rounds == 1:  # free this model before the next one is built
+                    timings[mname] = (timing.result(), opt)
+                    del model, timing
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            bounds = [args.steps * i // args.rounds for i in range(args.rounds + 1)]
+            for lo, hi in zip(bounds[:-1], bounds[1:]) if args.rounds > 1 else []:
+                for timing, _ in timings.values():
+                    timing.run(hi - lo)
+            use_sdpa_backends(None)
+            for mname, (r, opt) in timings.items():
+                r = r.result() if isinstance(r, Timing) else r
                 flops = sum(
                     train_flops(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in r["batches"]
                 )
@@ -320,9 +367,6 @@ def main() -> None:
                     mode = "" if "-loss" in mname else r["mode"]  # loss ablation: vs Marian
                     r["ratio_to"] = "marian" + mode
                 results[mname] = r
-                del model
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
             for mname, r in results.items():
                 base = results.get(r["ratio_to"])
                 ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
