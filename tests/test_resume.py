@@ -191,6 +191,24 @@ def test_nan_loss_skips_the_update_on_the_device_then_aborts(
     assert trainer.skips.read() == (0, 0, 0)
 
 
+def test_a_window_of_only_skipped_updates_logs_no_loss_row(compose, small_overrides, tmp_path):
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "trainer.max_nonfinite=100",  # more than a log window (2): no abort
+        "trainer.max_steps=4",
+        "trainer.eval_every=100",
+        "trainer.bleu_every=100",
+    )
+    forward = trainer.model.forward
+    trainer.model.forward = lambda *a, **kw: forward(*a, **kw) * float("nan")
+    trainer.run()
+    assert trainer.step == 4
+    rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    assert rows == ["step,epoch,loss,lr,tokens_per_s,pad_frac"]
+
+
 def test_nan_loss_skips_on_the_host_with_an_optimizer_that_cannot(
     compose, small_overrides, tmp_path, caplog
 ):

@@ -652,6 +652,8 @@ class Trainer:
         and tokens/s of all ranks together."""
         t = self.t
         loss_sum, ntok = self.dist.sum([float(loss_sum), ntok])  # float(): a host sync
+        if ntok <= 0:  # every update of the window was skipped (NaN/inf): no loss to show
+            return
         row = {
             "step": self.step,
             "epoch": self.epoch,
