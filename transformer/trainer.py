@@ -438,15 +438,14 @@ class Trainer:
             self.optimizer.found_inf = bad.float()
             self.optimizer.step()
             del self.optimizer.found_inf
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
             self.skips.record(bad, ntok)
-            self.train_tokens += int(ntok_all)
-            return torch.where(bad, 0.0, total), ntok
-        finite = bool(torch.isfinite(norm))  # a host sync per update, to skip on the host
-        if finite:
-            self.scaler.step(self.optimizer)
-        self.scaler.update()  # with fp16, a skipped update also lowers the loss scale
+            total = torch.where(bad, 0.0, total)
+            finite = True  # counted as an update; check_skips reads the skips later
+        else:
+            finite = bool(torch.isfinite(norm))  # a host sync per update, to skip on the host
+            if finite:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()  # with fp16, a skipped update also lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
         if not finite:
             return None
@@ -528,13 +527,16 @@ class Trainer:
                 self.step,
                 longest,
             )
-        if longest >= self.t.max_nonfinite:
+        self.abort_if_nonfinite(longest, f"up to step {self.step}")
+        return tokens
+
+    def abort_if_nonfinite(self, in_a_row: int, where: str) -> None:
+        if in_a_row >= self.t.max_nonfinite:
             raise TrainingError(
-                f"{longest} updates in a row had a NaN/inf loss or gradient (up to step "
-                f"{self.step}); lower trainer.optimizer.lr or check the data "
+                f"{in_a_row} updates in a row had a NaN/inf loss or gradient ({where}); lower "
+                f"trainer.optimizer.lr or check the data "
                 f"(trainer.max_nonfinite={self.t.max_nonfinite})"
             )
-        return tokens
 
     def skipped_update(self) -> None:
         """Count a NaN/inf update skipped on the host (optimizers that cannot skip by
@@ -545,12 +547,7 @@ class Trainer:
             self.step + 1,
             self.nonfinite_in_a_row,
         )
-        if self.nonfinite_in_a_row >= self.t.max_nonfinite:
-            raise TrainingError(
-                f"{self.nonfinite_in_a_row} updates in a row had a NaN/inf loss or gradient "
-                f"(at step {self.step + 1}); lower trainer.optimizer.lr or check the data "
-                f"(trainer.max_nonfinite={self.t.max_nonfinite})"
-            )
+        self.abort_if_nonfinite(self.nonfinite_in_a_row, f"at step {self.step + 1}")
 
     def on_signal(self, signum, _frame):
         self.stop_signal = signum
