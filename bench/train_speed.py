@@ -320,7 +320,7 @@ def main() -> None:
                         ),
                         {"kind": kind},
                     )
-            timings = {}
+            measured, alive = {}, {}  # results; Timings waiting for their rounds (--rounds)
             for mname, (build, opt) in models.items():
 
                 def setup(opt=opt):
@@ -343,19 +343,23 @@ def main() -> None:
                     continue
                 finally:
                     use_sdpa_backends(None)
-                timings[mname] = (timing, opt)
-                if args.rounds == 1:  # free this model before the next one is built
-                    timings[mname] = (timing.result(), opt)
-                    del model, timing
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                if args.rounds > 1:
+                    alive[mname] = timing
+                    continue
+                measured[mname] = timing.result()  # and free this model before the next one
+                del model, timing
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             bounds = [args.steps * i // args.rounds for i in range(args.rounds + 1)]
-            for lo, hi in zip(bounds[:-1], bounds[1:]) if args.rounds > 1 else []:
-                for timing, _ in timings.values():
+            for lo, hi in zip(bounds[:-1], bounds[1:]) if alive else []:
+                for timing in alive.values():
                     timing.run(hi - lo)
             use_sdpa_backends(None)
-            for mname, (r, opt) in timings.items():
-                r = r.result() if isinstance(r, Timing) else r
+            measured.update((mname, timing.result()) for mname, timing in alive.items())
+            for mname, (_, opt) in models.items():
+                if mname not in measured:  # out of memory
+                    continue
+                r = measured[mname]
                 flops = sum(
                     train_flops(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in r["batches"]
                 )
