@@ -15,9 +15,7 @@ EVALUATE=0 RUN_TIMEOUT=330 bash scripts/gpu_job.sh "${runs[@]}" \
   rnn "model=rnn $budget" \
   compile "trainer.compile=true $budget"
 unset TORCH_LOGS
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export MT_DATA_DIR=$PWD/.gpudata HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 MT_CACHE_DIR=/tmp/mtcache
-OUT=${OUT:-/tmp/out}
+SKIP_INSTALL=1 source scripts/gpu_env.sh  # gpu_job.sh installed the wheels
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
 timeout 110 python3 bench/decode_speed.py --ckpt runs/attn_scaled_dot/checkpoints/best.pt \
   --rnn-ckpt runs/rnn/checkpoints/best.pt --out "$OUT/decode_speed_${gpu}.md"

@@ -13,11 +13,8 @@
 # Results: $OUT/bench.tar.gz holding results/bench/*_<gpu>*.md and results/attention/gpu/.
 # Prepare here first: ../shared/gpu/wheels ... ; mkdir -p .gpudata && cp -r ../shared/data/multi30k .gpudata/
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export MT_DATA_DIR=$PWD/.gpudata HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 MT_CACHE_DIR=/tmp/mtcache
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" results/bench results/attention/gpu
+source scripts/gpu_env.sh
+mkdir -p "$OUT" results/bench results/attention/gpu
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
 step() { echo "== $(date +%T) $*"; timeout "$@"; echo "== rc $?"; }
 case "${1:-speed}" in

@@ -16,12 +16,8 @@
 set -u
 deadline=$(($(date +%s) + ${BUDGET_S:-570}))
 left() { echo $((deadline - $(date +%s) - ${1:-0})); }
-[ "${SKIP_INSTALL:-0}" = 1 ] || python3 -m pip install -q --no-index --no-deps --no-compile \
-  --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1  # SKIP_INSTALL=1: a dry run
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export MT_DATA_DIR=$PWD/.gpudata HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-export MT_CACHE_DIR=${MT_CACHE_DIR:-/tmp/mtcache}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" runs
+source scripts/gpu_env.sh
+mkdir -p "$OUT" runs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee runs/gpu.txt
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a runs/gpu.txt
 # Train the default tokenizer once so concurrent runs share the cached model.
