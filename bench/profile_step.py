@@ -34,6 +34,7 @@ from train_speed import (  # noqa: E402
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
+from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 
@@ -56,12 +57,19 @@ def main() -> None:
     ap.add_argument("--fused-loss", choices=["auto", "true", "false"], default="auto")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--malloc",
+        choices=["reuse", "default"],
+        default="reuse",
+        help="CPU: glibc malloc keeps freed memory (trainer.cpu_malloc_reuse, as the trainer)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     precision = "bf16" if cuda else "fp32"
     sync = torch.cuda.synchronize if cuda else lambda: None
+    reuse = not cuda and args.malloc == "reuse" and reuse_freed_memory()
     if cuda:
         name = torch.cuda.get_device_name()
     else:
@@ -80,7 +88,8 @@ def main() -> None:
         "",
         f"- torch {torch.__version__}; {'bf16 autocast' if cuda else 'fp32'}; config {args.config} "
         f"({mcfg}); max tokens {args.max_tokens}; compile: {args.compile}; "
-        f"SDPA kernels allowed: {', '.join(sdpa)}",
+        f"SDPA kernels allowed: {', '.join(sdpa)}"
+        + ("" if cuda else f"; glibc malloc keeps freed memory for reuse: {reuse}"),
         f"- command: `python bench/profile_step.py {' '.join(sys.argv[1:])}`",
         "",
     ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformer import dropout  # noqa: E402
 from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.data import TokenBatcher  # noqa: E402
+from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
 from transformer.trainer import prepare_data  # noqa: E402
@@ -159,11 +161,12 @@ class Timing:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        self.times, self.tokens, self.done = [], 0, 0
+        self.times, self.tokens, self.done, self.faults = [], 0, 0, 0
 
     def run(self, n: int) -> None:
         """Time the next ``n`` steps."""
         self.setup()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for b in self.timed[self.done : self.done + n]:
             t0 = time.perf_counter()
             self.step(b)
@@ -171,6 +174,7 @@ class Timing:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - t0)
             self.tokens += int((b.tgt_out != self.pad).sum())
+        self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         self.done += n
 
     def result(self) -> dict:
@@ -180,6 +184,7 @@ class Timing:
             "step_ms": 1000 * statistics.median(self.times),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
             "seconds": sum(self.times),
+            "faults": self.faults / len(self.times),
             "batches": self.timed,
         }
 
@@ -231,6 +236,13 @@ def main() -> None:
         help="CPU: time the models of a batch size in this many alternating rounds of "
         "steps/rounds steps each (all models stay built), so that load drift hits all alike",
     )
+    ap.add_argument(
+        "--malloc",
+        choices=["reuse", "default"],
+        default="reuse",
+        help="CPU: glibc malloc keeps freed memory for reuse (trainer.cpu_malloc_reuse=true, "
+        "as the trainer) or runs with glibc's defaults (false)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.rounds < 1 or (args.rounds > 1 and args.device != "cpu"):
@@ -242,6 +254,9 @@ def main() -> None:
     for sdpa in sdpa_settings:
         use_sdpa_backends(sdpa.split("+"))  # an unknown name fails here, before any timing
     use_sdpa_backends(None)
+    reuse = device.type == "cpu" and args.malloc == "reuse" and reuse_freed_memory()
+    if device.type == "cpu" and args.malloc == "reuse" and not reuse:
+        print("glibc's mallopt is not available here: malloc runs with its defaults")
 
     _, tok = load_batches(1024, 0)
     V, pad = len(tok), tok.pad_id
@@ -264,20 +279,28 @@ def main() -> None:
         )
         + "dropout 0.3/0.1/0.1; fused AdamW; label-smoothed CE; "
         f"ours: output projection fused into the loss: {fused} (`trainer.fused_loss`), "
-        "CPU dropout masks from torch.rand (transformer/dropout.py)",
+        "CPU dropout masks from 15-bit slices of 64-bit random draws (transformer/dropout.py)",
         "- ablations (`--ablate`): ours/unfused-loss (ours/fused-loss where it is off) = "
         "the other setting of `trainer.fused_loss`, compared with plain Marian; "
         "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask",
         "- modes: +compile = forward and loss through torch.compile(dynamic=True); "
         "/sdpa=X = only the SDPA kernels X (and math, the fallback) allowed, for both models "
         "(`trainer.sdpa_backends`); ours is compared with Marian in the same mode",
+        "- host memory: "
+        + (
+            "glibc malloc keeps freed memory for reuse (`trainer.cpu_malloc_reuse=true`, as the "
+            "trainer; transformer/host_memory.py)"
+            if reuse
+            else "malloc with its default settings (`trainer.cpu_malloc_reuse=false`)"
+        )
+        + "; page faults = minor page faults of the process per timed step",
         f"- MFU peak: {peak / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
         if peak
         else "- MFU: no peak figure for this device",
         "",
-        "| config | max tokens | model | tgt tok/s | step ms (median) | peak GiB | MFU | "
-        "ours / Marian (same mode) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| config | max tokens | model | tgt tok/s | step ms (median) | peak GiB | "
+        "page faults | MFU | ours / Marian (same mode) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for cname in args.configs.split(","):
         mcfg = CONFIGS[cname]
@@ -377,7 +400,8 @@ def main() -> None:
                 mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
                 lines.append(
                     f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | "
-                    f"{r['step_ms']:.1f} | {r['peak_gib']:.2f} | {mfu} | {ratio} |"
+                    f"{r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['faults']:,.0f} | {mfu} | "
+                    f"{ratio} |"
                 )
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

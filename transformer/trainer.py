@@ -32,6 +32,7 @@ from . import checkpoint, distributed
 from .attention import attention_config, use_sdpa_backends
 from .corpus_cache import encode_split, open_split, sample_sentences
 from .data import TokenBatcher
+from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
 from .tokenizer import copy_into, file_sha256, train_or_load
@@ -160,6 +161,11 @@ class Trainer:
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
         torch.manual_seed(cfg.seed)
+        reuse = self.t.get("cpu_malloc_reuse", True)
+        if reuse not in (True, False):
+            raise TrainingError(f"trainer.cpu_malloc_reuse must be true or false, got {reuse!r}")
+        if reuse and self.device.type == "cpu" and reuse_freed_memory():
+            log.info("glibc malloc keeps freed memory for reuse (trainer.cpu_malloc_reuse)")
         sdpa = use_sdpa_backends(self.t.get("sdpa_backends"))
         if self.device.type == "cuda":
             log.info("attention kernels allowed: %s", ", ".join(sdpa))
