@@ -291,7 +291,8 @@ def main() -> None:
             "glibc malloc keeps freed memory for reuse (`trainer.cpu_malloc_reuse=true`, as the "
             "trainer; transformer/host_memory.py)"
             if reuse
-            else "malloc with its default settings (`trainer.cpu_malloc_reuse=false`)"
+            else "malloc with its default settings ("
+            + ("`trainer.cpu_malloc_reuse=false`)" if device.type == "cpu" else "as the trainer)")
         )
         + "; page faults = minor page faults of the process per timed step",
         f"- MFU peak: {peak / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
