@@ -28,13 +28,14 @@ from train_speed import (  # noqa: E402
     CONFIGS,
     DROPOUT,
     MarianAdapter,
+    add_malloc_option,
+    apply_malloc,
     load_batches,
     make_step,
     marian,
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
-from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 
@@ -57,19 +58,14 @@ def main() -> None:
     ap.add_argument("--fused-loss", choices=["auto", "true", "false"], default="auto")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument(
-        "--malloc",
-        choices=["reuse", "default"],
-        default="reuse",
-        help="CPU: glibc malloc keeps freed memory (trainer.cpu_malloc_reuse, as the trainer)",
-    )
+    add_malloc_option(ap)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     precision = "bf16" if cuda else "fp32"
     sync = torch.cuda.synchronize if cuda else lambda: None
-    reuse = not cuda and args.malloc == "reuse" and reuse_freed_memory()
+    reuse = apply_malloc(args.malloc, device)
     if cuda:
         name = torch.cuda.get_device_name()
     else:

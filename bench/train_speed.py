@@ -141,6 +141,26 @@ def load_batches(max_tokens: int, n: int):
     return [batcher.batch(i) for i in batcher.epoch_batches(0)[:n]], tok
 
 
+def add_malloc_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--malloc",
+        choices=["reuse", "default"],
+        default="reuse",
+        help="CPU: glibc malloc keeps freed memory for reuse (trainer.cpu_malloc_reuse=true, "
+        "as the trainer) or runs with glibc's defaults (false)",
+    )
+
+
+def apply_malloc(choice: str, device: torch.device) -> bool:
+    """``--malloc``, as ``trainer.cpu_malloc_reuse``: on the CPU, ``reuse`` sets glibc's malloc
+    to keep freed memory; True if it did."""
+    wanted = device.type == "cpu" and choice == "reuse"
+    reuse = wanted and reuse_freed_memory()
+    if wanted and not reuse:
+        print("glibc's mallopt is not available here: malloc runs with its defaults")
+    return reuse
+
+
 class Timing:
     """One model's training steps on the timed batches: warmed up when built, then timed in
     one go, or in chunks that alternate with the other models' (``--rounds``), so that a
@@ -236,13 +256,7 @@ def main() -> None:
         help="CPU: time the models of a batch size in this many alternating rounds of "
         "steps/rounds steps each (all models stay built), so that load drift hits all alike",
     )
-    ap.add_argument(
-        "--malloc",
-        choices=["reuse", "default"],
-        default="reuse",
-        help="CPU: glibc malloc keeps freed memory for reuse (trainer.cpu_malloc_reuse=true, "
-        "as the trainer) or runs with glibc's defaults (false)",
-    )
+    add_malloc_option(ap)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.rounds < 1 or (args.rounds > 1 and args.device != "cpu"):
@@ -254,9 +268,7 @@ def main() -> None:
     for sdpa in sdpa_settings:
         use_sdpa_backends(sdpa.split("+"))  # an unknown name fails here, before any timing
     use_sdpa_backends(None)
-    reuse = device.type == "cpu" and args.malloc == "reuse" and reuse_freed_memory()
-    if device.type == "cpu" and args.malloc == "reuse" and not reuse:
-        print("glibc's mallopt is not available here: malloc runs with its defaults")
+    reuse = apply_malloc(args.malloc, device)
 
     _, tok = load_batches(1024, 0)
     V, pad = len(tok), tok.pad_id
