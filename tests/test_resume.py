@@ -2,8 +2,10 @@
 NaN/inf updates are skipped, out-of-memory batches are retried in halves."""
 
 import csv
+import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import pytest
 import torch
 
 from transformer import checkpoint
-from transformer.trainer import SkipCounter, Trainer, TrainingError, train
+from transformer.attention import stacked_from
+from transformer.trainer import SkipCounter, Trainer, TrainingError, prepare_data, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,6 +151,110 @@ def test_a_run_saved_before_model_attention_existed_resumes(compose, small_overr
         TrainingError, match=r"another model \(model\.attention\.\w+='scaled_dot', now 'local'\)"
     ):
         train(compose(small_overrides + ["model=transformer", "model.attention.kind=local"]))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resume_keeps_the_runs_tokenizer_when_the_corpus_gives_another(
+    compose, small_overrides, corpus_root, tmp_path, caplog
+):
+    """A corpus copied afresh, edited, or a cleared cache would train another tokenizer; the
+    run's checkpoints mean its own pieces, so a resume keeps them (and never overwrites them)."""
+    caplog.set_level(logging.INFO)
+    train(compose(small_overrides))
+    tok = tmp_path / "run" / "tokenizer" / "joint.model"
+    before = sha(tok)
+    changed = tmp_path / "data2"
+    shutil.copytree(corpus_root, changed)
+    for lang in ("de", "en"):
+        with open(changed / "multi30k" / f"train.{lang}", "a", encoding="utf-8") as f:
+            f.writelines(f"zquorvaxe plimbotrek {i} xylofanzer quembrit.\n" for i in range(150))
+    moved = [o for o in small_overrides if not o.startswith("data.data_dir=")]
+    moved.append(f"data.data_dir={changed}")
+    fresh = prepare_data(compose(moved), tmp_path / "fresh")[3]["src_sha256"]
+    assert fresh != before  # a new run on this corpus would get another tokenizer
+    metrics = train(compose(moved + ["trainer.max_steps=9"]))
+    assert "resumed from" in caplog.text and "the run's own tokenizer" in caplog.text
+    assert metrics["steps"] == 9 and sha(tok) == before
+
+
+def test_resume_refuses_other_tokenizer_settings_and_keeps_the_tokenizer(
+    compose, small_overrides, tmp_path
+):
+    train(compose(small_overrides))
+    tok = tmp_path / "run" / "tokenizer" / "joint.model"
+    before = sha(tok)
+    with pytest.raises(TrainingError, match=r"another tokenizer \(data\.vocab_size=300, now 250\)"):
+        train(compose(small_overrides + ["data.vocab_size=250", "trainer.max_steps=9"]))
+    assert sha(tok) == before
+
+
+def separate_qkv(ckpt: dict) -> dict:
+    """``ckpt`` as it was written before the attention projections were stacked into
+    ``in_proj``: separate q/k/v parameters, their optimizer states indexed in that order,
+    and an optimizer group saved without the fused update."""
+    model, optim = ckpt["model"], ckpt["optimizer"]
+    group = optim["param_groups"][0]
+    by_name = dict(zip(checkpoint.parameter_names(model), group["params"]))
+    states, old_model, old_states = optim["state"], {}, []
+    for name, tensor in model.items():
+        if name.endswith("in_proj.bias"):
+            continue
+        if not name.endswith("in_proj.weight"):
+            old_model[name] = tensor
+            if name in by_name:
+                old_states.append(states[by_name[name]])
+            continue
+        bias = name.replace("in_proj.weight", "in_proj.bias")
+        for p, (w, b) in enumerate(zip(tensor.chunk(3), model[bias].chunk(3))):
+            for full, piece in ((name, w), (bias, b)):
+                old_model[stacked_from(full)[p]] = piece.clone()
+                old_states.append(
+                    {
+                        k: v.chunk(3)[p].clone() if v.dim() > 0 else v
+                        for k, v in states[by_name[full]].items()
+                    }
+                )
+    ids = list(range(len(old_states)))
+    old_group = {**group, "params": ids, "fused": None}
+    return {
+        **ckpt,
+        "model": old_model,
+        "optimizer": {"state": dict(zip(ids, old_states)), "param_groups": [old_group]},
+    }
+
+
+def test_a_run_saved_with_separate_qkv_projections_resumes_exactly(
+    compose, small_overrides, tmp_path, caplog
+):
+    """Its optimizer state is re-indexed by parameter name, so the resumed run is the same
+    as one resumed from the stacked layout (and the saved non-fused update is not reused)."""
+    caplog.set_level(logging.INFO)
+    base = [o for o in small_overrides if not o.startswith("run_dir=")] + ["model=transformer"]
+    train(compose(base + [f"run_dir={tmp_path / 'run'}"]))
+    shutil.copytree(tmp_path / "run", tmp_path / "legacy")
+    last = tmp_path / "legacy" / "checkpoints" / "last.pt"
+    checkpoint.save(last, separate_qkv(checkpoint.load(last)))
+    assert "encoder.0.self_attn.q_proj.weight" in checkpoint.load(last)["model"]
+    for name in ("run", "legacy"):
+        train(compose(base + [f"run_dir={tmp_path / name}", "trainer.max_steps=9"]))
+    assert "optimizer state re-indexed" in caplog.text
+    stacked, legacy = (
+        checkpoint.load(tmp_path / name / "checkpoints" / "last.pt")["model"]
+        for name in ("run", "legacy")
+    )
+    assert stacked.keys() == legacy.keys()
+    assert all(torch.equal(stacked[k], legacy[k]) for k in stacked)
+
+
+def test_an_optimizer_state_that_matches_no_parameter_is_refused():
+    model = torch.nn.Linear(2, 3)
+    saved = {"weight": torch.zeros(3, 2), "other": torch.zeros(3)}
+    optim = {"state": {0: {}, 1: {}}, "param_groups": [{"lr": 1.0, "params": [0, 1]}]}
+    with pytest.raises(checkpoint.CheckpointError, match="no saved optimizer state for .*bias"):
+        checkpoint.optimizer_state_for(model, saved, optim, stacked_from)
 
 
 def make_trainer(compose, small_overrides, tmp_path, *extra) -> Trainer:

@@ -561,11 +561,20 @@ def make_kind(name: str, n_heads: int, d_head: int, cfg: AttentionConfig) -> Att
 # -- multi-head attention -------------------------------------------------------------------
 
 
+def stacked_from(name: str) -> list[str] | None:
+    """The names of the separate ``q_proj``, ``k_proj``, ``v_proj`` parameters that the
+    ``in_proj`` parameter ``name`` stacks (in a checkpoint from before they were stacked);
+    None for any other parameter."""
+    prefix, found, kind = name.rpartition("in_proj.")
+    if not found or kind not in ("weight", "bias"):
+        return None
+    return [f"{prefix}{p}_proj.{kind}" for p in "qkv"]
+
+
 def _stack_qkv(state_dict, prefix, *_):
-    """Load a checkpoint written with separate ``q_proj``, ``k_proj``, ``v_proj`` layers
-    (before they were stacked into ``in_proj``)."""
+    """Load a checkpoint written with separate ``q_proj``, ``k_proj``, ``v_proj`` layers."""
     for t in ("weight", "bias"):
-        keys = [f"{prefix}{p}_proj.{t}" for p in "qkv"]
+        keys = stacked_from(f"{prefix}in_proj.{t}")
         if all(k in state_dict for k in keys):
             state_dict[f"{prefix}in_proj.{t}"] = torch.cat([state_dict.pop(k) for k in keys])
 

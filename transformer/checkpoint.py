@@ -170,3 +170,55 @@ def load_latest(candidates: list[Path], map_location="cpu") -> tuple[Path, dict]
             "delete them or set trainer.resume=false to start over"
         )
     return None
+
+
+def parameter_names(state_dict: dict) -> list[str]:
+    """The names of a saved model's parameters in ``named_parameters`` order: a tensor tied
+    to an earlier one is counted once. (Our models have no persistent buffers.)"""
+    names, seen = [], set()
+    for name, tensor in state_dict.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen or tensor.numel() == 0:
+            seen.add(key)
+            names.append(name)
+    return names
+
+
+def optimizer_state_for(model: torch.nn.Module, saved_model: dict, saved_optim: dict, stacked_from):
+    """``saved_optim`` (one parameter group) re-indexed for ``model``'s parameters, for a
+    checkpoint whose parameters were laid out otherwise (e.g. before the attention
+    projections were stacked). A saved parameter is found by its name in ``saved_model``
+    (tied weights counted once, in order, as ``named_parameters`` lists them); a parameter
+    of ``model`` that is new concatenates the states of the names ``stacked_from(name)``
+    gives. Raises CheckpointError when a parameter cannot be matched."""
+    if len(saved_optim["param_groups"]) != 1:
+        raise CheckpointError("cannot re-index an optimizer state with several parameter groups")
+    names = parameter_names(saved_model)
+    group_ids = saved_optim["param_groups"][0]["params"]
+    state = {name: saved_optim["state"].get(i, {}) for name, i in zip(names, group_ids)}
+    if len(names) != len(group_ids):
+        raise CheckpointError(
+            f"the saved optimizer has {len(group_ids)} parameters, its model {len(names)}"
+        )
+    new_state = {}
+    for i, (name, param) in enumerate(model.named_parameters()):
+        parts = [name] if name in state else stacked_from(name)
+        if not parts or any(p not in state for p in parts):
+            raise CheckpointError(f"no saved optimizer state for parameter {name}")
+        entries = [state[p] for p in parts]
+        merged = {}
+        for key, value in entries[0].items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                value = torch.cat([e[key] for e in entries])
+                if value.shape != param.shape:
+                    raise CheckpointError(
+                        f"saved optimizer state {key} of {name} has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(param.shape)}"
+                    )
+            merged[key] = value
+        new_state[i] = merged
+    n = len(new_state)
+    return {
+        "state": new_state,
+        "param_groups": [{**saved_optim["param_groups"][0], "params": list(range(n))}],
+    }

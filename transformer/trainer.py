@@ -29,13 +29,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .attention import attention_config, use_sdpa_backends
+from .attention import attention_config, stacked_from, use_sdpa_backends
 from .corpus_cache import encode_split, open_split, sample_sentences
 from .data import TokenBatcher
 from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
-from .tokenizer import copy_into, file_sha256, train_or_load
+from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
 from .translator import build_model, translate_lines
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,29 @@ def inverse_sqrt(warmup: int):
 
 
 # -- data and tokenizer -----------------------------------------------------------------------
+# Settings that say which tokenizer a run has: a run resumes with the one in its run dir, so
+# changing them there is refused. (A changed sample size or character coverage only warns:
+# on a corpus smaller than the sample they give the same tokenizer.)
+TOKENIZER_KEYS = tuple(
+    f"data.{k}" for k in ("joint_vocab", "vocab_size", "spm_model_type", "src_lang", "tgt_lang")
+)
+
+
+# Optimizer group keys that choose how the update is computed, not what it computes.
+OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def will_resume(cfg, run_dir: Path) -> bool:
+    """Whether a Trainer on ``run_dir`` will continue from a checkpoint there."""
+    ckpt_dir = run_dir / "checkpoints"
+    has = (ckpt_dir / "last.pt").is_file() or bool(checkpoint.step_checkpoints(ckpt_dir))
+    return bool(cfg.trainer.get("resume", True)) and has
+
+
 def prepare_data(cfg, run_dir: Path):
     """Train or reuse the tokenizer(s) (on a bounded sample of the training split), copy them
-    into the run dir, and encode every split or map its cached encoding
-    (``transformer/corpus_cache.py``)."""
+    into the run dir (a run that resumes keeps the ones it has there), and encode every split
+    or map its cached encoding (``transformer/corpus_cache.py``)."""
     d = cfg.data
     cache_dir = Path(d.cache_dir)
     sources = {
@@ -94,18 +113,27 @@ def prepare_data(cfg, run_dir: Path):
             train_load(), list(columns), d.spm_input_sentence_size, cfg.seed
         )
 
+    names = {"src": f"tokenizer/{d.src_lang}.model", "tgt": f"tokenizer/{d.tgt_lang}.model"}
     if d.joint_vocab:
+        names = {"src": "tokenizer/joint.model", "tgt": "tokenizer/joint.model"}
+    paths = {side: run_dir / name for side, name in names.items()}
+    if will_resume(cfg, run_dir) and all(p.is_file() for p in paths.values()):
+        # The checkpoints' token ids mean this run's pieces, whatever the corpus or the cache
+        # would give now (a corpus copied afresh, a cleared cache, a newer SentencePiece).
+        src_tok = Tokenizer(paths["src"])
+        tgt_tok = src_tok if d.joint_vocab else Tokenizer(paths["tgt"])
+        log.info("resuming: the run's own tokenizer (%s)", ", ".join(sorted(set(names.values()))))
+    elif d.joint_vocab:
         src_tok = tgt_tok = train_or_load(
             sample("src", "tgt"), key=f"{train_fp}|src+tgt", **spm_args
         )
-        paths = {"src": copy_into(src_tok, run_dir, "tokenizer/joint.model")}
-        paths["tgt"] = paths["src"]
+        paths = {side: copy_into(src_tok, run_dir, name) for side, name in names.items()}
     else:
         src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
         tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
         paths = {
-            "src": copy_into(src_tok, run_dir, f"tokenizer/{d.src_lang}.model"),
-            "tgt": copy_into(tgt_tok, run_dir, f"tokenizer/{d.tgt_lang}.model"),
+            "src": copy_into(src_tok, run_dir, names["src"]),
+            "tgt": copy_into(tgt_tok, run_dir, names["tgt"]),
         }
     tok_info = {}
     for side, p in paths.items():
@@ -315,8 +343,23 @@ class Trainer:
         if ckpt["tokenizer"] != self.tok_info:
             raise TrainingError(f"{path} was trained with another tokenizer than this run's")
         self.check_config(path, ckpt["config"])
-        checkpoint.unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        model = checkpoint.unwrap(self.model)
+        optim = ckpt["optimizer"]
+        if checkpoint.parameter_names(ckpt["model"]) != [n for n, _ in model.named_parameters()]:
+            # written by an older layout of this model (e.g. separate q/k/v projections)
+            try:
+                optim = checkpoint.optimizer_state_for(model, ckpt["model"], optim, stacked_from)
+            except checkpoint.CheckpointError as e:
+                raise TrainingError(f"{path}: {e}") from e
+            log.info("%s: optimizer state re-indexed for this model's parameter layout", path)
+        # The update's implementation (fused, foreach, ...) is this run's choice, not the
+        # saved one: a fused step passes arguments an unfused one rejects.
+        groups = [
+            {**saved, **{k: now[k] for k in OPTIMIZER_IMPLEMENTATION if k in now}}
+            for saved, now in zip(optim["param_groups"], self.optimizer.param_groups)
+        ]
+        model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict({**optim, "param_groups": groups})
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         for key, value in ckpt["progress"].items():
@@ -336,17 +379,19 @@ class Trainer:
         return True
 
     def check_config(self, path: Path, saved: dict) -> None:
-        """Refuse to resume with another model; warn about any other changed setting."""
+        """Refuse to resume with another model or tokenizer settings; warn about any other
+        changed setting."""
         now = flatten(with_full_attention(OmegaConf.to_container(self.cfg, resolve=True)))
         before = flatten(with_full_attention(saved))
         changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
-        model = [k for k in changed if k.startswith("model.")]
-        if model:
-            k = model[0]
-            raise TrainingError(
-                f"{path} holds another model ({k}={before.get(k)!r}, now {now.get(k)!r}); "
-                "use a new run_dir or the same model settings"
-            )
+        for what, keys in [("model", ("model.",)), ("tokenizer", TOKENIZER_KEYS)]:
+            fatal = [k for k in changed if k.startswith(keys)]
+            if fatal:
+                k = fatal[0]
+                raise TrainingError(
+                    f"{path} holds another {what} ({k}={before.get(k)!r}, now {now.get(k)!r}); "
+                    f"use a new run_dir or the same {what} settings"
+                )
         for k in changed:
             log.warning(
                 "resuming with a changed setting: %s=%r (was %r)", k, now.get(k), before.get(k)
