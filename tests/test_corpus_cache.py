@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transformer.corpus_cache import MappedPages, sample_sentences
+from transformer.corpus_cache import MappedPages, publish, sample_sentences
 from transformer.data import EncodedSplit, TokenBatcher, read_lines
 from transformer.tokenizer import train_or_load
 from transformer.trainer import prepare_data
@@ -170,3 +170,24 @@ def test_raw_arrow_from_bad_files_is_an_error_that_leaves_no_file(tmp_path):
     with pytest.raises(DataError, match="empty.en is empty"):
         stream_to_arrow(tmp_path / "a.de", tmp_path / "empty.en", out)
     assert list(out.parent.iterdir()) == []
+
+
+def folder(path: Path, **files: str) -> Path:
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_publishing_keeps_a_cache_another_run_published_first(tmp_path):
+    """Runs started together encode the same split; the first finished folder stays (a run
+    may be reading it), the later one is dropped; a stale folder without counts is replaced."""
+    final = folder(tmp_path / "final", **{"counts.json": "{}", "data": "first"})
+    publish(folder(tmp_path / "late", **{"counts.json": "{}", "data": "second"}), final)
+    assert (final / "data").read_text() == "first"
+    stale = folder(tmp_path / "stale", data="old")
+    publish(folder(tmp_path / "new", **{"counts.json": "{}", "data": "new"}), stale)
+    assert (stale / "data").read_text() == "new" and not (tmp_path / "new").exists()
+    empty = folder(tmp_path / "absent") / "x"
+    publish(folder(tmp_path / "fresh", **{"counts.json": "{}"}), empty)
+    assert (empty / "counts.json").is_file()

@@ -103,6 +103,20 @@ def open_split(d, split: str, cache_dir: Path):
     return fingerprint, load
 
 
+def publish(built: Path, final: Path) -> None:
+    """Move the finished cache folder ``built`` to ``final`` in one rename, so a half-written
+    cache is never found. When another process sharing the cache (runs started together)
+    published the same encoding first, its folder is kept as it is (it may be in use and holds
+    the same data); only a stale folder without ``counts.json`` is replaced."""
+    try:
+        os.replace(built, final)  # fails on a non-empty folder: never removes one in use
+    except OSError:
+        if (final / "counts.json").is_file():
+            return
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(built, final)
+
+
 def sample_sentences(ds, columns: list[str], n: int, seed: int) -> list[str]:
     """At most ``n`` sentences of ``columns`` (one pool), a uniform sample reproducible from
     ``seed``; all of them, column after column, when the pool is no larger than ``n``."""
@@ -328,8 +342,7 @@ def encode_split(
             np.save(work / "saved" / "lengths.npy", np.stack([src, tgt]).astype(np.int32))
             (work / "saved" / "counts.json").write_text(json.dumps(counts))
             del ds, mapped
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(work / "saved", final)  # atomic: a half-written cache is never found
+            publish(work / "saved", final)
             shutil.rmtree(work, ignore_errors=True)
         except BaseException:  # an error or a kill mid-way: leave no partial files behind
             shutil.rmtree(work, ignore_errors=True)
