@@ -172,11 +172,14 @@ def load_latest(candidates: list[Path], map_location="cpu") -> tuple[Path, dict]
     return None
 
 
-def parameter_names(state_dict: dict) -> list[str]:
-    """The names of a saved model's parameters in ``named_parameters`` order: a tensor tied
-    to an earlier one is counted once. (Our models have no persistent buffers.)"""
+def parameter_names(state_dict: dict, buffers=frozenset()) -> list[str]:
+    """The names of a saved model's parameters in ``named_parameters`` order: ``buffers``
+    (the model's buffer names) are left out, and a tensor tied to an earlier one is counted
+    once."""
     names, seen = [], set()
     for name, tensor in state_dict.items():
+        if name in buffers:
+            continue
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if key not in seen or tensor.numel() == 0:
             seen.add(key)
@@ -193,13 +196,13 @@ def optimizer_state_for(model: torch.nn.Module, saved_model: dict, saved_optim: 
     gives. Raises CheckpointError when a parameter cannot be matched."""
     if len(saved_optim["param_groups"]) != 1:
         raise CheckpointError("cannot re-index an optimizer state with several parameter groups")
-    names = parameter_names(saved_model)
+    names = parameter_names(saved_model, {n for n, _ in model.named_buffers()})
     group_ids = saved_optim["param_groups"][0]["params"]
-    state = {name: saved_optim["state"].get(i, {}) for name, i in zip(names, group_ids)}
     if len(names) != len(group_ids):
         raise CheckpointError(
             f"the saved optimizer has {len(group_ids)} parameters, its model {len(names)}"
         )
+    state = {name: saved_optim["state"].get(i, {}) for name, i in zip(names, group_ids)}
     new_state = {}
     for i, (name, param) in enumerate(model.named_parameters()):
         parts = [name] if name in state else stacked_from(name)

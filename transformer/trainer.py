@@ -345,7 +345,10 @@ class Trainer:
         self.check_config(path, ckpt["config"])
         model = checkpoint.unwrap(self.model)
         optim = ckpt["optimizer"]
-        if checkpoint.parameter_names(ckpt["model"]) != [n for n, _ in model.named_parameters()]:
+        saved_names = checkpoint.parameter_names(
+            ckpt["model"], {n for n, _ in model.named_buffers()}
+        )
+        if saved_names != [n for n, _ in model.named_parameters()]:
             # written by an older layout of this model (e.g. separate q/k/v projections)
             try:
                 optim = checkpoint.optimizer_state_for(model, ckpt["model"], optim, stacked_from)
