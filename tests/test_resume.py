@@ -254,7 +254,7 @@ def test_an_optimizer_state_that_matches_no_parameter_is_refused():
     saved = {"weight": torch.zeros(3, 2), "other": torch.zeros(3)}
     optim = {"state": {0: {}, 1: {}}, "param_groups": [{"lr": 1.0, "params": [0, 1]}]}
     with pytest.raises(checkpoint.CheckpointError, match="no saved optimizer state for .*bias"):
-        checkpoint.optimizer_state_for(model, saved, optim, stacked_from)
+        checkpoint.optimizer_state_for(model, list(saved), optim, stacked_from)
 
 
 def make_trainer(compose, small_overrides, tmp_path, *extra) -> Trainer:

@@ -108,6 +108,14 @@ def step_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def resume_candidates(directory: Path) -> list[Path]:
+    """The checkpoints a run resumes from, in the order tried: last.pt, then the step files
+    newest first."""
+    last = directory / "last.pt"
+    older = [p for p in step_checkpoints(directory) if p != last]
+    return [last, *older] if last.is_file() else older
+
+
 def prune(directory: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest step checkpoints."""
     for old in step_checkpoints(directory)[keep:]:
@@ -187,22 +195,23 @@ def parameter_names(state_dict: dict, buffers=frozenset()) -> list[str]:
     return names
 
 
-def optimizer_state_for(model: torch.nn.Module, saved_model: dict, saved_optim: dict, stacked_from):
+def optimizer_state_for(
+    model: torch.nn.Module, saved_names: list[str], saved_optim: dict, stacked_from
+):
     """``saved_optim`` (one parameter group) re-indexed for ``model``'s parameters, for a
     checkpoint whose parameters were laid out otherwise (e.g. before the attention
-    projections were stacked). A saved parameter is found by its name in ``saved_model``
-    (tied weights counted once, in order, as ``named_parameters`` lists them); a parameter
-    of ``model`` that is new concatenates the states of the names ``stacked_from(name)``
-    gives. Raises CheckpointError when a parameter cannot be matched."""
+    projections were stacked). ``saved_names`` are the saved model's parameter names
+    (``parameter_names``), in the order of the saved group; a parameter of ``model`` that is
+    new concatenates the states of the names ``stacked_from(name)`` gives. Raises
+    CheckpointError when a parameter cannot be matched."""
     if len(saved_optim["param_groups"]) != 1:
         raise CheckpointError("cannot re-index an optimizer state with several parameter groups")
-    names = parameter_names(saved_model, {n for n, _ in model.named_buffers()})
     group_ids = saved_optim["param_groups"][0]["params"]
-    if len(names) != len(group_ids):
+    if len(saved_names) != len(group_ids):
         raise CheckpointError(
-            f"the saved optimizer has {len(group_ids)} parameters, its model {len(names)}"
+            f"the saved optimizer has {len(group_ids)} parameters, its model {len(saved_names)}"
         )
-    state = {name: saved_optim["state"].get(i, {}) for name, i in zip(names, group_ids)}
+    state = {name: saved_optim["state"].get(i, {}) for name, i in zip(saved_names, group_ids)}
     new_state = {}
     for i, (name, param) in enumerate(model.named_parameters()):
         parts = [name] if name in state else stacked_from(name)

@@ -83,9 +83,9 @@ OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 def will_resume(cfg, run_dir: Path) -> bool:
     """Whether a Trainer on ``run_dir`` will continue from a checkpoint there."""
-    ckpt_dir = run_dir / "checkpoints"
-    has = (ckpt_dir / "last.pt").is_file() or bool(checkpoint.step_checkpoints(ckpt_dir))
-    return bool(cfg.trainer.get("resume", True)) and has
+    return bool(cfg.trainer.get("resume", True)) and bool(
+        checkpoint.resume_candidates(run_dir / "checkpoints")
+    )
 
 
 def prepare_data(cfg, run_dir: Path):
@@ -123,18 +123,16 @@ def prepare_data(cfg, run_dir: Path):
         src_tok = Tokenizer(paths["src"])
         tgt_tok = src_tok if d.joint_vocab else Tokenizer(paths["tgt"])
         log.info("resuming: the run's own tokenizer (%s)", ", ".join(sorted(set(names.values()))))
-    elif d.joint_vocab:
-        src_tok = tgt_tok = train_or_load(
-            sample("src", "tgt"), key=f"{train_fp}|src+tgt", **spm_args
-        )
-        paths = {side: copy_into(src_tok, run_dir, name) for side, name in names.items()}
     else:
-        src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
-        tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
-        paths = {
-            "src": copy_into(src_tok, run_dir, names["src"]),
-            "tgt": copy_into(tgt_tok, run_dir, names["tgt"]),
-        }
+        if d.joint_vocab:
+            src_tok = tgt_tok = train_or_load(
+                sample("src", "tgt"), key=f"{train_fp}|src+tgt", **spm_args
+            )
+        else:
+            src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
+            tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
+        for name, tok in {names["src"]: src_tok, names["tgt"]: tgt_tok}.items():
+            copy_into(tok, run_dir, name)  # once for a joint model
     tok_info = {}
     for side, p in paths.items():
         tok_info[side] = str(p.relative_to(run_dir))
@@ -334,9 +332,7 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from the newest loadable checkpoint (last.pt, else the step files, newest
         first); damaged ones are skipped with a warning. False when there is none."""
-        last = self.ckpt_dir / "last.pt"
-        older = [p for p in checkpoint.step_checkpoints(self.ckpt_dir) if p != last]
-        found = checkpoint.load_latest([last, *older] if last.is_file() else older)
+        found = checkpoint.load_latest(checkpoint.resume_candidates(self.ckpt_dir))
         if found is None:
             return False
         path, ckpt = found
@@ -351,7 +347,7 @@ class Trainer:
         if saved_names != [n for n, _ in model.named_parameters()]:
             # written by an older layout of this model (e.g. separate q/k/v projections)
             try:
-                optim = checkpoint.optimizer_state_for(model, ckpt["model"], optim, stacked_from)
+                optim = checkpoint.optimizer_state_for(model, saved_names, optim, stacked_from)
             except checkpoint.CheckpointError as e:
                 raise TrainingError(f"{path}: {e}") from e
             log.info("%s: optimizer state re-indexed for this model's parameter layout", path)
