@@ -2,12 +2,10 @@
 # The whole GPU job in one call (run through the device tool from the repo root):
 #   - installs the carried wheels (.whl/: hydra-core, omegaconf, datasets, ...) into /tmp/site
 #   - trains the configured runs concurrently on the one GPU, Multi30k from .gpudata/
-#   - scores each run (transformer.evaluate), several runs at once:
-#       default:   best.pt on test2016 with each setting in $DECODES (greedy, beam 5)
-#       AVERAGE=N: also averages each run's last N step checkpoints (transformer.average) and
-#                  scores best.pt and the average on valid with each setting in
-#                  $VALID_DECODES, then on test2016 with the same settings (reported; the
-#                  choice is made on valid). Runs named in $GRID_RUNS get $GRID_DECODES.
+#   - each run ends by choosing, on valid, best.pt or the average of its last checkpoints and
+#     the length penalty (trainer.final), then translates test2016 with that choice
+#   - EVALUATE=1 (default): also scores each run's best.pt on test2016 with each setting in
+#     $DECODES (greedy, beam 5) through transformer.evaluate, several runs at once
 #   (SKIP_INSTALL=1 and a python3 with the packages on PATH: a dry run on any machine)
 #   - packs run directories (without checkpoints) into $OUT/runs.tar.gz, also when a phase
 #     runs out of time: every phase ends by the deadline, $BUDGET_S seconds after the start.
@@ -31,6 +29,7 @@ with initialize_config_dir(version_base='1.3', config_dir='$PWD/conf'):
 prepare_data(cfg, Path('/tmp/tokprep'))
 " 2>&1 | tail -2
 pids=() names=()
+set -f  # overrides such as key=[1.0,1.4] are split on spaces, never globbed
 while [ $# -ge 2 ]; do
   name=$1; overrides=$2; shift 2
   names+=("$name")
@@ -40,34 +39,22 @@ while [ $# -ge 2 ]; do
     trainer.progress_bar=false hydra.run.dir=runs/$name > runs/$name.log 2>&1 &
   pids+=($!)
 done
+set +f
 for p in "${pids[@]}"; do wait "$p"; done
 for f in runs/*/metrics.json; do echo "== $f"; python3 -c "
 import json,sys; m=json.load(open('$f')); t=m.get('test2016',{})
 print(m['model'], 'steps', m['steps'], 'train_s', m['train_seconds'], 'tok/s', m['train_tokens_per_s'],
-      'best_valid_bleu', m['best_valid_bleu'], 'test BLEU', t.get('bleu'), 'chrF', t.get('chrf'))"; done
+      'best_valid_bleu', m['best_valid_bleu'], 'test BLEU', t.get('bleu'), 'chrF', t.get('chrf'))
+f = m.get('final', {}); print('  final:', f.get('checkpoint'), 'beam', f.get('beam_size'), 'lp', f.get('length_penalty'),
+      'valid BLEU', m.get('valid', {}).get('bleu'))"; done
 tail -n 3 runs/*.log
 
-score_run() {  # NAME: the scoring of one run, as described at the top
-  local name=$1 ckpts names
-  ckpts=(runs/$name/checkpoints/best.pt)
-  [ -e "${ckpts[0]}" ] || return 0
-  if [ "${AVERAGE:-0}" -gt 0 ]; then
-    python3 -m transformer.average "runs/$name" --last "$AVERAGE" 2>&1 | tail -n 1
-    ckpts+=(runs/$name/checkpoints/avg_last$AVERAGE.pt)
-    [ -e "${ckpts[1]}" ] || ckpts=("${ckpts[0]}")
-    local decodes=${VALID_DECODES:-beam}
-    [[ " ${GRID_RUNS:-} " == *" $name "* ]] && decodes=${GRID_DECODES:-$decodes}
-    for split in valid test2016; do  # both at once: decoding leaves the GPU mostly idle
-      # shellcheck disable=SC2086
-      python3 -m transformer.evaluate "${ckpts[@]}" --split $split --decode $decodes \
-        --out runs/$name/evaluate-$split > runs/$name/evaluate-$split.log 2>&1 &
-    done
-    wait
-  else
-    # shellcheck disable=SC2086
-    python3 -m transformer.evaluate "${ckpts[@]}" --names "$name" \
-      --decode ${DECODES:-greedy beam} --out runs/evaluate-$name > runs/evaluate-$name.log 2>&1
-  fi
+score_run() {  # NAME: best.pt of one run on test2016 with each setting in $DECODES
+  local name=$1
+  [ -e "runs/$name/checkpoints/best.pt" ] || return 0
+  # shellcheck disable=SC2086
+  python3 -m transformer.evaluate "runs/$name/checkpoints/best.pt" --names "$name" \
+    --decode ${DECODES:-greedy beam} --out runs/evaluate-$name > runs/evaluate-$name.log 2>&1
 }
 if [ "${EVALUATE:-1}" = 1 ]; then
   pids=()
@@ -76,6 +63,6 @@ if [ "${EVALUATE:-1}" = 1 ]; then
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
-  cat runs/*/evaluate-*/README.md runs/evaluate-*/README.md 2>/dev/null | grep '^| '
+  cat runs/evaluate-*/README.md 2>/dev/null | grep '^| '
 fi
 tar czf "$OUT/runs.tar.gz" --exclude='*.pt' runs

@@ -6,18 +6,21 @@
 # $MINUTES of training, evaluation excluded, whichever comes first; the steps reached are in
 # each metrics.json) and the checkpoints of its last 5 validations kept: the default
 # Transformer and RNN, and the Transformer with one change each (vocabulary type and size,
-# label smoothing, peak learning rate, warmup, batch size). Then scripts/gpu_job.sh averages
-# each run's last 5 checkpoints and decodes best.pt and the average on valid (and test2016,
-# reported only): beam 5 for every run, and for the two default runs also length penalty 0
-# and 1.0 and beam 10, to choose on valid (greedy valid BLEU of best.pt is in each log).
+# label smoothing, peak learning rate, warmup, batch size). Each run then chooses on valid,
+# as every training does (trainer.final), between best.pt and the average of its last 5
+# checkpoints and among length penalties 0.6, 1.0 and 1.4, and translates test2016 with the
+# choice; the two default runs also try length penalty 0 and beam 10. Each metrics.json lists
+# every candidate's valid BLEU (greedy valid BLEU of best.pt during training is in its log).
 # Fewer runs at once train faster each: with six at once the Transformer reached 6,000
 # updates in 3.7 minutes (results/gpu/README.md); ten at once are not measured yet.
-# Results: $OUT/runs.tar.gz (logs, metrics.json, hyps, evaluate-{valid,test2016}/), to unpack
-# under results/gpu/<gpu>-recipe/ and summarise in results/ablations.md.
+# Results: $OUT/runs.tar.gz (logs, metrics.json, hyps), to unpack under
+# results/gpu/<gpu>-recipe/ and summarise in results/ablations.md with
+# python scripts/runs_table.py --final results/gpu/<gpu>-recipe/*/
 set -u
+grid="trainer.final.length_penalties=[0.0,1.0,1.4] trainer.final.beam_sizes=[10]"
 declare -A runs=(
-  [tf_default]=""
-  [rnn_default]="model=rnn"
+  [tf_default]="$grid"
+  [rnn_default]="model=rnn $grid"
   [tf_bpe8k]="data.spm_model_type=bpe"
   [tf_vocab4k]="data.vocab_size=4000"
   [tf_vocab16k]="data.vocab_size=16000"
@@ -37,6 +40,4 @@ for name in "${order[@]}"; do
   [ -n "${runs[$name]+set}" ] || { echo "unknown run $name (${!runs[*]})"; exit 2; }
   args+=("$name" "${runs[$name]} $common")
 done
-export AVERAGE=5 VALID_DECODES=beam GRID_RUNS="tf_default rnn_default"
-export GRID_DECODES="beam beam:length_penalty=0.0 beam:length_penalty=1.0 beam:beam_size=10"
-exec bash scripts/gpu_job.sh "${args[@]}"
+EVALUATE=0 exec bash scripts/gpu_job.sh "${args[@]}"

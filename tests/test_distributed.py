@@ -115,6 +115,7 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
     log_text = (run / "hydra" / "train.log").read_text()
     assert log_text.count("valid loss") == 2, log_text
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "avg_last2.pt",  # rank 0 averaged, both ranks scored it on valid
         "best.pt",
         "last.pt",
         "step_00000002.pt",
@@ -122,8 +123,11 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
     ]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 4
-    n_test = len((run / "test2016.hyp").read_text("utf-8").splitlines())
-    assert n_test == metrics["test2016"]["sentences"]
+    for split in ("valid", "test2016"):
+        n = len((run / f"{split}.hyp").read_text("utf-8").splitlines())
+        assert n == metrics[split]["sentences"], split
+    candidates = {r["checkpoint"] for r in metrics["final"]["candidates"]}
+    assert candidates == {"checkpoints/best.pt", "checkpoints/avg_last2.pt"}
 
     # Resume, then SIGTERM one rank only: every rank stops after the same update and rank 0
     # saves it (the stop flag is all-reduced), so both ranks end on the saved weights.

@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .attention import attention_config, stacked_from, use_sdpa_backends
+from .average import average
+from .checkpoint import CheckpointError
 from .corpus_cache import encode_split, open_split, sample_sentences
 from .data import TokenBatcher
 from .host_memory import reuse_freed_memory
@@ -183,6 +185,7 @@ class SkipCounter:
 class Trainer:
     def __init__(self, cfg, run_dir: Path, dist: distributed.Dist | None = None):
         self.cfg, self.t = cfg, cfg.trainer
+        check_final(self.t)
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
@@ -783,12 +786,12 @@ class Trainer:
         return self.dist.broadcast(stop)
 
     def finish(self) -> dict:
-        """Translate valid and test splits with the best checkpoint and score them (every
-        rank decodes its share; rank 0 writes the files)."""
+        """Translate the valid and test splits with the weights and decoding settings chosen
+        on valid (``choose_final``) and score them (every rank decodes its share; rank 0
+        writes the files)."""
         self.dist.barrier()  # rank 0 has written best.pt
-        best = self.ckpt_dir / "best.pt"
-        if best.is_file():
-            checkpoint.unwrap(self.model).load_state_dict(checkpoint.load(best)["model"])
+        final, valid_hyps = self.choose_final()
+        decode_cfg = final.pop("decode_cfg")
         metrics = {
             "model": self.cfg.model._target_,
             "parameters": self.model.num_parameters(),
@@ -801,13 +804,17 @@ class Trainer:
             "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
             "world_size": self.dist.world_size,
             "torch": torch.__version__,
-            "decode": OmegaConf.to_container(self.cfg.decode),
+            "decode": OmegaConf.to_container(decode_cfg),
+            "final": final,
         }
         d = self.cfg.data
         for name in [d.valid_split, *d.test_splits]:
             start = time.perf_counter()
-            hyps = self.translate(name, self.cfg.decode)
-            seconds = time.perf_counter() - start
+            if name == d.valid_split and valid_hyps is not None:
+                hyps, seconds = valid_hyps
+            else:
+                hyps = self.translate(name, decode_cfg)
+                seconds = time.perf_counter() - start
             scores = score_all(hyps, self.splits[name].tgt_text)
             scores["decode_sentences_per_s"] = round(len(hyps) / seconds, 1)
             metrics[name] = scores
@@ -824,6 +831,107 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
+
+    # -- the final translations -----------------------------------------------------------
+    def final_candidates(self) -> list[tuple[str, Path | None]]:
+        """(label, file) of the weights the final translations may use: best.pt (or the
+        weights in memory when there is none) and, with ``trainer.final.average_last``, the
+        average of the newest step checkpoints (as many as were kept, at least 2), which
+        rank 0 writes to checkpoints/avg_last{N}.pt."""
+        best = self.ckpt_dir / "best.pt"
+        found = [("best.pt", best)] if best.is_file() else [("last weights", None)]
+        averaged = None
+        n = self.t.final.average_last
+        if self.dist.is_main and n >= 2:
+            steps = checkpoint.step_checkpoints(self.ckpt_dir)[:n]
+            if len(steps) >= 2:
+                path = self.ckpt_dir / f"avg_last{len(steps)}.pt"
+                try:
+                    checkpoint.save(path, average(steps))
+                    averaged = str(path)
+                except CheckpointError as e:  # e.g. a step file damaged on disk
+                    log.warning("final translations without averaging: %s", e)
+            else:
+                log.info(
+                    "trainer.final.average_last: %d step checkpoint(s) kept, no average", len(steps)
+                )
+        averaged = self.dist.broadcast(averaged)
+        if averaged:
+            found.append((Path(averaged).name, Path(averaged)))
+        return found
+
+    def final_settings(self) -> list:
+        """decode as configured first; for beam search also every other combination of beam
+        size (decode.beam_size, trainer.final.beam_sizes) and length penalty
+        (decode.length_penalty, trainer.final.length_penalties)."""
+        decode = self.cfg.decode
+        if decode.beam_size <= 1 or decode.sample:
+            return [decode]
+        sizes = dict.fromkeys([decode.beam_size, *self.t.final.beam_sizes])
+        alphas = dict.fromkeys([decode.length_penalty, *self.t.final.length_penalties])
+        return [
+            OmegaConf.merge(decode, {"beam_size": k, "length_penalty": a})
+            for k in sizes
+            for a in alphas
+        ]
+
+    def use_weights(self, path: Path | None) -> dict:
+        """Load a candidate's weights into the model; what the metrics say about them."""
+        if path is None:
+            return {"checkpoint": None, "step": self.step}
+        ckpt = checkpoint.load(path)
+        checkpoint.unwrap(self.model).load_state_dict(ckpt["model"])
+        about = {
+            "checkpoint": str(path.relative_to(self.run_dir)),
+            "step": ckpt["progress"]["step"],
+        }
+        if "averaged_from" in ckpt:
+            about["averaged_steps"] = [s["step"] for s in ckpt["averaged_from"]]
+        return about
+
+    def choose_final(self) -> tuple[dict, tuple[list[str], float] | None]:
+        """Score every candidate (``final_candidates``) with every setting (``final_settings``)
+        by cased BLEU on the validation split; the highest wins, ties going to best.pt with
+        decode as configured. Loads the winner's weights; returns what metrics.json says of
+        the choice (and ``decode_cfg``) and, when valid was decoded here, the winner's valid
+        hypotheses with their decoding seconds."""
+        candidates, settings = self.final_candidates(), self.final_settings()
+        if len(candidates) * len(settings) == 1:
+            chosen = self.use_weights(candidates[0][1])
+            return {**chosen, "chosen_on": None, "decode_cfg": settings[0]}, None
+        split = self.cfg.data.valid_split
+        refs = self.splits[split].tgt_text
+        rows, win = [], None
+        for _, path in candidates:
+            about = self.use_weights(path)
+            for setting in settings:
+                start = time.perf_counter()
+                hyps = self.translate(split, setting)
+                seconds = time.perf_counter() - start
+                score = bleu(hyps, refs)[0]
+                row = {
+                    **about,
+                    "beam_size": setting.beam_size,
+                    "length_penalty": setting.length_penalty,
+                    "valid_bleu": round(score, 2),
+                }
+                rows.append(row)
+                log.info("%s BLEU %.2f: %s", split, score, describe(row))
+                if win is None or score > win[0]:
+                    win = (score, path, setting, row, (hyps, seconds))
+        _, path, setting, row, valid_hyps = win
+        self.use_weights(path)
+        log.info("final translations (chosen on %s): %s", split, describe(row))
+        chosen = {k: v for k, v in row.items() if k != "valid_bleu"}
+        return {**chosen, "chosen_on": split, "candidates": rows, "decode_cfg": setting}, valid_hyps
+
+
+def describe(row: dict) -> str:
+    """'avg_last5.pt (steps 4000-5000), beam 5, length penalty 1.4' for a final candidate."""
+    name = Path(row["checkpoint"]).name if row["checkpoint"] else "the last weights"
+    steps = row.get("averaged_steps")
+    where = f"steps {steps[-1]}-{steps[0]}" if steps else f"step {row['step']}"
+    return f"{name} ({where}), beam {row['beam_size']}, length penalty {row['length_penalty']}"
 
 
 class NullLog:
@@ -856,6 +964,30 @@ class CsvLog:
             writer.writeheader()
             writer.writerows(rows)
         tmp.replace(self.path)
+
+
+def check_final(t) -> None:
+    """trainer.final settings that would only fail at the end of training fail now."""
+    n = t.final.average_last
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise TrainingError(f"trainer.final.average_last must be an integer >= 0, got {n!r}")
+    if n > t.keep_checkpoints:
+        log.warning(
+            "trainer.final.average_last=%d but trainer.keep_checkpoints=%d: the final "
+            "average takes the %d kept step checkpoints (none under 2)",
+            n,
+            t.keep_checkpoints,
+            t.keep_checkpoints,
+        )
+    for key, ok in (("length_penalties", (int, float)), ("beam_sizes", int)):
+        values = t.final[key]
+        if not OmegaConf.is_list(values) or not all(
+            isinstance(v, ok) and not isinstance(v, bool) for v in values
+        ):
+            kind = "integers" if ok is int else "numbers"
+            raise TrainingError(f"trainer.final.{key} must be a list of {kind}, got {values!r}")
+    if any(k < 1 for k in t.final.beam_sizes):
+        raise TrainingError(f"trainer.final.beam_sizes must be >= 1, got {t.final.beam_sizes}")
 
 
 def with_full_attention(config: dict) -> dict:

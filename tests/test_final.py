@@ -1,0 +1,111 @@
+"""The end-of-training translations: best.pt or the average of the last checkpoints, and
+the length penalty, chosen on the validation split; test is decoded once, with the choice."""
+
+import json
+
+import pytest
+import torch
+
+from transformer import checkpoint, trainer
+from transformer.evaluate import decode_setting
+from transformer.trainer import Trainer, TrainingError, train
+from transformer.translator import encode_sources, load_for_inference, translate_ids
+
+RUN = ["trainer.max_steps=9", "trainer.keep_checkpoints=3", "trainer.final.average_last=3"]
+
+
+def decode_with(ckpt, lines, length_penalty):
+    model, src_tok, tgt_tok, cfg = load_for_inference(ckpt, torch.device("cpu"))
+    _, decode = decode_setting(f"beam:length_penalty={length_penalty}")
+    ids = encode_sources(lines, src_tok, cfg["data"]["max_len"])
+    nbest = translate_ids(model, ids, tgt_tok, decode, torch.device("cpu"))
+    return tgt_tok.decode([hyps[0][0] if hyps else [] for hyps in nbest])
+
+
+def test_every_candidate_is_scored_on_valid_and_the_best_one_wins(
+    compose, small_overrides, tmp_path, corpus_root
+):
+    metrics = train(compose(small_overrides + RUN + ["trainer.final.beam_sizes=[2]"]))
+    run = tmp_path / "run"
+    final = metrics["final"]
+    rows = final["candidates"]
+    assert [(r["checkpoint"], r["beam_size"], r["length_penalty"]) for r in rows] == [
+        (c, k, a)
+        for c in ("checkpoints/best.pt", "checkpoints/avg_last3.pt")
+        for k in (5, 2)
+        for a in (0.6, 1.0, 1.4)
+    ]
+    assert rows[6]["averaged_steps"] == [9, 6, 3]
+    top = max(r["valid_bleu"] for r in rows)
+    first_top = next(r for r in rows if r["valid_bleu"] == top)  # ties: the earlier row
+    assert final["checkpoint"] == first_top["checkpoint"]
+    for key in ("beam_size", "length_penalty"):
+        assert final[key] == first_top[key] == metrics["decode"][key], key
+    assert final["chosen_on"] == "valid" and metrics["valid"]["bleu"] == top
+    assert json.loads((run / "metrics.json").read_text())["final"] == final
+
+    # The average on disk is the mean of the three step checkpoints it names.
+    avg = checkpoint.load(run / "checkpoints" / "avg_last3.pt")["model"]
+    steps = [checkpoint.load(p)["model"] for p in checkpoint.step_checkpoints(run / "checkpoints")]
+    mean = sum(s["out_proj.weight"].double() for s in steps) / 3
+    torch.testing.assert_close(avg["out_proj.weight"].double(), mean, rtol=0, atol=1e-6)
+
+
+def test_the_chosen_weights_and_penalty_translate_test(
+    compose, small_overrides, tmp_path, corpus_root, monkeypatch
+):
+    """With validation scores rigged so that the last candidate (the average, length penalty
+    1.4) wins, test2016.hyp and valid.hyp are exactly its translations."""
+    real, selecting = trainer.bleu, []
+    choose = Trainer.choose_final
+
+    def rigged_bleu(hyps, refs, **kw):
+        score, sig = real(hyps, refs, **kw)
+        if selecting:
+            selecting.append(1)
+            return float(len(selecting)), sig  # each later candidate scores higher
+        return score, sig
+
+    def choose_final(self):
+        selecting.append(1)
+        return choose(self)
+
+    monkeypatch.setattr(trainer, "bleu", rigged_bleu)
+    monkeypatch.setattr(Trainer, "choose_final", choose_final)
+    metrics = train(compose(small_overrides + RUN))
+    run = tmp_path / "run"
+    assert metrics["final"]["checkpoint"] == "checkpoints/avg_last3.pt"
+    assert metrics["final"]["length_penalty"] == 1.4
+    for split in ("valid", "test2016"):
+        sources = (corpus_root / "multi30k" / f"{split}.de").read_text("utf-8").splitlines()
+        expected = decode_with(run / "checkpoints" / "avg_last3.pt", sources, 1.4)
+        assert (run / f"{split}.hyp").read_text("utf-8").splitlines() == expected, split
+        refs = (corpus_root / "multi30k" / f"{split}.en").read_text("utf-8").splitlines()
+        assert metrics[split]["bleu"] == round(real(expected, refs)[0], 2)
+    # best.pt with its own penalty would have translated test otherwise.
+    assert decode_with(run / "checkpoints" / "best.pt", sources, 0.6) != expected
+
+
+def test_without_candidates_nothing_is_chosen(compose, small_overrides, tmp_path):
+    metrics = train(compose(small_overrides + ["decode=greedy", "trainer.final.average_last=0"]))
+    assert metrics["final"] == {
+        "checkpoint": "checkpoints/best.pt",
+        "step": metrics["best_step"],
+        "chosen_on": None,
+    }
+    assert not list((tmp_path / "run" / "checkpoints").glob("avg_*.pt"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.final.average_last=-1", "trainer.final.average_last must be an integer >= 0"),
+        ("trainer.final.length_penalties=1.0", "trainer.final.length_penalties must be a list"),
+        ("trainer.final.length_penalties=[a]", "trainer.final.length_penalties must be a list"),
+        ("trainer.final.beam_sizes=[2.5]", "trainer.final.beam_sizes must be a list of integers"),
+        ("trainer.final.beam_sizes=[0]", "trainer.final.beam_sizes must be >= 1"),
+    ],
+)
+def test_bad_final_settings_fail_before_training(compose, small_overrides, override, message):
+    with pytest.raises(TrainingError, match=message):
+        train(compose(small_overrides + [override]))
