@@ -24,7 +24,7 @@ venv: .venv/installed
 train: venv
 	$(PY) train.py model=transformer data=multi30k data.src_lang=de data.tgt_lang=en decode=beam hydra.run.dir=$(RUN)
 	printf 'Zwei Hunde spielen im Schnee.\nEine Frau mit einem roten Hut fährt Fahrrad.\nEin kleines Mädchen lacht.\n' \
-	  | $(PY) translate.py ckpt=$(RUN)/checkpoints/best.pt
+	  | $(PY) translate.py ckpt=$(RUN)
 
 test: venv
 	$(PY) -m pytest

@@ -1,4 +1,4 @@
-"""Translate with a trained checkpoint: ``python translate.py ckpt=RUN/checkpoints/best.pt``.
+"""Translate with a trained run: ``python translate.py ckpt=RUN`` (or ckpt=RUN/checkpoints/best.pt).
 
 Reads stdin (or ``input=FILE``) one sentence per line and writes one translation per line to
 stdout (or ``output=FILE``), same count and order.

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from transformer import checkpoint, trainer
+from transformer.checkpoint import CheckpointError
 from transformer.evaluate import decode_setting
 from transformer.trainer import Trainer, TrainingError, train
+from transformer.translate_cli import translate
 from transformer.translator import encode_sources, load_for_inference, translate_ids
 
 RUN = ["trainer.max_steps=9", "trainer.keep_checkpoints=3", "trainer.final.average_last=3"]
@@ -85,6 +87,16 @@ def test_the_chosen_weights_and_penalty_translate_test(
     # best.pt with its own penalty would have translated test otherwise.
     assert decode_with(run / "checkpoints" / "best.pt", sources, 0.6) != expected
 
+    # translate.py ckpt=RUN gives the run's test translations; a length penalty on the
+    # command line still wins.
+    src = corpus_root / "multi30k" / "test2016.de"
+    as_run = [f"ckpt={run}", f"input={src}", "device=cpu"]
+    assert translate(compose(as_run, name="translate"), overrides=as_run) == expected
+    mine = [*as_run, "decode.length_penalty=0.6"]
+    assert translate(compose(mine, name="translate"), overrides=mine) == decode_with(
+        run / "checkpoints" / "avg_last3.pt", sources, 0.6
+    )
+
 
 def test_without_candidates_nothing_is_chosen(compose, small_overrides, tmp_path):
     metrics = train(compose(small_overrides + ["decode=greedy", "trainer.final.average_last=0"]))
@@ -109,3 +121,24 @@ def test_without_candidates_nothing_is_chosen(compose, small_overrides, tmp_path
 def test_bad_final_settings_fail_before_training(compose, small_overrides, override, message):
     with pytest.raises(TrainingError, match=message):
         train(compose(small_overrides + [override]))
+
+
+def test_translating_an_unfinished_run_folder_is_one_clear_error(compose, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    cfg = compose([f"ckpt={tmp_path}", "device=cpu"], name="translate")
+    with pytest.raises(CheckpointError, match="folder without metrics.json"):
+        translate(cfg, overrides=[])
+
+
+def test_a_run_from_before_the_choice_translates_with_best_pt(tmp_path):
+    from transformer.translate_cli import run_choice
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"steps": 6, "decode": {"beam_size": 5}}))
+    decode = {"beam_size": 5, "length_penalty": 0.6}
+    assert run_choice(run, decode, []) == run / "checkpoints" / "best.pt"
+    assert decode == {"beam_size": 5, "length_penalty": 0.6}
+    (run / "metrics.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a metrics file"):
+        run_choice(run, decode, [])

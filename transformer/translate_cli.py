@@ -7,16 +7,23 @@ with ``decode.nbest=K > 1``, up to K lines per input, tab-separated
 log-probability, best first). ``ref=FILE`` also prints sacreBLEU and chrF with signatures.
 ``attention_plot=DIR`` draws the attention behind each best translation into
 ``DIR/{INDEX:04d}/`` (transformer/visualize.py).
+
+``ckpt`` is a checkpoint file, or a finished run's folder: then the weights, beam size and
+length penalty the run chose on its validation set (``final`` in its metrics.json, see
+``Trainer.choose_final``), which also translated its test set; ``decode.beam_size`` or
+``decode.length_penalty`` given on the command line still win.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .checkpoint import CheckpointError
 from .data import decode_lines
 from .metrics import score_all
 from .trainer import pick_device
@@ -46,9 +53,48 @@ def format_output(nbest: list[list], tgt_tok, k: int) -> tuple[list[str], list[s
     return best, lines
 
 
-def translate(cfg) -> list[str]:
+def run_choice(run: Path, decode, overrides: list[str]) -> Path:
+    """The checkpoint a finished run in ``run`` chose on valid; sets its beam size and length
+    penalty in ``decode`` unless ``overrides`` (the command line) set them."""
+    metrics = run / "metrics.json"
+    if not metrics.is_file():
+        raise CheckpointError(
+            f"ckpt={run} is a folder without metrics.json (the run has not finished): name a "
+            f"checkpoint file instead, e.g. ckpt={run / 'checkpoints' / 'last.pt'}"
+        )
+    try:
+        final = json.loads(metrics.read_text()).get("final")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{metrics}: not a metrics file ({e})") from e
+    if not final or not final.get("checkpoint"):  # a run from before the choice existed
+        log.info("%s names no final choice: translating with best.pt", metrics)
+        return run / "checkpoints" / "best.pt"
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    for key in ("beam_size", "length_penalty"):
+        if key in final and f"decode.{key}" not in given:
+            decode[key] = final[key]
+    log.info(
+        "%s: %s, beam %s, length penalty %s (chosen on %s)",
+        run,
+        final["checkpoint"],
+        decode.beam_size,
+        decode.length_penalty,
+        final.get("chosen_on") or "no candidates",
+    )
+    return run / final["checkpoint"]
+
+
+def translate(cfg, overrides: list[str] | None = None) -> list[str]:
+    """``overrides``: the command line's (default: Hydra's, when it is running)."""
     device = pick_device(cfg.device)
-    model, src_tok, tgt_tok, train_cfg = load_for_inference(cfg.ckpt, device)
+    ckpt = Path(cfg.ckpt)
+    if ckpt.is_dir():
+        if overrides is None:
+            from hydra.core.hydra_config import HydraConfig
+
+            overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        ckpt = run_choice(ckpt, cfg.decode, overrides)
+    model, src_tok, tgt_tok, train_cfg = load_for_inference(ckpt, device)
     max_len = train_cfg["data"]["max_len"]
 
     plotted = [0]  # inputs seen so far: the index of the next picture folder
