@@ -139,6 +139,13 @@ def test_a_run_from_before_the_choice_translates_with_best_pt(tmp_path):
     decode = {"beam_size": 5, "length_penalty": 0.6}
     assert run_choice(run, decode, []) == run / "checkpoints" / "best.pt"
     assert decode == {"beam_size": 5, "length_penalty": 0.6}
+    final = {"checkpoint": "checkpoints/avg_last5.pt", "beam_size": 10, "length_penalty": 1.4}
+    (run / "metrics.json").write_text(json.dumps({"final": final}))
+    assert run_choice(run, decode, []) == run / "checkpoints" / "avg_last5.pt"
+    assert decode == {"beam_size": 10, "length_penalty": 1.4}
+    greedy = {"beam_size": 1, "length_penalty": 0.0}
+    assert run_choice(run, greedy, ["decode=greedy"]).name == "avg_last5.pt"
+    assert greedy == {"beam_size": 1, "length_penalty": 0.0}  # the user's decoding kept
     (run / "metrics.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a metrics file"):
         run_choice(run, decode, [])

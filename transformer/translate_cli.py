@@ -10,8 +10,8 @@ log-probability, best first). ``ref=FILE`` also prints sacreBLEU and chrF with s
 
 ``ckpt`` is a checkpoint file, or a finished run's folder: then the weights, beam size and
 length penalty the run chose on its validation set (``final`` in its metrics.json, see
-``Trainer.choose_final``), which also translated its test set; ``decode.beam_size`` or
-``decode.length_penalty`` given on the command line still win.
+``Trainer.choose_final``), which also translated its test set; ``decode=NAME``,
+``decode.beam_size`` or ``decode.length_penalty`` given on the command line still win.
 """
 
 from __future__ import annotations
@@ -71,14 +71,15 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
         return run / "checkpoints" / "best.pt"
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     for key in ("beam_size", "length_penalty"):
-        if key in final and f"decode.{key}" not in given:
+        # decode=greedy|sample on the command line is a choice of its own: keep all of it
+        if key in final and "decode" not in given and f"decode.{key}" not in given:
             decode[key] = final[key]
     log.info(
         "%s: %s, beam %s, length penalty %s (chosen on %s)",
         run,
         final["checkpoint"],
-        decode.beam_size,
-        decode.length_penalty,
+        decode["beam_size"],
+        decode["length_penalty"],
         final.get("chosen_on") or "no candidates",
     )
     return run / final["checkpoint"]
