@@ -9,6 +9,7 @@ import torch
 from transformer import checkpoint, trainer
 from transformer.checkpoint import CheckpointError
 from transformer.evaluate import decode_setting
+from transformer.metrics import bleu
 from transformer.trainer import Trainer, TrainingError, train
 from transformer.translate_cli import translate
 from transformer.translator import encode_sources, load_for_inference, translate_ids
@@ -45,6 +46,14 @@ def test_every_candidate_is_scored_on_valid_and_the_best_one_wins(
         assert final[key] == first_top[key] == metrics["decode"][key], key
     assert final["chosen_on"] == "valid" and metrics["valid"]["bleu"] == top
     assert json.loads((run / "metrics.json").read_text())["final"] == final
+    refs = (corpus_root / "multi30k" / "valid.en").read_text("utf-8").splitlines()
+    for r in rows:  # every candidate's score is recomputable from the file it names
+        hyps = (run / r["hypotheses"]).read_text("utf-8").splitlines()
+        assert round(bleu(hyps, refs)[0], 2) == r["valid_bleu"], r["hypotheses"]
+    assert (run / first_top["hypotheses"]).read_text("utf-8") == (run / "valid.hyp").read_text(
+        "utf-8"
+    )
+    assert rows[0]["hypotheses"] == "final/valid.best.beam5.lp0.6.hyp"
 
     # The average on disk is the mean of the three step checkpoints it names.
     avg = checkpoint.load(run / "checkpoints" / "avg_last3.pt")["model"]

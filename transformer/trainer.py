@@ -889,6 +889,15 @@ class Trainer:
             about["averaged_steps"] = [s["step"] for s in ckpt["averaged_from"]]
         return about
 
+    def keep_hyps(self, split: str, tag: str, hyps: list[str]) -> str:
+        """Rank 0 writes a candidate's hypotheses to RUN/final/SPLIT.TAG.hyp, so that its
+        score can be recomputed; returns that path relative to the run."""
+        path = Path("final") / f"{split}.{tag}.hyp"
+        if self.dist.is_main:
+            (self.run_dir / path.parent).mkdir(exist_ok=True)
+            (self.run_dir / path).write_text("".join(h + "\n" for h in hyps), "utf-8")
+        return str(path)
+
     def choose_final(self) -> tuple[dict, tuple[list[str], float] | None]:
         """Score every candidate (``final_candidates``) with every setting (``final_settings``)
         by cased BLEU on the validation split; the highest wins, ties going to best.pt with
@@ -914,6 +923,7 @@ class Trainer:
                     "beam_size": setting.beam_size,
                     "length_penalty": setting.length_penalty,
                     "valid_bleu": round(score, 2),
+                    "hypotheses": self.keep_hyps(split, row_tag(about, setting), hyps),
                 }
                 rows.append(row)
                 log.info("%s BLEU %.2f: %s", split, score, describe(row))
@@ -922,8 +932,14 @@ class Trainer:
         _, path, setting, row, valid_hyps = win
         self.use_weights(path)
         log.info("final translations (chosen on %s): %s", split, describe(row))
-        chosen = {k: v for k, v in row.items() if k != "valid_bleu"}
+        chosen = {k: v for k, v in row.items() if k not in ("valid_bleu", "hypotheses")}
         return {**chosen, "chosen_on": split, "candidates": rows, "decode_cfg": setting}, valid_hyps
+
+
+def row_tag(about: dict, setting) -> str:
+    """'avg_last5.beam5.lp1.4': a final candidate's file-name tag."""
+    name = Path(about["checkpoint"]).stem if about["checkpoint"] else "last"
+    return f"{name}.beam{setting.beam_size}.lp{setting.length_penalty}"
 
 
 def describe(row: dict) -> str:
