@@ -17,9 +17,9 @@ from transformer.translator import encode_sources, load_for_inference, translate
 RUN = ["trainer.max_steps=9", "trainer.keep_checkpoints=3", "trainer.final.average_last=3"]
 
 
-def decode_with(ckpt, lines, length_penalty):
+def decode_with(ckpt, lines, length_penalty, beam_size=5):
     model, src_tok, tgt_tok, cfg = load_for_inference(ckpt, torch.device("cpu"))
-    _, decode = decode_setting(f"beam:length_penalty={length_penalty}")
+    _, decode = decode_setting(f"beam:beam_size={beam_size},length_penalty={length_penalty}")
     ids = encode_sources(lines, src_tok, cfg["data"]["max_len"])
     nbest = translate_ids(model, ids, tgt_tok, decode, torch.device("cpu"))
     return tgt_tok.decode([hyps[0][0] if hyps else [] for hyps in nbest])
@@ -54,6 +54,12 @@ def test_every_candidate_is_scored_on_valid_and_the_best_one_wins(
         "utf-8"
     )
     assert rows[0]["hypotheses"] == "final/valid.best.beam5.lp0.6.hyp"
+    # Test is translated by the winner's weights, reloaded when another candidate came last.
+    sources = (corpus_root / "multi30k" / "test2016.de").read_text("utf-8").splitlines()
+    winner = decode_with(
+        run / final["checkpoint"], sources, final["length_penalty"], final["beam_size"]
+    )
+    assert (run / "test2016.hyp").read_text("utf-8").splitlines() == winner
 
     # The average on disk is the mean of the three step checkpoints it names.
     avg = checkpoint.load(run / "checkpoints" / "avg_last3.pt")["model"]
@@ -62,27 +68,34 @@ def test_every_candidate_is_scored_on_valid_and_the_best_one_wins(
     torch.testing.assert_close(avg["out_proj.weight"].double(), mean, rtol=0, atol=1e-6)
 
 
+def rig_valid_scores(monkeypatch, winner: int):
+    """During the final choice, candidate row ``winner`` (0-based, in the order tried) scores
+    1 on valid and every other row 0; BLEU during training stays real."""
+    real, rows_scored = trainer.bleu, []
+    choose = Trainer.choose_final
+
+    def rigged_bleu(hyps, refs, **kw):
+        score, sig = real(hyps, refs, **kw)
+        if rows_scored:  # choose_final has begun
+            rows_scored.append(1)
+            return float(len(rows_scored) - 2 == winner), sig
+        return score, sig
+
+    def choose_final(self):
+        rows_scored.append(1)
+        return choose(self)
+
+    monkeypatch.setattr(trainer, "bleu", rigged_bleu)
+    monkeypatch.setattr(Trainer, "choose_final", choose_final)
+    return real
+
+
 def test_the_chosen_weights_and_penalty_translate_test(
     compose, small_overrides, tmp_path, corpus_root, monkeypatch
 ):
     """With validation scores rigged so that the last candidate (the average, length penalty
     1.4) wins, test2016.hyp and valid.hyp are exactly its translations."""
-    real, selecting = trainer.bleu, []
-    choose = Trainer.choose_final
-
-    def rigged_bleu(hyps, refs, **kw):
-        score, sig = real(hyps, refs, **kw)
-        if selecting:
-            selecting.append(1)
-            return float(len(selecting)), sig  # each later candidate scores higher
-        return score, sig
-
-    def choose_final(self):
-        selecting.append(1)
-        return choose(self)
-
-    monkeypatch.setattr(trainer, "bleu", rigged_bleu)
-    monkeypatch.setattr(Trainer, "choose_final", choose_final)
+    real = rig_valid_scores(monkeypatch, winner=5)
     metrics = train(compose(small_overrides + RUN))
     run = tmp_path / "run"
     assert metrics["final"]["checkpoint"] == "checkpoints/avg_last3.pt"
@@ -105,6 +118,22 @@ def test_the_chosen_weights_and_penalty_translate_test(
     assert translate(compose(mine, name="translate"), overrides=mine) == decode_with(
         run / "checkpoints" / "avg_last3.pt", sources, 0.6
     )
+
+
+def test_an_earlier_winner_is_loaded_again_for_test(
+    compose, small_overrides, tmp_path, corpus_root, monkeypatch
+):
+    """best.pt at length penalty 1.4 wins although the average was decoded after it: test
+    is translated with best.pt's weights, not with the average's still in memory."""
+    rig_valid_scores(monkeypatch, winner=2)
+    metrics = train(compose(small_overrides + RUN))
+    run = tmp_path / "run"
+    assert metrics["final"]["checkpoint"] == "checkpoints/best.pt"
+    assert metrics["final"]["length_penalty"] == 1.4
+    sources = (corpus_root / "multi30k" / "test2016.de").read_text("utf-8").splitlines()
+    expected = decode_with(run / "checkpoints" / "best.pt", sources, 1.4)
+    assert (run / "test2016.hyp").read_text("utf-8").splitlines() == expected
+    assert decode_with(run / "checkpoints" / "avg_last3.pt", sources, 1.4) != expected
 
 
 def test_without_candidates_nothing_is_chosen(compose, small_overrides, tmp_path):

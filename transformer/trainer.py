@@ -790,8 +790,7 @@ class Trainer:
         on valid (``choose_final``) and score them (every rank decodes its share; rank 0
         writes the files)."""
         self.dist.barrier()  # rank 0 has written best.pt
-        final, valid_hyps = self.choose_final()
-        decode_cfg = final.pop("decode_cfg")
+        final, decode_cfg, valid_hyps = self.choose_final()
         metrics = {
             "model": self.cfg.model._target_,
             "parameters": self.model.num_parameters(),
@@ -833,13 +832,13 @@ class Trainer:
         return metrics
 
     # -- the final translations -----------------------------------------------------------
-    def final_candidates(self) -> list[tuple[str, Path | None]]:
-        """(label, file) of the weights the final translations may use: best.pt (or the
-        weights in memory when there is none) and, with ``trainer.final.average_last``, the
+    def final_candidates(self) -> list[Path | None]:
+        """The weights the final translations may use: best.pt (None: the weights in memory,
+        when there is no best.pt) and, with ``trainer.final.average_last``, the
         average of the newest step checkpoints (as many as were kept, at least 2), which
         rank 0 writes to checkpoints/avg_last{N}.pt."""
         best = self.ckpt_dir / "best.pt"
-        found = [("best.pt", best)] if best.is_file() else [("last weights", None)]
+        found = [best if best.is_file() else None]
         averaged = None
         n = self.t.final.average_last
         if self.dist.is_main and n >= 2:
@@ -857,7 +856,7 @@ class Trainer:
                 )
         averaged = self.dist.broadcast(averaged)
         if averaged:
-            found.append((Path(averaged).name, Path(averaged)))
+            found.append(Path(averaged))
         return found
 
     def final_settings(self) -> list:
@@ -898,20 +897,20 @@ class Trainer:
             (self.run_dir / path).write_text("".join(h + "\n" for h in hyps), "utf-8")
         return str(path)
 
-    def choose_final(self) -> tuple[dict, tuple[list[str], float] | None]:
+    def choose_final(self) -> tuple[dict, object, tuple[list[str], float] | None]:
         """Score every candidate (``final_candidates``) with every setting (``final_settings``)
         by cased BLEU on the validation split; the highest wins, ties going to best.pt with
         decode as configured. Loads the winner's weights; returns what metrics.json says of
-        the choice (and ``decode_cfg``) and, when valid was decoded here, the winner's valid
+        the choice, its decode config and, when valid was decoded here, the winner's valid
         hypotheses with their decoding seconds."""
         candidates, settings = self.final_candidates(), self.final_settings()
         if len(candidates) * len(settings) == 1:
-            chosen = self.use_weights(candidates[0][1])
-            return {**chosen, "chosen_on": None, "decode_cfg": settings[0]}, None
+            chosen = self.use_weights(candidates[0])
+            return {**chosen, "chosen_on": None}, settings[0], None
         split = self.cfg.data.valid_split
         refs = self.splits[split].tgt_text
         rows, win = [], None
-        for _, path in candidates:
+        for path in candidates:
             about = self.use_weights(path)
             for setting in settings:
                 start = time.perf_counter()
@@ -930,10 +929,11 @@ class Trainer:
                 if win is None or score > win[0]:
                     win = (score, path, setting, row, (hyps, seconds))
         _, path, setting, row, valid_hyps = win
-        self.use_weights(path)
+        if path != candidates[-1]:  # the last candidate's weights are loaded already
+            self.use_weights(path)
         log.info("final translations (chosen on %s): %s", split, describe(row))
         chosen = {k: v for k, v in row.items() if k not in ("valid_bleu", "hypotheses")}
-        return {**chosen, "chosen_on": split, "candidates": rows, "decode_cfg": setting}, valid_hyps
+        return {**chosen, "chosen_on": split, "candidates": rows}, setting, valid_hyps
 
 
 def row_tag(about: dict, setting) -> str:
