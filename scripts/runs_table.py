@@ -15,14 +15,17 @@ import sys
 from pathlib import Path
 
 
-def chosen(final: dict) -> tuple[str, str]:
+def chosen(m: dict) -> tuple[str, str]:
     """(valid BLEU of best.pt as configured, 'avg_last5, beam 5, lp 1.4') of a run's choice."""
+    final = m.get("final", {})
     rows = final.get("candidates")
     if not rows:
         return "-", "-"
     name = Path(final["checkpoint"]).stem if final["checkpoint"] else "last"
+    # Runs from before trainer.final.beam_sizes record the beam size only under "decode".
+    beam = final.get("beam_size", m["decode"]["beam_size"])
     return f"{rows[0]['valid_bleu']:.2f}", (
-        f"{name}, beam {final['beam_size']}, lp {final['length_penalty']}"
+        f"{name}, beam {beam}, lp {final['length_penalty']}"
     )
 
 
@@ -37,7 +40,7 @@ def row(run: Path, final: bool) -> str:
         f"{m['best_valid_bleu']:.2f}",
     ]
     if final:
-        cells += chosen(m.get("final", {}))
+        cells += chosen(m)
     cells += [
         f"{valid.get('bleu', float('nan')):.2f}",
         f"{test.get('bleu', float('nan')):.2f}",
@@ -48,7 +51,14 @@ def row(run: Path, final: bool) -> str:
 
 def main(args: list[str]) -> None:
     final = "--final" in args
-    runs = [Path(d) for d in args if d != "--final" and (Path(d) / "metrics.json").is_file()]
+    runs = [Path(d) for d in args if d != "--final"]
+    missing = [str(r) for r in runs if not (r / "metrics.json").is_file()]
+    if not runs or missing:
+        sys.exit(
+            f"usage: runs_table.py [--final] RUN_DIR...; no metrics.json in: {', '.join(missing)}"
+            if missing
+            else "usage: runs_table.py [--final] RUN_DIR..."
+        )
     header = "| run | updates | train s | train tgt tok/s | best valid BLEU (greedy) |"
     rule = "|---|---:|---:|---:|---:|"
     if final:

@@ -73,3 +73,35 @@ def test_gpu_job_trains_chooses_on_valid_and_scores_every_run(corpus_root, tmp_p
     with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:
         names = tar.getnames()
     assert "runs/tf/metrics.json" in names and not any(n.endswith(".pt") for n in names)
+
+
+def runs_table(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    script = str(ROOT / "scripts/runs_table.py")
+    return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_runs_table_names_folders_without_metrics_and_reads_older_runs(tmp_path):
+    # A run from before trainer.final.beam_sizes: its beam size is only under "decode".
+    old = tmp_path / "old"
+    old.mkdir()
+    final = {
+        "checkpoint": "checkpoints/avg_last5.pt",
+        "length_penalty": 1.4,
+        "candidates": [{"checkpoint": "checkpoints/best.pt", "valid_bleu": 41.88}],
+    }
+    scores = {"bleu": 42.46, "chrf": 60.0, "bleu_signature": "sig"}
+    metrics = {
+        "steps": 4374, "train_seconds": 6001.0, "train_tokens_per_s": 2692,
+        "best_valid_bleu": 40.94, "decode": {"beam_size": 7}, "final": final,
+        "valid": scores, "test2016": {**scores, "bleu": 41.13},
+    }  # fmt: skip
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    done = runs_table(tmp_path, "--final", "old")
+    assert done.returncode == 0, done.stderr
+    cells = [c.strip() for c in done.stdout.splitlines()[2].strip("|").split("|")]
+    assert cells[5:9] == ["41.88", "avg_last5, beam 7, lp 1.4", "42.46", "41.13"]
+    # A folder without metrics.json is named, not skipped (a table missing a run reads as complete).
+    (tmp_path / "unfinished").mkdir()
+    done = runs_table(tmp_path, "old", "unfinished")
+    assert done.returncode != 0 and "no metrics.json in: unfinished" in done.stderr
+    assert done.stdout == ""
