@@ -43,3 +43,22 @@ def test_there_are_results_for_every_required_direction():
         "multi30k-cs-en/transformer",
     ):
         assert required in found
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/multi30k for references")
+@pytest.mark.parametrize("run", RUNS, ids=[str(r.relative_to(ROOT / "results")) for r in RUNS])
+def test_final_candidates_match_their_hypotheses(run):
+    """Every candidate the trainer weighed on valid (trainer.final) is scored by the file it
+    names, and the chosen one's hypotheses are valid.hyp."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    final = metrics.get("final", {})
+    rows = [r for r in final.get("candidates", []) if "hypotheses" in r]
+    if not rows:
+        pytest.skip("no kept candidate hypotheses (a run from before they were kept)")
+    refs = references("valid", OmegaConf.load(run / "config.yaml")["data"]["tgt_lang"])
+    for row in rows:
+        hyps = (run / row["hypotheses"]).read_text("utf-8").splitlines()
+        assert round(score_all(hyps, refs)["bleu"], 2) == row["valid_bleu"], row["hypotheses"]
+    keys = ("checkpoint", "beam_size", "length_penalty")
+    (chosen,) = [r for r in rows if all(r[k] == final[k] for k in keys)]
+    assert (run / chosen["hypotheses"]).read_text("utf-8") == (run / "valid.hyp").read_text("utf-8")

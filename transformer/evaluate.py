@@ -124,7 +124,9 @@ def markdown(rows: list[dict], command: str, device) -> str:
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {threads} thread{'s' if threads > 1 else ''})"
 
 
 def default_names(ckpts: list[Path]) -> list[str]:
