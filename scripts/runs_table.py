@@ -24,9 +24,7 @@ def chosen(m: dict) -> tuple[str, str]:
     name = Path(final["checkpoint"]).stem if final["checkpoint"] else "last"
     # Runs from before trainer.final.beam_sizes record the beam size only under "decode".
     beam = final.get("beam_size", m["decode"]["beam_size"])
-    return f"{rows[0]['valid_bleu']:.2f}", (
-        f"{name}, beam {beam}, lp {final['length_penalty']}"
-    )
+    return f"{rows[0]['valid_bleu']:.2f}", f"{name}, beam {beam}, lp {final['length_penalty']}"
 
 
 def row(run: Path, final: bool) -> str:
