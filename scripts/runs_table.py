@@ -51,12 +51,10 @@ def main(args: list[str]) -> None:
     final = "--final" in args
     runs = [Path(d) for d in args if d != "--final"]
     missing = [str(r) for r in runs if not (r / "metrics.json").is_file()]
-    if not runs or missing:
-        sys.exit(
-            f"usage: runs_table.py [--final] RUN_DIR...; no metrics.json in: {', '.join(missing)}"
-            if missing
-            else "usage: runs_table.py [--final] RUN_DIR..."
-        )
+    if not runs:
+        sys.exit("usage: runs_table.py [--final] RUN_DIR...")
+    if missing:
+        sys.exit(f"runs_table.py: no metrics.json in: {', '.join(missing)}")
     header = "| run | updates | train s | train tgt tok/s | best valid BLEU (greedy) |"
     rule = "|---|---:|---:|---:|---:|"
     if final:
