@@ -14,13 +14,17 @@ DATA = ROOT.parent / "shared" / "data" / "multi30k"
 RUNS = sorted(p.parent for p in (ROOT / "results").glob("**/metrics.json"))
 
 
+def run_id(run: Path) -> str:
+    return str(run.relative_to(ROOT / "results"))
+
+
 def references(split: str, lang: str) -> list[str]:
     with gzip.open(DATA / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
         return f.read().splitlines()
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/multi30k for references")
-@pytest.mark.parametrize("run", RUNS, ids=[str(r.relative_to(ROOT / "results")) for r in RUNS])
+@pytest.mark.parametrize("run", RUNS, ids=run_id)
 def test_metrics_json_matches_its_hypotheses(run):
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = OmegaConf.load(run / "config.yaml")
@@ -33,7 +37,7 @@ def test_metrics_json_matches_its_hypotheses(run):
 
 
 def test_there_are_results_for_every_required_direction():
-    found = {str(r.relative_to(ROOT / "results")) for r in RUNS}
+    found = {run_id(r) for r in RUNS}
     for required in (
         "multi30k-de-en/transformer",
         "multi30k-de-en/rnn",
@@ -55,9 +59,7 @@ FINAL_RUNS = [r for r in RUNS if kept_candidates(r)]
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/multi30k for references")
-@pytest.mark.parametrize(
-    "run", FINAL_RUNS, ids=[str(r.relative_to(ROOT / "results")) for r in FINAL_RUNS]
-)
+@pytest.mark.parametrize("run", FINAL_RUNS, ids=run_id)
 def test_final_candidates_match_their_hypotheses(run):
     """Every candidate the trainer weighed on valid (trainer.final) is scored by the file it
     names, and the chosen one's hypotheses are valid.hyp."""
