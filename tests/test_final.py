@@ -39,17 +39,18 @@ def test_every_candidate_is_scored_on_valid_and_the_best_one_wins(
         for a in (0.6, 1.0, 1.4)
     ]
     assert rows[6]["averaged_steps"] == [9, 6, 3]
-    top = max(r["valid_bleu"] for r in rows)
-    first_top = next(r for r in rows if r["valid_bleu"] == top)  # ties: the earlier row
+    refs = (corpus_root / "multi30k" / "valid.en").read_text("utf-8").splitlines()
+    scores = []  # unrounded: candidates whose rounded scores tie may still differ
+    for r in rows:  # every candidate's score is recomputable from the file it names
+        hyps = (run / r["hypotheses"]).read_text("utf-8").splitlines()
+        scores.append(bleu(hyps, refs)[0])
+        assert round(scores[-1], 2) == r["valid_bleu"], r["hypotheses"]
+    first_top = rows[scores.index(max(scores))]  # exact ties: the earlier row
     assert final["checkpoint"] == first_top["checkpoint"]
     for key in ("beam_size", "length_penalty"):
         assert final[key] == first_top[key] == metrics["decode"][key], key
-    assert final["chosen_on"] == "valid" and metrics["valid"]["bleu"] == top
+    assert final["chosen_on"] == "valid" and metrics["valid"]["bleu"] == first_top["valid_bleu"]
     assert json.loads((run / "metrics.json").read_text())["final"] == final
-    refs = (corpus_root / "multi30k" / "valid.en").read_text("utf-8").splitlines()
-    for r in rows:  # every candidate's score is recomputable from the file it names
-        hyps = (run / r["hypotheses"]).read_text("utf-8").splitlines()
-        assert round(bleu(hyps, refs)[0], 2) == r["valid_bleu"], r["hypotheses"]
     assert (run / first_top["hypotheses"]).read_text("utf-8") == (run / "valid.hyp").read_text(
         "utf-8"
     )
