@@ -26,11 +26,11 @@ declare -A runs=(
   [tf_vocab16k]="data.vocab_size=16000"
   [tf_ls0]="trainer.label_smoothing=0.0"
   [tf_ls02]="trainer.label_smoothing=0.2"
-  [tf_lr2e-3]="trainer.optimizer.lr=2e-3"
+  [tf_lr1e-3]="trainer.optimizer.lr=1e-3"   # the previous default (now 2e-3)
   [tf_warmup4k]="trainer.warmup_steps=4000"
   [tf_batch8k]="data.max_tokens=8192"
 )
-order=(tf_default rnn_default tf_bpe8k tf_vocab4k tf_vocab16k tf_ls0 tf_ls02 tf_lr2e-3
+order=(tf_default rnn_default tf_bpe8k tf_vocab4k tf_vocab16k tf_ls0 tf_ls02 tf_lr1e-3
   tf_warmup4k tf_batch8k)
 [ $# -gt 0 ] && order=("$@")
 common="decode=beam trainer.max_time_minutes=${MINUTES:-4} trainer.keep_checkpoints=5"

@@ -30,3 +30,19 @@ def test_group_option_composes(compose, group, option):
 def test_translate_config_composes(compose):
     cfg = compose(["ckpt=x.pt"], name="translate")
     assert cfg.decode.beam_size >= 1 and cfg.ckpt == "x.pt"
+
+
+@pytest.mark.parametrize(
+    "overrides,lr",
+    [
+        ([], 2.0e-3),  # conf/trainer/model/transformer.yaml over trainer/default
+        (["model=rnn"], 1.0e-3),  # no file for the RNN: trainer/default's value
+        (["trainer=debug"], 2.0e-3),  # merged over any trainer choice
+        (["trainer.optimizer.lr=5e-4"], 5.0e-4),  # the command line still wins
+        (["model=rnn", "trainer.optimizer.lr=3e-3"], 3.0e-3),
+    ],
+)
+def test_per_model_trainer_settings(compose, overrides, lr):
+    cfg = compose([*overrides, "run_dir=/tmp/unused"])
+    assert cfg.trainer.optimizer.lr == pytest.approx(lr)
+    assert cfg.trainer.warmup_steps == (2 if "trainer=debug" in overrides else 1000)
