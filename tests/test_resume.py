@@ -17,7 +17,14 @@ import torch
 
 from transformer import checkpoint
 from transformer.attention import stacked_from
-from transformer.trainer import SkipCounter, Trainer, TrainingError, prepare_data, train
+from transformer.trainer import (
+    SkipCounter,
+    Trainer,
+    TrainingError,
+    inverse_sqrt,
+    prepare_data,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,6 +143,27 @@ def test_resume_refuses_another_model(compose, small_overrides):
     train(compose(small_overrides))
     with pytest.raises(TrainingError, match="holds another model"):
         train(compose(small_overrides + ["model.d_model=64", "trainer.max_steps=9"]))
+
+
+def test_a_peak_lr_changed_on_resume_applies_from_the_resumed_step(
+    compose, small_overrides, tmp_path, caplog
+):
+    """The schedule is this run's config: resuming with another peak lr warns and uses it
+    from the next update on (the checkpoint's scheduler state used to keep the old one)."""
+    train(compose(small_overrides + ["trainer.optimizer.lr=1e-3"]))  # 6 steps, warmup 2
+    cfg = compose(small_overrides + ["trainer.optimizer.lr=4e-3", "trainer.max_steps=10"])
+    factor = inverse_sqrt(cfg.trainer.warmup_steps)
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(cfg, tmp_path / "run")
+        assert trainer.resume() and trainer.step == 6
+    assert "trainer.optimizer.lr=0.004 (was 0.001)" in caplog.text
+    # update 7 steps with the new peak lr, and so does every later one
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * factor(6))
+    train(cfg)
+    lrs = dict(read_csv(tmp_path / "run" / "train_log.csv", "step", "lr"))
+    assert float(lrs["6"]) == pytest.approx(1e-3 * factor(6))
+    for step in ("8", "10"):
+        assert float(lrs[step]) == pytest.approx(4e-3 * factor(int(step)))
 
 
 def test_a_run_saved_before_model_attention_existed_resumes(compose, small_overrides):
