@@ -24,7 +24,8 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path):
     refs = (corpus_root / "multi30k" / "valid.en").read_text("utf-8").splitlines()
     hyps = {}
     for r in rows:
-        hyps[r["decode"]] = (out / "tiny" / f"valid.{r['decode']}.hyp").read_text("utf-8")
+        assert r["hypotheses"] == f"tiny/valid.{r['decode']}.hyp"  # relative to out
+        hyps[r["decode"]] = (out / r["hypotheses"]).read_text("utf-8")
         lines = hyps[r["decode"]].splitlines()
         assert len(lines) == len(refs)
         assert r["bleu"] == round(sacrebleu.corpus_bleu(lines, [refs]).score, 2)

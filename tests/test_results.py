@@ -72,3 +72,18 @@ def test_final_candidates_match_their_hypotheses(run):
     keys = ("checkpoint", "beam_size", "length_penalty")
     (chosen,) = [r for r in rows if all(r[k] == final[k] for k in keys)]
     assert (run / chosen["hypotheses"]).read_text("utf-8") == (run / "valid.hyp").read_text("utf-8")
+
+
+DECODES = sorted(p.parent for p in (ROOT / "results" / "decode").glob("*/results.json"))
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/multi30k for references")
+@pytest.mark.parametrize("table", DECODES, ids=run_id)
+def test_decode_tables_match_their_hypotheses(table):
+    """Every row of a `python -m transformer.evaluate` table (results/decode/, all de->en
+    Multi30k) is scored by the hypothesis file it names, relative to the table's folder."""
+    for row in json.loads((table / "results.json").read_text()):
+        hyps = (table / row["hypotheses"]).read_text("utf-8").splitlines()
+        scores = score_all(hyps, references(row["split"], "en"))
+        for key in ("bleu", "chrf", "bleu_lc", "bleu_signature", "sentences"):
+            assert row[key] == scores[key], (row["hypotheses"], key)

@@ -85,7 +85,7 @@ def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list
                 "split": split,
                 "decode": tag,
                 "decode_config": OmegaConf.to_container(decode_cfg, resolve=True),
-                "hypotheses": str(hyp_path),
+                "hypotheses": str(hyp_path.relative_to(out)),  # beside results.json
                 "seconds": round(seconds, 2),
                 "sentences_per_s": round(len(hyps) / seconds, 1),
                 **score_all(hyps, refs),
