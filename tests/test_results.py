@@ -23,6 +23,13 @@ def references(split: str, lang: str) -> list[str]:
         return f.read().splitlines()
 
 
+def assert_scored_by(hyp_file: Path, refs: list[str], recorded: dict) -> None:
+    """The recorded BLEU, chrF, lowercased BLEU, signature and size are those of hyp_file."""
+    scores = score_all(hyp_file.read_text("utf-8").splitlines(), refs)
+    for key in ("bleu", "chrf", "bleu_lc", "bleu_signature", "sentences"):
+        assert recorded[key] == scores[key], (str(hyp_file), key)
+
+
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/multi30k for references")
 @pytest.mark.parametrize("run", RUNS, ids=run_id)
 def test_metrics_json_matches_its_hypotheses(run):
@@ -30,10 +37,8 @@ def test_metrics_json_matches_its_hypotheses(run):
     cfg = OmegaConf.load(run / "config.yaml")
     assert cfg["data"]["name"] == "multi30k"
     for split in ("valid", "test2016"):
-        hyps = (run / f"{split}.hyp").read_text("utf-8").splitlines()
-        scores = score_all(hyps, references(split, cfg["data"]["tgt_lang"]))
-        for key in ("bleu", "chrf", "bleu_lc", "bleu_signature", "sentences"):
-            assert metrics[split][key] == scores[key], (split, key)
+        refs = references(split, cfg["data"]["tgt_lang"])
+        assert_scored_by(run / f"{split}.hyp", refs, metrics[split])
 
 
 def test_there_are_results_for_every_required_direction():
@@ -83,7 +88,4 @@ def test_decode_tables_match_their_hypotheses(table):
     """Every row of a `python -m transformer.evaluate` table (results/decode/, all de->en
     Multi30k) is scored by the hypothesis file it names, relative to the table's folder."""
     for row in json.loads((table / "results.json").read_text()):
-        hyps = (table / row["hypotheses"]).read_text("utf-8").splitlines()
-        scores = score_all(hyps, references(row["split"], "en"))
-        for key in ("bleu", "chrf", "bleu_lc", "bleu_signature", "sentences"):
-            assert row[key] == scores[key], (row["hypotheses"], key)
+        assert_scored_by(table / row["hypotheses"], references(row["split"], "en"), row)

@@ -362,7 +362,7 @@ class Trainer:
         ]
         model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict({**optim, "param_groups": groups})
-        self.scheduler.load_state_dict(self.schedule_from(ckpt["scheduler"]))
+        self.restore_schedule(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         for key, value in ckpt["progress"].items():
             setattr(self, key, value)
@@ -380,17 +380,17 @@ class Trainer:
         )
         return True
 
-    def schedule_from(self, saved: dict) -> dict:
-        """The saved scheduler state, its step kept, with this run's peak lr: a peak lr
-        changed since the checkpoint (warned about by check_config) applies from the resumed
-        update on, as a changed warmup does, instead of the saved one staying unseen.
-        The optimizer's groups, loaded already, get the lr of the resumed step too."""
+    def restore_schedule(self, saved: dict) -> None:
+        """Load the saved scheduler state (its step) with this run's peak lr, into the
+        scheduler and the optimizer's groups (loaded already): a peak lr changed since the
+        checkpoint (warned about by check_config) applies from the resumed update on, as a
+        changed warmup does, instead of the saved one staying in force unseen."""
         step = saved["last_epoch"]
         peaks = [self.t.optimizer.lr] * len(self.optimizer.param_groups)
         lrs = [peak * f(step) for peak, f in zip(peaks, self.scheduler.lr_lambdas)]
         for group, peak, lr in zip(self.optimizer.param_groups, peaks, lrs):
             group.update(initial_lr=peak, lr=lr)
-        return {**saved, "base_lrs": peaks, "_last_lr": lrs}
+        self.scheduler.load_state_dict({**saved, "base_lrs": peaks, "_last_lr": lrs})
 
     def check_config(self, path: Path, saved: dict) -> None:
         """Refuse to resume with another model or tokenizer settings; warn about any other
