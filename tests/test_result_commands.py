@@ -1,0 +1,180 @@
+"""Every committed run's command.txt still reproduces its config.yaml with today's code.
+
+A results folder holds the resolved ``config.yaml`` the run trained with and the command that
+made it. Defaults move on (the Transformer's peak lr went from 1e-3 to 2e-3, its dropout from
+0.1 to 0.3), and then the recorded command silently trains something else. So each
+``command.txt`` must give a ``python train.py`` command that, composed with today's ``conf/``,
+yields the run's recipe again: the original command while the defaults have not moved, else a
+command after a line starting with ``# Rerun with today's code``, which pins what moved.
+
+Compared: every key both configs have, except where the run happened (ENVIRONMENT). A key
+today's config has and the run's lacks was added since; it must be listed in ADDED, with the
+value that behaves as the code did before it existed, or as changing no result.
+"""
+
+import shlex
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = sorted(p.parent for p in (ROOT / "results").glob("**/config.yaml"))
+RERUN_MARKER = "# rerun with today's code"
+
+# where and how the run happened, not what it learned
+ENVIRONMENT = {
+    "run_dir",
+    "device",
+    "data.data_dir",
+    "data.cache_dir",
+    "data.hub_data_dir",
+    "data.num_proc",  # encoding workers: the same ids either way (test_corpus_cache.py)
+    "trainer.progress_bar",
+    "trainer.resume",
+}
+NO_EFFECT = object()
+# keys added after some runs were made: the value that reproduces the code before the key
+# existed, or NO_EFFECT for settings that change speed, memory or robustness, not results
+ADDED = {
+    "trainer.final.average_last": 0,  # before trainer.final: best.pt only,
+    "trainer.final.length_penalties": [],  # at decode.length_penalty,
+    "trainer.final.beam_sizes": [],  # and decode.beam_size
+    "trainer.keep_checkpoints": NO_EFFECT,  # only the averaging above reads it
+    "trainer.fused_loss": NO_EFFECT,  # the same loss, computed exactly (test_loss.py)
+    "trainer.cpu_malloc_reuse": NO_EFFECT,
+    "trainer.compile": NO_EFFECT,  # false by default
+    "trainer.sdpa_backends": NO_EFFECT,
+    "trainer.dist_backend": NO_EFFECT,
+    "trainer.dist_timeout_minutes": NO_EFFECT,
+    "trainer.max_nonfinite": NO_EFFECT,  # aborts a diverging run sooner or later
+    "trainer.oom_retries": NO_EFFECT,
+    "data.hub_revision": NO_EFFECT,  # the Hub is not read when data_dir has the files
+    "data.mapped_budget_mb": NO_EFFECT,
+    "decode.min_len": 0,
+    "decode.sample": False,
+    "decode.seed": NO_EFFECT,  # sampling only
+    "decode.temperature": NO_EFFECT,
+    "decode.top_k": NO_EFFECT,
+    "decode.top_p": NO_EFFECT,
+    "model.attention.kind": "scaled_dot",
+    "model.attention.encoder": NO_EFFECT,  # per-side kinds, unused with scaled_dot
+    "model.attention.decoder": NO_EFFECT,
+    "model.attention.cross": NO_EFFECT,
+    "model.attention.window": NO_EFFECT,  # local / sparse / linear parameters
+    "model.attention.stride": NO_EFFECT,
+    "model.attention.chunk": NO_EFFECT,
+    "model.attention.sparse_pattern": NO_EFFECT,
+    "model.attention.summary": NO_EFFECT,
+}
+
+
+def commands(text: str) -> list[tuple[bool, list[str]]]:
+    """(follows the rerun marker, argv) of each shell command in a command.txt: comment
+    lines skipped, backslash continuations joined."""
+    out, pending, marked, after_marker = [], "", False, False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            after_marker = after_marker or stripped.lower().startswith(RERUN_MARKER)
+            continue
+        if not pending:
+            marked, after_marker = after_marker, False
+        pending += " " + stripped.removesuffix("\\")
+        if not stripped.endswith("\\"):
+            out.append((marked, shlex.split(pending)))
+            pending = ""
+    return out
+
+
+def train_overrides(text: str) -> list[str]:
+    """The overrides of the command to check: the one after the rerun marker, else the first
+    ``train.py`` command (environment variables, taskset and Hydra's own keys dropped)."""
+    trains = [
+        (marked, argv[i + 1 :])
+        for marked, argv in commands(text)
+        for i, word in enumerate(argv)
+        if word.endswith("train.py")
+    ]
+    assert trains, "no python train.py command"
+    rerun = [args for marked, args in trains if marked]
+    assert len(rerun) <= 1, "more than one rerun command"
+    args = rerun[0] if rerun else trains[0][1]
+    return [a for a in args if not a.startswith("hydra.")]
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_drift(recorded: dict, today: dict) -> list[str]:
+    """What today's composed config would train differently from the recorded one."""
+    recorded, today = flat(recorded), flat(today)
+    problems = [
+        f"{key}: the run had {recorded[key]!r}, the command now gives {today[key]!r}"
+        for key in sorted(recorded.keys() & today.keys() - ENVIRONMENT)
+        if recorded[key] != today[key]
+    ]
+    for key in sorted(today.keys() - recorded.keys() - ENVIRONMENT):
+        if key not in ADDED:
+            problems.append(f"{key}: added since the run; say in ADDED what the run behaved as")
+        elif ADDED[key] is not NO_EFFECT and today[key] != ADDED[key]:
+            problems.append(
+                f"{key}: added since the run; {ADDED[key]!r} reproduces it, not {today[key]!r}"
+            )
+    problems += [
+        f"{key}: in the run's config, gone today" for key in sorted(recorded.keys() - today.keys())
+    ]
+    return problems
+
+
+def composed(compose, overrides: list[str]) -> dict:
+    cfg = compose([*overrides, "run_dir=/unused"])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("run", RUNS, ids=lambda r: str(r.relative_to(ROOT / "results")))
+def test_command_reproduces_the_recorded_config(compose, run):
+    assert (run / "command.txt").is_file(), "a run's config.yaml without the command that made it"
+    overrides = train_overrides((run / "command.txt").read_text("utf-8"))
+    recorded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+    drift = recipe_drift(recorded, composed(compose, overrides))
+    assert not drift, "command.txt no longer gives the run's recipe:\n" + "\n".join(drift)
+
+
+def test_every_result_folder_is_checked():
+    assert len(RUNS) >= 28  # those committed when this test was written
+
+
+def test_parser_reads_the_committed_layouts():
+    text = """# a comment, then an environment, taskset and continuation lines
+MT_DATA_DIR=../shared/data OMP_NUM_THREADS=1 taskset -c 1 python train.py model=rnn \\
+    trainer.max_steps=3500 hydra.run.dir=outputs/x
+python -m transformer.evaluate outputs/x/checkpoints/best.pt --split test2016
+"""
+    assert train_overrides(text) == ["model=rnn", "trainer.max_steps=3500"]
+    rerun = text + "# Rerun with today's code (lr moved):\npython3 train.py model=rnn 'a.b=[]'\n"
+    assert train_overrides(rerun) == ["model=rnn", "a.b=[]"]
+
+
+def test_drift_is_caught(compose):
+    """A moved default, an added key with an effect and a removed key are all reported."""
+    recorded = composed(compose, ["trainer.optimizer.lr=1e-3"])
+    assert recipe_drift(recorded, composed(compose, ["trainer.optimizer.lr=1e-3"])) == []
+    drift = recipe_drift(recorded, composed(compose, []))
+    assert drift == ["trainer.optimizer.lr: the run had 0.001, the command now gives 0.002"]
+    del recorded["trainer"]["final"], recorded["seed"]
+    recorded["model"]["old_key"] = 1
+    drift = recipe_drift(recorded, composed(compose, ["trainer.optimizer.lr=1e-3"]))
+    assert [d.split(":")[0] for d in drift] == [
+        "seed",
+        "trainer.final.average_last",
+        "trainer.final.length_penalties",
+        "model.old_key",
+    ]
