@@ -25,6 +25,7 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path):
     hyps = {}
     for r in rows:
         assert r["hypotheses"] == f"tiny/valid.{r['decode']}.hyp"  # relative to out
+        assert (r["data"], r["src_lang"], r["tgt_lang"]) == ("multi30k", "de", "en")
         hyps[r["decode"]] = (out / r["hypotheses"]).read_text("utf-8")
         lines = hyps[r["decode"]].splitlines()
         assert len(lines) == len(refs)
