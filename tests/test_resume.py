@@ -181,6 +181,16 @@ def test_a_run_saved_before_model_attention_existed_resumes(compose, small_overr
         train(compose(small_overrides + ["model=transformer", "model.attention.kind=local"]))
 
 
+def test_an_rnn_run_resumes(compose, small_overrides):
+    """The RNN's model.attention is a scoring-function name, not the Transformer's mapping:
+    comparing the saved config on resume must not read it as one."""
+    rnn = [o for o in small_overrides if not o.startswith("model.")]
+    rnn += ["model=rnn", "model.emb_dim=32", "model.hidden_size=32"]
+    train(compose(rnn))
+    metrics = train(compose(rnn + ["trainer.max_steps=9"]))
+    assert metrics["steps"] == 9
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

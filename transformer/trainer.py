@@ -1019,10 +1019,12 @@ def check_final(t) -> None:
 
 
 def with_full_attention(config: dict) -> dict:
-    """``config`` with ``model.attention`` spelled out in full (``AttentionConfig``), so a run
-    saved before the key existed (which means the defaults) resumes under the defaults."""
+    """``config`` with the Transformer's ``model.attention`` spelled out in full
+    (``AttentionConfig``), so a run saved before the key existed (which means the defaults)
+    resumes under the defaults. Other models are left alone: the RNN's ``model.attention``
+    is the name of its scoring function, not an AttentionConfig."""
     model = config.get("model") or {}
-    if "attention" not in model and not str(model.get("_target_", "")).endswith(".Transformer"):
+    if not str(model.get("_target_", "")).endswith(".Transformer"):
         return config
     full = dataclasses.asdict(attention_config(model.get("attention")))
     return {**config, "model": {**model, "attention": full}}
