@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from transformer.trainer import flatten
+from transformer.trainer import flatten, with_full_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = sorted(p.parent for p in (ROOT / "results").glob("**/config.yaml"))
@@ -61,16 +61,7 @@ ADDED = {
     "decode.temperature": NO_EFFECT,
     "decode.top_k": NO_EFFECT,
     "decode.top_p": NO_EFFECT,
-    "model.attention.kind": "scaled_dot",
-    "model.attention.encoder": NO_EFFECT,  # per-side kinds, unused with scaled_dot
-    "model.attention.decoder": NO_EFFECT,
-    "model.attention.cross": NO_EFFECT,
-    "model.attention.window": NO_EFFECT,  # local / sparse / linear parameters
-    "model.attention.stride": NO_EFFECT,
-    "model.attention.chunk": NO_EFFECT,
-    "model.attention.sparse_pattern": NO_EFFECT,
-    "model.attention.summary": NO_EFFECT,
-}
+}  # model.attention needs no entry: a run without it meant the defaults, as on resume
 
 
 def commands(text: str) -> list[tuple[bool, list[str]]]:
@@ -109,7 +100,7 @@ def train_overrides(text: str) -> list[str]:
 
 def recipe_drift(recorded: dict, today: dict) -> list[str]:
     """What today's composed config would train differently from the recorded one."""
-    recorded, today = flatten(recorded), flatten(today)
+    recorded, today = (flatten(with_full_attention(c)) for c in (recorded, today))
     problems = [
         f"{key}: the run had {recorded[key]!r}, the command now gives {today[key]!r}"
         for key in sorted(recorded.keys() & today.keys() - ENVIRONMENT)
