@@ -47,8 +47,8 @@ ADDED = {
     "trainer.keep_checkpoints": NO_EFFECT,  # only the averaging above reads it
     "trainer.fused_loss": NO_EFFECT,  # the same loss as the plain one (test_loss.py)
     "trainer.cpu_malloc_reuse": NO_EFFECT,
-    "trainer.compile": NO_EFFECT,  # false by default
-    "trainer.sdpa_backends": NO_EFFECT,
+    "trainer.compile": False,  # eager, as before the option
+    "trainer.sdpa_backends": None,  # torch picks the attention kernels, as before
     "trainer.dist_backend": NO_EFFECT,
     "trainer.dist_timeout_minutes": NO_EFFECT,
     "trainer.max_nonfinite": NO_EFFECT,  # aborts a diverging run sooner or later
