@@ -1,6 +1,7 @@
 """Every relative link in the README and the committed result pages leads somewhere: the file
 exists, and a `#anchor` names a heading of the linked page (GitHub's heading slugs)."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -20,16 +21,23 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
+def prose_lines(page: Path):
+    """(line number, line) of a page's lines outside fenced code blocks."""
+    in_code = False
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code:
+            yield number, line
+
+
+@functools.cache
 def anchors(page: Path) -> set[str]:
     """The anchors of a page's headings; a repeated heading gets -1, -2, ... as on GitHub."""
     seen: dict[str, int] = {}
     out = set()
-    in_code = False
-    for line in page.read_text(encoding="utf-8").splitlines():
-        if line.startswith("```"):
-            in_code = not in_code
-        m = None if in_code else HEADING.match(line)
-        if m:
+    for _, line in prose_lines(page):
+        if m := HEADING.match(line):
             base = slug(m.group(1))
             n = seen.get(base, 0)
             seen[base] = n + 1
@@ -38,14 +46,9 @@ def anchors(page: Path) -> set[str]:
 
 
 def relative_links(page: Path) -> list[tuple[int, str]]:
-    """(line number, target) of each link that is not a URL, outside code blocks."""
+    """(line number, target) of each link that is not a URL, outside code."""
     links = []
-    in_code = False
-    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
-        if line.startswith("```"):
-            in_code = not in_code
-        if in_code:
-            continue
+    for number, line in prose_lines(page):
         line = re.sub(r"`[^`]*`", "", line)  # inline code is not a link
         for target in LINK.findall(line):
             if not re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
@@ -58,7 +61,7 @@ def broken(page: Path) -> list[str]:
     for number, target in relative_links(page):
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
-        where = f"{page.name if page.parent != ROOT else page.relative_to(ROOT)}:{number}"
+        where = f"{page.relative_to(ROOT) if page.is_relative_to(ROOT) else page.name}:{number}"
         if not dest.exists():
             problems.append(f"{where}: {target} (no such file)")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
