@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,63 @@ def test_decode_tables_match_their_hypotheses(table):
         assert row.get("data", "multi30k") == "multi30k"
         refs = references(row["split"], row.get("tgt_lang", "en"))
         assert_scored_by(table / row["hypotheses"], refs, row)
+
+
+# A column of a results table in these pages, and the metrics.json figure it must equal.
+TABLE_COLUMNS = {
+    "valid BLEU": ("valid", "bleu"),
+    "test2016 BLEU": ("test2016", "bleu"),
+    "chrF": ("test2016", "chrf"),
+    "BLEU, lowercased": ("test2016", "bleu_lc"),
+}
+TABLE_PAGES = [ROOT / "README.md", ROOT / "results" / "ablations.md"]
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def linked_run(page: Path, row: list[str]) -> Path | None:
+    """The run folder a table row links: a folder with metrics.json, or a file in one."""
+    for target in re.findall(r"\]\(([^)#\s]+)", " ".join(row)):
+        path = (page.parent / target).resolve()
+        run = path if path.is_dir() else path.parent
+        if (run / "metrics.json").is_file():
+            return run
+    return None
+
+
+def results_table_rows(page: Path):
+    """(line number, {column: cell}, run folder) of every row that links a run, in every
+    table of the page with a test2016 BLEU column."""
+    lines = page.read_text("utf-8").splitlines()
+    for i, line in enumerate(lines[:-1]):
+        header = cells(line)
+        if not (line.startswith("|") and "test2016 BLEU" in header):
+            continue
+        assert lines[i + 1].startswith("|---"), f"{page.name}:{i + 1}: table without a rule"
+        for j in range(i + 2, len(lines)):
+            if not lines[j].startswith("|"):
+                break
+            row = cells(lines[j])
+            assert len(row) == len(header), (
+                f"{page.name}:{j + 1}: {len(row)} cells, header has {len(header)}"
+            )
+            run = linked_run(page, row)
+            if run is not None:
+                yield j + 1, dict(zip(header, row)), run
+
+
+@pytest.mark.parametrize("page", TABLE_PAGES, ids=lambda p: p.name)
+def test_results_tables_quote_their_runs_metrics(page):
+    """BLEU and chrF in the README's and ablations.md's results tables are the figures of the
+    run each row links (metrics.json, itself recomputed from the hypotheses above)."""
+    checked = 0
+    for line, row, run in results_table_rows(page):
+        metrics = json.loads((run / "metrics.json").read_text())
+        for column, (split, key) in TABLE_COLUMNS.items():
+            if row.get(column, "") not in ("", "-"):
+                cell = row[column].strip("*")
+                assert cell == f"{metrics[split][key]:.2f}", f"{page.name}:{line}: {column}"
+                checked += 1
+    assert checked >= 20, f"{page.name}: only {checked} figures found in its results tables"
