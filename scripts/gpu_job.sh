@@ -10,7 +10,8 @@
 #   - packs run directories (without checkpoints) into $OUT/runs.tar.gz, also when a phase
 #     runs out of time: every phase ends by the deadline, $BUDGET_S seconds after the start.
 # Usage: bash scripts/gpu_job.sh NAME "OVERRIDES" [NAME "OVERRIDES" ...]
-# Prepare here first: ../shared/gpu/wheels ... ; mkdir -p .gpudata && cp -r ../shared/data/multi30k .gpudata/
+# Prepare here first: bash scripts/gpu_prepare.sh (wheels into .whl/, Multi30k into .gpudata/;
+# name both in the device call's carry)
 set -u
 deadline=$(($(date +%s) + ${BUDGET_S:-570}))
 left() { echo $((deadline - $(date +%s) - ${1:-0})); }

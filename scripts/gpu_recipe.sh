@@ -16,6 +16,8 @@
 # Results: $OUT/runs.tar.gz (logs, metrics.json, hyps), to unpack under
 # results/gpu/<gpu>-recipe/ and summarise in results/ablations.md with
 # python scripts/runs_table.py --final results/gpu/<gpu>-recipe/*/
+# Prepare here first: bash scripts/gpu_prepare.sh (wheels into .whl/, Multi30k into .gpudata/;
+# name both in the device call's carry)
 set -u
 grid="trainer.final.length_penalties=[0.0,1.0,1.4] trainer.final.beam_sizes=[10]"
 declare -A runs=(
