@@ -783,13 +783,8 @@ class Trainer:
                 if t.patience and self.bad_evals >= t.patience:
                     stop = f"no valid BLEU gain in {t.patience} evaluations"
         valid_log.write(row)
-        log.info(
-            "step %d: valid loss %.3f ppl %.2f bleu %s",
-            self.step,
-            loss,
-            row["valid_ppl"],
-            row["valid_bleu"],
-        )
+        scored = "" if row["valid_bleu"] == "" else f" bleu {row['valid_bleu']:.2f}"
+        log.info("step %d: valid loss %.3f ppl %.2f%s", self.step, loss, row["valid_ppl"], scored)
         self.save_checkpoint(best=improved)
         if at_end and stop is None:
             stop = "time limit" if out_of_time else "step/epoch limit"
