@@ -36,7 +36,7 @@ def test_translate_config_composes(compose):
     "overrides,lr",
     [
         ([], 2.0e-3),  # conf/trainer/model/transformer.yaml over trainer/default
-        (["model=rnn"], 1.0e-3),  # no file for the RNN: trainer/default's value
+        (["model=rnn"], 2.0e-3),  # conf/trainer/model/rnn.yaml
         (["trainer=debug"], 2.0e-3),  # merged over any trainer choice
         (["trainer.optimizer.lr=5e-4"], 5.0e-4),  # the command line still wins
         (["model=rnn", "trainer.optimizer.lr=3e-3"], 3.0e-3),
