@@ -14,8 +14,9 @@
 # (their committed runs trained at the previous peak lr of 1e-3). Each run then chooses on
 # valid, as every training does (trainer.final), between best.pt and the average of its last
 # 5 checkpoints and among length penalties 0.6, 1.0 and 1.4, and translates test2016 with
-# the choice; the two default runs also try length penalty 0 and beam 10. Each metrics.json lists every candidate's valid BLEU (greedy valid
-# BLEU of best.pt during training is in its log).
+# the choice; the two default runs also try length penalty 0 and beam 10. Each metrics.json
+# lists every candidate's valid BLEU (greedy valid BLEU of best.pt during training is in its
+# log).
 # Fewer runs at once train faster each: with six at once the Transformer reached 6,000
 # updates in 3.7 minutes (results/gpu/README.md); ten at once are not measured yet.
 # Results: $OUT/runs.tar.gz (logs, metrics.json, hyps), to unpack under
