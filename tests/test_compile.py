@@ -1,5 +1,6 @@
 """trainer.compile=true: torch.compile(dynamic=True) trains like the eager model and saves
-the plain module. Slow (compiling takes 1-3 minutes on a 2-core CPU): ``pytest -m slow``."""
+the plain module (slow: compiling takes 1-3 minutes on a 2-core CPU, ``pytest -m slow``);
+trainer.compile_mode, and the bookkeeping CUDA graphs need (reduce-overhead), without CUDA."""
 
 import csv
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from transformer import checkpoint
-from transformer.trainer import train
+from transformer.trainer import Trainer, TrainingError, train
 
 
 @pytest.mark.slow
@@ -42,3 +43,42 @@ def test_compiled_training_matches_eager_and_saves_the_plain_module(
     assert eager.keys() == compiled.keys()  # no "_orig_mod." prefix in the checkpoint
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], atol=1e-3, rtol=0)
+
+
+def test_unknown_compile_mode_names_the_key(compose, small_overrides, tmp_path):
+    cfg = compose([*small_overrides, "trainer.compile_mode=fastest"])
+    with pytest.raises(TrainingError, match=r"trainer\.compile_mode must be one of default, "):
+        Trainer(cfg, tmp_path / "run")
+
+
+def test_batch_shapes_counts_the_shapes_the_batches_have(compose, small_overrides, tmp_path):
+    """The CUDA-graph log line counts shapes from lengths alone; collating every batch of
+    epoch 0 must give the same count. On the CPU reduce-overhead records no CUDA graph."""
+    cfg = compose(
+        [
+            *small_overrides,
+            "data.max_tokens=512",
+            "trainer.compile=true",
+            "trainer.compile_mode=reduce-overhead",
+        ]
+    )
+    trainer = Trainer(cfg, tmp_path / "run")
+    plan = trainer.batcher.epoch_batches(0)
+    batches = [trainer.batcher.batch(idx) for idx in plan]
+    shapes = {(*b.src.shape, b.tgt_out.shape[1]) for b in batches}
+    assert len(shapes) > 1
+    assert trainer.batch_shapes() == (len(shapes), len(plan))
+    assert not trainer.cuda_graphs
+
+
+def test_each_forward_under_cuda_graphs_starts_a_new_graph_step(
+    compose, small_overrides, tmp_path, monkeypatch
+):
+    """With CUDA graphs, every micro-batch's forward is marked as a new step (the outputs of
+    the previous replay were consumed by then), also under gradient accumulation."""
+    marks = []
+    monkeypatch.setattr(Trainer, "cuda_graphs", property(lambda self: True))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = compose([*small_overrides, "trainer.max_steps=3", "trainer.accum_steps=2"])
+    assert train(cfg)["steps"] == 3
+    assert len(marks) == 6

@@ -48,6 +48,7 @@ ADDED = {
     "trainer.fused_loss": NO_EFFECT,  # the same loss as the plain one (test_loss.py)
     "trainer.cpu_malloc_reuse": NO_EFFECT,
     "trainer.compile": False,  # eager, as before the option
+    "trainer.compile_mode": "default",  # torch.compile's default, as before the option
     "trainer.sdpa_backends": None,  # torch picks the attention kernels, as before
     "trainer.dist_backend": NO_EFFECT,
     "trainer.dist_timeout_minutes": NO_EFFECT,

@@ -182,10 +182,20 @@ class SkipCounter:
         return count, longest, tokens
 
 
+# torch.compile's modes (``trainer.compile_mode``); reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: Path, dist: distributed.Dist | None = None):
         self.cfg, self.t = cfg, cfg.trainer
         check_final(self.t)
+        self.compile_mode = self.t.get("compile_mode", "default")
+        if self.compile_mode not in COMPILE_MODES:
+            raise TrainingError(
+                f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                f"got {self.compile_mode!r}"
+            )
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
@@ -238,6 +248,12 @@ class Trainer:
                 f"the training set makes fewer batches than the {self.dist.world_size} "
                 f"processes; lower data.max_tokens={cfg.data.max_tokens} or use fewer processes"
             )
+        if self.cuda_graphs:
+            log.info(
+                "CUDA graphs (trainer.compile_mode=reduce-overhead): one recorded per batch "
+                "shape; epoch 0 has %d distinct shapes in %d batches",
+                *self.batch_shapes(),
+            )
         self.valid_batcher = TokenBatcher(
             self.splits[cfg.data.valid_split],
             cfg.data.max_tokens,
@@ -277,12 +293,33 @@ class Trainer:
         """DistributedDataParallel under torchrun, then torch.compile when
         ``trainer.compile`` (compiling the DDP module lets its graph break at gradient
         buckets so all-reduce overlaps the backward pass). ``dynamic=True``: token batches
-        change shape at every step and must not recompile each time."""
+        change shape at every step and must not recompile each time. ``trainer.compile_mode``
+        is torch.compile's ``mode``; ``reduce-overhead`` replays the forward and backward as
+        CUDA graphs, one recorded per batch shape (see ``batch_shapes``)."""
         if self.dist.enabled:
             model = distributed.wrap_ddp(model, self.device)
         if self.t.compile:
-            model = torch.compile(model, dynamic=True)
+            mode = None if self.compile_mode == "default" else self.compile_mode
+            model = torch.compile(model, dynamic=True, mode=mode)
         return model
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled training step replays CUDA graphs (reduce-overhead on CUDA)."""
+        cuda = self.device.type == "cuda"
+        return bool(self.t.compile) and self.compile_mode == "reduce-overhead" and cuda
+
+    def batch_shapes(self) -> tuple[int, int]:
+        """(distinct (B, S, T) shapes, batches) in this rank's plan of epoch 0, from the
+        lengths alone: with CUDA graphs each new shape is recorded once (a recording run, and
+        memory in the graphs' pool), and later epochs repeat the shapes since batches are cut
+        from sorted lengths."""
+        split, plan = self.batcher.split, self.batcher.epoch_batches(0)
+        shapes = {
+            (len(idx), int(split.src_lens[idx].max()) + 1, int(split.tgt_lens[idx].max()) + 1)
+            for idx in plan
+        }
+        return len(shapes), len(plan)
 
     def reseed_rank(self) -> None:
         """Ranks other than 0 draw their own dropout masks, seeded from (seed, rank, step);
@@ -531,6 +568,8 @@ class Trainer:
                 total = torch.zeros((), device=self.device)
                 for i, b in enumerate(micro_batches):
                     b = self.to_device(b)
+                    if self.cuda_graphs:  # outputs of the last replay are consumed: reuse them
+                        torch.compiler.cudagraph_mark_step_begin()
                     with self.grad_sync(i == len(micro_batches) - 1):
                         loss = self.loss(b)
                         self.scaler.scale(loss / ntok).backward()
