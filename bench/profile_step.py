@@ -53,6 +53,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each")
     ap.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode with --compile (trainer.compile_mode)",
+    )
+    ap.add_argument(
         "--sdpa", default="", help="only these SDPA kernels, e.g. efficient or cudnn+math"
     )
     ap.add_argument("--fused-loss", choices=["auto", "true", "false"], default="auto")
@@ -83,7 +89,8 @@ def main() -> None:
         f"# Profile of one training step ({name})",
         "",
         f"- torch {torch.__version__}; {'bf16 autocast' if cuda else 'fp32'}; config {args.config} "
-        f"({mcfg}); max tokens {args.max_tokens}; compile: {args.compile}; "
+        f"({mcfg}); max tokens {args.max_tokens}; compile: "
+        f"{args.compile and args.compile_mode}; "
         f"SDPA kernels allowed: {', '.join(sdpa)}"
         + ("" if cuda else f"; glibc malloc keeps freed memory for reuse: {reuse}"),
         f"- command: `python bench/profile_step.py {' '.join(sys.argv[1:])}`",
@@ -99,7 +106,7 @@ def main() -> None:
         fused = mname == "ours" and (
             args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
         )  # as trainer.fused_loss
-        step = make_step(model, pad, device, precision, args.compile, fused)
+        step = make_step(model, pad, device, precision, args.compile and args.compile_mode, fused)
         for b in batches:  # warm-up, every shape once (compilation included)
             step(b)
         sync()

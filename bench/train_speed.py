@@ -98,11 +98,12 @@ def train_flops(cfg: dict, B: int, S: int, T: int, vocab: int) -> float:
     return 3 * 2 * (enc + dec + out)
 
 
-def make_step(model, pad, device, precision, compile=False, fused_loss=False):
+def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     """One training update (forward, label-smoothed loss, backward, clip, fused AdamW) as
-    the trainer does it; ``compile``: the forward and loss through torch.compile(dynamic=True)
-    as with ``trainer.compile=true``; ``fused_loss``: the output projection fused into the
-    loss (``trainer.fused_loss``; our models only)."""
+    the trainer does it; ``compile``: None (eager) or a torch.compile mode, the forward and
+    loss through torch.compile(dynamic=True, mode=...) as with ``trainer.compile=true`` and
+    ``trainer.compile_mode``; ``fused_loss``: the output projection fused into the loss
+    (``trainer.fused_loss``; our models only)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     dtype = torch.bfloat16 if precision == "bf16" else None
     model.train()
@@ -116,9 +117,14 @@ def make_step(model, pad, device, precision, compile=False, fused_loss=False):
         return sequence_loss(logits, tgt_out, pad, 0.1)
 
     if compile:
-        loss_of = torch.compile(loss_of, dynamic=True)
+        loss_of = torch.compile(
+            loss_of, dynamic=True, mode=None if compile == "default" else compile
+        )
+    graphs = compile == "reduce-overhead" and device.type == "cuda"
 
     def step(b):
+        if graphs:  # as the trainer: the last replay's outputs are consumed
+            torch.compiler.cudagraph_mark_step_begin()
         loss = loss_of(b.src, b.src_mask, b.tgt_in, b.tgt_out)
         (loss / 1000).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -222,6 +228,13 @@ def main() -> None:
         "--compile", action="store_true", help="also time both through torch.compile(dynamic=True)"
     )
     ap.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode for the compiled models (trainer.compile_mode; "
+        "reduce-overhead: CUDA graphs, one recorded per batch shape)",
+    )
+    ap.add_argument(
         "--compiled-only",
         action="store_true",
         help="time only the compiled models (with each --sdpa setting, or torch's kernels)",
@@ -295,7 +308,9 @@ def main() -> None:
         "- ablations (`--ablate`): ours/unfused-loss (ours/fused-loss where it is off) = "
         "the other setting of `trainer.fused_loss`, compared with plain Marian; "
         "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask",
-        "- modes: +compile = forward and loss through torch.compile(dynamic=True); "
+        "- modes: +compile = forward and loss through torch.compile(dynamic=True"
+        + ("" if args.compile_mode == "default" else f", mode={args.compile_mode!r}")
+        + "); "
         "/sdpa=X = only the SDPA kernels X (and math, the fallback) allowed, for both models "
         "(`trainer.sdpa_backends`); ours is compared with Marian in the same mode",
         "- host memory: "
@@ -337,9 +352,12 @@ def main() -> None:
                 models["ours" + mode] = (ours, {"sdpa": sdpa})
                 models["marian" + mode] = (theirs, {"sdpa": sdpa})
             for sdpa in compiled:
-                mode = f"+compile/sdpa={sdpa}" if sdpa else "+compile"
-                models["ours" + mode] = (ours, {"compile": True, "sdpa": sdpa})
-                models["marian" + mode] = (theirs, {"compile": True, "sdpa": sdpa})
+                mode = "+compile" + (
+                    "" if args.compile_mode == "default" else f":{args.compile_mode}"
+                )
+                mode += f"/sdpa={sdpa}" if sdpa else ""
+                opt = {"compile": args.compile_mode, "sdpa": sdpa}
+                models["ours" + mode], models["marian" + mode] = (ours, opt), (theirs, opt)
             if args.ablate:
                 models[f"ours/{'unfused' if fused else 'fused'}-loss"] = (
                     ours, {"fused": not fused}
@@ -368,7 +386,7 @@ def main() -> None:
                 try:
                     timing = Timing(
                         model, batches, pad, device, precision, args.steps, args.warmup,
-                        opt.get("compile", False), ours_fused, setup,
+                        opt.get("compile"), ours_fused, setup,
                     )  # fmt: skip
                     if args.rounds == 1:
                         timing.run(args.steps)

@@ -8,6 +8,10 @@
 #                                      ours and Marian through torch.compile, both with the
 #                                      $SDPA kernels (pick them from the speed table), at 25k
 #                                      tokens, both configs (compiling takes minutes per model)
+#   bash scripts/gpu_bench.sh graphs   the Multi30k config at 4k tokens (launch-bound on an
+#                                      H100), ours and Marian eager and through
+#                                      torch.compile(mode="reduce-overhead"): CUDA graphs, one
+#                                      per batch shape (trainer.compile_mode); torch's kernels
 #   bash scripts/gpu_bench.sh eager    the first benchmark: profile, throughput vs Marian (+ RNN)
 #                                      at 4k/8k/25k, per attention kind, attention against length
 # Results: $OUT/bench.tar.gz holding results/bench/*_<gpu>*.md and results/attention/gpu/.
@@ -33,6 +37,11 @@ compile)
     --configs transformer-base,multi30k-default --max-tokens 25000 --steps 20 --warmup 3 \
     --out "results/bench/train_speed_${gpu}_compile.md"
   ;;
+graphs)
+  step 540 python3 bench/train_speed.py --compile --compile-mode reduce-overhead \
+    --configs multi30k-default --max-tokens 4096 --steps 20 --warmup 3 \
+    --out "results/bench/train_speed_${gpu}_graphs.md"
+  ;;
 eager)
   step 120 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
     --out "results/bench/profile_${gpu}_eager.md"
@@ -43,6 +52,6 @@ eager)
     --out "results/bench/train_speed_${gpu}_kinds.md"
   step 60 python3 bench/attention_claims.py --device cuda --out results/attention/gpu
   ;;
-*) echo "usage: bash scripts/gpu_bench.sh speed|compile|eager"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_bench.sh speed|compile|graphs|eager"; exit 2 ;;
 esac
 tar czf "$OUT/bench.tar.gz" results/bench results/attention/gpu
