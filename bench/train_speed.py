@@ -33,7 +33,7 @@ from transformer.data import TokenBatcher  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
-from transformer.trainer import prepare_data  # noqa: E402
+from transformer.trainer import CUDA_GRAPH_MODES, prepare_data  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 CONFIGS = {
@@ -120,7 +120,7 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
         loss_of = torch.compile(
             loss_of, dynamic=True, mode=None if compile == "default" else compile
         )
-    graphs = compile == "reduce-overhead" and device.type == "cuda"
+    graphs = compile in CUDA_GRAPH_MODES and device.type == "cuda"
 
     def step(b):
         if graphs:  # as the trainer: the last replay's outputs are consumed

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transformer import checkpoint
-from transformer.trainer import Trainer, TrainingError, train
+from transformer.trainer import COMPILE_MODES, Trainer, TrainingError, train
 
 
 @pytest.mark.slow
@@ -82,3 +82,15 @@ def test_each_forward_under_cuda_graphs_starts_a_new_graph_step(
     cfg = compose([*small_overrides, "trainer.max_steps=3", "trainer.accum_steps=2"])
     assert train(cfg)["steps"] == 3
     assert len(marks) == 6
+
+
+def test_cuda_graphs_is_on_for_exactly_the_modes_where_torch_records_them(
+    compose, small_overrides, tmp_path
+):
+    cfg = compose([*small_overrides, "trainer.compile=true"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.device = torch.device("cuda")  # only read by the property; nothing runs there
+    options = torch._inductor.list_mode_options()
+    for mode in COMPILE_MODES:
+        trainer.compile_mode = mode
+        assert trainer.cuda_graphs == bool(options[mode].get("triton.cudagraphs")), mode

@@ -182,8 +182,10 @@ class SkipCounter:
         return count, longest, tokens
 
 
-# torch.compile's modes (``trainer.compile_mode``); reduce-overhead adds CUDA graphs.
+# torch.compile's modes (``trainer.compile_mode``), and those that replay CUDA graphs
+# (torch._inductor.list_mode_options(): triton.cudagraphs).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class Trainer:
@@ -250,8 +252,9 @@ class Trainer:
             )
         if self.cuda_graphs:
             log.info(
-                "CUDA graphs (trainer.compile_mode=reduce-overhead): one recorded per batch "
-                "shape; epoch 0 has %d distinct shapes in %d batches",
+                "CUDA graphs (trainer.compile_mode=%s): one recorded per batch shape; epoch "
+                "0 has %d distinct shapes in %d batches",
+                self.compile_mode,
                 *self.batch_shapes(),
             )
         self.valid_batcher = TokenBatcher(
@@ -305,9 +308,10 @@ class Trainer:
 
     @property
     def cuda_graphs(self) -> bool:
-        """Whether the compiled training step replays CUDA graphs (reduce-overhead on CUDA)."""
+        """Whether the compiled training step replays CUDA graphs (reduce-overhead or
+        max-autotune, on CUDA)."""
         cuda = self.device.type == "cuda"
-        return bool(self.t.compile) and self.compile_mode == "reduce-overhead" and cuda
+        return bool(self.t.compile) and self.compile_mode in CUDA_GRAPH_MODES and cuda
 
     def batch_shapes(self) -> tuple[int, int]:
         """(distinct (B, S, T) shapes, batches) in this rank's plan of epoch 0, from the
