@@ -36,6 +36,7 @@ from train_speed import (  # noqa: E402
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
+from transformer.trainer import COMPILE_MODES  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument(
         "--compile-mode",
         default="default",
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        choices=COMPILE_MODES,
         help="torch.compile's mode with --compile (trainer.compile_mode)",
     )
     ap.add_argument(

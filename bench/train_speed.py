@@ -33,7 +33,7 @@ from transformer.data import TokenBatcher  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
-from transformer.trainer import CUDA_GRAPH_MODES, prepare_data  # noqa: E402
+from transformer.trainer import COMPILE_MODES, CUDA_GRAPH_MODES, prepare_data  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 CONFIGS = {
@@ -117,9 +117,7 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
         return sequence_loss(logits, tgt_out, pad, 0.1)
 
     if compile:
-        loss_of = torch.compile(
-            loss_of, dynamic=True, mode=None if compile == "default" else compile
-        )
+        loss_of = torch.compile(loss_of, dynamic=True, mode=compile)
     graphs = compile in CUDA_GRAPH_MODES and device.type == "cuda"
 
     def step(b):
@@ -230,7 +228,7 @@ def main() -> None:
     ap.add_argument(
         "--compile-mode",
         default="default",
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        choices=COMPILE_MODES,
         help="torch.compile's mode for the compiled models (trainer.compile_mode; "
         "reduce-overhead: CUDA graphs, one recorded per batch shape)",
     )

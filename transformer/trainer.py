@@ -302,8 +302,7 @@ class Trainer:
         if self.dist.enabled:
             model = distributed.wrap_ddp(model, self.device)
         if self.t.compile:
-            mode = None if self.compile_mode == "default" else self.compile_mode
-            model = torch.compile(model, dynamic=True, mode=mode)
+            model = torch.compile(model, dynamic=True, mode=self.compile_mode)
         return model
 
     @property
