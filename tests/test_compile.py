@@ -85,6 +85,42 @@ def test_each_forward_under_cuda_graphs_starts_a_new_graph_step(
     assert len(marks) == 6
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_gradients_outlive_the_graph_replay_that_made_them(
+    compose, small_overrides, tmp_path, monkeypatch, accum
+):
+    """Under CUDA graphs the backward's gradients are the graph's output buffers, handed to
+    ``.grad`` without a copy, and the next replay writes into the same memory. Simulated on
+    the CPU: at each step mark, every gradient the previous backward installed is
+    overwritten with NaN. Training must still end with the weights of a run without graphs,
+    with gradient accumulation too (the first micro-batch's gradients outlive a replay)."""
+    installed = []  # the gradients as the last backward left them
+
+    def overwrite():
+        for g in installed:
+            g.fill_(float("nan"))
+        installed.clear()
+
+    weights = {}
+    for graphs in (False, True):
+        if graphs:
+            monkeypatch.setattr(Trainer, "cuda_graphs", property(lambda self: True))
+            monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", overwrite)
+        run = tmp_path / f"run-{graphs}"
+        overrides = [o for o in small_overrides if not o.startswith("run_dir=")]
+        cfg = compose(
+            [*overrides, f"run_dir={run}", "trainer.max_steps=3", f"trainer.accum_steps={accum}"]
+        )
+        trainer = Trainer(cfg, run)
+        if graphs:
+            for p in trainer.model.parameters():
+                p.register_post_accumulate_grad_hook(lambda p: installed.append(p.grad))
+        trainer.run()
+        weights[graphs] = trainer.model.state_dict()
+    for name, w in weights[False].items():
+        assert torch.equal(weights[True][name], w), name
+
+
 def test_cuda_graphs_is_on_for_exactly_the_modes_where_torch_records_them(
     compose, small_overrides, tmp_path
 ):

@@ -576,6 +576,8 @@ class Trainer:
                     with self.grad_sync(i == len(micro_batches) - 1):
                         loss = self.loss(b)
                         self.scaler.scale(loss / ntok).backward()
+                    if self.cuda_graphs and i == 0 and len(micro_batches) > 1:
+                        self.copy_grads_out_of_graphs()
                     total += loss.detach()
                 return total
             except torch.OutOfMemoryError:
@@ -599,6 +601,20 @@ class Trainer:
             )
             micro_batches = [half for b in micro_batches for half in b.halves()]
         raise AssertionError("unreachable")
+
+    def copy_grads_out_of_graphs(self) -> None:
+        """Under CUDA graphs the first backward of an update hands the graph's own output
+        buffers to ``.grad`` (autograd keeps a fresh gradient without a copy), and the next
+        micro-batch's replay writes into that memory: copy them out once, after the first
+        micro-batch; later backwards add into the copies. (Without: torch 2.13 stops with
+        "accessing gradient tensor output of CUDAGraphs that has been overwritten"; older
+        versions could sum wrong values, pytorch/pytorch#96693.) An update of one
+        micro-batch needs no copy: the optimizer has used its gradients, and they are
+        dropped, before the next replay."""
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad = p.grad.clone()
 
     def loss(self, b) -> torch.Tensor:
         """Summed label-smoothed loss of batch ``b`` through the training model, with the
