@@ -9,7 +9,8 @@
 #                                      $SDPA kernels (pick them from the speed table), at 25k
 #                                      tokens, both configs (compiling takes minutes per model)
 #   bash scripts/gpu_bench.sh graphs   the Multi30k config at 4k tokens (launch-bound on an
-#                                      H100), ours and Marian eager and through
+#                                      H100): a profile of an eager step (where the time
+#                                      goes), then ours and Marian eager and through
 #                                      torch.compile(mode="reduce-overhead"): CUDA graphs, one
 #                                      per batch shape (trainer.compile_mode); torch's kernels
 #   bash scripts/gpu_bench.sh eager    the first benchmark: profile, throughput vs Marian (+ RNN)
@@ -38,7 +39,9 @@ compile)
     --out "results/bench/train_speed_${gpu}_compile.md"
   ;;
 graphs)
-  step 540 python3 bench/train_speed.py --compile --compile-mode reduce-overhead \
+  step 60 python3 bench/profile_step.py --config multi30k-default --max-tokens 4096 \
+    --out "results/bench/profile_${gpu}_small.md"
+  step 480 python3 bench/train_speed.py --compile --compile-mode reduce-overhead \
     --configs multi30k-default --max-tokens 4096 --steps 20 --warmup 3 \
     --out "results/bench/train_speed_${gpu}_graphs.md"
   ;;
