@@ -398,7 +398,9 @@ def main() -> None:
                 if args.rounds > 1:
                     alive[mname] = timing
                     continue
-                measured[mname] = timing.result()  # and free this model before the next one
+                measured[mname] = r = timing.result()  # and free this model before the next
+                print(f"{cname} {max_tokens} {mname}: {r['tok_s']:,.0f} tgt tok/s, "
+                      f"{r['step_ms']:.1f} ms/step", flush=True)  # fmt: skip
                 del model, timing
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -433,11 +435,18 @@ def main() -> None:
                     f"{ratio} |"
                 )
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+            save(args.out, lines, done=False)  # a run stopped by a time limit keeps its rows
+    save(args.out, lines, done=True)
+    print("\n".join(lines))
+
+
+def save(out: Path | None, lines: list[str], done: bool) -> None:
+    """Write the table so far to ``out``, marked incomplete until ``done``."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    note = [] if done else ["", "(incomplete: the run had not finished when this was written)"]
+    out.write_text("\n".join(lines + note) + "\n")
 
 
 if __name__ == "__main__":

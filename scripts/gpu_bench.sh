@@ -7,7 +7,9 @@
 #   SDPA=efficient bash scripts/gpu_bench.sh compile
 #                                      ours and Marian through torch.compile, both with the
 #                                      $SDPA kernels (pick them from the speed table), at 25k
-#                                      tokens, both configs (compiling takes minutes per model)
+#                                      tokens, both configs (compiling takes minutes per model;
+#                                      CONFIGS=transformer-base for one; each row group is
+#                                      saved as it is measured)
 #   bash scripts/gpu_bench.sh graphs   the Multi30k config at 4k tokens (launch-bound on an
 #                                      H100): a profile of an eager step (where the time
 #                                      goes), then ours and Marian eager and through
@@ -35,7 +37,8 @@ speed)
   ;;
 compile)
   step 540 python3 bench/train_speed.py --compiled-only --sdpa "${SDPA:-efficient}" \
-    --configs transformer-base,multi30k-default --max-tokens 25000 --steps 20 --warmup 3 \
+    --configs "${CONFIGS:-transformer-base,multi30k-default}" --max-tokens 25000 \
+    --steps 20 --warmup 3 \
     --out "results/bench/train_speed_${gpu}_compile.md"
   ;;
 graphs)
