@@ -373,6 +373,12 @@ class TokenBatcher:
     def batch(self, idx: np.ndarray) -> Batch:
         return collate(self.split, idx, self.pad_id, self.bos_id, self.eos_id)
 
+    def batch_shape(self, idx: np.ndarray) -> tuple[int, int, int]:
+        """The (B, S, T) that ``batch(idx)`` pads to (EOS on the source, BOS/EOS on the
+        target: one more than the longest of each), from the lengths alone."""
+        split = self.split
+        return len(idx), int(split.src_lens[idx].max()) + 1, int(split.tgt_lens[idx].max()) + 1
+
     def padding_fraction(self, batch: Batch) -> float:
         real = int(batch.src_mask.sum()) + int((batch.tgt_out != self.pad_id).sum())
         return 1.0 - real / (batch.src.numel() + batch.tgt_out.numel())

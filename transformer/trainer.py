@@ -317,12 +317,8 @@ class Trainer:
         lengths alone: with CUDA graphs each new shape is recorded once (a recording run, and
         memory in the graphs' pool), and later epochs repeat the shapes since batches are cut
         from sorted lengths."""
-        split, plan = self.batcher.split, self.batcher.epoch_batches(0)
-        shapes = {
-            (len(idx), int(split.src_lens[idx].max()) + 1, int(split.tgt_lens[idx].max()) + 1)
-            for idx in plan
-        }
-        return len(shapes), len(plan)
+        plan = self.batcher.epoch_batches(0)
+        return len({self.batcher.batch_shape(idx) for idx in plan}), len(plan)
 
     def reseed_rank(self) -> None:
         """Ranks other than 0 draw their own dropout masks, seeded from (seed, rank, step);
