@@ -57,7 +57,9 @@ def test_transformer_learns_reversal():
     model = Transformer(
         V, V, PAD, d_model=64, n_heads=4, d_ff=128, n_enc_layers=2, n_dec_layers=2, dropout=0.0
     )
-    assert train_and_score(model, steps=400, lr=2e-3) >= 0.95
+    # lr 1e-3: at 2e-3 (no warmup) seed 0 fell to 0.80 with AVX512 kernels and passed with
+    # AVX2; at 1e-3 seeds 0-7 gave 0.979-1.0 with both.
+    assert train_and_score(model, steps=400, lr=1e-3) >= 0.95
 
 
 @pytest.mark.parametrize("attention", ["additive", "dot", "general"])
