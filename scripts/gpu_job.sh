@@ -6,7 +6,8 @@
 #     the length penalty (trainer.final), then translates test2016 with that choice
 #   - EVALUATE=1 (default): also scores each run's best.pt on test2016 with each setting in
 #     $DECODES (greedy, beam 5) through transformer.evaluate, several runs at once
-#   (SKIP_INSTALL=1 and a python3 with the packages on PATH: a dry run on any machine)
+#   (SKIP_INSTALL=1 and a python3 with the packages on PATH: a dry run on any machine;
+#   RUN_THREADS: CPU threads per run, 2 by default)
 #   - packs run directories (without checkpoints) into $OUT/runs.tar.gz, also when a phase
 #     runs out of time: every phase ends by the deadline, $BUDGET_S seconds after the start.
 # Usage: bash scripts/gpu_job.sh NAME "OVERRIDES" [NAME "OVERRIDES" ...]
@@ -36,7 +37,7 @@ while [ $# -ge 2 ]; do
   names+=("$name")
   # shellcheck disable=SC2086
   echo "python3 train.py $overrides" > runs/$name.cmd
-  OMP_NUM_THREADS=2 timeout "${RUN_TIMEOUT:-$(left 150)}" python3 train.py $overrides \
+  OMP_NUM_THREADS=${RUN_THREADS:-2} timeout "${RUN_TIMEOUT:-$(left 150)}" python3 train.py $overrides \
     trainer.progress_bar=false hydra.run.dir=runs/$name > runs/$name.log 2>&1 &
   pids+=($!)
 done
