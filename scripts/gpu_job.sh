@@ -37,8 +37,9 @@ while [ $# -ge 2 ]; do
   names+=("$name")
   # shellcheck disable=SC2086
   echo "python3 train.py $overrides" > runs/$name.cmd
-  OMP_NUM_THREADS=${RUN_THREADS:-2} timeout "${RUN_TIMEOUT:-$(left 150)}" python3 train.py $overrides \
-    trainer.progress_bar=false hydra.run.dir=runs/$name > runs/$name.log 2>&1 &
+  OMP_NUM_THREADS=${RUN_THREADS:-2} timeout "${RUN_TIMEOUT:-$(left 150)}" \
+    python3 train.py $overrides trainer.progress_bar=false hydra.run.dir=runs/$name \
+    > runs/$name.log 2>&1 &
   pids+=($!)
 done
 set +f
