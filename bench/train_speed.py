@@ -332,7 +332,6 @@ def main() -> None:
         mcfg = CONFIGS[cname]
         for max_tokens in map(int, args.max_tokens.split(",")):
             batches, _ = load_batches(max_tokens, args.warmup + args.steps)
-            results = {}
             torch.manual_seed(0)
             ours = lambda: Transformer(V, V, pad, **mcfg, **DROPOUT)  # noqa: B023, E731
             theirs = lambda: MarianAdapter(  # noqa: E731
@@ -401,6 +400,10 @@ def main() -> None:
                 measured[mname] = r = timing.result()  # and free this model before the next
                 print(f"{cname} {max_tokens} {mname}: {r['tok_s']:,.0f} tgt tok/s, "
                       f"{r['step_ms']:.1f} ms/step", flush=True)  # fmt: skip
+                # Saved after every model: a device call stopped by its time limit (compiling
+                # takes minutes per model) keeps the rows measured so far.
+                partial = table_rows(models, measured, cname, max_tokens, mcfg, V, peak)
+                save(args.out, lines + partial, done=False)
                 del model, timing
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -410,34 +413,41 @@ def main() -> None:
                     timing.run(hi - lo)
             use_sdpa_backends(None)
             measured.update((mname, timing.result()) for mname, timing in alive.items())
-            for mname, (_, opt) in models.items():
-                if mname not in measured:  # out of memory
-                    continue
-                r = measured[mname]
-                flops = sum(
-                    train_flops(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in r["batches"]
-                )
-                counted = peak and mname != "rnn" and "kind" not in opt  # FLOPs as in train_flops
-                r["mfu"] = flops / r["seconds"] / peak if counted else None
-                r["mode"] = mname.removeprefix("ours").removeprefix("marian")
-                r["ratio_to"] = None
-                if mname.startswith("ours") and "kind" not in opt:
-                    mode = "" if "-loss" in mname else r["mode"]  # loss ablation: vs Marian
-                    r["ratio_to"] = "marian" + mode
-                results[mname] = r
-            for mname, r in results.items():
-                base = results.get(r["ratio_to"])
-                ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
-                mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-                lines.append(
-                    f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | "
-                    f"{r['step_ms']:.1f} | {r['peak_gib']:.2f} | {r['faults']:,.0f} | {mfu} | "
-                    f"{ratio} |"
-                )
-                print(lines[-1], flush=True)
+            rows = table_rows(models, measured, cname, max_tokens, mcfg, V, peak)
+            lines += rows
+            print("\n".join(rows), flush=True)
             save(args.out, lines, done=False)  # a run stopped by a time limit keeps its rows
     save(args.out, lines, done=True)
     print("\n".join(lines))
+
+
+def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: dict, V: int,
+               peak: float | None) -> list[str]:  # fmt: skip
+    """The table's rows for the models of one (config, batch size) group measured so far, in
+    the order they were listed, with MFU and ours/Marian in the same mode where both are in."""
+    results = {}
+    for mname, (_, opt) in models.items():
+        if mname not in measured:  # out of memory, or not measured yet
+            continue
+        r = dict(measured[mname])
+        flops = sum(train_flops(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in r["batches"])
+        counted = peak and mname != "rnn" and "kind" not in opt  # FLOPs as in train_flops
+        r["mfu"] = flops / r["seconds"] / peak if counted else None
+        r["ratio_to"] = None
+        if mname.startswith("ours") and "kind" not in opt:
+            mode = mname.removeprefix("ours")
+            r["ratio_to"] = "marian" + ("" if "-loss" in mname else mode)  # loss ablation: plain
+        results[mname] = r
+    rows = []
+    for mname, r in results.items():
+        base = results.get(r["ratio_to"])
+        ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        rows.append(
+            f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | "
+            f"{r['peak_gib']:.2f} | {r['faults']:,.0f} | {mfu} | {ratio} |"
+        )
+    return rows
 
 
 def save(out: Path | None, lines: list[str], done: bool) -> None:

@@ -1,5 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks, one device call of under 10 minutes per mode (from the repo root):
+#   bash scripts/gpu_bench.sh next     the one call that fits a 15-minute lease (BUDGET_S, 540 s
+#                                      of steps by default; each step gets what is left, most
+#                                      important first): the SDPA kernel sweep, eager, ours vs
+#                                      Marian (Transformer-base at 25k tokens, the Multi30k
+#                                      config at 4k); a profile of the Transformer-base step with
+#                                      its fastest kernels; the Multi30k config at 4k through
+#                                      CUDA graphs (reduce-overhead); Transformer-base at 25k
+#                                      through torch.compile; the compiled runs use the kernels
+#                                      that won the sweep (bench/fastest_sdpa.py)
 #   bash scripts/gpu_bench.sh speed    ours vs HF Marian at 4k and 25k tokens, both configs, with
 #                                      each SDPA kernel set (trainer.sdpa_backends) and the fused
 #                                      loss on and off; profiles of a Transformer-base step with
@@ -26,6 +35,35 @@ mkdir -p "$OUT" results/bench results/attention/gpu
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
 step() { echo "== $(date +%T) $*"; timeout "$@"; echo "== rc $?"; }
 case "${1:-speed}" in
+next)
+  deadline=$(($(date +%s) + ${BUDGET_S:-540}))
+  # step with at most $1 seconds, or what is left of the budget; skipped under 20 s
+  within() {
+    local cap=$1 left=$((deadline - $(date +%s)))
+    shift
+    ((left < cap)) && cap=$left
+    if ((cap < 20)); then echo "== skipped, ${cap}s left: $*"; else step "$cap" "$@"; fi
+  }
+  sweep="--sdpa flash+efficient,flash,efficient,math,cudnn --steps 20 --warmup 3"
+  base="results/bench/train_speed_${gpu}_sdpa_base.md"
+  small="results/bench/train_speed_${gpu}_sdpa_small.md"
+  within 110 python3 bench/train_speed.py --configs transformer-base --max-tokens 25000 \
+    $sweep --out "$base"
+  within 90 python3 bench/train_speed.py --configs multi30k-default --max-tokens 4096 \
+    $sweep --out "$small"
+  # the fastest setting for ours ('' = torch's own pick, also when the sweep has no row)
+  base_sdpa=$(python3 bench/fastest_sdpa.py "$base" transformer-base 25000) || base_sdpa=
+  small_sdpa=$(python3 bench/fastest_sdpa.py "$small" multi30k-default 4096) || small_sdpa=
+  echo "== fastest SDPA kernels: transformer-base '${base_sdpa}', multi30k-default '${small_sdpa}'"
+  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
+    ${base_sdpa:+--sdpa "$base_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
+  within 200 python3 bench/train_speed.py --compiled-only --compile-mode reduce-overhead \
+    ${small_sdpa:+--sdpa "$small_sdpa"} --configs multi30k-default --max-tokens 4096 \
+    --steps 20 --warmup 3 --out "results/bench/train_speed_${gpu}_graphs.md"
+  within 300 python3 bench/train_speed.py --compiled-only ${base_sdpa:+--sdpa "$base_sdpa"} \
+    --configs transformer-base --max-tokens 25000 --steps 20 --warmup 3 \
+    --out "results/bench/train_speed_${gpu}_compile.md"
+  ;;
 speed)
   step 300 python3 bench/train_speed.py --configs multi30k-default,transformer-base \
     --max-tokens 4096,25000 --sdpa efficient,math,cudnn --ablate --steps 20 --warmup 3 \
@@ -58,6 +96,6 @@ eager)
     --out "results/bench/train_speed_${gpu}_kinds.md"
   step 60 python3 bench/attention_claims.py --device cuda --out results/attention/gpu
   ;;
-*) echo "usage: bash scripts/gpu_bench.sh speed|compile|graphs|eager"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_bench.sh next|speed|compile|graphs|eager"; exit 2 ;;
 esac
 tar czf "$OUT/bench.tar.gz" results/bench results/attention/gpu

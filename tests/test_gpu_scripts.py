@@ -1,20 +1,24 @@
 """The GPU job scripts, run on the CPU: a GPU session has minutes, so what its one call does
 must already work (about a minute: tiny models are trained, averaged and scored)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = "trainer=debug data.vocab_size=300 device=cpu"
 TINY = f"{SMALL} model.d_model=32 model.n_heads=2 model.d_ff=64 model.n_enc_layers=1"
 TINY += " model.n_dec_layers=1"
 TINY_RNN = f"model=rnn {SMALL} model.emb_dim=32 model.hidden_size=32"
+SIZE = dict(d_model=32, n_heads=2, d_ff=64, n_enc_layers=1, n_dec_layers=1)
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "scripts").glob("*.sh")), ids=lambda p: p.name)
@@ -108,3 +112,38 @@ def test_runs_table_names_folders_without_metrics_and_reads_older_runs(tmp_path)
     done = runs_table(tmp_path, "old", "unfinished")
     assert done.returncode != 0 and "no metrics.json in: unfinished" in done.stderr
     assert done.stdout == ""
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fastest_sdpa_reads_the_eager_rows_of_ours_that_train_speed_writes(tmp_path):
+    # gpu_bench.sh's `next` compiles each config with the kernels that won its eager sweep:
+    # the winner is read back from the table train_speed.py writes, so build the rows with it.
+    train_speed, pick = load_bench("train_speed"), load_bench("fastest_sdpa")
+    batch = SimpleNamespace(src=torch.zeros(8, 12), tgt_in=torch.zeros(8, 10))
+
+    def rows(config: str, tok_s: dict) -> list[str]:
+        models = {name: (None, {}) for name in tok_s}
+        stats = dict(step_ms=1.0, peak_gib=0.0, seconds=1.0, faults=0, batches=[batch])
+        measured = {name: {"tok_s": v, **stats} for name, v in tok_s.items()}
+        return train_speed.table_rows(models, measured, config, 4096, SIZE, 100, None)
+
+    base = {"ours": 900.0, "marian": 5000.0, "ours/sdpa=math": 1500.0,
+            "ours/sdpa=flash+efficient": 1200.0, "ours+compile/sdpa=cudnn": 9000.0,
+            "ours/unfused-loss": 4000.0}  # fmt: skip
+    table = "\n".join(rows("transformer-base", base) + rows("multi30k-default", {"ours": 2.0}))
+    assert pick.fastest_sdpa(table, "transformer-base", 4096) == "math"
+    assert pick.fastest_sdpa(table, "multi30k-default", 4096) == ""  # torch's own pick
+    assert pick.fastest_sdpa(table, "multi30k-default", 25000) is None
+    path = tmp_path / "sweep.md"
+    path.write_text(table)
+    script = [sys.executable, str(ROOT / "bench/fastest_sdpa.py"), str(path)]
+    done = subprocess.run([*script, "transformer-base", "4096"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, "math\n")
+    done = subprocess.run([*script, "transformer-base", "25000"], capture_output=True, text=True)
+    assert done.returncode == 1 and "no eager row of ours for transformer-base" in done.stderr
