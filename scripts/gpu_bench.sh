@@ -4,11 +4,13 @@
 #                                      of steps by default; each step gets what is left, most
 #                                      important first): the SDPA kernel sweep, eager, ours vs
 #                                      Marian (Transformer-base at 25k tokens, the Multi30k
-#                                      config at 4k); a profile of the Transformer-base step with
-#                                      its fastest kernels; the Multi30k config at 4k through
-#                                      CUDA graphs (reduce-overhead); Transformer-base at 25k
-#                                      through torch.compile; the compiled runs use the kernels
-#                                      that won the sweep (bench/fastest_sdpa.py)
+#                                      config at 4k); the Multi30k config at 4k through CUDA
+#                                      graphs (reduce-overhead); Transformer-base at 25k through
+#                                      torch.compile; a profile of the Transformer-base step;
+#                                      the compiled runs and the profile use the kernels that
+#                                      won the sweep (bench/fastest_sdpa.py). The device call:
+#                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
+#                                      with carry [.whl, .gpudata] and timeout_s 590
 #   bash scripts/gpu_bench.sh speed    ours vs HF Marian at 4k and 25k tokens, both configs, with
 #                                      each SDPA kernel set (trainer.sdpa_backends) and the fused
 #                                      loss on and off; profiles of a Transformer-base step with
@@ -55,14 +57,14 @@ next)
   base_sdpa=$(python3 bench/fastest_sdpa.py "$base" transformer-base 25000) || base_sdpa=
   small_sdpa=$(python3 bench/fastest_sdpa.py "$small" multi30k-default 4096) || small_sdpa=
   echo "== fastest SDPA kernels: transformer-base '${base_sdpa}', multi30k-default '${small_sdpa}'"
-  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
-    ${base_sdpa:+--sdpa "$base_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
   within 200 python3 bench/train_speed.py --compiled-only --compile-mode reduce-overhead \
     ${small_sdpa:+--sdpa "$small_sdpa"} --configs multi30k-default --max-tokens 4096 \
     --steps 20 --warmup 3 --out "results/bench/train_speed_${gpu}_graphs.md"
   within 300 python3 bench/train_speed.py --compiled-only ${base_sdpa:+--sdpa "$base_sdpa"} \
     --configs transformer-base --max-tokens 25000 --steps 20 --warmup 3 \
     --out "results/bench/train_speed_${gpu}_compile.md"
+  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
+    ${base_sdpa:+--sdpa "$base_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
   ;;
 speed)
   step 300 python3 bench/train_speed.py --configs multi30k-default,transformer-base \
