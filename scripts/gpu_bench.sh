@@ -46,25 +46,29 @@ next)
     ((left < cap)) && cap=$left
     if ((cap < 20)); then echo "== skipped, ${cap}s left: $*"; else step "$cap" "$@"; fi
   }
-  sweep="--sdpa flash+efficient,flash,efficient,math,cudnn --steps 20 --warmup 3"
-  base="results/bench/train_speed_${gpu}_sdpa_base.md"
-  small="results/bench/train_speed_${gpu}_sdpa_small.md"
-  within 110 python3 bench/train_speed.py --configs transformer-base --max-tokens 25000 \
-    $sweep --out "$base"
-  within 90 python3 bench/train_speed.py --configs multi30k-default --max-tokens 4096 \
-    $sweep --out "$small"
+  # tokens per batch, Transformer-base (TB) and the Multi30k config (MT); STEPS, WARMUP:
+  # smaller for a dry run on the CPU
+  tb=${TB_TOKENS:-25000} mt=${MT_TOKENS:-4096}
+  steps="--steps ${STEPS:-20} --warmup ${WARMUP:-3}"
+  sweep="--sdpa flash+efficient,flash,efficient,math,cudnn $steps"
+  tb_md="results/bench/train_speed_${gpu}_sdpa_base.md"
+  mt_md="results/bench/train_speed_${gpu}_sdpa_small.md"
+  within 110 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
+    $sweep --out "$tb_md"
+  within 90 python3 bench/train_speed.py --configs multi30k-default --max-tokens "$mt" \
+    $sweep --out "$mt_md"
   # the fastest setting for ours ('' = torch's own pick, also when the sweep has no row)
-  base_sdpa=$(python3 bench/fastest_sdpa.py "$base" transformer-base 25000) || base_sdpa=
-  small_sdpa=$(python3 bench/fastest_sdpa.py "$small" multi30k-default 4096) || small_sdpa=
-  echo "== fastest SDPA kernels: transformer-base '${base_sdpa}', multi30k-default '${small_sdpa}'"
+  tb_sdpa=$(python3 bench/fastest_sdpa.py "$tb_md" transformer-base "$tb") || tb_sdpa=
+  mt_sdpa=$(python3 bench/fastest_sdpa.py "$mt_md" multi30k-default "$mt") || mt_sdpa=
+  echo "== fastest SDPA kernels: transformer-base '$tb_sdpa', multi30k-default '$mt_sdpa'"
   within 200 python3 bench/train_speed.py --compiled-only --compile-mode reduce-overhead \
-    ${small_sdpa:+--sdpa "$small_sdpa"} --configs multi30k-default --max-tokens 4096 \
-    --steps 20 --warmup 3 --out "results/bench/train_speed_${gpu}_graphs.md"
-  within 300 python3 bench/train_speed.py --compiled-only ${base_sdpa:+--sdpa "$base_sdpa"} \
-    --configs transformer-base --max-tokens 25000 --steps 20 --warmup 3 \
+    ${mt_sdpa:+--sdpa "$mt_sdpa"} --configs multi30k-default --max-tokens "$mt" $steps \
+    --out "results/bench/train_speed_${gpu}_graphs.md"
+  within 300 python3 bench/train_speed.py --compiled-only ${tb_sdpa:+--sdpa "$tb_sdpa"} \
+    --configs transformer-base --max-tokens "$tb" $steps \
     --out "results/bench/train_speed_${gpu}_compile.md"
-  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
-    ${base_sdpa:+--sdpa "$base_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
+  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
+    ${tb_sdpa:+--sdpa "$tb_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
   ;;
 speed)
   step 300 python3 bench/train_speed.py --configs multi30k-default,transformer-base \
