@@ -54,7 +54,7 @@ next)
   tb_md="results/bench/train_speed_${gpu}_sdpa_base.md"
   mt_md="results/bench/train_speed_${gpu}_sdpa_small.md"
   within 110 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
-    $sweep --out "$tb_md"
+    $sweep --ablate --out "$tb_md"  # --ablate: also ours with the loss fused (off on GPUs)
   within 90 python3 bench/train_speed.py --configs multi30k-default --max-tokens "$mt" \
     $sweep --out "$mt_md"
   # the fastest setting for ours ('' = torch's own pick, also when the sweep has no row)
