@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from . import checkpoint
 from .cli import EXPECTED
-from .metrics import score_all
+from .metrics import Scorer
 from .trainer import pick_device
 from .translator import encode_sources, load_for_inference, translate_ids
 
@@ -63,7 +63,7 @@ def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list
     from .data import load_split  # datasets is imported only here
 
     ds = load_split(data_cfg, split)
-    sources, refs = list(ds["src"]), list(ds["tgt"])
+    sources, scorer = list(ds["src"]), Scorer(list(ds["tgt"]))
     ids = encode_sources(sources, src_tok, data_cfg.max_len)
     rows = []
     for spec in specs:
@@ -91,7 +91,7 @@ def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list
                 "hypotheses": str(hyp_path.relative_to(out)),  # beside results.json
                 "seconds": round(seconds, 2),
                 "sentences_per_s": round(len(hyps) / seconds, 1),
-                **score_all(hyps, refs),
+                **scorer.score_all(hyps),
             }
         )
     return rows
