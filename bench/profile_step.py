@@ -7,7 +7,10 @@
 For each model, after warm-up on the same real Multi30k batches as ``bench/train_speed.py``,
 profiles a few training steps and reports: wall time per step, GPU kernel time per step (the
 time the GPU is busy; wall minus that is time the GPU waits for the host), kernel launches per
-step, and the operators with the most host (CPU) time and the kernels with the most GPU time.
+step, GPU time by kind of kernel (matrix products, attention, layer norm, dropout, casts, ...)
+with the rate in TFLOP/s of the matrix products and of attention over their own kernel time
+(where the MFU of ``bench/train_speed.py`` goes), and the operators with the most host (CPU)
+time and the kernels with the most GPU time.
 On a CPU (``--device cpu``, fp32): wall time per step and the operators with the most time.
 Not a test: it measures.
 """
@@ -30,6 +33,7 @@ from train_speed import (  # noqa: E402
     MarianAdapter,
     add_malloc_option,
     apply_malloc,
+    flops_by_part,
     load_batches,
     make_step,
     marian,
@@ -38,6 +42,49 @@ from train_speed import (  # noqa: E402
 from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.trainer import COMPILE_MODES  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
+
+# Kinds of GPU kernel, told apart by fragments of their lower-cased names; the first match
+# wins, so that e.g. the memory-efficient attention's "fmha_cutlass" kernels are attention and
+# torch.compile's Triton fusions are one kind whatever operators they fused.
+KERNEL_KINDS = (
+    ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "splitk", "triton_tem")),
+    ("fused by torch.compile (Triton)", ("triton",)),
+    ("layer norm", ("layer_norm", "layernorm", "gammabeta")),
+    ("dropout", ("dropout", "bernoulli", "philox")),
+    ("softmax and loss", ("softmax", "nll_loss", "cross_entropy")),
+    ("optimizer and gradient clipping", ("multi_tensor", "adam")),
+    ("embedding and indexing", ("embedding", "index")),
+    ("casts and copies", ("copy", "catarray", "memset", "memcpy")),
+    ("reductions (bias gradients, sums)", ("reduce_kernel",)),
+    ("other elementwise", ("elementwise",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind (``KERNEL_KINDS``) of a GPU kernel by its profiler name; "other" if none."""
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def kinds_table(kernels, n: int, flops: dict[str, float]) -> list[str]:
+    """GPU time per step by kind of kernel, with the rate of the matrix products and of
+    attention in TFLOP/s (``flops``: FLOPs per step by part, as ``flops_by_part``).
+    ``kernels``: (name, calls, GPU microseconds) over ``n`` steps."""
+    by_kind: dict[str, list[float]] = {}
+    for name, calls, us in kernels:
+        acc = by_kind.setdefault(kernel_kind(name), [0, 0.0])
+        acc[0] += calls
+        acc[1] += us
+    total = sum(us for _, us in by_kind.values()) or 1.0
+    counted = {"matrix products": flops["linear"], "attention": flops["attention"]}
+    rows = []
+    for kind, (calls, us) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        rate = counted.get(kind)
+        rate = f"{rate / (us / n / 1e6) / 1e12:.0f}" if rate and us else "-"
+        rows.append((kind, f"{calls / n:.0f}", f"{us / n / 1000:.2f}", f"{100 * us / total:.0f}%",
+                     rate))  # fmt: skip
+    return table(rows, ["kind", "kernels/step", "GPU ms/step", "share", "TFLOP/s"])
 
 
 def table(rows, header):
@@ -150,6 +197,21 @@ def main() -> None:
             ["operator", "calls/step", "self CPU ms/step"],
         )
         if cuda:
+            parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in timed]
+            per_step = {k: sum(p[k] for p in parts) / n for k in ("linear", "attention")}
+            kernels = [
+                (e.key, e.count, e.self_device_time_total)
+                for e in events
+                if e.device_type.name == "CUDA"
+            ]
+            lines += [
+                "",
+                "GPU time by kind of kernel (per step; TFLOP/s: the matrix FLOPs that "
+                "`bench/train_speed.py` counts for MFU, weights' products and attention's "
+                "apart, over those kernels' own time):",
+                "",
+            ]
+            lines += kinds_table(kernels, n, per_step)
             lines += ["", "GPU time by kernel (per step):", ""]
             gpu = sorted(
                 (e for e in events if e.device_type.name == "CUDA"),

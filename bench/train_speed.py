@@ -84,18 +84,25 @@ class MarianAdapter(torch.nn.Module):
         ).logits
 
 
+def flops_by_part(cfg: dict, B: int, S: int, T: int, vocab: int) -> dict[str, float]:
+    """Matrix-multiply FLOPs of one training step (forward + backward = 3 x forward), split
+    into the products with weights ("linear": the projections, FFNs and the output projection)
+    and those of attention ("attention": scores and weighted sums, self and cross)."""
+    d, f = cfg["d_model"], cfg["d_ff"]
+    linear = (
+        cfg["n_enc_layers"] * B * S * (4 * d * d + 2 * d * f)
+        + cfg["n_dec_layers"] * (B * T * (6 * d * d + 2 * d * f) + B * S * 2 * d * d)
+        + B * T * d * vocab
+    )  # decoder: self q,k,v,o; cross q,o; FFN; cross k, v over the source
+    attention = cfg["n_enc_layers"] * 2 * B * S * S * d + cfg["n_dec_layers"] * (
+        2 * B * T * T * d + 2 * B * T * S * d
+    )
+    return {"linear": 3 * 2 * linear, "attention": 3 * 2 * attention}
+
+
 def train_flops(cfg: dict, B: int, S: int, T: int, vocab: int) -> float:
     """Matrix-multiply FLOPs of one training step (forward + backward = 3 x forward)."""
-    d, f = cfg["d_model"], cfg["d_ff"]
-    enc = cfg["n_enc_layers"] * (B * S * (4 * d * d + 2 * d * f) + 2 * B * S * S * d)
-    dec = cfg["n_dec_layers"] * (
-        B * T * (4 * d * d + 2 * d * d + 2 * d * f)  # self q,k,v,o; cross q,o; FFN
-        + B * S * 2 * d * d  # cross-attention k, v over the source
-        + 2 * B * T * T * d
-        + 2 * B * T * S * d
-    )  # self and cross scores + weighted sums
-    out = B * T * d * vocab
-    return 3 * 2 * (enc + dec + out)
+    return sum(flops_by_part(cfg, B, S, T, vocab).values())
 
 
 def make_step(model, pad, device, precision, compile=None, fused_loss=False):

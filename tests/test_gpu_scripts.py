@@ -147,3 +147,46 @@ def test_fastest_sdpa_reads_the_eager_rows_of_ours_that_train_speed_writes(tmp_p
     assert (done.returncode, done.stdout) == (0, "math\n")
     done = subprocess.run([*script, "transformer-base", "25000"], capture_output=True, text=True)
     assert done.returncode == 1 and "no eager row of ours for transformer-base" in done.stderr
+
+
+def test_profile_step_sorts_kernels_into_kinds_and_rates_the_matrix_products():
+    profile = load_bench("profile_step")
+    # kernel names as torch.profiler reported them on the H100 (profile_h100_eager.md), and
+    # those of the other SDPA kernels, cuBLAS, torch.compile and the caching allocator
+    at = "void at::native::"
+    kinds = {
+        "attention": [
+            "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x",
+            "fmha_cutlassB_bf16_aligned_64x64_k64_sm80",
+            "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128",
+        ],
+        "matrix products": [
+            "nvjet_sm90_tst_64x128_64x8_2x1_v_bz_splitK_NTN",
+            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64",
+            "triton_tem_fused_mm_0",
+        ],
+        "fused by torch.compile (Triton)": ["triton_poi_fused_add_native_dropout_0"],
+        "casts and copies": [
+            f"{at}unrolled_elementwise_kernel<at::native::direct_copy_k",
+            "Memset (Device)",
+        ],
+        "reductions (bias gradients, sums)": [f"{at}reduce_kernel<128, 4, at::native::ReduceOp"],
+        "layer norm": [f"{at}(anonymous namespace)::GammaBetaBackwardCUDAKernelTem"],
+        "dropout": [f"{at}(anonymous namespace)::fused_dropout_kernel_vec<c10::"],
+        "other elementwise": [f"{at}vectorized_elementwise_kernel<8, at::native::bfloat16"],
+        "softmax and loss": ["void (anonymous namespace)::cunn_SoftMaxForward<4, float>"],
+        "optimizer and gradient clipping": [f"{at}multi_tensor_apply_kernel<FusedAdamMath"],
+        "other": ["some_new_kernel"],
+    }
+    for kind, names in kinds.items():
+        for name in names:
+            assert profile.kernel_kind(name) == kind, name
+    # 2 steps: 2 ms of products per step at 1e12 FLOPs per step is 500 TFLOP/s
+    kernels = [("nvjet_a", 6, 3000.0), ("nvjet_b", 2, 1000.0), ("flash_fwd", 4, 1000.0),
+               ("void at::native::vectorized_elementwise_kernel<4>", 20, 5000.0)]  # fmt: skip
+    rows = profile.kinds_table(kernels, 2, {"linear": 1e12, "attention": 5e10})
+    assert [[c.strip() for c in r.strip("|").split("|")] for r in rows[2:]] == [
+        ["other elementwise", "10", "2.50", "50%", "-"],
+        ["matrix products", "4", "2.00", "40%", "500"],
+        ["attention", "2", "0.50", "10%", "100"],
+    ]
