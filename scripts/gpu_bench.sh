@@ -4,11 +4,12 @@
 #                                      of steps by default; each step gets what is left, most
 #                                      important first): the SDPA kernel sweep, eager, ours vs
 #                                      Marian (Transformer-base at 25k tokens, the Multi30k
-#                                      config at 4k); the Multi30k config at 4k through CUDA
-#                                      graphs (reduce-overhead); Transformer-base at 25k through
-#                                      torch.compile; a profile of the Transformer-base step;
-#                                      the compiled runs and the profile use the kernels that
-#                                      won the sweep (bench/fastest_sdpa.py). The device call:
+#                                      config at 4k); a profile of our Transformer-base step (GPU
+#                                      time by kind of kernel); the Multi30k config at 4k through
+#                                      CUDA graphs (reduce-overhead); Transformer-base at 25k
+#                                      through torch.compile; the profile and the compiled runs
+#                                      use the kernels that won the sweep (bench/fastest_sdpa.py).
+#                                      The device call:
 #                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
 #                                      with carry [.whl, .gpudata] and timeout_s 590
 #   bash scripts/gpu_bench.sh speed    ours vs HF Marian at 4k and 25k tokens, both configs, with
@@ -61,14 +62,15 @@ next)
   tb_sdpa=$(python3 bench/fastest_sdpa.py "$tb_md" transformer-base "$tb") || tb_sdpa=
   mt_sdpa=$(python3 bench/fastest_sdpa.py "$mt_md" multi30k-default "$mt") || mt_sdpa=
   echo "== fastest SDPA kernels: transformer-base '$tb_sdpa', multi30k-default '$mt_sdpa'"
+  # where the time of ours goes, by kind of kernel (what the MFU misses)
+  within 45 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
+    --models ours ${tb_sdpa:+--sdpa "$tb_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
   within 200 python3 bench/train_speed.py --compiled-only --compile-mode reduce-overhead \
     ${mt_sdpa:+--sdpa "$mt_sdpa"} --configs multi30k-default --max-tokens "$mt" $steps \
     --out "results/bench/train_speed_${gpu}_graphs.md"
   within 300 python3 bench/train_speed.py --compiled-only ${tb_sdpa:+--sdpa "$tb_sdpa"} \
     --configs transformer-base --max-tokens "$tb" $steps \
     --out "results/bench/train_speed_${gpu}_compile.md"
-  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
-    ${tb_sdpa:+--sdpa "$tb_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
   ;;
 speed)
   step 300 python3 bench/train_speed.py --configs multi30k-default,transformer-base \
