@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import CONFIGS, DROPOUT, MarianAdapter, make_step, marian, save  # noqa: E402
 
 from transformer import dropout  # noqa: E402
+from transformer.loss import sequence_loss  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
@@ -84,7 +85,50 @@ def build(name: str, cfg: dict, vocab: int):
     return Transformer(vocab, vocab, PAD, **cfg, **DROPOUT)
 
 
-MODELS = ("ours", "marian")
+def bf16_weights_step(model):
+    """A training step of ``model`` with its weights in bf16 and no autocast, so that no
+    weight or activation is cast in the forward or backward pass; the weights are views into
+    one flat bf16 buffer, and fused AdamW updates one flat fp32 master copy, so each step
+    casts twice in all (gradients up, weights down: one kernel each on a GPU, where a
+    same-dtype ``_foreach_copy_`` gathers the gradients in one more). Not in the trainer: a
+    lead for the GPU's launch-bound steps, measured here."""
+    model = model.to(torch.bfloat16).train()
+    params = list(model.parameters())
+    flat = torch.cat([q.detach().reshape(-1) for q in params])
+    grads, at = torch.zeros_like(flat), 0
+    grad_views = []
+    for q in params:
+        q.data = flat[at : at + q.numel()].view_as(q)
+        grad_views.append(grads[at : at + q.numel()].view_as(q))
+        at += q.numel()
+    master = flat.float().requires_grad_()
+    opt = torch.optim.AdamW([master], lr=1e-4, fused=True)
+
+    def step(b):
+        logits = model(b.src, b.src_mask, b.tgt_in)
+        (sequence_loss(logits, b.tgt_out, PAD, 0.1) / 1000).backward()  # loss in fp32
+        with torch.no_grad():
+            torch._foreach_copy_(grad_views, [q.grad for q in params])
+            master.grad = grads.float()
+        torch.nn.utils.clip_grad_norm_([master], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            flat.copy_(master)
+        for q in params:
+            q.grad = None
+
+    return step
+
+
+MODELS = ("ours", "ours/bf16-weights", "marian")
+
+
+def make(name: str, cfg: dict, vocab: int):
+    """One training step of the model ``name`` (MODELS) at ``cfg``."""
+    if name == "ours/bf16-weights":
+        return bf16_weights_step(build("ours", cfg, vocab))
+    return make_step(build(name, cfg, vocab), PAD, torch.device("cpu"), "bf16")
 
 
 def total(ops: collections.Counter) -> int:
@@ -95,7 +139,7 @@ def count_ops(cfg: dict, vocab: int) -> dict[str, collections.Counter]:
     counts = {}
     batch = tiny_batch(vocab)
     for name in MODELS:
-        step = make_step(build(name, cfg, vocab), PAD, torch.device("cpu"), "bf16")
+        step = make(name, cfg, vocab)
         step(batch)  # the optimizer's state exists from the second step on
         with Dispatched() as seen:
             step(batch)
@@ -109,7 +153,7 @@ def time_steps(cfg: dict, rounds: int, steps: int) -> dict[str, float]:
     batch = tiny_batch(vocab)
     runs = {}
     for name in MODELS:
-        runs[name] = make_step(build(name, narrow, vocab), PAD, torch.device("cpu"), "bf16")
+        runs[name] = make(name, narrow, vocab)
         for _ in range(5):
             runs[name](batch)
     times = {name: [] for name in MODELS}
@@ -145,7 +189,9 @@ def main() -> None:
         "models alternating, of the config's depth at width 32 (d_ff 64, vocabulary 64) on "
         "that batch: mostly the cost of issuing operators, little arithmetic",
         "- ours: as `bench/train_speed.py` eager bf16 on a GPU (output projection not fused "
-        "into the loss); marian: HF MarianMTModel of the same layout",
+        "into the loss); ours/bf16-weights: the same model with bf16 weights and no autocast, "
+        "an fp32 master copy updated by fused AdamW in one flat tensor (not in the trainer: "
+        "`bf16_weights_step`); marian: HF MarianMTModel of the same layout",
         "- Marian / this: Marian's ops and ms per step over this model's",
         "",
         "| config | model | ops/step | casts/step | ms/step | Marian / this (ops) "
