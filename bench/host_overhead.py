@@ -44,10 +44,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import CONFIGS, DROPOUT, MarianAdapter, make_step, marian, save  # noqa: E402
+from train_speed import (  # noqa: E402
+    CONFIGS,
+    DROPOUT,
+    MarianAdapter,
+    bf16_weights_step,
+    make_step,
+    marian,
+    save,
+)
 
 from transformer import dropout  # noqa: E402
-from transformer.loss import sequence_loss  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
@@ -85,49 +92,13 @@ def build(name: str, cfg: dict, vocab: int):
     return Transformer(vocab, vocab, PAD, **cfg, **DROPOUT)
 
 
-def bf16_weights_step(model):
-    """A training step of ``model`` with its weights in bf16 and no autocast, so that no
-    weight or activation is cast in the forward or backward pass; the weights are views into
-    one flat bf16 buffer, and fused AdamW updates one flat fp32 master copy, so each step
-    casts twice in all (gradients up, weights down: one kernel each on a GPU, where a
-    same-dtype ``_foreach_copy_`` gathers the gradients in one more). Not in the trainer: a
-    lead for the GPU's launch-bound steps, measured here."""
-    model = model.to(torch.bfloat16).train()
-    params = list(model.parameters())
-    flat = torch.cat([q.detach().reshape(-1) for q in params])
-    grads, at = torch.zeros_like(flat), 0
-    grad_views = []
-    for q in params:
-        q.data = flat[at : at + q.numel()].view_as(q)
-        grad_views.append(grads[at : at + q.numel()].view_as(q))
-        at += q.numel()
-    master = flat.float().requires_grad_()
-    opt = torch.optim.AdamW([master], lr=1e-4, fused=True)
-
-    def step(b):
-        logits = model(b.src, b.src_mask, b.tgt_in)
-        (sequence_loss(logits, b.tgt_out, PAD, 0.1) / 1000).backward()  # loss in fp32
-        with torch.no_grad():
-            torch._foreach_copy_(grad_views, [q.grad for q in params])
-            master.grad = grads.float()
-        torch.nn.utils.clip_grad_norm_([master], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            flat.copy_(master)
-        for q in params:
-            q.grad = None
-
-    return step
-
-
 MODELS = ("ours", "ours/bf16-weights", "marian")
 
 
 def make(name: str, cfg: dict, vocab: int):
     """One training step of the model ``name`` (MODELS) at ``cfg``."""
     if name == "ours/bf16-weights":
-        return bf16_weights_step(build("ours", cfg, vocab))
+        return bf16_weights_step(build("ours", cfg, vocab), PAD)
     return make_step(build(name, cfg, vocab), PAD, torch.device("cpu"), "bf16")
 
 

@@ -139,6 +139,42 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     return step
 
 
+def bf16_weights_step(model, pad: int):
+    """A training step of ``model`` with its weights in bf16 and no autocast, so that no
+    weight or activation is cast in the forward or backward pass; the weights are views into
+    one flat bf16 buffer, and fused AdamW updates one flat fp32 master copy, so each step
+    casts twice in all (gradients up, weights down: one kernel each on a GPU, where a
+    same-dtype ``_foreach_copy_`` gathers the gradients in one more). Not in the trainer: a
+    lead for the GPU's launch-bound steps (``--bf16-weights``; bench/host_overhead.py)."""
+    model = model.to(torch.bfloat16).train()
+    params = list(model.parameters())
+    flat = torch.cat([q.detach().reshape(-1) for q in params])
+    grads, at = torch.zeros_like(flat), 0
+    grad_views = []
+    for q in params:
+        q.data = flat[at : at + q.numel()].view_as(q)
+        grad_views.append(grads[at : at + q.numel()].view_as(q))
+        at += q.numel()
+    master = flat.float().requires_grad_()
+    opt = torch.optim.AdamW([master], lr=1e-4, fused=True)
+
+    def step(b):
+        logits = model(b.src, b.src_mask, b.tgt_in)
+        (sequence_loss(logits, b.tgt_out, pad, 0.1) / 1000).backward()  # loss in fp32
+        with torch.no_grad():
+            torch._foreach_copy_(grad_views, [q.grad for q in params])
+            master.grad = grads.float()
+        torch.nn.utils.clip_grad_norm_([master], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            flat.copy_(master)
+        for q in params:
+            q.grad = None
+
+    return step
+
+
 def load_batches(max_tokens: int, n: int):
     """The first ``n`` length-bucketed Multi30k de->en training batches of ``max_tokens``
     tokens (epoch 0, seed 1) and the tokenizer."""
@@ -179,10 +215,13 @@ class Timing:
     switches this model runs with (dropout mask, SDPA kernels) before each chunk."""
 
     def __init__(self, model, batches, pad, device, precision, steps, warmup, compile, fused,
-                 setup):  # fmt: skip
+                 setup, bf16_weights=False):  # fmt: skip
         self.pad, self.device, self.setup = pad, device, setup
         setup()
-        self.step = make_step(model, pad, device, precision, compile, fused)
+        if bf16_weights:
+            self.step = bf16_weights_step(model, pad)
+        else:
+            self.step = make_step(model, pad, device, precision, compile, fused)
         on_dev = [b.to(device) for b in batches]
         self.timed = on_dev[warmup : warmup + steps]
         # Warm up on every timed batch shape too: the first use of a shape loads and picks
@@ -261,6 +300,12 @@ def main() -> None:
         help="also time ours without the fused loss and with torch's bernoulli CPU dropout",
     )
     ap.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="also time ours with bf16 weights and no autocast, an fp32 master copy updated "
+        "by fused AdamW in one flat tensor (bf16_weights_step; not in the trainer)",
+    )
+    ap.add_argument(
         "--sdpa",
         default="",
         help="also time ours and Marian with only these SDPA kernels allowed (comma-separated "
@@ -310,9 +355,11 @@ def main() -> None:
         + "dropout 0.3/0.1/0.1; fused AdamW; label-smoothed CE; "
         f"ours: output projection fused into the loss: {fused} (`trainer.fused_loss`), "
         "CPU dropout masks from 15-bit slices of 64-bit random draws (transformer/dropout.py)",
-        "- ablations (`--ablate`): ours/unfused-loss (ours/fused-loss where it is off) = "
-        "the other setting of `trainer.fused_loss`, compared with plain Marian; "
-        "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask",
+        "- ablations, each compared with plain Marian (`--ablate`): ours/unfused-loss "
+        "(ours/fused-loss where it is off) = the other setting of `trainer.fused_loss`; "
+        "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask; (`--bf16-weights`) "
+        "ours/bf16-weights = bf16 weights and no autocast, an fp32 master copy in one flat "
+        "tensor updated by fused AdamW (not in the trainer)",
         "- modes: +compile = forward and loss through torch.compile(dynamic=True"
         + ("" if args.compile_mode == "default" else f", mode={args.compile_mode!r}")
         + "); "
@@ -362,12 +409,16 @@ def main() -> None:
                 mode += f"/sdpa={sdpa}" if sdpa else ""
                 opt = {"compile": args.compile_mode, "sdpa": sdpa}
                 models["ours" + mode], models["marian" + mode] = (ours, opt), (theirs, opt)
+            # ablations: ours with one thing changed, compared with plain (eager) Marian
             if args.ablate:
                 models[f"ours/{'unfused' if fused else 'fused'}-loss"] = (
-                    ours, {"fused": not fused}
+                    ours, {"fused": not fused, "ablation": True}
                 )  # fmt: skip
                 if device.type == "cpu":
-                    models["ours/bernoulli-dropout"] = (ours, {"rand_mask": False})
+                    no_rand = {"rand_mask": False, "ablation": True}
+                    models["ours/bernoulli-dropout"] = (ours, no_rand)
+            if args.bf16_weights:
+                models["ours/bf16-weights"] = (ours, {"bf16_weights": True, "ablation": True})
             if args.rnn and cname == "multi30k-default":
                 models["rnn"] = (lambda: BahdanauRNN(V, V, pad), {})
             for kind in filter(None, args.kinds.split(",")):
@@ -390,7 +441,7 @@ def main() -> None:
                 try:
                     timing = Timing(
                         model, batches, pad, device, precision, args.steps, args.warmup,
-                        opt.get("compile"), ours_fused, setup,
+                        opt.get("compile"), ours_fused, setup, opt.get("bf16_weights", False),
                     )  # fmt: skip
                     if args.rounds == 1:
                         timing.run(args.steps)
@@ -442,8 +493,7 @@ def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: 
         r["mfu"] = flops / r["seconds"] / peak if counted else None
         r["ratio_to"] = None
         if mname.startswith("ours") and "kind" not in opt:
-            mode = mname.removeprefix("ours")
-            r["ratio_to"] = "marian" + ("" if "-loss" in mname else mode)  # loss ablation: plain
+            r["ratio_to"] = "marian" + ("" if opt.get("ablation") else mname.removeprefix("ours"))
         results[mname] = r
     rows = []
     for mname, r in results.items():

@@ -54,10 +54,12 @@ next)
   sweep="--sdpa flash+efficient,flash,efficient,math,cudnn $steps"
   tb_md="results/bench/train_speed_${gpu}_sdpa_base.md"
   mt_md="results/bench/train_speed_${gpu}_sdpa_small.md"
+  # --ablate: also ours with the loss fused (off on GPUs); --bf16-weights: ours with bf16
+  # weights and an fp32 master copy (bench/host_overhead.py: 20% fewer launches per step)
   within 110 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
-    $sweep --ablate --out "$tb_md"  # --ablate: also ours with the loss fused (off on GPUs)
+    $sweep --ablate --bf16-weights --out "$tb_md"
   within 90 python3 bench/train_speed.py --configs multi30k-default --max-tokens "$mt" \
-    $sweep --out "$mt_md"
+    $sweep --bf16-weights --out "$mt_md"
   # the fastest setting for ours ('' = torch's own pick, also when the sweep has no row)
   tb_sdpa=$(python3 bench/fastest_sdpa.py "$tb_md" transformer-base "$tb") || tb_sdpa=
   mt_sdpa=$(python3 bench/fastest_sdpa.py "$mt_md" multi30k-default "$mt") || mt_sdpa=
