@@ -151,8 +151,10 @@ def test_fastest_sdpa_reads_the_eager_rows_of_ours_that_train_speed_writes(tmp_p
 
 def test_profile_step_sorts_kernels_into_kinds_and_rates_the_matrix_products():
     profile = load_bench("profile_step")
-    # kernel names as torch.profiler reported them on the H100 (profile_h100_eager.md), and
-    # those of the other SDPA kernels, cuBLAS, torch.compile and the caching allocator
+    # the names torch.profiler reported on the H100 (profile_h100_eager.md: the cuDNN SDPA,
+    # nvjet, direct_copy, reduce, GammaBeta, dropout and bfloat16 elementwise ones), and names
+    # of the form the other SDPA kernels, cuBLAS, Triton and memsets take (not read off a
+    # profile here)
     at = "void at::native::"
     kinds = {
         "attention": [
