@@ -141,7 +141,8 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
 
 def bf16_weights_step(model, pad: int):
     """A training step of ``model`` with its weights in bf16 and no autocast, so that no
-    weight or activation is cast in the forward or backward pass; the weights are views into
+    weight is cast in the forward or backward pass, and activations only where an operator
+    computes in fp32 itself (the loss; on the CPU, math attention); the weights are views into
     one flat bf16 buffer, and fused AdamW updates one flat fp32 master copy, so each step
     casts twice in all (gradients up, weights down: one kernel each on a GPU, where a
     same-dtype ``_foreach_copy_`` gathers the gradients in one more). Not in the trainer: a
