@@ -1,6 +1,7 @@
 """Corpus-level sacreBLEU (Papineni et al. 2002; Post 2018) and chrF (Popović 2015).
 
-Pure functions: detokenized strings in, floats on a 0-100 scale and signatures out.
+Detokenized strings in, floats on a 0-100 scale and signatures out; ``Scorer`` keeps one
+reference set's statistics for scoring many hypothesis files against it.
 BLEU is cased, detokenized, with sacreBLEU's default 13a tokenizer unless asked otherwise.
 """
 
@@ -9,18 +10,22 @@ from __future__ import annotations
 from sacrebleu.metrics import BLEU, CHRF
 
 
-def bleu(hyps: list[str], refs: list[str], lowercase: bool = False, tokenize: str = "13a"):
-    """Return (score 0-100, signature string)."""
+def check_lengths(hyps: list[str], refs: list[str]) -> None:
+    """One hypothesis per reference, or a ValueError naming both counts."""
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+
+
+def bleu(hyps: list[str], refs: list[str], lowercase: bool = False, tokenize: str = "13a"):
+    """Return (score 0-100, signature string)."""
+    check_lengths(hyps, refs)
     metric = BLEU(lowercase=lowercase, tokenize=tokenize)
     return metric.corpus_score(hyps, [refs]).score, str(metric.get_signature())
 
 
 def chrf(hyps: list[str], refs: list[str]):
     """Return (chrF 0-100, signature string)."""
-    if len(hyps) != len(refs):
-        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    check_lengths(hyps, refs)
     metric = CHRF()
     return metric.corpus_score(hyps, [refs]).score, str(metric.get_signature())
 
@@ -43,17 +48,13 @@ class Scorer:
         self._chrf = CHRF(references=[self.refs])
         self._bleu_lc = BLEU(lowercase=True, references=[self.refs])
 
-    def _check(self, hyps: list[str]) -> None:
-        if len(hyps) != len(self.refs):
-            raise ValueError(f"{len(hyps)} hypotheses but {len(self.refs)} references")
-
     def bleu(self, hyps: list[str]) -> float:
         """Cased 13a BLEU, 0-100, unrounded."""
-        self._check(hyps)
+        check_lengths(hyps, self.refs)
         return self._bleu.corpus_score(hyps, None).score
 
     def score_all(self, hyps: list[str]) -> dict:
-        self._check(hyps)
+        check_lengths(hyps, self.refs)
         scores = {}
         for key, metric in (("bleu", self._bleu), ("chrf", self._chrf), ("bleu_lc", self._bleu_lc)):
             scores[key] = round(metric.corpus_score(hyps, None).score, 2)
