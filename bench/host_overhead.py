@@ -46,16 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_speed import (  # noqa: E402
     CONFIGS,
-    DROPOUT,
-    MarianAdapter,
     bf16_weights_step,
+    build_model,
     make_step,
-    marian,
     save,
 )
 
 from transformer import dropout  # noqa: E402
-from transformer.transformer_model import Transformer  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 # Operators that compute nothing: no kernel on a GPU (views are left out by their schema).
@@ -87,9 +84,7 @@ def tiny_batch(vocab: int):
 
 def build(name: str, cfg: dict, vocab: int):
     torch.manual_seed(0)
-    if name == "marian":
-        return MarianAdapter(marian(cfg, vocab, PAD, BOS, EOS))
-    return Transformer(vocab, vocab, PAD, **cfg, **DROPOUT)
+    return build_model(name, cfg, vocab, PAD, BOS, EOS)
 
 
 MODELS = ("ours", "ours/bf16-weights", "marian")

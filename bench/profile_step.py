@@ -29,19 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_speed import (  # noqa: E402
     CONFIGS,
-    DROPOUT,
-    MarianAdapter,
     add_malloc_option,
     apply_malloc,
+    build_model,
     flops_by_part,
     load_batches,
     make_step,
-    marian,
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.trainer import COMPILE_MODES  # noqa: E402
-from transformer.transformer_model import Transformer  # noqa: E402
 
 # Kinds of GPU kernel, told apart by fragments of their lower-cased names; the first match
 # wins, so that e.g. the memory-efficient attention's "fmha_cutlass" kernels are attention and
@@ -146,11 +143,7 @@ def main() -> None:
     ]
     for mname in args.models.split(","):
         torch.manual_seed(0)
-        if mname == "ours":
-            model = Transformer(V, V, pad, **mcfg, **DROPOUT)
-        else:
-            model = MarianAdapter(marian(mcfg, V, pad, tok.bos_id, tok.eos_id))
-        model = model.to(device)
+        model = build_model(mname, mcfg, V, pad, tok.bos_id, tok.eos_id).to(device)
         fused = mname == "ours" and (
             args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
         )  # as trainer.fused_loss

@@ -84,6 +84,14 @@ class MarianAdapter(torch.nn.Module):
         ).logits
 
 
+def build_model(name: str, cfg: dict, vocab: int, pad: int, bos: int, eos: int):
+    """Our Transformer ("ours") or HF Marian (any other name) of the layout ``cfg`` with the
+    benchmarks' dropout and random weights, behind our forward signature."""
+    if name == "ours":
+        return Transformer(vocab, vocab, pad, **cfg, **DROPOUT)
+    return MarianAdapter(marian(cfg, vocab, pad, bos, eos))
+
+
 def flops_by_part(cfg: dict, B: int, S: int, T: int, vocab: int) -> dict[str, float]:
     """Matrix-multiply FLOPs of one training step (forward + backward = 3 x forward), split
     into the products with weights ("linear": the projections, FFNs and the output projection)
@@ -388,10 +396,9 @@ def main() -> None:
         for max_tokens in map(int, args.max_tokens.split(",")):
             batches, _ = load_batches(max_tokens, args.warmup + args.steps)
             torch.manual_seed(0)
-            ours = lambda: Transformer(V, V, pad, **mcfg, **DROPOUT)  # noqa: B023, E731
-            theirs = lambda: MarianAdapter(  # noqa: E731
-                marian(mcfg, V, pad, tok.bos_id, tok.eos_id)  # noqa: B023
-            )
+            ids = (V, pad, tok.bos_id, tok.eos_id)
+            ours = lambda: build_model("ours", mcfg, *ids)  # noqa: B023, E731
+            theirs = lambda: build_model("marian", mcfg, *ids)  # noqa: B023, E731
             # name -> (build, options); a name's mode is what follows the model ("+compile",
             # "/sdpa=..."), and ours is compared with Marian in the same mode.
             models = {}
