@@ -15,7 +15,7 @@ import torch
 
 from transformer import checkpoint
 from transformer.distributed import DEBUG_ENV, state_dict_sha256
-from transformer.trainer import train
+from transformer.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,10 +67,10 @@ def last_step(path: Path) -> int:
         return 0
 
 
-def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
-    compose, small_overrides, tmp_path
-):
-    overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
+def comparable(small_overrides) -> list[str]:
+    """Overrides of a 4-step run that one process accumulating 2 batches per update can
+    redo, so that its weights can be compared with the 2 ranks' ones."""
+    return [o for o in small_overrides if not o.startswith("run_dir=")] + [
         "trainer.max_steps=4",
         "trainer.eval_every=2",
         "trainer.bleu_every=2",
@@ -85,6 +85,12 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
         "trainer.optimizer.eps=1.0",
         "trainer.optimizer.lr=0.1",
     ]
+
+
+def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
+    compose, small_overrides, tmp_path
+):
+    overrides = comparable(small_overrides)
     run, debug = tmp_path / "run", tmp_path / "debug"
     proc = torchrun_popen(overrides, run, debug, tmp_path)
     _, stderr = proc.communicate(timeout=300)
@@ -152,6 +158,37 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
     assert w0[-1] == w1[-1] == state_dict_sha256(last["model"])
     assert "resumed from" in (run / "hydra" / "train.log").read_text()
     assert steps(run / "train_log.csv") == list(range(1, stopped + 1))
+
+
+def test_two_processes_with_bf16_weights_agree_on_their_fp32_weights(
+    compose, small_overrides, tmp_path
+):
+    """trainer.precision=bf16-weights: DDP averages the bf16 copy's gradients, every rank
+    updates its fp32 weights alike, and they are those of one process redoing the run
+    (up to bf16 rounding: the ranks' gradients are averaged in bf16)."""
+    overrides = comparable(small_overrides) + [
+        "trainer.precision=bf16-weights",
+        "trainer.final.average_last=0",
+        "trainer.final.length_penalties=[]",
+    ]
+    run, debug = tmp_path / "run", tmp_path / "debug"
+    proc = torchrun_popen(overrides, run, debug, tmp_path)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    (b0, w0), (b1, w1) = read_debug(debug, 0), read_debug(debug, 1)
+    assert not {i for r in b0 for i in r["examples"]} & {i for r in b1 for i in r["examples"]}
+    last = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert w0 == w1 == [state_dict_sha256(last["model"])]
+    assert all(v.dtype == torch.float32 for v in last["model"].values())
+
+    single = compose([*overrides, f"run_dir={tmp_path / 'single'}", "trainer.accum_steps=2"])
+    train(single)
+    alone = checkpoint.load(tmp_path / "single" / "checkpoints" / "last.pt")["model"]
+    initial = Trainer(compose([*overrides, f"run_dir={tmp_path / 'init'}"]), tmp_path / "init")
+    for name, before in initial.model.state_dict().items():
+        moved = (last["model"][name] - before).abs().max()  # 0.001 to 0.025
+        off = (last["model"][name] - alone[name]).abs().max()  # at most 3% of moved, measured
+        assert off <= 0.1 * moved, (name, float(off), float(moved))
 
 
 def test_unwrap_sees_through_ddp_and_compile_in_either_order():

@@ -37,6 +37,7 @@ from .data import TokenBatcher
 from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
+from .precision import Bf16Weights, PrecisionError
 from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
 from .translator import build_model, translate_lines
 
@@ -186,6 +187,7 @@ class SkipCounter:
 # (torch._inductor.list_mode_options(): triton.cudagraphs).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+PRECISIONS = ("bf16", "fp16", "fp32", "bf16-weights")
 
 
 class Trainer:
@@ -219,12 +221,29 @@ class Trainer:
         self.model_kwargs = dict(
             src_vocab_size=len(self.src_tok), tgt_vocab_size=len(self.tgt_tok), pad_id=self.pad_id
         )
-        # self.model is the plain module (checkpoints, validation, decoding); train_model the
-        # DDP / torch.compile wrapper the training forward and backward go through.
+        # self.model is the plain module (optimizer, checkpoints, validation, decoding);
+        # train_model the DDP / torch.compile wrapper the training forward and backward go
+        # through.
         self.model = build_model(cfg.model, **self.model_kwargs).to(self.device)
-        self.train_model = self.wrap(self.model)
+        self.precision = self.pick_precision()
+        # bf16-weights: the training passes run on a bf16 copy (compute_model), the optimizer
+        # updates self.model, checkpoints hold it (precision.py); else the two are one.
+        self.mixed = None
+        if self.precision == "bf16-weights":
+            try:
+                self.mixed = Bf16Weights(self.model)
+            except PrecisionError as e:
+                raise TrainingError(str(e)) from e
+            if self.dist.enabled:  # as DDP does for its module: rank 0's weights everywhere
+                torch.distributed.broadcast(self.mixed.flat32, 0)
+            self.mixed.publish()
+        self.compute_model = self.mixed.compute if self.mixed else self.model
+        self.train_model = self.wrap(self.compute_model)
         log.info(
-            "model: %s, %.2fM parameters", cfg.model._target_, self.model.num_parameters() / 1e6
+            "model: %s, %.2fM parameters; precision %s",
+            cfg.model._target_,
+            self.model.num_parameters() / 1e6,
+            self.precision,
         )
         # Fused (one kernel for all parameters) where the optimizer class offers it, on the CPU
         # too: it also takes a found_inf flag, so a NaN/inf update is skipped on the device.
@@ -264,7 +283,6 @@ class Trainer:
             specials,
             shuffle=False,
         )
-        self.precision = self.t.precision if self.device.type == "cuda" else "fp32"
         # Without a host sync per update when the optimizer can skip by itself (fp16's
         # GradScaler keeps its own found_inf, so it takes the host path).
         self.skip_on_device = (
@@ -291,6 +309,18 @@ class Trainer:
         self.saved_step, self.nonfinite_in_a_row = -1, 0
         self.debug = distributed.DebugLog(self.dist.rank)
         self.reseed_rank()
+
+    def pick_precision(self) -> str:
+        """``trainer.precision``, checked; on the CPU bf16 and fp16 autocast run as fp32 (they
+        were not faster there), bf16-weights as asked."""
+        precision = self.t.precision
+        if precision not in PRECISIONS:
+            raise TrainingError(
+                f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
+        if self.device.type != "cuda" and precision in ("bf16", "fp16"):
+            return "fp32"
+        return precision
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DistributedDataParallel under torchrun, then torch.compile when
@@ -498,8 +528,14 @@ class Trainer:
         hyps = self.translate(self.cfg.data.valid_split, greedy)
         return bleu(hyps, self.splits[self.cfg.data.valid_split].tgt_text)[0]
 
-    def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+    def autocast(self, training: bool = False):
+        """Autocast of this precision: for validation and decoding (the fp32 model) bf16-weights
+        runs as bf16 on CUDA, as fp32 on the CPU; its training passes (the bf16 copy) run
+        without autocast."""
+        precision = self.precision
+        if precision == "bf16-weights":
+            precision = "fp32" if training or self.device.type != "cuda" else "bf16"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     # -- training -------------------------------------------------------------------------
@@ -548,6 +584,8 @@ class Trainer:
                 self.scaler.step(self.optimizer)
             self.scaler.update()  # with fp16, a skipped update also lowers the loss scale
         self.optimizer.zero_grad(set_to_none=True)
+        if self.mixed:
+            self.mixed.publish()
         if not finite:
             return None
         self.scheduler.step()
@@ -575,11 +613,14 @@ class Trainer:
                     if self.cuda_graphs and i == 0 and len(micro_batches) > 1:
                         self.copy_grads_out_of_graphs()
                     total += loss.detach()
+                if self.mixed:
+                    self.mixed.gather_grads()
                 return total
             except torch.OutOfMemoryError:
                 pass  # handled below, once the traceback (and the tensors it holds) is gone
             loss = None
             self.optimizer.zero_grad(set_to_none=True)
+            self.compute_model.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             shapes = " + ".join(
@@ -608,7 +649,7 @@ class Trainer:
         micro-batch needs no copy: the optimizer has used its gradients, and they are
         dropped, before the next replay."""
         with torch.no_grad():
-            for p in self.model.parameters():
+            for p in self.compute_model.parameters():
                 if p.grad is not None:
                     p.grad = p.grad.clone()
 
@@ -616,13 +657,14 @@ class Trainer:
         """Summed label-smoothed loss of batch ``b`` through the training model, with the
         output projection fused into the loss (``transformer/loss.py``) or not."""
         ls = self.t.label_smoothing
-        with self.autocast():
+        with self.autocast(training=True):
             if not self.fused_loss:
                 return sequence_loss(
                     self.train_model(b.src, b.src_mask, b.tgt_in), b.tgt_out, self.pad_id, ls
                 )
             features = self.train_model(b.src, b.src_mask, b.tgt_in, project=False)
-            return projected_loss(features, self.model.out_proj, b.tgt_out, self.pad_id, ls)
+            out_proj = self.compute_model.out_proj
+            return projected_loss(features, out_proj, b.tgt_out, self.pad_id, ls)
 
     def grad_sync(self, last: bool):
         """A context in which DDP skips its gradient all-reduce (all micro-batches of an
@@ -713,7 +755,10 @@ class Trainer:
         stream, stop_reason = self.batches(), None
         if self.step >= t.max_steps:  # a finished run started again: nothing left to train
             stop_reason = f"already at trainer.max_steps={t.max_steps}"
+        if self.mixed:  # the fp32 weights may have been loaded from a checkpoint
+            self.mixed.publish()
         self.model.train()
+        self.compute_model.train()
         window_loss, window_tok, window_pad, window_start = 0.0, 0, 0.0, time.perf_counter()
         max_seconds = t.max_time_minutes * 60 if t.max_time_minutes else float("inf")
         try:
@@ -863,6 +908,7 @@ class Trainer:
             "train_tokens_per_s": round(self.train_tokens / max(self.train_seconds, 1e-9)),
             "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
             "world_size": self.dist.world_size,
+            "precision": self.precision,
             "torch": torch.__version__,
             "decode": OmegaConf.to_container(decode_cfg),
             "final": final,
