@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_speed import (  # noqa: E402
     CONFIGS,
-    bf16_weights_step,
     build_model,
     make_step,
     save,
@@ -92,9 +91,8 @@ MODELS = ("ours", "ours/bf16-weights", "marian")
 
 def make(name: str, cfg: dict, vocab: int):
     """One training step of the model ``name`` (MODELS) at ``cfg``."""
-    if name == "ours/bf16-weights":
-        return bf16_weights_step(build("ours", cfg, vocab), PAD)
-    return make_step(build(name, cfg, vocab), PAD, torch.device("cpu"), "bf16")
+    precision = "bf16-weights" if name == "ours/bf16-weights" else "bf16"
+    return make_step(build(name.split("/")[0], cfg, vocab), PAD, torch.device("cpu"), precision)
 
 
 def total(ops: collections.Counter) -> int:
@@ -155,9 +153,9 @@ def main() -> None:
         "models alternating, of the config's depth at width 32 (d_ff 64, vocabulary 64) on "
         "that batch: mostly the cost of issuing operators, little arithmetic",
         "- ours: as `bench/train_speed.py` eager bf16 on a GPU (output projection not fused "
-        "into the loss); ours/bf16-weights: the same model with bf16 weights and no autocast, "
-        "an fp32 master copy updated by fused AdamW in one flat tensor (not in the trainer: "
-        "`bf16_weights_step`); marian: HF MarianMTModel of the same layout",
+        "into the loss); ours/bf16-weights: the same with `trainer.precision=bf16-weights` "
+        "(the forward and backward on a bf16 copy without autocast, fused AdamW on the fp32 "
+        "model; transformer/precision.py); marian: HF MarianMTModel of the same layout",
         "- Marian / this: Marian's ops and ms per step over this model's",
         "",
         "| config | model | ops/step | casts/step | ms/step | Marian / this (ops) "

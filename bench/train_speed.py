@@ -32,6 +32,7 @@ from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.data import TokenBatcher  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
+from transformer.precision import Bf16Weights  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
 from transformer.trainer import COMPILE_MODES, CUDA_GRAPH_MODES, prepare_data  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
@@ -115,20 +116,24 @@ def train_flops(cfg: dict, B: int, S: int, T: int, vocab: int) -> float:
 
 def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     """One training update (forward, label-smoothed loss, backward, clip, fused AdamW) as
-    the trainer does it; ``compile``: None (eager) or a torch.compile mode, the forward and
-    loss through torch.compile(dynamic=True, mode=...) as with ``trainer.compile=true`` and
+    the trainer does it; ``precision``: bf16 (autocast), fp32, or bf16-weights (the
+    forward and backward on a bf16 copy, the update on the fp32 model:
+    ``trainer.precision=bf16-weights``, transformer/precision.py; our models only);
+    ``compile``: None (eager) or a torch.compile mode, the forward and loss through
+    torch.compile(dynamic=True, mode=...) as with ``trainer.compile=true`` and
     ``trainer.compile_mode``; ``fused_loss``: the output projection fused into the loss
     (``trainer.fused_loss``; our models only)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
+    mixed = Bf16Weights(model) if precision == "bf16-weights" else None
+    net = (mixed.compute if mixed else model).train()
     dtype = torch.bfloat16 if precision == "bf16" else None
-    model.train()
 
     def loss_of(src, src_mask, tgt_in, tgt_out):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if fused_loss:
-                features = model(src, src_mask, tgt_in, project=False)
-                return projected_loss(features, model.out_proj, tgt_out, pad, 0.1)
-            logits = model(src, src_mask, tgt_in)
+                features = net(src, src_mask, tgt_in, project=False)
+                return projected_loss(features, net.out_proj, tgt_out, pad, 0.1)
+            logits = net(src, src_mask, tgt_in)
         return sequence_loss(logits, tgt_out, pad, 0.1)
 
     if compile:
@@ -140,46 +145,13 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
             torch.compiler.cudagraph_mark_step_begin()
         loss = loss_of(b.src, b.src_mask, b.tgt_in, b.tgt_out)
         (loss / 1000).backward()
+        if mixed:
+            mixed.gather_grads()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def bf16_weights_step(model, pad: int):
-    """A training step of ``model`` with its weights in bf16 and no autocast, so that no
-    weight is cast in the forward or backward pass, and activations only where an operator
-    computes in fp32 itself (the loss; on the CPU, math attention); the weights are views into
-    one flat bf16 buffer, and fused AdamW updates one flat fp32 master copy, so each step
-    casts twice in all (gradients up, weights down: one kernel each on a GPU, where a
-    same-dtype ``_foreach_copy_`` gathers the gradients in one more). Not in the trainer: a
-    lead for the GPU's launch-bound steps (``--bf16-weights``; bench/host_overhead.py)."""
-    model = model.to(torch.bfloat16).train()
-    params = list(model.parameters())
-    flat = torch.cat([q.detach().reshape(-1) for q in params])
-    grads, at = torch.zeros_like(flat), 0
-    grad_views = []
-    for q in params:
-        q.data = flat[at : at + q.numel()].view_as(q)
-        grad_views.append(grads[at : at + q.numel()].view_as(q))
-        at += q.numel()
-    master = flat.float().requires_grad_()
-    opt = torch.optim.AdamW([master], lr=1e-4, fused=True)
-
-    def step(b):
-        logits = model(b.src, b.src_mask, b.tgt_in)
-        (sequence_loss(logits, b.tgt_out, pad, 0.1) / 1000).backward()  # loss in fp32
-        with torch.no_grad():
-            torch._foreach_copy_(grad_views, [q.grad for q in params])
-            master.grad = grads.float()
-        torch.nn.utils.clip_grad_norm_([master], 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            flat.copy_(master)
-        for q in params:
-            q.grad = None
+        if mixed:
+            mixed.publish()
 
     return step
 
@@ -228,9 +200,8 @@ class Timing:
         self.pad, self.device, self.setup = pad, device, setup
         setup()
         if bf16_weights:
-            self.step = bf16_weights_step(model, pad)
-        else:
-            self.step = make_step(model, pad, device, precision, compile, fused)
+            precision = "bf16-weights"
+        self.step = make_step(model, pad, device, precision, compile, fused)
         on_dev = [b.to(device) for b in batches]
         self.timed = on_dev[warmup : warmup + steps]
         # Warm up on every timed batch shape too: the first use of a shape loads and picks
@@ -311,8 +282,8 @@ def main() -> None:
     ap.add_argument(
         "--bf16-weights",
         action="store_true",
-        help="also time ours with bf16 weights and no autocast, an fp32 master copy updated "
-        "by fused AdamW in one flat tensor (bf16_weights_step; not in the trainer)",
+        help="also time ours with trainer.precision=bf16-weights: the forward and backward "
+        "on a bf16 copy without autocast, fused AdamW on the fp32 model (precision.py)",
     )
     ap.add_argument(
         "--sdpa",
@@ -367,8 +338,8 @@ def main() -> None:
         "- ablations, each compared with plain Marian (`--ablate`): ours/unfused-loss "
         "(ours/fused-loss where it is off) = the other setting of `trainer.fused_loss`; "
         "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask; (`--bf16-weights`) "
-        "ours/bf16-weights = bf16 weights and no autocast, an fp32 master copy in one flat "
-        "tensor updated by fused AdamW (not in the trainer)",
+        "ours/bf16-weights = `trainer.precision=bf16-weights` (the forward and backward on "
+        "a bf16 copy without autocast, fused AdamW on the fp32 model; transformer/precision.py)",
         "- modes: +compile = forward and loss through torch.compile(dynamic=True"
         + ("" if args.compile_mode == "default" else f", mode={args.compile_mode!r}")
         + "); "
