@@ -12,10 +12,12 @@ from transformer.trainer import COMPILE_MODES, Trainer, TrainingError, train
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16-weights"])
 def test_compiled_training_matches_eager_and_saves_the_plain_module(
-    compose, small_overrides, tmp_path
+    compose, small_overrides, tmp_path, precision
 ):
     no_dropout = [
+        f"trainer.precision={precision}",  # bf16-weights: the bf16 copy is compiled
         "trainer.max_steps=3",
         "trainer.eval_every=3",
         "trainer.log_every=1",
@@ -38,12 +40,15 @@ def test_compiled_training_matches_eager_and_saves_the_plain_module(
     # Same batches, same initial weights, no dropout: the same losses up to rounding (the
     # first one is a pure forward of the initial weights), and weights within one step of
     # Adam (lr 1e-3), which amplifies rounding where a gradient is near zero.
+    # In bf16 a fused kernel rounds in other places than the eager operators: looser bounds.
+    bf16 = precision == "bf16-weights"
     assert len(losses[True]) == 3
-    assert losses[True] == pytest.approx(losses[False], abs=2e-3)
+    assert losses[True] == pytest.approx(losses[False], abs=2e-2 if bf16 else 2e-3)
     eager, compiled = runs[False], runs[True]
     assert eager.keys() == compiled.keys()  # no "_orig_mod." prefix in the checkpoint
     for name in eager:
-        torch.testing.assert_close(compiled[name], eager[name], atol=1e-3, rtol=0)
+        assert compiled[name].dtype == torch.float32, name
+        torch.testing.assert_close(compiled[name], eager[name], atol=3e-3 if bf16 else 1e-3, rtol=0)
 
 
 def test_unknown_compile_mode_names_the_key(compose, small_overrides, tmp_path):

@@ -149,3 +149,33 @@ def test_an_unknown_precision_or_an_rnn_with_bf16_weights_is_a_clear_error(
     rnn = [o for o in small_overrides if not o.startswith("model.")]
     with pytest.raises(TrainingError, match="bf16-weights needs a model without recurrent"):
         trainer_of(compose, rnn, tmp_path, "b", "model=rnn", "trainer.precision=bf16-weights")
+
+
+def test_out_of_memory_retried_in_halves_keeps_the_gradient(compose, small_overrides, tmp_path):
+    """A retried update starts from no gradient in the copy: the halves' gradients are the
+    whole batch's (up to bf16 rounding), not added to the failed attempt's."""
+    trainer = trainer_of(
+        compose, small_overrides, tmp_path, "oom", *NO_DROPOUT, "trainer.precision=bf16-weights"
+    )
+    stream = trainer.batches()
+    batch = max((next(stream)[1] for _ in range(3)), key=lambda b: len(b.src))
+    trainer.accumulate([batch], 100.0)
+    expected = torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()])
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    forward, calls = trainer.compute_model.forward, []
+
+    def small_memory(src, *rest, **kw):
+        calls.append(len(src))
+        out = forward(src, *rest, **kw)
+        if len(src) == len(batch.src):  # fails after the forward: a graph is half built
+            out.sum().backward()  # and gradients may already have been written
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return out
+
+    trainer.compute_model.forward = small_memory
+    trainer.accumulate([batch], 100.0)
+    assert calls == [len(batch.src), (len(batch.src) + 1) // 2, len(batch.src) // 2]
+    got = torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()])
+    cosine = torch.nn.functional.cosine_similarity(expected, got, dim=0)
+    assert cosine > 0.999 and 0.99 < got.norm() / expected.norm() < 1.01, cosine
