@@ -4,9 +4,10 @@
 #                                      of steps by default; each step gets what is left, most
 #                                      important first): the SDPA kernel sweep, eager, ours vs
 #                                      Marian (Transformer-base at 25k tokens, the Multi30k
-#                                      config at 4k); a profile of our Transformer-base step (GPU
-#                                      time by kind of kernel); the Multi30k config at 4k through
-#                                      CUDA graphs (reduce-overhead); Transformer-base at 25k
+#                                      config at 4k; also ours with bf16-weights); a profile of
+#                                      our Transformer-base step (GPU time by kind of kernel); the
+#                                      Multi30k config at 4k through CUDA graphs (reduce-overhead;
+#                                      ours, Marian, ours with bf16-weights); Transformer-base at 25k
 #                                      through torch.compile; the profile and the compiled runs
 #                                      use the kernels that won the sweep (bench/fastest_sdpa.py).
 #                                      The device call:
@@ -54,8 +55,8 @@ next)
   sweep="--sdpa flash+efficient,flash,efficient,math,cudnn $steps"
   tb_md="results/bench/train_speed_${gpu}_sdpa_base.md"
   mt_md="results/bench/train_speed_${gpu}_sdpa_small.md"
-  # --ablate: also ours with the loss fused (off on GPUs); --bf16-weights: ours with bf16
-  # weights and an fp32 master copy (bench/host_overhead.py: 20% fewer launches per step)
+  # --ablate: also ours with the loss fused (off on GPUs); --bf16-weights: ours with
+  # trainer.precision=bf16-weights (bench/host_overhead.py: 20% fewer launches per step)
   within 110 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
     $sweep --ablate --bf16-weights --out "$tb_md"
   within 90 python3 bench/train_speed.py --configs multi30k-default --max-tokens "$mt" \
@@ -69,7 +70,7 @@ next)
     --models ours ${tb_sdpa:+--sdpa "$tb_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
   within 200 python3 bench/train_speed.py --compiled-only --compile-mode reduce-overhead \
     ${mt_sdpa:+--sdpa "$mt_sdpa"} --configs multi30k-default --max-tokens "$mt" $steps \
-    --out "results/bench/train_speed_${gpu}_graphs.md"
+    --bf16-weights --out "results/bench/train_speed_${gpu}_graphs.md"
   within 300 python3 bench/train_speed.py --compiled-only ${tb_sdpa:+--sdpa "$tb_sdpa"} \
     --configs transformer-base --max-tokens "$tb" $steps \
     --out "results/bench/train_speed_${gpu}_compile.md"
