@@ -37,25 +37,22 @@ class PrecisionError(ValueError):
     """A precision setting that cannot apply to this model."""
 
 
-def flat_views(params: list[nn.Parameter], flat: torch.Tensor | None = None) -> torch.Tensor:
-    """Make ``params`` views into one flat buffer holding their values (a new one of their
-    dtype when ``flat`` is None); returns the buffer."""
-    if flat is None:
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
-    at = 0
-    for p in params:
-        p.data = flat[at : at + p.numel()].view_as(p)
-        at += p.numel()
-    return flat
-
-
 def views_of(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """Views into ``flat`` shaped and placed as ``params`` are in their flat buffer."""
+    """Views into ``flat`` shaped as ``params``, one after the other."""
     out, at = [], 0
     for p in params:
         out.append(flat[at : at + p.numel()].view_as(p))
         at += p.numel()
     return out
+
+
+def flat_views(params: list[nn.Parameter]) -> torch.Tensor:
+    """Make ``params`` views into one new flat buffer of their dtype holding their values;
+    returns the buffer."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    for p, view in zip(params, views_of(flat, params)):
+        p.data = view
+    return flat
 
 
 class Bf16Weights:
