@@ -400,7 +400,7 @@ def main() -> None:
                 if device.type == "cpu":
                     no_rand = {"rand_mask": False, "ablation": True}
                     models["ours/bernoulli-dropout"] = (ours, no_rand)
-            if args.bf16_weights:
+            if args.bf16_weights and not args.compiled_only:
                 models["ours/bf16-weights"] = (ours, {"bf16_weights": True, "ablation": True})
             if args.rnn and cname == "multi30k-default":
                 models["rnn"] = (lambda: BahdanauRNN(V, V, pad), {})
