@@ -311,8 +311,8 @@ class Trainer:
         self.reseed_rank()
 
     def pick_precision(self) -> str:
-        """``trainer.precision``, checked; on the CPU bf16 and fp16 autocast run as fp32 (they
-        were not faster there), bf16-weights as asked."""
+        """``trainer.precision``, checked; on the CPU bf16 and fp16 autocast run as fp32,
+        bf16-weights as asked."""
         precision = self.t.precision
         if precision not in PRECISIONS:
             raise TrainingError(
