@@ -26,7 +26,6 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import subprocess
 import sys
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_speed import marian  # noqa: E402
+from train_speed import machine, marian  # noqa: E402
 
 from transformer.data import load_split, plan_batches  # noqa: E402
 from transformer.search import Uncached  # noqa: E402
@@ -249,15 +248,6 @@ def profile_beam(name, model, tok, batches, opts) -> list[str]:
         "```",
         "",
     ]
-
-
-def machine(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def uptime() -> str:

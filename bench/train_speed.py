@@ -45,6 +45,20 @@ DROPOUT = dict(dropout=0.3, attn_dropout=0.1, act_dropout=0.1)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 datasheet figures (SXM)
 
 
+def machine(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and its bf16 matrix units (the speed of bf16 on
+    a CPU depends on them: AMX-bf16, or AVX-512 bf16 dot products)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
+    flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    name = name or platform.processor() or "cpu"
+    return f"{name} ({', '.join(units)})" if units else name
+
+
 def marian(cfg: dict, vocab: int, pad: int, bos: int, eos: int):
     from transformers import MarianConfig, MarianMTModel
 
@@ -316,7 +330,7 @@ def main() -> None:
 
     _, tok = load_batches(1024, 0)
     V, pad = len(tok), tok.pad_id
-    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    name = machine(device)
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     lines = [
         f"# Training throughput: ours vs HF Marian ({name})",
