@@ -1,8 +1,8 @@
 """``trainer.precision=bf16-weights``: the training forward and backward run on a bf16 copy
 of the model, without autocast; the optimizer updates the fp32 model.
 
-Under autocast (``precision=bf16``) every matrix product casts its fp32 weight to bf16, in
-the forward pass and again in the backward pass: on a GPU that is one kernel launch per
+Under autocast (``precision=bf16``) each fp32 weight is cast to bf16 in the forward pass and
+its gradient back to fp32 in the backward pass: on a GPU that is one kernel launch per
 weight and pass, and the small models' steps are bound by launches, not by arithmetic
 (``results/bench/host_overhead_cpu.md`` counts the operators). Here the weights are bf16
 already, so nothing is cast per operator. Two casts per update remain, one kernel each:
