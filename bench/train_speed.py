@@ -210,11 +210,9 @@ class Timing:
     switches this model runs with (dropout mask, SDPA kernels) before each chunk."""
 
     def __init__(self, model, batches, pad, device, precision, steps, warmup, compile, fused,
-                 setup, bf16_weights=False):  # fmt: skip
+                 setup):  # fmt: skip
         self.pad, self.device, self.setup = pad, device, setup
         setup()
-        if bf16_weights:
-            precision = "bf16-weights"
         self.step = make_step(model, pad, device, precision, compile, fused)
         on_dev = [b.to(device) for b in batches]
         self.timed = on_dev[warmup : warmup + steps]
@@ -404,7 +402,7 @@ def main() -> None:
                 opt = {"compile": args.compile_mode, "sdpa": sdpa}
                 models["ours" + mode], models["marian" + mode] = (ours, opt), (theirs, opt)
                 if args.bf16_weights:  # after the pair: a time limit cuts it first
-                    bf16w = {**opt, "bf16_weights": True, "compare_to": "marian" + mode}
+                    bf16w = {**opt, "precision": "bf16-weights", "compare_to": "marian" + mode}
                     models["ours/bf16-weights" + mode] = (ours, bf16w)
             # ablations: ours with one thing changed, compared with plain (eager) Marian
             if args.ablate:
@@ -415,7 +413,8 @@ def main() -> None:
                     no_rand = {"rand_mask": False, "ablation": True}
                     models["ours/bernoulli-dropout"] = (ours, no_rand)
             if args.bf16_weights and not args.compiled_only:
-                models["ours/bf16-weights"] = (ours, {"bf16_weights": True, "ablation": True})
+                bf16w = {"precision": "bf16-weights", "ablation": True}
+                models["ours/bf16-weights"] = (ours, bf16w)
             if args.rnn and cname == "multi30k-default":
                 models["rnn"] = (lambda: BahdanauRNN(V, V, pad), {})
             for kind in filter(None, args.kinds.split(",")):
@@ -437,8 +436,8 @@ def main() -> None:
                 ours_fused = opt.get("fused", fused) and mname.startswith("ours")
                 try:
                     timing = Timing(
-                        model, batches, pad, device, precision, args.steps, args.warmup,
-                        opt.get("compile"), ours_fused, setup, opt.get("bf16_weights", False),
+                        model, batches, pad, device, opt.get("precision", precision),
+                        args.steps, args.warmup, opt.get("compile"), ours_fused, setup,
                     )  # fmt: skip
                     if args.rounds == 1:
                         timing.run(args.steps)

@@ -200,11 +200,11 @@ def test_ours_with_bf16_weights_is_compared_with_marian_in_its_own_mode():
     graphs = "+compile:reduce-overhead"
     models = {
         "marian": (None, {}),
-        "ours/bf16-weights": (None, {"bf16_weights": True, "ablation": True}),
+        "ours/bf16-weights": (None, {"precision": "bf16-weights", "ablation": True}),
         "marian" + graphs: (None, {}),
         "ours/bf16-weights" + graphs: (
             None,
-            {"bf16_weights": True, "compare_to": "marian" + graphs},
+            {"precision": "bf16-weights", "compare_to": "marian" + graphs},
         ),
     }
     tok_s = dict(zip(models, [100.0, 150.0, 200.0, 500.0]))

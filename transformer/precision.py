@@ -67,7 +67,6 @@ class Bf16Weights:
                 f"trainer.precision=bf16-weights needs a model without recurrent layers "
                 f"({rnns[0]} keeps its weights in cuDNN's own buffer); use bf16 or fp32"
             )
-        self.master = model
         self.master_params = list(model.parameters())
         if any(p.dtype != torch.float32 for p in self.master_params):
             raise PrecisionError("trainer.precision=bf16-weights needs an fp32 model")
