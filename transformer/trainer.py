@@ -203,6 +203,7 @@ class Trainer:
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
+        self.precision = self.pick_precision()  # a bad value fails before the data is read
         torch.manual_seed(cfg.seed)
         reuse = self.t.get("cpu_malloc_reuse", True)
         if reuse not in (True, False):
@@ -225,7 +226,6 @@ class Trainer:
         # train_model the DDP / torch.compile wrapper the training forward and backward go
         # through.
         self.model = build_model(cfg.model, **self.model_kwargs).to(self.device)
-        self.precision = self.pick_precision()
         # bf16-weights: the training passes run on a bf16 copy (compute_model), the optimizer
         # updates self.model, checkpoints hold it (precision.py); else the two are one.
         self.mixed = None
