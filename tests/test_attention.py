@@ -2,8 +2,16 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from transformer.attention import MultiHeadAttention, causal_mask, padding_mask
+from transformer.attention import (
+    MultiHeadAttention,
+    as_bool,
+    causal_mask,
+    key_bias,
+    padding_mask,
+)
+from transformer.transformer_model import Transformer
 
 
 def reference_mha(mha, x, memory, mask):
@@ -95,8 +103,6 @@ def test_checkpoints_with_separate_qkv_layers_still_load():
 
 
 def test_transformer_initialises_each_projection_with_its_own_xavier_fans():
-    from transformer.transformer_model import Transformer
-
     torch.manual_seed(0)
     D = 256
     model = Transformer(50, 50, 0, d_model=D, n_heads=4, d_ff=64, n_enc_layers=1, n_dec_layers=1)
@@ -105,3 +111,73 @@ def test_transformer_initialises_each_projection_with_its_own_xavier_fans():
         assert 0.99 * bound < block.abs().max() <= bound
         assert abs(block.std() - bound / math.sqrt(3)) < 0.02 * bound
     assert not model.encoder[0].self_attn.in_proj.bias.any()
+
+
+def test_key_bias_is_the_additive_mask_with_aligned_rows():
+    mask = padding_mask(torch.tensor([[True] * 3 + [False] * 2, [True] * 5]))
+    bias = key_bias(mask, torch.bfloat16)
+    assert bias.shape == (2, 1, 1, 5) and bias.dtype == torch.bfloat16
+    assert bias.stride() == (16, 16, 16, 1)  # what SDPA's memory-efficient kernel takes as is
+    assert bias[0, 0, 0].tolist() == [0.0] * 3 + [float("-inf")] * 2
+    assert torch.equal(as_bool(bias), mask) and as_bool(mask) is mask
+
+
+def tiny_transformer_and_batch():
+    """A 2+2-layer Transformer without dropout; src (3, 7) with two padded rows, tgt (3, 5)."""
+    torch.manual_seed(0)
+    model = Transformer(
+        11, 11, pad_id=0, d_model=16, n_heads=2, d_ff=32, n_enc_layers=2, n_dec_layers=2,
+        dropout=0.0,
+    )  # fmt: skip
+    src_mask = torch.ones(3, 7, dtype=torch.bool)
+    src_mask[1, 4:], src_mask[2, 2:] = False, False
+    return model, torch.randint(3, 11, (3, 7)), src_mask, torch.randint(3, 11, (3, 5))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_transformer_with_additive_key_masks_equals_bool_masks(autocast):
+    """The additive masks made once per pass give the same forward and backward as bool
+    masks handed to every layer (the model's attention_dtype matches autocast's on)."""
+    model, src, src_mask, tgt = tiny_transformer_and_batch()
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(src, src_mask, tgt)
+        out.float().square().sum().backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    assert model.bias_roles == {"encoder", "cross"}
+    with_bias = run()
+    model.bias_roles = set()  # bool masks, converted by SDPA in each call
+    with_bool = run()
+    torch.testing.assert_close(with_bias, with_bool, atol=0, rtol=0)
+
+
+class Dispatched(TorchDispatchMode):
+    """The names of the operators dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_pass_slices_no_parameter():
+    """The stacked q/k/v projections are used whole (self-attention) or split once per
+    parameter (cross-attention): no slice's backward (a full-size zero-filled gradient and a
+    copy each) in the pass, and the gradients are those of splitting for each use."""
+    model, src, src_mask, tgt = tiny_transformer_and_batch()
+    with Dispatched() as ops:
+        model(src, src_mask, tgt).square().sum().backward()
+    assert "slice_backward" not in ops.names and "cat" in ops.names
+    joined = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    enc = model.encode(src, src_mask)
+    del enc.extra["cross_q"]  # the decoder splits its query rows again
+    model.decode_prefix(tgt, enc).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(joined[name], p.grad, msg=name)

@@ -18,7 +18,9 @@ kind            paper, rule                                  time per head (n = 
 This is the one place where masks are built. Convention: a bool mask, True = the query may
 attend to that key; shapes broadcast to (B, h, T_q, T_k). Queries are aligned to the end of
 the keys: with T_q < T_k (a decoder step after a cache), query i sits at position
-T_k - T_q + i, and ``causal`` lets it see keys 0..that position.
+T_k - T_q + i, and ``causal`` lets it see keys 0..that position. The kinds that run SDPA
+(``SDPA_KINDS``) also take a key mask in its additive form, made once per forward pass
+(``key_bias``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,34 @@ from .dropout import dropout
 def padding_mask(src_mask: torch.Tensor) -> torch.Tensor:
     """(B, S) bool real-token mask -> (B, 1, 1, S) key mask for attention."""
     return src_mask[:, None, None, :]
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in for activations like ``x``: autocast's where it is on for
+    x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, S) bool key mask -> the additive mask SDPA makes of it (0 where True, -inf
+    where False), of ``dtype``.
+
+    Given a bool mask, ``F.scaled_dot_product_attention`` converts it in every call, and its
+    memory-efficient kernel copies a mask whose rows do not start at multiples of 16
+    elements into one whose rows do: kernel launches in every attention layer of a step
+    whose time on a GPU is mostly launches. Made once per forward pass, here, and laid out
+    with rows 16 elements apart (a view of a (B, 1, 1, S rounded up to 16) buffer), every
+    layer takes it as it is. ``ScaledDot`` accepts it wherever it accepts a bool mask."""
+    B, S = mask.shape[0], mask.shape[-1]
+    row = -(-S // 16) * 16
+    bias = torch.full((B, 1, 1, row), float("-inf"), dtype=dtype, device=mask.device)
+    return bias[..., :S].masked_fill_(mask, 0.0)
+
+
+def as_bool(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A mask as bool, True = attend; an additive mask (``key_bias``) is True where 0."""
+    return mask if mask is None or mask.dtype == torch.bool else mask == 0
 
 
 def _positions(T_q: int, T_k: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,13 +214,13 @@ class ScaledDot(AttentionKind):
     def forward(self, q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
         T_q, T_k = q.shape[2], k.shape[2]
         if need_weights:
-            mask = _and(mask, causal_mask(T_q, q.device, T_k) if causal else None)
+            mask = _and(as_bool(mask), causal_mask(T_q, q.device, T_k) if causal else None)
             return _explicit(q, k, v, mask, dropout, True, self.scale)
         # SDPA's own causal flag (top-left aligned) keeps the flash kernel eligible; one query
         # after a cache sees every key and needs no mask at all.
         is_causal = causal and T_q == T_k and mask is None
         if causal and T_q > 1 and not is_causal:
-            mask = _and(mask, causal_mask(T_q, q.device, T_k))
+            mask = _and(as_bool(mask), causal_mask(T_q, q.device, T_k))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=self.scale
         )
@@ -488,6 +518,7 @@ class Linear(AttentionKind):
 # -- configuration --------------------------------------------------------------------------
 
 KINDS = ("scaled_dot", "dot", "additive", "local", "sparse", "linear")
+SDPA_KINDS = ("scaled_dot", "dot")  # through F.scaled_dot_product_attention: take key_bias
 CROSS_KINDS = ("scaled_dot", "dot", "additive", "linear")  # local/sparse need one axis
 SPARSE_PATTERNS = ("strided", "fixed")
 
@@ -625,23 +656,37 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, h, T, d_head)
 
-    def _project(self, x: torch.Tensor, rows: slice, n: int) -> tuple[torch.Tensor, ...]:
-        """x (B, T, D) through the ``rows`` of the stacked projection -> n (B, h, T, d_head)."""
-        y = F.linear(x, self.in_proj.weight[rows], self.in_proj.bias[rows])  # (B, T, n D)
+    def _project(self, x: torch.Tensor, params, n: int) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) through ``params`` (weight, bias), rows of the stacked projection, ->
+        n (B, h, T, d_head)."""
+        y = F.linear(x, *params)  # (B, T, n D)
         return tuple(self.split_heads(part) for part in y.chunk(n, dim=-1))
 
-    def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries of ``x`` (B, T, D) -> (B, h, T, d_head)."""
-        return self._project(x, slice(0, self.d_head * self.n_heads), 1)[0]
+    def split_params(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """((W_q, b_q), (W_kv, b_kv)): the query rows and the key/value rows of the stacked
+        projection, each parameter split in one operation. Cross-attention projects the
+        memory and the queries apart; when one pass uses both parts of one split, the
+        backward pass joins their gradients in one concatenation per parameter. (A slice of
+        each part costs the backward pass a zero-filled gradient of the full size and a copy,
+        per part and parameter, then an addition: 10 kernel launches per layer on a GPU.)"""
+        D = self.d_head * self.n_heads
+        (w_q, w_kv), (b_q, b_kv) = (p.split([D, 2 * D]) for p in self.in_proj.parameters())
+        return (w_q, b_q), (w_kv, b_kv)
 
-    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of ``x`` (B, T, D) -> two (B, h, T, d_head)."""
-        return self._project(x, slice(self.d_head * self.n_heads, None), 2)
+    def project_q(self, x: torch.Tensor, params=None) -> torch.Tensor:
+        """Queries of ``x`` (B, T, D) -> (B, h, T, d_head); ``params``: the (W_q, b_q) of a
+        ``split_params`` whose key/value rows the same pass uses, else split here."""
+        return self._project(x, self.split_params()[0] if params is None else params, 1)[0]
+
+    def project_kv(self, x: torch.Tensor, params=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``x`` (B, T, D) -> two (B, h, T, d_head); ``params`` as in
+        ``project_q``, the (W_kv, b_kv)."""
+        return self._project(x, self.split_params()[1] if params is None else params, 2)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries, keys and values of ``x`` (B, T, D), one matrix product -> three
-        (B, h, T, d_head)."""
-        return self._project(x, slice(None), 3)
+        (B, h, T, d_head). The whole parameters, not a slice of them (see split_params)."""
+        return self._project(x, (self.in_proj.weight, self.in_proj.bias), 3)
 
     def empty_cache(self, B: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder self-attention cache before the first step (a pair, batch first)."""
@@ -655,6 +700,7 @@ class MultiHeadAttention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         append_kv: bool = False,
         causal: bool = False,
+        q_params: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """
         :param x: (B, T_q, D) queries (and keys/values for self-attention)
@@ -665,6 +711,8 @@ class MultiHeadAttention(nn.Module):
             ``kv`` with this position; False with ``kv`` given: ``kv`` is used as is
             (precomputed cross-attention keys and values)
         :param causal: full-sequence causal self-attention (training / teacher forcing)
+        :param q_params: cross-attention: (W_q, b_q) of the ``split_params`` that gave the
+            cached keys and values (``project_q``); None = split here
         :return: output (B, T_q, D) and the cache, for the caller
         """
         B, T, D = x.shape
@@ -675,7 +723,7 @@ class MultiHeadAttention(nn.Module):
             if kv is None and memory is None:  # self-attention
                 q, k, v = self.project_qkv(x)
             else:  # cross-attention: keys and values of the memory, or its cache
-                q = self.project_q(x)
+                q = self.project_q(x, q_params)
                 k, v = self.project_kv(memory) if kv is None else kv
             p = self.dropout if self.training else 0.0
             out, weights = self.kind(q, k, v, mask, causal, p, self.need_weights)

@@ -114,13 +114,15 @@ class DecoderLayer(nn.Module):
         self.sub_cross = Sublayer(d_model, dropout, pre_norm)
         self.sub_ffn = Sublayer(d_model, dropout, pre_norm)
 
-    def forward(self, x, memory, memory_mask, self_kv=None, cross_kv=None):
+    def forward(self, x, memory, memory_mask, self_kv=None, cross_kv=None, cross_q=None):
         """
         :param x: (B, T, D) target states; T = 1 when decoding incrementally with ``self_kv``
         :param memory: (B, S, D) encoder output  :param memory_mask: (B, 1, 1, S)
         :param self_kv: self-attention cache of earlier positions (k, v), or a linear
             attention state; None when training
         :param cross_kv: precomputed cross-attention (k, v), or None
+        :param cross_q: the cross-attention's (W_q, b_q) split with the rows that made
+            ``cross_kv`` (``MultiHeadAttention.split_params``), or None
         :return: (B, T, D), new self (k, v), cross (k, v)
         """
         incremental = self_kv is not None
@@ -129,7 +131,10 @@ class DecoderLayer(nn.Module):
             lambda h: self.self_attn(h, kv=self_kv, append_kv=incremental, causal=not incremental),
         )
         x, cross_kv = self.sub_cross(
-            x, lambda h: self.cross_attn(h, memory=memory, mask=memory_mask, kv=cross_kv)
+            x,
+            lambda h: self.cross_attn(
+                h, memory=memory, mask=memory_mask, kv=cross_kv, q_params=cross_q
+            ),
         )
         x, _ = self.sub_ffn(x, lambda h: (self.ffn(h), None))
         return x, self_kv, cross_kv

@@ -18,10 +18,25 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .attention import MultiHeadAttention, attention_config, padding_mask
+from .attention import (
+    SDPA_KINDS,
+    MultiHeadAttention,
+    attention_config,
+    attention_dtype,
+    key_bias,
+    padding_mask,
+)
 from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer, ScaledEmbedding, SinusoidalPositions
 from .seq2seq import DecoderState, EncoderOut, Seq2Seq
+
+
+class Unbatched:
+    """A value in ``EncoderOut.extra`` without a batch dimension, which ``reorder`` (beam
+    search) passes as it is: it selects along dim 0 of tensors, lists, tuples and dicts."""
+
+    def __init__(self, value):
+        self.value = value
 
 
 class Transformer(Seq2Seq):
@@ -70,6 +85,10 @@ class Transformer(Seq2Seq):
         self.n_heads = n_heads
         pre = norm == "pre"
         att = attention_config(attention)
+        # The roles given a key mask that take it as an additive mask made once per pass
+        self.bias_roles = {
+            role for role in ("encoder", "cross") if getattr(att, role) in SDPA_KINDS
+        }
         layer_args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre, att)
 
         self.tgt_embed = ScaledEmbedding(tgt_vocab_size, d_model, padding_idx=pad_id)
@@ -105,17 +124,39 @@ class Transformer(Seq2Seq):
             with torch.no_grad():
                 emb.weight[self.pad_id].zero_()
 
+    def key_mask(self, src_mask: torch.Tensor, role: str, like: torch.Tensor) -> torch.Tensor:
+        """The (B, 1, 1, S) key mask of the source for the attention ``role`` (encoder or
+        cross), once for all its layers: additive, of the dtype attention runs in for
+        activations ``like``, where that role runs SDPA (``key_bias``), else bool."""
+        mask = padding_mask(src_mask)
+        return key_bias(mask, attention_dtype(like)) if role in self.bias_roles else mask
+
     # -- encoder ---------------------------------------------------------------------------
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOut:
         """src (B, S), src_mask (B, S) bool -> EncoderOut(memory (B, S, D), src_mask), with
-        extra["cross_kv"] = [k_1, v_1, k_2, ...] per decoder layer, each (B, h, S, d_head)."""
+        extra["cross_kv"] = [k_1, v_1, k_2, ...] per decoder layer, each (B, h, S, d_head),
+        and extra["cross_q"] the query rows split from the rows that made them, per decoder
+        layer (``MultiHeadAttention.split_params``; in an ``Unbatched``)."""
         x = self.embed_dropout(self.positions(self.src_embed(src)))  # (B, S, D)
-        mask = padding_mask(src_mask)  # (B, 1, 1, S)
+        mask = self.key_mask(src_mask, "encoder", x)  # (B, 1, 1, S)
         for layer in self.encoder:
             x = layer(x, mask)
         memory = self.enc_norm(x)
-        cross = [kv for layer in self.decoder for kv in layer.cross_attn.project_kv(memory)]
-        return EncoderOut(memory=memory, src_mask=src_mask, extra={"cross_kv": cross})
+        splits = [layer.cross_attn.split_params() for layer in self.decoder]
+        cross = [
+            kv
+            for layer, (_, kv_params) in zip(self.decoder, splits)
+            for kv in layer.cross_attn.project_kv(memory, kv_params)
+        ]
+        cross_q = Unbatched([q_params for q_params, _ in splits])
+        return EncoderOut(memory, src_mask, extra={"cross_kv": cross, "cross_q": cross_q})
+
+    @staticmethod
+    def cross_q(enc: EncoderOut, i: int):
+        """Decoder layer i's cross-attention (W_q, b_q) from ``encode``, or None (then split
+        again: an EncoderOut made elsewhere)."""
+        held = enc.extra.get("cross_q")
+        return held.value[i] if held is not None else None
 
     # -- decoder ---------------------------------------------------------------------------
     def forward(self, src, src_mask, tgt_in, project: bool = True) -> torch.Tensor:
@@ -129,11 +170,12 @@ class Transformer(Seq2Seq):
 
         Training uses it through ``forward``; uncached decoding re-runs it on the prefix.
         """
-        mem_mask = padding_mask(enc.src_mask)
         y = self.embed_dropout(self.positions(self.tgt_embed(tgt_in)))  # (B, T, D)
+        mem_mask = self.key_mask(enc.src_mask, "cross", y)
         cross = enc.extra["cross_kv"]
         for i, layer in enumerate(self.decoder):
-            y, _, _ = layer(y, enc.memory, mem_mask, cross_kv=(cross[2 * i], cross[2 * i + 1]))
+            kv = (cross[2 * i], cross[2 * i + 1])
+            y, _, _ = layer(y, enc.memory, mem_mask, cross_kv=kv, cross_q=self.cross_q(enc, i))
         y = self.dec_norm(y)
         return self.out_proj(y) if project else y
 
@@ -149,7 +191,7 @@ class Transformer(Seq2Seq):
         """prev_tokens (B,) -> logits (B, V) for the next position, and the updated state."""
         y = self.tgt_embed(prev_tokens[:, None])  # (B, 1, D)
         y = self.embed_dropout(self.positions(y, start=state.step))
-        mem_mask = padding_mask(enc.src_mask)
+        mem_mask = self.key_mask(enc.src_mask, "cross", y)
         selfs, cross = state.tensors["self_kv"], enc.extra["cross_kv"]
         new_selfs = []
         for i, layer in enumerate(self.decoder):
@@ -159,6 +201,7 @@ class Transformer(Seq2Seq):
                 mem_mask,
                 self_kv=(selfs[2 * i], selfs[2 * i + 1]),
                 cross_kv=(cross[2 * i], cross[2 * i + 1]),
+                cross_q=self.cross_q(enc, i),
             )
             new_selfs += [k, v]
         logits = self.out_proj(self.dec_norm(y))[:, 0]  # (B, V)
