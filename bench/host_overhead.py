@@ -21,10 +21,12 @@ for ours and HF Marian of the same layout. When a step is bound by the host, as 
 model's is on an H100, its time is roughly its operator count times a cost per launch, so
 Marian's count over ours is about what ours can gain in eager mode; more needs fewer
 launches per step than eager PyTorch makes (CUDA graphs,
-``trainer.compile_mode=reduce-overhead``). On the CPU attention runs PyTorch's math SDPA and
-dropout its CPU kernels, and a bf16 matrix product costs the CPU tens of microseconds even
-at width 32, so neither the counts nor the times are the GPU's; the comparison between the
-models is the point. The models' timing alternates in rounds, so that load drift on the
+``trainer.compile_mode=reduce-overhead``). On the CPU attention with dropout runs PyTorch's
+math SDPA (about twenty operators per call, the same for both models; a second count leaves
+attention dropout out, so that SDPA runs its fused CPU kernel, one operator per call and
+pass as on a GPU) and dropout its CPU kernels, and a bf16 matrix product costs the CPU tens
+of microseconds even at width 32, so neither the counts nor the times are the GPU's; the
+comparison between the models is the point. The models' timing alternates in rounds, so that load drift on the
 machine hits them alike. Not a test: it measures.
 """
 
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_speed import (  # noqa: E402
     CONFIGS,
+    DROPOUT,
     build_model,
     make_step,
     save,
@@ -81,29 +84,34 @@ def tiny_batch(vocab: int):
     return types.SimpleNamespace(src=src, src_mask=mask, tgt_in=tgt[:, :-1], tgt_out=tgt[:, 1:])
 
 
-def build(name: str, cfg: dict, vocab: int):
+def build(name: str, cfg: dict, vocab: int, dropout: dict = DROPOUT):
     torch.manual_seed(0)
-    return build_model(name, cfg, vocab, PAD, BOS, EOS)
+    return build_model(name, cfg, vocab, PAD, BOS, EOS, dropout)
 
 
 MODELS = ("ours", "ours/bf16-weights", "marian")
+# Without attention dropout SDPA runs its fused CPU kernel, one operator per call forward and
+# one backward, as its fused kernels do on a GPU (which apply the dropout inside): a count
+# nearer to a GPU's launches than the CPU's math attention with dropout gives.
+FUSED_ATTENTION = DROPOUT | {"attn_dropout": 0.0}
 
 
-def make(name: str, cfg: dict, vocab: int):
+def make(name: str, cfg: dict, vocab: int, dropout: dict = DROPOUT):
     """One training step of the model ``name`` (MODELS) at ``cfg``."""
     precision = "bf16-weights" if name == "ours/bf16-weights" else "bf16"
-    return make_step(build(name.split("/")[0], cfg, vocab), PAD, torch.device("cpu"), precision)
+    model = build(name.split("/")[0], cfg, vocab, dropout)
+    return make_step(model, PAD, torch.device("cpu"), precision)
 
 
 def total(ops: collections.Counter) -> int:
     return sum(ops.values())
 
 
-def count_ops(cfg: dict, vocab: int) -> dict[str, collections.Counter]:
+def count_ops(cfg: dict, vocab: int, dropout: dict = DROPOUT) -> dict[str, collections.Counter]:
     counts = {}
     batch = tiny_batch(vocab)
     for name in MODELS:
-        step = make(name, cfg, vocab)
+        step = make(name, cfg, vocab, dropout)
         step(batch)  # the optimizer's state exists from the second step on
         with Dispatched() as seen:
             step(batch)
@@ -149,6 +157,12 @@ def main() -> None:
         "- ops/step: computing operators dispatched in one step (not views or bare "
         "allocations; on a GPU each is a kernel launch at least), at the config's width on a "
         "2 x 5-token batch; casts: those of them that are `aten::_to_copy`",
+        "- fused attention: the same count without attention dropout, so that SDPA runs "
+        "its fused CPU kernel (one operator per call and pass, as its fused kernels on a GPU, "
+        "which apply the dropout inside) instead of the CPU's math attention (matrix "
+        "products, softmax, dropout, casts: the same ~20 operators per call for both models); "
+        "nearer a GPU's launch count, still not it (a GPU's dropout is one kernel, the CPU's "
+        "three operators)",
         f"- ms/step: median over {args.rounds} rounds x {args.steps} steps per model, the "
         "models alternating, of the config's depth at width 32 (d_ff 64, vocabulary 64) on "
         "that batch: mostly the cost of issuing operators, little arithmetic",
@@ -159,20 +173,22 @@ def main() -> None:
         "- Marian / this: Marian's ops and ms per step over this model's",
         "",
         "| config | model | ops/step | casts/step | ms/step | Marian / this (ops) "
-        "| Marian / this (ms) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| Marian / this (ms) | ops/step, fused attention | Marian / this |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tops = []
     for cname in args.configs.split(","):
         cfg = CONFIGS[cname]
         counts = count_ops(cfg, vocab=8000)
+        fused = {name: total(ops) for name, ops in count_ops(cfg, 8000, FUSED_ATTENTION).items()}
         ms = time_steps(cfg, args.rounds, args.steps)
         for name in MODELS:
             ops = counts[name]
             lines.append(
                 f"| {cname} | {name} | {total(ops):,} | {ops['_to_copy']:,} | "
                 f"{ms[name]:.2f} | {total(counts['marian']) / total(ops):.2f}x | "
-                f"{ms['marian'] / ms[name]:.2f}x |"
+                f"{ms['marian'] / ms[name]:.2f}x | {fused[name]:,} | "
+                f"{fused['marian'] / fused[name]:.2f}x |"
             )
             print(lines[-1], flush=True)
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))

@@ -59,7 +59,7 @@ def machine(device: torch.device) -> str:
     return f"{name} ({', '.join(units)})" if units else name
 
 
-def marian(cfg: dict, vocab: int, pad: int, bos: int, eos: int):
+def marian(cfg: dict, vocab: int, pad: int, bos: int, eos: int, dropout: dict = DROPOUT):
     from transformers import MarianConfig, MarianMTModel
 
     mc = MarianConfig(
@@ -71,9 +71,9 @@ def marian(cfg: dict, vocab: int, pad: int, bos: int, eos: int):
         decoder_attention_heads=cfg["n_heads"],
         encoder_ffn_dim=cfg["d_ff"],
         decoder_ffn_dim=cfg["d_ff"],
-        dropout=DROPOUT["dropout"],
-        attention_dropout=DROPOUT["attn_dropout"],
-        activation_dropout=DROPOUT["act_dropout"],
+        dropout=dropout["dropout"],
+        attention_dropout=dropout["attn_dropout"],
+        activation_dropout=dropout["act_dropout"],
         activation_function="relu",
         max_position_embeddings=1024,
         pad_token_id=pad,
@@ -99,12 +99,14 @@ class MarianAdapter(torch.nn.Module):
         ).logits
 
 
-def build_model(name: str, cfg: dict, vocab: int, pad: int, bos: int, eos: int):
+def build_model(
+    name: str, cfg: dict, vocab: int, pad: int, bos: int, eos: int, dropout: dict = DROPOUT
+):
     """Our Transformer ("ours") or HF Marian (any other name) of the layout ``cfg`` with the
-    benchmarks' dropout and random weights, behind our forward signature."""
+    benchmarks' dropout (or ``dropout``) and random weights, behind our forward signature."""
     if name == "ours":
-        return Transformer(vocab, vocab, pad, **cfg, **DROPOUT)
-    return MarianAdapter(marian(cfg, vocab, pad, bos, eos))
+        return Transformer(vocab, vocab, pad, **cfg, **dropout)
+    return MarianAdapter(marian(cfg, vocab, pad, bos, eos, dropout))
 
 
 def flops_by_part(cfg: dict, B: int, S: int, T: int, vocab: int) -> dict[str, float]:
