@@ -656,9 +656,9 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, h, T, d_head)
 
-    def _project(self, x: torch.Tensor, params, n: int) -> tuple[torch.Tensor, ...]:
-        """x (B, T, D) through ``params`` (weight, bias), rows of the stacked projection, ->
-        n (B, h, T, d_head)."""
+    def project(self, x: torch.Tensor, params, n: int) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) through ``params`` (weight, bias), n blocks of D rows (of the stacked
+        projection, or of several layers' alike) -> n (B, h, T, d_head)."""
         y = F.linear(x, *params)  # (B, T, n D)
         return tuple(self.split_heads(part) for part in y.chunk(n, dim=-1))
 
@@ -676,17 +676,17 @@ class MultiHeadAttention(nn.Module):
     def project_q(self, x: torch.Tensor, params=None) -> torch.Tensor:
         """Queries of ``x`` (B, T, D) -> (B, h, T, d_head); ``params``: the (W_q, b_q) of a
         ``split_params`` whose key/value rows the same pass uses, else split here."""
-        return self._project(x, self.split_params()[0] if params is None else params, 1)[0]
+        return self.project(x, self.split_params()[0] if params is None else params, 1)[0]
 
     def project_kv(self, x: torch.Tensor, params=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``x`` (B, T, D) -> two (B, h, T, d_head); ``params`` as in
         ``project_q``, the (W_kv, b_kv)."""
-        return self._project(x, self.split_params()[1] if params is None else params, 2)
+        return self.project(x, self.split_params()[1] if params is None else params, 2)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries, keys and values of ``x`` (B, T, D), one matrix product -> three
         (B, h, T, d_head). The whole parameters, not a slice of them (see split_params)."""
-        return self._project(x, (self.in_proj.weight, self.in_proj.bias), 3)
+        return self.project(x, (self.in_proj.weight, self.in_proj.bias), 3)
 
     def empty_cache(self, B: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder self-attention cache before the first step (a pair, batch first)."""

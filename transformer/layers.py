@@ -25,6 +25,13 @@ class ScaledEmbedding(nn.Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(ids) * math.sqrt(self.embedding_dim)
 
+    def lookup(self, *ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The embeddings of several id tensors, each (*its shape, D), from one lookup: the
+        backward pass then scatters all their gradients into the table at once."""
+        flat = self(torch.cat([i.reshape(-1) for i in ids]))  # (sum of sizes, D)
+        parts = flat.split([i.numel() for i in ids])
+        return tuple(part.view(*i.shape, -1) for part, i in zip(parts, ids))
+
 
 class SinusoidalPositions(nn.Module):
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), added to embeddings."""

@@ -132,24 +132,35 @@ class Transformer(Seq2Seq):
         return key_bias(mask, attention_dtype(like)) if role in self.bias_roles else mask
 
     # -- encoder ---------------------------------------------------------------------------
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOut:
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor, embedded=None) -> EncoderOut:
         """src (B, S), src_mask (B, S) bool -> EncoderOut(memory (B, S, D), src_mask), with
         extra["cross_kv"] = [k_1, v_1, k_2, ...] per decoder layer, each (B, h, S, d_head),
         and extra["cross_q"] the query rows split from the rows that made them, per decoder
-        layer (``MultiHeadAttention.split_params``; in an ``Unbatched``)."""
-        x = self.embed_dropout(self.positions(self.src_embed(src)))  # (B, S, D)
+        layer (``MultiHeadAttention.split_params``; in an ``Unbatched``). ``embedded``: the
+        source's scaled embeddings (B, S, D) when already looked up (``forward``)."""
+        if embedded is None:
+            embedded = self.src_embed(src)
+        x = self.embed_dropout(self.positions(embedded))  # (B, S, D)
         mask = self.key_mask(src_mask, "encoder", x)  # (B, 1, 1, S)
         for layer in self.encoder:
             x = layer(x, mask)
         memory = self.enc_norm(x)
         splits = [layer.cross_attn.split_params() for layer in self.decoder]
-        cross = [
-            kv
-            for layer, (_, kv_params) in zip(self.decoder, splits)
-            for kv in layer.cross_attn.project_kv(memory, kv_params)
-        ]
+        cross = self.cross_keys_values(memory, [kv_params for _, kv_params in splits])
         cross_q = Unbatched([q_params for q_params, _ in splits])
         return EncoderOut(memory, src_mask, extra={"cross_kv": cross, "cross_q": cross_q})
+
+    def cross_keys_values(self, memory: torch.Tensor, kv_params: list) -> list[torch.Tensor]:
+        """[k_1, v_1, k_2, ...], each (B, h, S, d_head): every decoder layer's cross-attention
+        keys and values of ``memory`` (B, S, D), from their (W_kv, b_kv) stacked into one
+        matrix product. The backward pass then takes one product for the memory's gradient,
+        one for the weights' and one bias sum, where a product per layer took three each and
+        additions to sum the memory's gradients."""
+        if not kv_params:
+            return []
+        weight = torch.cat([w for w, _ in kv_params])  # (layers * 2D, D)
+        bias = torch.cat([b for _, b in kv_params])
+        return list(self.decoder[0].cross_attn.project(memory, (weight, bias), 2 * len(kv_params)))
 
     @staticmethod
     def cross_q(enc: EncoderOut, i: int):
@@ -161,16 +172,30 @@ class Transformer(Seq2Seq):
     # -- decoder ---------------------------------------------------------------------------
     def forward(self, src, src_mask, tgt_in, project: bool = True) -> torch.Tensor:
         """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V),
-        or with ``project=False`` the features (B, T, D) that ``out_proj`` maps to them."""
-        return self.decode_prefix(tgt_in, self.encode(src, src_mask), project)
+        or with ``project=False`` the features (B, T, D) that ``out_proj`` maps to them.
 
-    def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut, project: bool = True):
+        With one embedding for both languages, the source and the target are looked up
+        together, so the backward pass scatters their gradients into it once, not twice and
+        then adds (on a GPU, the scatter of more than 3,072 ids is a sort and a dozen kernels).
+        """
+        src_emb = tgt_emb = None
+        if self.src_embed is self.tgt_embed:
+            src_emb, tgt_emb = self.tgt_embed.lookup(src, tgt_in)
+        enc = self.encode(src, src_mask, embedded=src_emb)
+        return self.decode_prefix(tgt_in, enc, project, embedded=tgt_emb)
+
+    def decode_prefix(
+        self, tgt_in: torch.Tensor, enc: EncoderOut, project: bool = True, embedded=None
+    ):
         """Teacher-forced decoder stack over ``enc``: tgt_in (B, T) -> logits (B, T, V)
-        (features (B, T, D) with ``project=False``).
+        (features (B, T, D) with ``project=False``); ``embedded``: tgt_in's scaled
+        embeddings when already looked up.
 
         Training uses it through ``forward``; uncached decoding re-runs it on the prefix.
         """
-        y = self.embed_dropout(self.positions(self.tgt_embed(tgt_in)))  # (B, T, D)
+        if embedded is None:
+            embedded = self.tgt_embed(tgt_in)
+        y = self.embed_dropout(self.positions(embedded))  # (B, T, D)
         mem_mask = self.key_mask(enc.src_mask, "cross", y)
         cross = enc.extra["cross_kv"]
         for i, layer in enumerate(self.decoder):
