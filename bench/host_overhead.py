@@ -26,8 +26,8 @@ math SDPA (about twenty operators per call, the same for both models; a second c
 attention dropout out, so that SDPA runs its fused CPU kernel, one operator per call and
 pass as on a GPU) and dropout its CPU kernels, and a bf16 matrix product costs the CPU tens
 of microseconds even at width 32, so neither the counts nor the times are the GPU's; the
-comparison between the models is the point. The models' timing alternates in rounds, so that load drift on the
-machine hits them alike. Not a test: it measures.
+comparison between the models is the point. The models' timing alternates in rounds, so
+that load drift on the machine hits them alike. Not a test: it measures.
 """
 
 from __future__ import annotations

@@ -668,7 +668,7 @@ class MultiHeadAttention(nn.Module):
         memory and the queries apart; when one pass uses both parts of one split, the
         backward pass joins their gradients in one concatenation per parameter. (A slice of
         each part costs the backward pass a zero-filled gradient of the full size and a copy,
-        per part and parameter, then an addition: 10 kernel launches per layer on a GPU.)"""
+        per part and parameter, then an addition: ten operators per layer, not two.)"""
         D = self.d_head * self.n_heads
         (w_q, w_kv), (b_q, b_kv) = (p.split([D, 2 * D]) for p in self.in_proj.parameters())
         return (w_q, b_q), (w_kv, b_kv)
