@@ -1,7 +1,7 @@
 """Where the time of one training step goes: a torch.profiler breakdown.
 
     python bench/profile_step.py [--config transformer-base] [--max-tokens 25000]
-        [--models ours,marian] [--compile] [--sdpa efficient] [--fused-loss true]
+        [--models ours,marian,ours/bf16-weights] [--compile] [--sdpa efficient] [--fused-loss true]
         [--device cpu] [--out results/bench/profile_NAME.md]
 
 For each model, after warm-up on the same real Multi30k batches as ``bench/train_speed.py``,
@@ -10,7 +10,9 @@ time the GPU is busy; wall minus that is time the GPU waits for the host), kerne
 step, GPU time by kind of kernel (matrix products, attention, layer norm, dropout, casts, ...)
 with the rate in TFLOP/s of the matrix products and of attention over their own kernel time
 (where the MFU of ``bench/train_speed.py`` goes), and the operators with the most host (CPU)
-time and the kernels with the most GPU time.
+time and the kernels with the most GPU time. ``ours/bf16-weights`` is ours with
+``trainer.precision=bf16-weights`` (transformer/precision.py). Each model's section is saved
+as soon as it is measured.
 On a CPU (``--device cpu``, fp32): wall time per step and the operators with the most time.
 Not a test: it measures.
 """
@@ -35,6 +37,7 @@ from train_speed import (  # noqa: E402
     flops_by_part,
     load_batches,
     make_step,
+    save,
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
@@ -94,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="transformer-base", choices=list(CONFIGS))
     ap.add_argument("--max-tokens", type=int, default=25000)
-    ap.add_argument("--models", default="ours,marian")
+    ap.add_argument("--models", default="ours,marian", help="of ours, marian, ours/bf16-weights")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each")
     ap.add_argument(
@@ -143,11 +146,13 @@ def main() -> None:
     ]
     for mname in args.models.split(","):
         torch.manual_seed(0)
-        model = build_model(mname, mcfg, V, pad, tok.bos_id, tok.eos_id).to(device)
-        fused = mname == "ours" and (
+        base = mname.split("/")[0]
+        model = build_model(base, mcfg, V, pad, tok.bos_id, tok.eos_id).to(device)
+        fused = base == "ours" and (
             args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
         )  # as trainer.fused_loss
-        step = make_step(model, pad, device, precision, args.compile and args.compile_mode, fused)
+        prec = "bf16-weights" if mname == "ours/bf16-weights" else precision
+        step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
         for b in batches:  # warm-up, every shape once (compilation included)
             step(b)
         sync()
@@ -170,7 +175,8 @@ def main() -> None:
             "",
             f"- wall per step: {1000 * wall:.1f} ms for {tokens:,.0f} target tokens "
             "(profiled; the profiler adds host overhead)",
-            f"- output projection fused into the loss (`trainer.fused_loss`): {fused}",
+            f"- output projection fused into the loss (`trainer.fused_loss`): {fused}; "
+            f"precision: {prec}",
         ]
         if cuda:
             lines += [
@@ -218,14 +224,12 @@ def main() -> None:
             lines += table(rows, ["kernel", "calls/step", "GPU ms/step"])
         lines.append("")
         print("\n".join(lines[-40:]), flush=True)
+        save(args.out, lines, done=False)  # kept if a later model runs out of time
         del model, step
         if cuda:
             torch.cuda.empty_cache()
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    save(args.out, lines, done=True)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 #                                      of steps by default; each step gets what is left, most
 #                                      important first): the SDPA kernel sweep, eager, ours vs
 #                                      Marian (Transformer-base at 25k tokens, the Multi30k
-#                                      config at 4k; also ours with bf16-weights); a profile of
-#                                      our Transformer-base step (GPU time by kind of kernel); the
+#                                      config at 4k; also ours with bf16-weights); profiles of
+#                                      our Transformer-base step, autocast and bf16-weights (GPU
+#                                      time by kind of kernel); the
 #                                      Multi30k config at 4k through CUDA graphs (reduce-overhead;
 #                                      ours, Marian, ours with bf16-weights); Transformer-base at 25k
 #                                      through torch.compile; the profile and the compiled runs
@@ -66,8 +67,10 @@ next)
   mt_sdpa=$(python3 bench/fastest_sdpa.py "$mt_md" multi30k-default "$mt") || mt_sdpa=
   echo "== fastest SDPA kernels: transformer-base '$tb_sdpa', multi30k-default '$mt_sdpa'"
   # where the time of ours goes, by kind of kernel (what the MFU misses)
-  within 45 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
-    --models ours ${tb_sdpa:+--sdpa "$tb_sdpa"} --out "results/bench/profile_${gpu}_fastest.md"
+  # (autocast, then bf16-weights; each model's section is saved as it is measured)
+  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
+    --models ours,ours/bf16-weights ${tb_sdpa:+--sdpa "$tb_sdpa"} \
+    --out "results/bench/profile_${gpu}_fastest.md"
   within 200 python3 bench/train_speed.py --compiled-only --compile-mode reduce-overhead \
     ${mt_sdpa:+--sdpa "$mt_sdpa"} --configs multi30k-default --max-tokens "$mt" $steps \
     --bf16-weights --out "results/bench/train_speed_${gpu}_graphs.md"
