@@ -140,6 +140,7 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     ``trainer.compile_mode``; ``fused_loss``: the output projection fused into the loss
     (``trainer.fused_loss``; our models only)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
+    params = list(model.parameters())  # listed once, as the trainer does
     mixed = Bf16Weights(model) if precision == "bf16-weights" else None
     net = (mixed.compute if mixed else model).train()
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -161,9 +162,11 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
             torch.compiler.cudagraph_mark_step_begin()
         loss = loss_of(b.src, b.src_mask, b.tgt_in, b.tgt_out)
         (loss / 1000).backward()
-        if mixed:
+        if mixed:  # as the trainer: gradients gathered and clipped on the flat buffer
             mixed.gather_grads()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            mixed.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if mixed:

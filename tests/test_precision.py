@@ -69,6 +69,28 @@ def test_a_parameter_the_forward_does_not_use_gets_no_gradient():
     assert model["used"].weight.grad is not None and model["unused"].weight.grad is None
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipped, and left as it is
+def test_clipping_on_the_flat_buffer_is_torchs_clip_grad_norm(max_norm):
+    """Also after an update in which a parameter had no gradient: its stale values in the
+    flat buffer must not count in the norm."""
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 4), "unused": torch.nn.Linear(3, 2)})
+    mixed = Bf16Weights(model)
+    x = torch.randn(2, 3, dtype=torch.bfloat16)
+    (mixed.compute["used"](x).sum() + mixed.compute["unused"](x).sum()).backward()
+    mixed.gather_grads()  # both have gradients in this update
+    (mixed.compute["used"](x) ** 2).sum().backward()
+    mixed.gather_grads()  # only "used" has one
+    have = [p for p in model.parameters() if p.grad is not None]
+    assert len(have) == 2  # the used layer's weight and bias
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in have]
+    for r, p in zip(reference, have):
+        r.grad = p.grad.clone()
+    expected_norm = torch.nn.utils.clip_grad_norm_(reference, max_norm)
+    assert expected_norm > 1.0  # so that the small max_norm clips
+    torch.testing.assert_close(mixed.clip_grad_norm_(max_norm), expected_norm)
+    torch.testing.assert_close([p.grad for p in have], [r.grad for r in reference])
+
+
 def test_recurrent_models_are_refused_with_the_reason():
     with pytest.raises(PrecisionError, match="GRU keeps its weights in cuDNN's own buffer"):
         Bf16Weights(BahdanauRNN(40, 40, 0, emb_dim=8, hidden_size=8))

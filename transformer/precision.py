@@ -95,8 +95,24 @@ class Bf16Weights:
             torch._foreach_copy_(
                 [self.grad16_views[i] for i in have], [self.compute_params[i].grad for i in have]
             )
-        self.grad32.copy_(self.grad16)
         have = set(have)
+        for i in range(len(self.compute_params)):
+            if i not in have:  # zero, so that the flat buffer's norm is the gradients' norm
+                self.grad16_views[i].zero_()
+        self.grad32.copy_(self.grad16)
         for i, (p, g) in enumerate(zip(self.master_params, self.grad32_views)):
             p.grad = g if i in have else None
-        self.compute.zero_grad(set_to_none=True)
+        for p in self.compute_params:  # the module's zero_grad walks the module tree: slower
+            p.grad = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_(fp32 parameters, max_norm)`` computed on the flat
+        buffer their ``.grad`` are views of (after ``gather_grads``): one norm and one scaling
+        for the whole model, without torch's per-tensor handling of the gradients in Python:
+        0.15 ms of host time per update against 1.0-1.4 ms at the Multi30k config's depth on
+        this project's CPU, time that a launch-bound GPU step waits for. Returns the total
+        norm (NaN/inf if a gradient is)."""
+        norm = torch.linalg.vector_norm(self.grad32)
+        self.grad32.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm

@@ -238,6 +238,8 @@ class Trainer:
                 torch.distributed.broadcast(self.mixed.flat32, 0)
             self.mixed.publish()
         self.compute_model = self.mixed.compute if self.mixed else self.model
+        # Listed once: walking the module tree for them at every update costs host time
+        self.params = list(self.model.parameters())
         self.train_model = self.wrap(self.compute_model)
         log.info(
             "model: %s, %.2fM parameters; precision %s",
@@ -569,7 +571,10 @@ class Trainer:
         # ntok_all / world_size gives the gradient of (all losses) / ntok_all.
         total = self.accumulate(micro_batches, ntok_all / self.dist.world_size)
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_norm)
+        if self.mixed:  # on the flat gradient buffer (precision.py)
+            norm = self.mixed.clip_grad_norm_(self.t.clip_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.t.clip_norm)
         if self.skip_on_device:  # no host sync: the fused step is skipped where found_inf = 1
             bad = ~torch.isfinite(norm)
             self.optimizer.found_inf = bad.float()
