@@ -95,13 +95,14 @@ class Bf16Weights:
             torch._foreach_copy_(
                 [self.grad16_views[i] for i in have], [self.compute_params[i].grad for i in have]
             )
-        have = set(have)
-        for i in range(len(self.compute_params)):
-            if i not in have:  # zero, so that the flat buffer's norm is the gradients' norm
-                self.grad16_views[i].zero_()
         self.grad32.copy_(self.grad16)
+        have = set(have)
         for i, (p, g) in enumerate(zip(self.master_params, self.grad32_views)):
-            p.grad = g if i in have else None
+            if i in have:
+                p.grad = g
+            else:  # zeroed, so that the flat buffer's norm is the gradients' norm
+                g.zero_()
+                p.grad = None
         for p in self.compute_params:  # the module's zero_grad walks the module tree: slower
             p.grad = None
 
