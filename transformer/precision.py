@@ -111,9 +111,9 @@ class Bf16Weights:
         """``torch.nn.utils.clip_grad_norm_(fp32 parameters, max_norm)`` computed on the flat
         buffer their ``.grad`` are views of (after ``gather_grads``): one norm and one scaling
         for the whole model, without torch's per-tensor handling of the gradients in Python:
-        0.15 ms of host time per update against 1.0-1.4 ms at the Multi30k config's depth on
-        this project's CPU, time that a launch-bound GPU step waits for. Returns the total
-        norm (NaN/inf if a gradient is)."""
+        0.15 ms of host time per update against 1.32 ms at the Multi30k config's depth on
+        this project's CPU (results/bench/clip_time_cpu.md), time that a launch-bound GPU
+        step waits for. Returns the total norm (NaN/inf if a gradient is)."""
         norm = torch.linalg.vector_norm(self.grad32)
         self.grad32.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm

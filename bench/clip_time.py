@@ -1,0 +1,115 @@
+"""Host time of gradient clipping and of dropping gradients, per update, on the CPU.
+
+    python bench/clip_time.py [--out results/bench/clip_time_cpu.md]
+
+With ``trainer.precision=bf16-weights`` the fp32 gradients are views of one flat buffer, so
+the trainer clips them with one norm and one scaling of that buffer
+(``Bf16Weights.clip_grad_norm_``) instead of ``torch.nn.utils.clip_grad_norm_``, whose
+per-tensor work in Python is host time a launch-bound GPU step waits for; and it drops the
+bf16 copy's gradients with a loop over its listed parameters instead of ``Module.zero_grad``,
+which walks the module tree. This times each way at each config's depth and width 32 (as
+``bench/host_overhead.py``), after a real backward pass each time, the ways alternating in
+rounds. Not a test: it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from host_overhead import build, tiny_batch  # noqa: E402
+from train_speed import CONFIGS, machine, save  # noqa: E402
+
+from transformer.precision import Bf16Weights  # noqa: E402
+
+
+def ways(model, mixed):
+    """name -> (what runs before the timed call, the timed call)."""
+    params = list(model.parameters())
+
+    def gathered():
+        mixed.gather_grads()
+
+    def nothing():
+        """The copy keeps the backward pass's gradients, for the timed call to drop."""
+
+    return {
+        "clip: torch clip_grad_norm_(model.parameters())": (
+            gathered,
+            lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+        ),
+        "clip: torch clip_grad_norm_(listed parameters)": (
+            gathered,
+            lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
+        ),
+        "clip: Bf16Weights.clip_grad_norm_ (flat buffer)": (
+            gathered,
+            lambda: mixed.clip_grad_norm_(1.0),
+        ),
+        "drop the copy's gradients: Module.zero_grad(set_to_none=True)": (
+            nothing,
+            lambda: mixed.compute.zero_grad(set_to_none=True),
+        ),
+        "drop the copy's gradients: loop over the listed parameters": (
+            nothing,
+            lambda: [setattr(p, "grad", None) for p in mixed.compute_params],
+        ),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=40, help="timed calls per way and round")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    lines = [
+        f"# Host time of clipping and dropping gradients ({machine(torch.device('cpu'))}, "
+        f"{torch.get_num_threads()} threads)",
+        "",
+        f"- torch {torch.__version__}; command: `python bench/clip_time.py "
+        f"{' '.join(sys.argv[1:])}`",
+        "- our Transformer at each config's depth, width 32 (d_ff 64, vocabulary 64), "
+        "`trainer.precision=bf16-weights` (transformer/precision.py); before each timed call "
+        "a forward and backward pass on a 2 x 5-token batch (and for clipping, the gather "
+        "of the gradients into the fp32 buffer)",
+        f"- ms per call: median over {args.rounds} rounds x {args.calls} calls, the ways "
+        "alternating by round",
+        "",
+        "| config | way | ms per call |",
+        "|---|---|---:|",
+    ]
+    batch = tiny_batch(64)
+    for cname in args.configs.split(","):
+        model = build("ours", CONFIGS[cname] | {"d_model": 32, "d_ff": 64}, 64)
+        mixed = Bf16Weights(model)
+        net = mixed.compute.train()
+        timed = ways(model, mixed)
+        times = {name: [] for name in timed}
+        for _ in range(args.rounds):
+            for name, (prepare, call) in timed.items():
+                for _ in range(args.calls):
+                    net(batch.src, batch.src_mask, batch.tgt_in).float().square().mean().backward()
+                    prepare()
+                    t0 = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - t0)
+                    for p in [*mixed.compute_params, *model.parameters()]:
+                        p.grad = None
+        for name, ts in times.items():
+            lines.append(f"| {cname} | {name} | {1000 * statistics.median(ts):.3f} |")
+            print(lines[-1], flush=True)
+        save(args.out, lines, done=False)
+    save(args.out, lines, done=True)
+
+
+if __name__ == "__main__":
+    main()
