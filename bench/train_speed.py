@@ -133,15 +133,18 @@ def train_flops(cfg: dict, B: int, S: int, T: int, vocab: int) -> float:
 def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     """One training update (forward, label-smoothed loss, backward, clip, fused AdamW) as
     the trainer does it; ``precision``: bf16 (autocast), fp32, or bf16-weights (the
-    forward and backward on a bf16 copy, the update on the fp32 model:
+    forward and backward on a bf16 copy, the update on the fp32 model's flat buffer:
     ``trainer.precision=bf16-weights``, transformer/precision.py; our models only);
     ``compile``: None (eager) or a torch.compile mode, the forward and loss through
     torch.compile(dynamic=True, mode=...) as with ``trainer.compile=true`` and
     ``trainer.compile_mode``; ``fused_loss``: the output projection fused into the loss
     (``trainer.fused_loss``; our models only)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     params = list(model.parameters())  # listed once, as the trainer does
     mixed = Bf16Weights(model) if precision == "bf16-weights" else None
+    # as the trainer: fused AdamW, with bf16-weights over the flat fp32 buffer
+    opt = torch.optim.AdamW(
+        mixed.params_for(torch.optim.AdamW) if mixed else params, lr=1e-4, fused=True
+    )
     net = (mixed.compute if mixed else model).train()
     dtype = torch.bfloat16 if precision == "bf16" else None
 

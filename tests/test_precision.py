@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from transformer import checkpoint
-from transformer.precision import Bf16Weights, PrecisionError
+from transformer.precision import Bf16Weights, PrecisionError, merge_state, split_state
 from transformer.rnn_model import BahdanauRNN
 from transformer.trainer import Trainer, TrainingError
 from transformer.transformer_model import Transformer
@@ -91,6 +91,109 @@ def test_clipping_on_the_flat_buffer_is_torchs_clip_grad_norm(max_norm):
     torch.testing.assert_close([p.grad for p in have], [r.grad for r in reference])
 
 
+ADAMW = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01, fused=True)
+
+
+def train_steps(mixed: Bf16Weights, optimizer, steps: int, seed: int) -> None:
+    """``steps`` updates of the tiny Transformer through its bf16 copy."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        src = torch.randint(3, 40, (3, 7), generator=g)
+        tgt = torch.randint(3, 40, (3, 6), generator=g)
+        logits = mixed.compute(src, src != 0, tgt[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten())
+        loss.backward()
+        mixed.gather_grads()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mixed.publish()
+
+
+def flat_and_per_parameter():
+    """Two bf16-weights copies of one model: AdamW over the flat buffer and over each
+    parameter."""
+    flat, each = Bf16Weights(tiny_transformer()), Bf16Weights(tiny_transformer())
+    flat_opt = torch.optim.AdamW(flat.params_for(torch.optim.AdamW), **ADAMW)
+    each_opt = torch.optim.AdamW(each.master_params, **ADAMW)
+    return (flat, flat_opt), (each, each_opt)
+
+
+def test_adamw_over_the_flat_buffer_is_adamw_over_each_parameter():
+    (flat, flat_opt), (each, each_opt) = flat_and_per_parameter()
+    assert flat_opt.param_groups[0]["params"] == [flat.flat_param] and flat.flat_update
+    assert torch.equal(flat.flat32, each.flat32)
+    for mixed, opt in [(flat, flat_opt), (each, each_opt)]:
+        train_steps(mixed, opt, 3, seed=2)
+    assert torch.equal(flat.flat32, each.flat32)  # the same elementwise arithmetic
+    assert not torch.equal(flat.flat32, Bf16Weights(tiny_transformer()).flat32)  # it moved
+    for p, q in zip(flat.master_params, flat.compute_params):  # the model sees the update
+        assert torch.equal(q, p.to(torch.bfloat16))
+
+
+def test_the_flat_optimizer_state_is_saved_and_loaded_per_parameter():
+    """split_state gives what AdamW over each parameter would hold, and merge_state takes
+    it back: a run goes on the same either way after saving or loading."""
+    (flat, flat_opt), (each, each_opt) = flat_and_per_parameter()
+    for mixed, opt in [(flat, flat_opt), (each, each_opt)]:
+        train_steps(mixed, opt, 2, seed=3)
+    saved = split_state(flat_opt.state_dict(), flat.master_params)
+    expected = each_opt.state_dict()
+    assert saved["param_groups"] == expected["param_groups"]
+    assert saved["state"].keys() == expected["state"].keys()
+    for i, p in enumerate(each.master_params):
+        got, want = saved["state"][i], expected["state"][i]
+        assert got.keys() == want.keys() and got["exp_avg"].shape == p.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    # Per-parameter state (a checkpoint of another precision) loaded into the flat optimizer
+    # and the flat state into the per-parameter optimizer: both go on as before.
+    flat_opt.load_state_dict(merge_state(expected, flat.master_params))
+    each_opt.load_state_dict(saved)
+    merged = flat_opt.state_dict()["state"][0]
+    assert merged["exp_avg"].shape == flat.flat32.shape and float(merged["step"]) == 2
+    for mixed, opt in [(flat, flat_opt), (each, each_opt)]:
+        train_steps(mixed, opt, 2, seed=4)
+    assert torch.equal(flat.flat32, each.flat32)
+
+
+def test_merging_fills_a_parameter_without_state_and_warns_about_steps_that_differ(caplog):
+    params = [torch.nn.Parameter(torch.ones(n)) for n in (2, 3, 1)]
+    state = {
+        "state": {  # the saved parameter 1 (of three) has no state
+            0: {"step": torch.tensor(4.0), "exp_avg": torch.full((2,), 7.0)},
+            2: {"step": torch.tensor(4.0), "exp_avg": torch.full((1,), 1.0)},
+        },
+        "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}],
+    }
+    merged = merge_state(state, params)
+    assert merged["param_groups"] == [{"lr": 0.1, "params": [0]}]
+    assert torch.equal(merged["state"][0]["exp_avg"], torch.tensor([7.0, 7, 0, 0, 0, 1]))
+    assert float(merged["state"][0]["step"]) == 4 and not caplog.records
+
+    state["state"][1] = {"step": torch.tensor(6.0), "exp_avg": torch.full((3,), 2.0)}
+    merged = merge_state(state, params)
+    assert float(merged["state"][0]["step"]) == 4  # that of two parameters of three
+    assert "'step' differs between parameters ({4.0: 2, 6.0: 1})" in caplog.text
+    with pytest.raises(PrecisionError, match="has 3 parameters, the model 2"):
+        merge_state(state, params[:2])
+
+
+def test_a_parameter_without_gradient_is_warned_about_under_the_flat_optimizer(caplog):
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 3), "unused": torch.nn.Linear(3, 3)})
+    mixed = Bf16Weights(model)
+    mixed.params_for(torch.optim.AdamW)
+    mixed.compute["used"](torch.ones(2, 3, dtype=torch.bfloat16)).sum().backward()
+    mixed.gather_grads()
+    assert "2 parameters had no gradient in an update (unused.bias, unused.weight)" in caplog.text
+    assert torch.equal(mixed.flat_param.grad[-12:], torch.zeros(12))  # as a zero gradient
+
+
+def test_other_optimizers_update_each_parameter():
+    mixed = Bf16Weights(tiny_transformer())
+    assert mixed.params_for(torch.optim.Adagrad) == mixed.master_params
+    assert not mixed.flat_update
+
+
 def test_recurrent_models_are_refused_with_the_reason():
     with pytest.raises(PrecisionError, match="GRU keeps its weights in cuDNN's own buffer"):
         Bf16Weights(BahdanauRNN(40, 40, 0, emb_dim=8, hidden_size=8))
@@ -150,6 +253,23 @@ def test_bf16_weights_trains_saves_fp32_and_resumes_across_precisions(
     assert all(v.dtype == torch.float32 for v in saved["model"].values())
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(saved["model"][k], v), k
+    # AdamW updated the flat buffer; the checkpoint holds its state per parameter, as fp32's.
+    assert trainer.optimizer.param_groups[0]["params"] == [trainer.mixed.flat_param]
+    fp32_optim = checkpoint.load(tmp_path / "fp32" / "checkpoints" / "last.pt")["optimizer"]
+    assert saved["optimizer"]["param_groups"] == fp32_optim["param_groups"]
+    for i, p in enumerate(trainer.model.parameters()):
+        entry = saved["optimizer"]["state"][i]
+        assert entry["exp_avg"].shape == p.shape and float(entry["step"]) == 30, i
+
+    # ... so an fp32 run goes on from it with each parameter's moments.
+    as_fp32 = trainer_of(
+        compose, small_overrides, tmp_path, "bf16w", *NO_DROPOUT, *steps, "trainer.precision=fp32"
+    )
+    as_fp32.run()
+    assert as_fp32.step == 30
+    state = as_fp32.optimizer.state_dict()["state"]
+    for i in saved["optimizer"]["state"]:
+        torch.testing.assert_close(state[i], saved["optimizer"]["state"][i], rtol=0, atol=0)
 
     # An fp32 run goes on with bf16-weights: the copy is made from the loaded weights.
     resumed = trainer_of(
@@ -161,6 +281,9 @@ def test_bf16_weights_trains_saves_fp32_and_resumes_across_precisions(
     fp32_last = checkpoint.load(tmp_path / "fp32" / "checkpoints" / "last.pt")["model"]
     for (name, p), q in zip(resumed.model.named_parameters(), resumed.compute_model.parameters()):
         assert torch.equal(p, fp32_last[name]) and torch.equal(q, p.to(torch.bfloat16)), name
+    moments = [fp32_optim["state"][i]["exp_avg"].reshape(-1) for i in fp32_optim["state"]]
+    flat_state = resumed.optimizer.state_dict()["state"][0]
+    assert torch.equal(flat_state["exp_avg"], torch.cat(moments))
 
 
 def test_an_unknown_precision_or_an_rnn_with_bf16_weights_is_a_clear_error(

@@ -37,7 +37,7 @@ from .data import TokenBatcher
 from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
-from .precision import Bf16Weights, PrecisionError
+from .precision import Bf16Weights, PrecisionError, merge_state, split_state
 from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
 from .translator import build_model, translate_lines
 
@@ -251,9 +251,9 @@ class Trainer:
         # too: it also takes a found_inf flag, so a NaN/inf update is skipped on the device.
         make_optimizer = instantiate(self.t.optimizer)
         fused = "fused" in inspect.signature(make_optimizer.func).parameters
-        self.optimizer = make_optimizer(
-            self.model.parameters(), **({"fused": True} if fused else {})
-        )
+        # bf16-weights with Adam/AdamW: one flat parameter, the fp32 buffer (precision.py)
+        params = self.mixed.params_for(make_optimizer.func) if self.mixed else self.params
+        self.optimizer = make_optimizer(params, **({"fused": True} if fused else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, inverse_sqrt(self.t.warmup_steps)
         )
@@ -369,7 +369,7 @@ class Trainer:
             "model_kwargs": self.model_kwargs,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "tokenizer": self.tok_info,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": {
@@ -384,6 +384,16 @@ class Trainer:
             },
             "rng": rng,
         }
+
+    def flat_update(self) -> bool:
+        """Whether the optimizer updates the bf16-weights flat fp32 buffer as one parameter."""
+        return bool(self.mixed) and self.mixed.flat_update
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state over the model's parameters, whichever tensors it updates:
+        checkpoints are the same for every precision."""
+        state = self.optimizer.state_dict()
+        return split_state(state, self.params) if self.flat_update() else state
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Write last.pt and keep it as step_N.pt too (a hard link), pruning step files to
@@ -422,6 +432,11 @@ class Trainer:
             except checkpoint.CheckpointError as e:
                 raise TrainingError(f"{path}: {e}") from e
             log.info("%s: optimizer state re-indexed for this model's parameter layout", path)
+        if self.flat_update():
+            try:
+                optim = merge_state(optim, self.params)
+            except PrecisionError as e:
+                raise TrainingError(f"{path}: {e}") from e
         # The update's implementation (fused, foreach, ...) is this run's choice, not the
         # saved one: a fused step passes arguments an unfused one rejects.
         groups = [
