@@ -1,15 +1,22 @@
-"""Host time of gradient clipping and of dropping gradients, per update, on the CPU.
+"""Host time of the parts of an update after the backward pass, per update, on the CPU:
+gradient clipping, dropping gradients, and the optimizer's step.
 
-    python bench/clip_time.py [--out results/bench/clip_time_cpu.md]
+    python bench/update_time.py [--out results/bench/update_time_cpu.md]
 
-With ``trainer.precision=bf16-weights`` the fp32 gradients are views of one flat buffer, so
-the trainer clips them with one norm and one scaling of that buffer
-(``Bf16Weights.clip_grad_norm_``) instead of ``torch.nn.utils.clip_grad_norm_``, whose
-per-tensor work in Python is host time a launch-bound GPU step waits for; and it drops the
-bf16 copy's gradients with a loop over its listed parameters instead of ``Module.zero_grad``,
-which walks the module tree. This times each way at each config's depth and width 32 (as
-``bench/host_overhead.py``), after a real backward pass each time, the ways alternating in
-rounds. Not a test: it measures.
+With ``trainer.precision=bf16-weights`` the fp32 parameters and their gradients are views of
+one flat buffer each (transformer/precision.py), so the trainer
+
+- clips the gradients with one norm and one scaling of the flat buffer
+  (``Bf16Weights.clip_grad_norm_``) instead of ``torch.nn.utils.clip_grad_norm_``,
+- drops the bf16 copy's gradients with a loop over its listed parameters instead of
+  ``Module.zero_grad``, which walks the module tree, and
+- lets fused AdamW update the flat buffer as one parameter (``Bf16Weights.params_for``)
+  instead of each parameter,
+
+each of which saves per-tensor work in Python: host time that a launch-bound GPU step waits
+for. This times each way at each config's depth and width 32 (as ``bench/host_overhead.py``),
+after a real backward pass each time, the ways alternating in rounds. Not a test: it
+measures.
 """
 
 from __future__ import annotations
@@ -33,6 +40,16 @@ from transformer.precision import Bf16Weights  # noqa: E402
 def ways(model, mixed):
     """name -> (what runs before the timed call, the timed call)."""
     params = list(model.parameters())
+    # as the trainer: fused, told by a flag on the device whether to skip the update; the
+    # flat one first, so that gather_grads hands out the flat gradient too
+    flat = torch.optim.AdamW(mixed.params_for(torch.optim.AdamW), lr=1e-6, fused=True)
+    each = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    for optimizer in (flat, each):
+        optimizer.found_inf = torch.zeros(())
+
+    def optimizer_update(optimizer):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def gathered():
         mixed.gather_grads()
@@ -53,6 +70,14 @@ def ways(model, mixed):
             gathered,
             lambda: mixed.clip_grad_norm_(1.0),
         ),
+        "step: fused AdamW over each parameter, then its zero_grad": (
+            gathered,
+            lambda: optimizer_update(each),
+        ),
+        "step: fused AdamW over the flat buffer, then its zero_grad": (
+            gathered,
+            lambda: optimizer_update(flat),
+        ),
         "drop the copy's gradients: Module.zero_grad(set_to_none=True)": (
             nothing,
             lambda: mixed.compute.zero_grad(set_to_none=True),
@@ -72,15 +97,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     lines = [
-        f"# Host time of clipping and dropping gradients ({machine(torch.device('cpu'))}, "
+        f"# Host time of the update after the backward pass ({machine(torch.device('cpu'))}, "
         f"{torch.get_num_threads()} threads)",
         "",
-        f"- torch {torch.__version__}; command: `python bench/clip_time.py "
+        f"- torch {torch.__version__}; command: `python bench/update_time.py "
         f"{' '.join(sys.argv[1:])}`",
         "- our Transformer at each config's depth, width 32 (d_ff 64, vocabulary 64), "
         "`trainer.precision=bf16-weights` (transformer/precision.py); before each timed call "
         "a forward and backward pass on a 2 x 5-token batch (and for clipping, the gather "
-        "of the gradients into the fp32 buffer)",
+        "of the gradients into the fp32 buffer); each way runs once untimed first (the "
+        "optimizers make their state)",
         f"- ms per call: median over {args.rounds} rounds x {args.calls} calls, the ways "
         "alternating by round",
         "",
@@ -94,15 +120,16 @@ def main() -> None:
         net = mixed.compute.train()
         timed = ways(model, mixed)
         times = {name: [] for name in timed}
-        for _ in range(args.rounds):
+        for warm_up, calls in [(True, 1)] + [(False, args.calls)] * args.rounds:
             for name, (prepare, call) in timed.items():
-                for _ in range(args.calls):
+                for _ in range(calls):
                     net(batch.src, batch.src_mask, batch.tgt_in).float().square().mean().backward()
                     prepare()
                     t0 = time.perf_counter()
                     call()
-                    times[name].append(time.perf_counter() - t0)
-                    for p in [*mixed.compute_params, *model.parameters()]:
+                    if not warm_up:
+                        times[name].append(time.perf_counter() - t0)
+                    for p in [*mixed.compute_params, *model.parameters(), mixed.flat_param]:
                         p.grad = None
         for name, ts in times.items():
             lines.append(f"| {cname} | {name} | {1000 * statistics.median(ts):.3f} |")
