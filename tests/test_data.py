@@ -2,11 +2,13 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 
 from transformer.data import (
     DataError,
     EncodedSplit,
     TokenBatcher,
+    collate,
     load_hub,
     load_local,
     load_split,
@@ -97,6 +99,37 @@ def test_batches_respect_max_tokens_and_cover_every_example_once():
         b = batcher.batch(idx)
         assert b.src.numel() <= 120 and b.tgt_in.numel() <= 120
         assert (b.tgt_in[:, 0] == 2).all()
+
+
+def padded_one_by_one(src, tgt, idx, pad, bos, eos):
+    """Reference for collate: each example written into its rows in Python."""
+    B, S, T = len(idx), max(len(src[i]) for i in idx) + 1, max(len(tgt[i]) for i in idx) + 1
+    out = np.full((B, S), pad), np.full((B, T), pad), np.full((B, T), pad)
+    for b, i in enumerate(idx):
+        s, t = src[i].tolist(), tgt[i].tolist()
+        out[0][b, : len(s) + 1] = [*s, eos]
+        out[1][b, : len(t) + 1] = [bos, *t]
+        out[2][b, : len(t) + 1] = [*t, eos]
+    return out
+
+
+def test_a_batch_is_its_examples_padded_across_arrow_chunks():
+    """Examples from several chunks of the Arrow table, in any order, empty ones too."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(5)
+    src = [rng.integers(4, 50, rng.integers(0, 20)).astype(np.int32) for _ in range(90)]
+    tgt = [rng.integers(4, 50, rng.integers(0, 20)).astype(np.int32) for _ in range(90)]
+    parts = [EncodedSplit.from_lists(src[a : a + 30], tgt[a : a + 30]).table for a in (0, 30, 60)]
+    split = EncodedSplit(pa.concat_tables(parts))
+    assert split.table["src_ids"].num_chunks == 3
+    assert min(len(x) for x in src) == 0 and min(len(x) for x in tgt) == 0
+    for idx in [rng.permutation(90)[:37], np.array([61]), np.array([5, 5, 89])]:
+        b = collate(split, idx, pad_id=0, bos_id=2, eos_id=3)
+        want = padded_one_by_one(src, tgt, idx, pad=0, bos=2, eos=3)
+        for got, expected in zip((b.src, b.tgt_in, b.tgt_out), want):
+            assert got.dtype == torch.int64 and np.array_equal(got.numpy(), expected)
+        assert torch.equal(b.src_mask, b.src != 0)
 
 
 def test_batch_order_reproducible_per_epoch_and_reshuffled_between_epochs():

@@ -248,6 +248,12 @@ class EncodedSplit:
             name: [(c.offsets.to_numpy(), c.values.to_numpy()) for c in table[name].chunks]
             for name in ("src_ids", "tgt_ids")
         }
+        # Where each row's ids start in its chunk's values, for collate (``packed_rows``):
+        # the offsets' type, 4 bytes a row and side for Arrow's int32 list offsets.
+        self._row_starts = {
+            name: np.concatenate([offsets[:-1] for offsets, _ in cols])
+            for name, cols in self._cols.items()
+        }
 
     @classmethod
     def from_lists(cls, src, tgt, src_text=None, tgt_text=None) -> EncodedSplit:
@@ -283,6 +289,38 @@ class EncodedSplit:
             out.append(rows)
         return out[0], out[1]
 
+    def packed_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(source ids, source lengths, target ids, target lengths) of examples ``idx``: each
+        side's ids concatenated in the order of ``idx``, gathered by numpy with one indexing
+        per Arrow chunk the examples fall in, not one slice per example (a 25k-token batch
+        holds over a thousand examples)."""
+        if self.pages is not None:  # drop what earlier batches left mapped, if over budget
+            self.pages.maybe_release()
+        idx = np.asarray(idx, dtype=np.int64)
+        chunk = np.searchsorted(self._starts, idx, side="right") - 1
+        # The examples in chunk order, so that each chunk's ids are one run of positions.
+        by_chunk = np.argsort(chunk, kind="stable")
+        cuts = np.searchsorted(chunk[by_chunk], np.arange(len(self._starts) + 1))
+        out = []
+        for name, lens in (("src_ids", self.src_lens[idx]), ("tgt_ids", self.tgt_lens[idx])):
+            n = lens[by_chunk]
+            ends = np.concatenate([[0], np.cumsum(n)])[cuts]  # each chunk's run of ids
+            ids = np.empty(int(ends[-1]), dtype=np.int32)
+            at = ranges(self._row_starts[name][idx[by_chunk]], n)  # within their chunk
+            for c in np.flatnonzero(ends[1:] > ends[:-1]).tolist():
+                values = self._cols[name][c][1]
+                ids[ends[c] : ends[c + 1]] = values[at[ends[c] : ends[c + 1]]]
+            packed = np.empty_like(ids)  # back in the order of idx
+            packed[ranges((np.cumsum(lens) - lens)[by_chunk], n)] = ids
+            out += [packed, lens]
+        return out[0], out[1], out[2], out[3]
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The ranges ``starts[i] .. starts[i] + lengths[i]`` (end excluded), concatenated."""
+    shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(int(lengths.sum()), dtype=np.int64) + shift
+
 
 # -- batching ---------------------------------------------------------------------------------
 def plan_batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator | None):
@@ -315,17 +353,24 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator 
 
 
 def collate(split: EncodedSplit, idx: np.ndarray, pad_id: int, bos_id: int, eos_id: int) -> Batch:
-    """Pad examples ``idx`` into a Batch: src + EOS, BOS + tgt, tgt + EOS."""
-    src, tgt = split.rows(idx)
-    B, S, T = len(idx), max(len(s) for s in src) + 1, max(len(t) for t in tgt) + 1
-    src_arr = np.full((B, S), pad_id, dtype=np.int64)
+    """Pad examples ``idx`` into a Batch: src + EOS, BOS + tgt, tgt + EOS. Vectorised, with
+    no Python work per example: on this project's CPU a 4k-token Multi30k batch takes 0.64
+    ms, against 1.29 ms one example at a time, and a 25k-token one 1.86 ms against 7.36
+    (results/bench/collate_time_cpu.md), time that a GPU step bound by its host waits for."""
+    src_ids, src_lens, tgt_ids, tgt_lens = split.packed_rows(idx)
+    B, S, T = len(idx), int(src_lens.max()) + 1, int(tgt_lens.max()) + 1
+    rows = np.arange(B)
+    src = np.full((B, S), pad_id, dtype=np.int64)
     tgt_in = np.full((B, T), pad_id, dtype=np.int64)
     tgt_out = np.full((B, T), pad_id, dtype=np.int64)
-    for b, (s, t) in enumerate(zip(src, tgt)):
-        src_arr[b, : len(s)], src_arr[b, len(s)] = s, eos_id
-        tgt_in[b, 0], tgt_in[b, 1 : len(t) + 1] = bos_id, t
-        tgt_out[b, : len(t)], tgt_out[b, len(t)] = t, eos_id
-    src_t = torch.from_numpy(src_arr)
+    # A boolean mask takes the ids row by row, in the order they are packed in.
+    src[np.arange(S) < src_lens[:, None]] = src_ids
+    src[rows, src_lens] = eos_id
+    tgt_in[:, 0] = bos_id
+    tgt_in[:, 1:][np.arange(T - 1) < tgt_lens[:, None]] = tgt_ids
+    tgt_out[np.arange(T) < tgt_lens[:, None]] = tgt_ids
+    tgt_out[rows, tgt_lens] = eos_id
+    src_t = torch.from_numpy(src)
     return Batch(src_t, src_t != pad_id, torch.from_numpy(tgt_in), torch.from_numpy(tgt_out))
 
 
