@@ -4,10 +4,11 @@
 
 The trainer makes each batch in its main thread, between steps (``TokenBatcher.batch``:
 ``transformer.data.collate``), so on a GPU whose step waits for the host this time adds to
-every step. This times ``collate`` (the examples' ids gathered with one numpy indexing per
-Arrow chunk, padded with boolean masks) against the same batches made one example at a time
-in Python (how collate worked before; kept here as the reference, and checked equal), on
-the training batches of epoch 0 at several token budgets, the two ways alternating by round.
+every step. This times ``collate`` (on this cache, whose 29 Arrow chunks each hold many of
+a batch's examples, the ids are gathered with one numpy indexing per chunk; padded with
+boolean masks) against the same batches made one example at a time in Python (how collate
+worked before; kept here as the reference, and checked equal), on the training batches of
+epoch 0 at several token budgets, the two ways alternating by round.
 Not a test: it measures.
 """
 
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     split, specials = load_split()
-    ways = {"collate (per Arrow chunk)": collate, "one example at a time": one_by_one}
+    ways = {"collate": collate, "one example at a time": one_by_one}
     lines = [
         f"# Host time of making a training batch ({machine(torch.device('cpu'))})",
         "",

@@ -124,12 +124,15 @@ def test_a_batch_is_its_examples_padded_across_arrow_chunks():
     split = EncodedSplit(pa.concat_tables(parts))
     assert split.table["src_ids"].num_chunks == 3
     assert min(len(x) for x in src) == 0 and min(len(x) for x in tgt) == 0
+    by_example = []  # which examples were read one slice each (packed_rows' other way)
+    split._rows = lambda idx, chunk, read=split._rows: by_example.append(idx) or read(idx, chunk)
     for idx in [rng.permutation(90)[:37], np.array([61]), np.array([5, 5, 89])]:
         b = collate(split, idx, pad_id=0, bos_id=2, eos_id=3)
         want = padded_one_by_one(src, tgt, idx, pad=0, bos=2, eos=3)
         for got, expected in zip((b.src, b.tgt_in, b.tgt_out), want):
             assert got.dtype == torch.int64 and np.array_equal(got.numpy(), expected)
         assert torch.equal(b.src_mask, b.src != 0)
+    assert [len(x) for x in by_example] == [1, 3]  # 37 examples in 3 chunks: per chunk
 
 
 def test_batch_order_reproducible_per_epoch_and_reshuffled_between_epochs():

@@ -248,12 +248,6 @@ class EncodedSplit:
             name: [(c.offsets.to_numpy(), c.values.to_numpy()) for c in table[name].chunks]
             for name in ("src_ids", "tgt_ids")
         }
-        # Where each row's ids start in its chunk's values, for collate (``packed_rows``):
-        # the offsets' type, 4 bytes a row and side for Arrow's int32 list offsets.
-        self._row_starts = {
-            name: np.concatenate([offsets[:-1] for offsets, _ in cols])
-            for name, cols in self._cols.items()
-        }
 
     @classmethod
     def from_lists(cls, src, tgt, src_text=None, tgt_text=None) -> EncodedSplit:
@@ -277,7 +271,9 @@ class EncodedSplit:
         if self.pages is not None:  # drop what earlier batches left mapped, if over budget
             self.pages.maybe_release()
         idx = np.asarray(idx, dtype=np.int64)
-        chunk = np.searchsorted(self._starts, idx, side="right") - 1
+        return self._rows(idx, np.searchsorted(self._starts, idx, side="right") - 1)
+
+    def _rows(self, idx: np.ndarray, chunk: np.ndarray):
         local = idx - self._starts[chunk]
         out = []
         for name in ("src_ids", "tgt_ids"):
@@ -290,30 +286,49 @@ class EncodedSplit:
         return out[0], out[1]
 
     def packed_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(source ids, source lengths, target ids, target lengths) of examples ``idx``: each
-        side's ids concatenated in the order of ``idx``, gathered by numpy with one indexing
-        per Arrow chunk the examples fall in, not one slice per example (a 25k-token batch
-        holds over a thousand examples)."""
+        """(source ids, source lengths, target ids, target lengths) of examples ``idx``, each
+        side's ids concatenated in the order of ``idx``. Where the examples share Arrow
+        chunks (Multi30k's cache has 29 of 1,000 rows), numpy gathers them with one indexing
+        per chunk; where most are in chunks of their own (a 5M-pair corpus has 5,000), one
+        slice per example is less work. Only the offsets of these examples are read: reading
+        every chunk's would map pages of the whole file into the process (``MappedPages``
+        in corpus_cache)."""
         if self.pages is not None:  # drop what earlier batches left mapped, if over budget
             self.pages.maybe_release()
         idx = np.asarray(idx, dtype=np.int64)
         chunk = np.searchsorted(self._starts, idx, side="right") - 1
-        # The examples in chunk order, so that each chunk's ids are one run of positions.
+        lens = self.src_lens[idx], self.tgt_lens[idx]
+        # The examples in chunk order, so that each chunk's rows and ids are one run each.
         by_chunk = np.argsort(chunk, kind="stable")
-        cuts = np.searchsorted(chunk[by_chunk], np.arange(len(self._starts) + 1))
+        in_order = chunk[by_chunk]
+        row_cuts = np.append(np.flatnonzero(np.diff(in_order, prepend=-1)), len(idx))
+        if PER_CHUNK_AT_LEAST * (len(row_cuts) - 1) > len(idx):
+            src, tgt = self._rows(idx, chunk)
+            empty = np.empty(0, dtype=np.int32)
+            return np.concatenate([empty, *src]), lens[0], np.concatenate([empty, *tgt]), lens[1]
+        present = in_order[row_cuts[:-1]].tolist()
+        local = (idx - self._starts[chunk])[by_chunk]
         out = []
-        for name, lens in (("src_ids", self.src_lens[idx]), ("tgt_ids", self.tgt_lens[idx])):
-            n = lens[by_chunk]
-            ends = np.concatenate([[0], np.cumsum(n)])[cuts]  # each chunk's run of ids
-            ids = np.empty(int(ends[-1]), dtype=np.int32)
-            at = ranges(self._row_starts[name][idx[by_chunk]], n)  # within their chunk
-            for c in np.flatnonzero(ends[1:] > ends[:-1]).tolist():
-                values = self._cols[name][c][1]
-                ids[ends[c] : ends[c + 1]] = values[at[ends[c] : ends[c + 1]]]
+        for name, side_lens in zip(("src_ids", "tgt_ids"), lens):
+            cols, n = self._cols[name], side_lens[by_chunk]
+            starts = np.empty(len(idx), dtype=np.int64)  # of each row's ids in its chunk
+            for k, c in enumerate(present):
+                rows = slice(row_cuts[k], row_cuts[k + 1])
+                starts[rows] = cols[c][0][local[rows]]
+            at = ranges(starts, n)
+            cuts = np.concatenate([[0], np.cumsum(n)])[row_cuts]  # each chunk's run of ids
+            ids = np.empty(int(cuts[-1]), dtype=np.int32)
+            for k, c in enumerate(present):
+                run = slice(cuts[k], cuts[k + 1])
+                ids[run] = cols[c][1][at[run]]
             packed = np.empty_like(ids)  # back in the order of idx
-            packed[ranges((np.cumsum(lens) - lens)[by_chunk], n)] = ids
-            out += [packed, lens]
+            packed[ranges((np.cumsum(side_lens) - side_lens)[by_chunk], n)] = ids
+            out += [packed, side_lens]
         return out[0], out[1], out[2], out[3]
+
+
+# Examples per Arrow chunk of a batch from which packed_rows gathers per chunk, not per example
+PER_CHUNK_AT_LEAST = 2
 
 
 def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -353,10 +368,11 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, rng: np.random.Generator 
 
 
 def collate(split: EncodedSplit, idx: np.ndarray, pad_id: int, bos_id: int, eos_id: int) -> Batch:
-    """Pad examples ``idx`` into a Batch: src + EOS, BOS + tgt, tgt + EOS. Vectorised, with
-    no Python work per example: on this project's CPU a 4k-token Multi30k batch takes 0.64
-    ms, against 1.29 ms one example at a time, and a 25k-token one 1.86 ms against 7.36
-    (results/bench/collate_time_cpu.md), time that a GPU step bound by its host waits for."""
+    """Pad examples ``idx`` into a Batch: src + EOS, BOS + tgt, tgt + EOS, with boolean masks
+    over the packed ids (``packed_rows``), not one example at a time: on this project's CPU
+    a 4k-token Multi30k batch takes 0.45 ms against 0.73, a 25k-token one 1.36 ms against
+    4.51 (results/bench/collate_time_cpu.md), time that a GPU step bound by its host waits
+    for."""
     src_ids, src_lens, tgt_ids, tgt_lens = split.packed_rows(idx)
     B, S, T = len(idx), int(src_lens.max()) + 1, int(tgt_lens.max()) + 1
     rows = np.arange(B)
