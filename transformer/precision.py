@@ -208,10 +208,10 @@ def merge_state(state: dict, params: list[nn.Parameter]) -> dict:
     for key in dict.fromkeys(k for e in entries for k in e):
         values = [e.get(key) for e in entries]
         if any(elementwise(v) for v in values):
-            like = next(v for v in values if v is not None)
+            like = next(v for v in values if v is not None)  # its dtype and device
             merged[key] = torch.cat(
                 [
-                    (v if v is not None else p.new_zeros(p.shape, dtype=like.dtype)).reshape(-1)
+                    (v if v is not None else like.new_zeros(p.shape)).reshape(-1)
                     for v, p in zip(values, params)
                 ]
             )
