@@ -274,6 +274,7 @@ class EncodedSplit:
         return self._rows(idx, np.searchsorted(self._starts, idx, side="right") - 1)
 
     def _rows(self, idx: np.ndarray, chunk: np.ndarray):
+        """``rows(idx)``, the Arrow chunk of each example given."""
         local = idx - self._starts[chunk]
         out = []
         for name in ("src_ids", "tgt_ids"):
