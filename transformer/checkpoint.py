@@ -195,6 +195,12 @@ def parameter_names(state_dict: dict, buffers=frozenset()) -> list[str]:
     return names
 
 
+def elementwise(value) -> bool:
+    """Whether an optimizer state value is kept per element of its parameter (Adam's
+    moments), else it is a scalar such as the step count."""
+    return torch.is_tensor(value) and value.dim() > 0
+
+
 def optimizer_state_for(
     model: torch.nn.Module, saved_names: list[str], saved_optim: dict, stacked_from
 ):
@@ -220,7 +226,7 @@ def optimizer_state_for(
         entries = [state[p] for p in parts]
         merged = {}
         for key, value in entries[0].items():
-            if torch.is_tensor(value) and value.dim() > 0:
+            if elementwise(value):
                 value = torch.cat([e[key] for e in entries])
                 if value.shape != param.shape:
                     raise CheckpointError(

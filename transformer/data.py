@@ -268,10 +268,15 @@ class EncodedSplit:
 
     def rows(self, idx: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(source ids, target ids) of examples ``idx``: int32 views, no copies."""
-        if self.pages is not None:  # drop what earlier batches left mapped, if over budget
+        return self._rows(*self._locate(idx))
+
+    def _locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(idx as int64, the Arrow chunk of each example), before a read: what earlier
+        batches left mapped is dropped first, if over budget."""
+        if self.pages is not None:
             self.pages.maybe_release()
         idx = np.asarray(idx, dtype=np.int64)
-        return self._rows(idx, np.searchsorted(self._starts, idx, side="right") - 1)
+        return idx, np.searchsorted(self._starts, idx, side="right") - 1
 
     def _rows(self, idx: np.ndarray, chunk: np.ndarray):
         """``rows(idx)``, the Arrow chunk of each example given."""
@@ -294,10 +299,7 @@ class EncodedSplit:
         slice per example is less work. Only the offsets of these examples are read: reading
         every chunk's would map pages of the whole file into the process (``MappedPages``
         in corpus_cache)."""
-        if self.pages is not None:  # drop what earlier batches left mapped, if over budget
-            self.pages.maybe_release()
-        idx = np.asarray(idx, dtype=np.int64)
-        chunk = np.searchsorted(self._starts, idx, side="right") - 1
+        idx, chunk = self._locate(idx)
         lens = self.src_lens[idx], self.tgt_lens[idx]
         # The examples in chunk order, so that each chunk's rows and ids are one run each.
         by_chunk = np.argsort(chunk, kind="stable")

@@ -46,6 +46,8 @@ import logging
 import torch
 from torch import nn
 
+from .checkpoint import elementwise
+
 log = logging.getLogger(__name__)
 
 # Optimizers whose update of a tensor is elementwise: over one flat tensor it is the update
@@ -162,12 +164,6 @@ class Bf16Weights:
         norm = torch.linalg.vector_norm(self.grad32)
         self.grad32.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
-
-
-def elementwise(value) -> bool:
-    """Whether an optimizer state value is kept per element of its parameter (else it is a
-    scalar such as the step count), as checkpoint.optimizer_state_for tells them apart."""
-    return torch.is_tensor(value) and value.dim() > 0
 
 
 def copied(value):
