@@ -4,11 +4,13 @@
 #                                      of steps by default; each step gets what is left, most
 #                                      important first): the SDPA kernel sweep, eager, ours vs
 #                                      Marian (Transformer-base at 25k tokens, the Multi30k
-#                                      config at 4k; also ours with bf16-weights); profiles of
-#                                      our Transformer-base step, autocast and bf16-weights (GPU
-#                                      time by kind of kernel); the
-#                                      Multi30k config at 4k through CUDA graphs (reduce-overhead;
-#                                      ours, Marian, ours with bf16-weights); Transformer-base at 25k
+#                                      config at 4k; also ours with bf16-weights); each
+#                                      attention call's kernels against variable-length flash
+#                                      on the packed real tokens (bench/attention_kernels.py);
+#                                      profiles of our Transformer-base step, autocast and
+#                                      bf16-weights (GPU time by kind of kernel); the Multi30k
+#                                      config at 4k through CUDA graphs (reduce-overhead; ours,
+#                                      Marian, ours with bf16-weights); Transformer-base at 25k
 #                                      through torch.compile; the profile and the compiled runs
 #                                      use the kernels that won the sweep (bench/fastest_sdpa.py).
 #                                      The device call:
@@ -66,6 +68,10 @@ next)
   tb_sdpa=$(python3 bench/fastest_sdpa.py "$tb_md" transformer-base "$tb") || tb_sdpa=
   mt_sdpa=$(python3 bench/fastest_sdpa.py "$mt_md" multi30k-default "$mt") || mt_sdpa=
   echo "== fastest SDPA kernels: transformer-base '$tb_sdpa', multi30k-default '$mt_sdpa'"
+  # each attention call of a Transformer-base step through each kernel, and through the
+  # variable-length flash kernel on the real tokens only (would packing pay?)
+  within 40 python3 bench/attention_kernels.py --config transformer-base --max-tokens "$tb" \
+    --out "results/bench/attention_kernels_${gpu}.md"
   # where the time of ours goes, by kind of kernel (what the MFU misses)
   # (autocast, then bf16-weights; each model's section is saved as it is measured)
   within 60 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \

@@ -214,3 +214,49 @@ def test_ours_with_bf16_weights_is_compared_with_marian_in_its_own_mode():
     ratios = {row.split(" | ")[2]: row.rstrip(" |").split(" | ")[-1] for row in rows}
     assert ratios["ours/bf16-weights"] == "1.50x"  # eager, against eager Marian
     assert ratios["ours/bf16-weights" + graphs] == "2.50x"  # not 5.00x against eager Marian
+
+
+def test_attention_kernels_packs_the_real_tokens_as_a_variable_length_kernel_takes_them(
+    monkeypatch,
+):
+    # The varlen kernel runs on a GPU only; here a loop over the sequences stands in for it,
+    # so that the bench's packing (flat positions, cumulative lengths, causal and cross
+    # lengths) and unpacking are checked against padded attention with the model's masks.
+    import torch.nn.attention.varlen as varlen
+    import torch.nn.functional as F
+
+    bench = load_bench("attention_kernels")
+
+    def one_at_a_time(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1)):
+        outs = []
+        for i in range(len(cu_q) - 1):
+            qi, ki, vi = (x[c[i] : c[i + 1]].transpose(0, 1)
+                          for x, c in ((q, cu_q), (k, cu_k), (v, cu_k)))  # fmt: skip
+            assert qi.shape[1] <= max_q and ki.shape[1] <= max_k
+            causal = tuple(window_size) == (-1, 0)
+            outs.append(
+                F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal).transpose(0, 1)
+            )
+        return torch.cat(outs)
+
+    monkeypatch.setattr(varlen, "varlen_attn", one_at_a_time)
+    src_len, tgt_len = torch.tensor([7, 3, 1, 5, 6]), torch.tensor([2, 6, 4, 1, 3])
+    src_mask = torch.arange(7)[None, :] < src_len[:, None]
+    tgt_out = torch.where(torch.arange(6)[None, :] < tgt_len[:, None], 5, 0)  # pad id 0
+    batch = SimpleNamespace(src=src_mask.long(), src_mask=src_mask, tgt_in=tgt_out, tgt_out=tgt_out)
+    cpu = torch.device("cpu")
+    for kind in bench.KINDS:
+        call = bench.Call(kind, batch, 0, 2, 8, torch.float32, cpu)
+        assert call.tokens == int((tgt_len if kind != "encoder self" else src_len).sum())
+        assert bench.check(call, "math") < 1e-6
+        if kind != "decoder self":  # torch takes no causal flag with nested tensors
+            assert bench.check(call, "nested math") < 1e-5, kind
+            assert bench.time_call(call, "nested math", 0.1, 1, cpu) > 0
+        assert bench.check(call, "varlen") < 1e-5, kind
+        call.pack_leaves()
+        assert bench.check(call, "varlen (kernel)") < 1e-5, kind
+        assert bench.time_call(call, "varlen", 0.0, 1, cpu) > 0  # backward through the packing
+        assert call.q.grad is None and call.packed[0].grad is None
+    # the check can fail: cross-attention with the target's lengths for the keys
+    call.cu_k = call.cu_q
+    assert bench.check(call, "varlen") > 0.05
