@@ -26,7 +26,10 @@ scatter back that a model keeping padded activations needs:
   (torch does not take ``is_causal`` with nested tensors; flash takes those padded);
 - ``varlen``: the variable-length FlashAttention kernel
   (``torch.nn.attention.varlen.varlen_attn``), which has no dropout; ``varlen (kernel)``:
-  the same on leaves packed beforehand, the kernel alone.
+  the same on leaves packed beforehand, the kernel alone;
+- ``flash (unmasked)``: flash on the padded shapes with no key mask: what the calls would
+  cost if no batch padded its sources (batches of one source length), the mask being what
+  keeps flash from taking them.
 
 Every kernel's output is first checked against the math kernel in fp32 on the real
 positions. Per step: each call times its layers (encoder self x encoder layers, the other
@@ -59,8 +62,9 @@ SDPA = {
     "math": SDPBackend.MATH,
 }
 KINDS = ("encoder self", "decoder self", "cross")
+UNMASKED = "flash (unmasked)"  # the flash kernel on the same shapes without the key mask
 METHODS = ("cudnn", "efficient", "flash", "math", "nested flash", "nested efficient", "varlen",
-           "varlen (kernel)")  # fmt: skip
+           "varlen (kernel)", UNMASKED)  # fmt: skip
 DROPOUTS = (0.0, 0.1)  # attention dropout: none, and the benchmarks' (train_speed.DROPOUT)
 TOLERANCE = 3e-2  # bf16 against fp32, outputs of unit scale
 
@@ -117,11 +121,14 @@ class Call:
         self.index_k, self.cu_k, self.max_k = packing(len_k, Lk)
         self.tokens = len(self.index_q)
 
-    def sdpa(self, dropout: float, q=None, k=None, v=None, mask=None):
+    def sdpa(self, dropout: float, q=None, k=None, v=None, masked: bool = True):
+        """SDPA on the padded layout; without ``masked``, no key mask (every key real)."""
         if q is None:
             q, k, v = self.q, self.k, self.v
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        mask = self.mask if mask is None else mask
+        mask = self.mask if masked and self.mask is not None else None
+        if mask is not None:
+            mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=self.causal
         )
@@ -164,12 +171,11 @@ class Call:
         self.packed = [x.detach().requires_grad_() for x in (q, k, v)]
         self.packed_grad = pack(self.grad, self.index_q)
 
-    def reference(self) -> torch.Tensor:
+    def reference(self, masked: bool = True) -> torch.Tensor:
         """The math kernel in fp32, padded (B, Lq, h, d)."""
         with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
             f = [x.float() for x in (self.q, self.k, self.v)]
-            mask = None if self.mask is None else self.mask.float()
-            return self.sdpa(0.0, *f, mask=mask)
+            return self.sdpa(0.0, *f, masked=masked)
 
 
 def run(call: Call, method: str, dropout: float):
@@ -181,6 +187,9 @@ def run(call: Call, method: str, dropout: float):
     if method.startswith("nested "):
         with sdpa_kernel([SDPA[method.removeprefix("nested ")]]):
             return call.nested(dropout), call.grad
+    if method == UNMASKED:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return call.sdpa(dropout, masked=False), call.grad
     with sdpa_kernel([SDPA[method]]):
         return call.sdpa(dropout), call.grad
 
@@ -191,7 +200,7 @@ def check(call: Call, method: str) -> float:
         out, _ = run(call, method, 0.0)
     if method == "varlen (kernel)":
         out = unpack(out, call.index_q, call.B, call.Lq)
-    diff = (out.float() - call.reference()).abs()
+    diff = (out.float() - call.reference(masked=method != UNMASKED)).abs()
     return float(torch.where(call.real_q, diff, 0.0).max())
 
 
