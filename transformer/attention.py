@@ -25,7 +25,6 @@ T_k - T_q + i, and ``causal`` lets it see keys 0..that position. The kinds that 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -129,17 +128,6 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return scores.softmax(-1) * visible
 
 
-def reference_attention(q, k, v, mask=None, scale: float | None = None):
-    """Direct softmax(q k^T * scale) v, returning (output, weights); the test oracle.
-
-    :param q: (..., T_q, d)  :param k, v: (..., T_k, d)  :param mask: bool, True = attend
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = q @ k.transpose(-2, -1) * scale  # (..., T_q, T_k)
-    weights = masked_softmax(scores, mask)
-    return weights @ v, weights
-
-
 def _dropout(weights, p: float):
     return dropout(weights, p) if p > 0 else weights
 
@@ -160,7 +148,7 @@ def _explicit(q, k, v, mask, dropout: float, need_weights: bool, scale: float | 
 def _attend_subset(q, k, v, idx: torch.Tensor, need_weights: bool):
     """One decoder query (B, h, 1, d) over the keys at positions ``idx`` (1-D) of k, v
     (B, h, t, d), scaled dot-product; weights scattered back to (B, h, 1, t) if asked."""
-    out, weights = reference_attention(q, k[:, :, idx], v[:, :, idx])
+    out, weights = _explicit(q, k[:, :, idx], v[:, :, idx], None, 0.0, True)
     if not need_weights:
         return out, None
     full = weights.new_zeros(*weights.shape[:-1], k.shape[2])  # (B, h, 1, t)
