@@ -9,13 +9,16 @@ ifneq ($(wildcard $(SHARED_DATA)/multi30k),)
 export MT_DATA_DIR ?= $(SHARED_DATA)
 endif
 RUN ?= outputs/multi30k-de-en/transformer/make-train
+# The torch that .venv gets first (pip requirement words): the pinned release by default;
+# e.g. TORCH="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130" for a CUDA build
+TORCH ?= torch==2.13.0
 
 .PHONY: venv train test lint
 
 .venv/installed: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
