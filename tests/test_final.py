@@ -137,6 +137,34 @@ def test_an_earlier_winner_is_loaded_again_for_test(
     assert decode_with(run / "checkpoints" / "avg_last3.pt", sources, 1.4) != expected
 
 
+def test_the_weights_training_ended_with_are_loaded_again_when_they_win(
+    compose, small_overrides, tmp_path, corpus_root, monkeypatch
+):
+    """Without best.pt (here deleted before the choice, as a damaged or removed file would
+    be) the candidates are the weights in memory and the average: when the former win, test
+    is translated with them, not with the average decoded after them."""
+    rig_valid_scores(monkeypatch, winner=0)
+    candidates = Trainer.final_candidates
+
+    def without_best_pt(self):
+        (self.ckpt_dir / "best.pt").unlink()
+        return candidates(self)
+
+    monkeypatch.setattr(Trainer, "final_candidates", without_best_pt)
+    metrics = train(compose(small_overrides + RUN))
+    run = tmp_path / "run"
+    assert not (run / "checkpoints" / "best.pt").exists()
+    assert [r["checkpoint"] for r in metrics["final"]["candidates"]][::3] == [
+        None,
+        "checkpoints/avg_last3.pt",
+    ]
+    assert metrics["final"]["checkpoint"] is None
+    sources = (corpus_root / "multi30k" / "test2016.de").read_text("utf-8").splitlines()
+    expected = decode_with(run / "checkpoints" / "last.pt", sources, 0.6)
+    assert (run / "test2016.hyp").read_text("utf-8").splitlines() == expected
+    assert decode_with(run / "checkpoints" / "avg_last3.pt", sources, 0.6) != expected
+
+
 def test_without_candidates_nothing_is_chosen(compose, small_overrides, tmp_path):
     metrics = train(compose(small_overrides + ["decode=greedy", "trainer.final.average_last=0"]))
     assert metrics["final"] == {

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from transformer.trainer import train
 
@@ -127,6 +128,24 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     assert "checkpoint not found" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_folder_given_as_a_file_is_one_clear_line(tiny_ckpt, tmp_path):
+    out = run_cli([str(ROOT / "translate.py"), f"ckpt={tiny_ckpt}", f"input={tmp_path}"], tmp_path)
+    assert out.returncode == 1
+    assert f"Is a directory: '{tmp_path}'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_error_message_that_introduces_its_reason_keeps_it():
+    from transformer.cli import one_line
+
+    hydra = ValueError("Error in call to target 'transformer.Transformer':\nValueError('bad')")
+    assert one_line(hydra) == "Error in call to target 'transformer.Transformer': ValueError('bad')"
+    state = RuntimeError("Error(s) in loading state_dict:\n\tMissing key(s): a.\n\tmore")
+    assert one_line(state) == "Error(s) in loading state_dict: Missing key(s): a."
+    assert one_line(ValueError("one: two\nthree")) == "one: two"
+    assert one_line(KeyError()) == "KeyError"
+    assert one_line(ValueError("x" * 500)) == "x" * 397 + "..."
+
+
 def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
     train(compose(small_overrides))
     src = tmp_path / "src.txt"
@@ -150,3 +169,80 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
     for i in ("0", "2"):
         scores = [float(r[1]) for r in rows if r[0] == i]
         assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.joint_vocab=false", "model.share_src_tgt_embeddings=true needs data.joint_vocab"),
+        ("data.test_splits=test2016", "data.test_splits must be a list of split names"),
+        ("trainer.warmup_steps=0", "trainer.warmup_steps must be an integer >= 1, got 0"),
+        ("trainer.log_every=0", "trainer.log_every must be an integer >= 1"),
+        ("trainer.accum_steps=0", "trainer.accum_steps must be an integer >= 1"),
+        ("trainer.max_nonfinite=0", "trainer.max_nonfinite must be an integer >= 1"),
+        ("trainer.eval_every=1.5", "trainer.eval_every must be an integer >= 1, got 1.5"),
+        ("trainer.patience=-1", "trainer.patience must be an integer >= 0"),
+        ("trainer.clip_norm=0", "trainer.clip_norm must be a number > 0, got 0"),
+        ("trainer.max_time_minutes=0", "trainer.max_time_minutes must be a number > 0 or null"),
+    ],
+)
+def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
+    compose, small_overrides, tmp_path, override, message
+):
+    from transformer.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match=message):
+        train(compose(small_overrides + [override]))
+    assert not (tmp_path / "cache").exists()  # refused before reading the corpus
+
+
+def test_separate_vocabularies_train_with_their_own_embeddings(compose, small_overrides, tmp_path):
+    separate = ["data.joint_vocab=false", "model.share_src_tgt_embeddings=false"]
+    metrics = train(compose(small_overrides + separate + ["trainer.max_steps=2"]))
+    run = tmp_path / "run"
+    assert metrics["steps"] == 2
+    assert sorted(p.name for p in (run / "tokenizer").iterdir()) == ["de.model", "en.model"]
+    model = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not torch.equal(model["src_embed.weight"], model["tgt_embed.weight"])
+
+
+def test_a_fresh_start_refuses_another_runs_checkpoints_and_drops_stale_log_rows(
+    compose, small_overrides, tmp_path
+):
+    from transformer.trainer import TrainingError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_50.pt").write_bytes(b"an older run's")
+    with pytest.raises(TrainingError, match="trainer.resume=false but .* holds another run's"):
+        train(compose(small_overrides + ["trainer.resume=false"]))
+    # A run that stopped before its first checkpoint leaves log rows but nothing to resume
+    # from: the next run starts at step 0 and drops them.
+    (run / "checkpoints" / "step_50.pt").unlink()
+    (run / "train_log.csv").write_text("step,epoch,loss,lr,tokens_per_s,pad_frac\n40,0,9,0,1,0\n")
+    train(compose(small_overrides))
+    steps = [line.split(",")[0] for line in (run / "train_log.csv").read_text().splitlines()]
+    assert steps == ["step", "2", "4", "6"]
+
+
+def test_tokens_per_s_leaves_out_validation_time(compose, small_overrides, monkeypatch):
+    import time
+
+    from transformer.trainer import Trainer
+
+    evaluate, log_window, seconds = Trainer.maybe_evaluate, Trainer.log_window, {}
+
+    def slow_evaluation(self, valid_log, out_of_time):
+        if self.step == 3:  # trainer=debug: logs at steps 2, 4, 6; validates at 3 and 6
+            time.sleep(3.0)
+        return evaluate(self, valid_log, out_of_time)
+
+    def logged(self, train_log, bar, loss_sum, ntok, pad, window_seconds):
+        seconds[self.step] = window_seconds  # the time tokens_per_s divides by
+        return log_window(self, train_log, bar, loss_sum, ntok, pad, window_seconds)
+
+    monkeypatch.setattr(Trainer, "maybe_evaluate", slow_evaluation)
+    monkeypatch.setattr(Trainer, "log_window", logged)
+    train(compose(small_overrides))
+    assert sorted(seconds) == [2, 4, 6]
+    assert seconds[4] < 3.0, seconds  # steps 3-4, without the 3 s of validation after step 3

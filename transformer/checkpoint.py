@@ -175,7 +175,7 @@ def load_latest(candidates: list[Path], map_location="cpu") -> tuple[Path, dict]
     if errors:
         raise CheckpointError(
             f"no usable checkpoint among {len(errors)} found ({errors[0]}); "
-            "delete them or set trainer.resume=false to start over"
+            "delete them to start over, or use another run_dir"
         )
     return None
 

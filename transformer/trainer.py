@@ -193,7 +193,9 @@ PRECISIONS = ("bf16", "fp16", "fp32", "bf16-weights")
 class Trainer:
     def __init__(self, cfg, run_dir: Path, dist: distributed.Dist | None = None):
         self.cfg, self.t = cfg, cfg.trainer
+        check_schedule(self.t)
         check_final(self.t)
+        check_vocabulary(cfg)
         self.compile_mode = self.t.get("compile_mode", "default")
         if self.compile_mode not in COMPILE_MODES:
             raise TrainingError(
@@ -202,6 +204,13 @@ class Trainer:
             )
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
+        self.last_weights = None  # the weights training ended with, if final candidates vie
+        if not self.t.resume and checkpoint.resume_candidates(self.ckpt_dir):
+            # a new run's step files, best.pt, logs and final average would mix with the old
+            raise TrainingError(
+                f"trainer.resume=false but {self.ckpt_dir} holds another run's checkpoints; "
+                "use another run_dir, or delete them to start over there"
+            )
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
         self.precision = self.pick_precision()  # a bad value fails before the data is read
         torch.manual_seed(cfg.seed)
@@ -753,9 +762,10 @@ class Trainer:
                 "valid_bleu",
             ],
         )
-        if resumed:  # rows written after that checkpoint are trained again: drop them
-            train_log.truncate_after(self.step)
-            valid_log.truncate_after(self.step)
+        # Rows after the checkpoint resumed from are trained again; a fresh run (step 0) drops
+        # those of a run that stopped before its first checkpoint.
+        train_log.truncate_after(self.step)
+        valid_log.truncate_after(self.step)
         return train_log, valid_log
 
     def run(self) -> dict:
@@ -779,16 +789,18 @@ class Trainer:
             self.mixed.publish()
         self.model.train()
         self.compute_model.train()
-        window_loss, window_tok, window_pad, window_start = 0.0, 0, 0.0, time.perf_counter()
+        window_loss, window_tok, window_pad, window_batches = 0.0, 0, 0.0, 0
+        window_start = time.perf_counter()
         max_seconds = t.max_time_minutes * 60 if t.max_time_minutes else float("inf")
         try:
             while stop_reason is None:
+                step_start = time.perf_counter()  # making the batches is training time too
                 micro = []
                 for _ in range(t.accum_steps):
                     pos, batch = next(stream)
                     micro.append(batch)
                     window_pad += self.batcher.padding_fraction(batch)
-                step_start = time.perf_counter()
+                window_batches += len(micro)
                 result = self.train_step(micro)
                 self.batch_in_epoch = pos + 1
                 if result is not None:
@@ -798,10 +810,9 @@ class Trainer:
                     if self.step % t.log_every == 0:
                         window_tok -= self.check_skips()
                         seconds = time.perf_counter() - window_start
-                        self.log_window(
-                            train_log, bar, window_loss, window_tok, window_pad, seconds
-                        )
-                        window_loss, window_tok, window_pad = 0.0, 0, 0.0
+                        pad = window_pad / window_batches
+                        self.log_window(train_log, bar, window_loss, window_tok, pad, seconds)
+                        window_loss, window_tok, window_pad, window_batches = 0.0, 0, 0.0, 0
                         window_start = time.perf_counter()
                     self.train_seconds += time.perf_counter() - step_start
                     bar.update(1)
@@ -810,7 +821,9 @@ class Trainer:
                     self.skipped_update()
                     stop_reason = self.signal_reason()
                     continue
+                evaluating = time.perf_counter()
                 stop_reason = self.maybe_evaluate(valid_log, out_of_time)
+                window_start += time.perf_counter() - evaluating  # tokens/s of training only
                 stop_reason = self.signal_reason() or stop_reason
         finally:
             bar.close()
@@ -830,8 +843,8 @@ class Trainer:
 
     def log_window(self, train_log, bar, loss_sum, ntok, pad, seconds) -> None:
         """One train_log.csv row for the last ``log_every`` updates: loss per target token
-        and tokens/s of all ranks together."""
-        t = self.t
+        and tokens/s of all ranks together (training time only), ``pad`` the mean padding
+        fraction of this rank's batches."""
         loss_sum, ntok = self.dist.sum([float(loss_sum), ntok])  # float(): a host sync
         if ntok <= 0:  # every update of the window was skipped (NaN/inf): no loss to show
             return
@@ -841,7 +854,7 @@ class Trainer:
             "loss": round(loss_sum / ntok, 4),
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": round(ntok / seconds),
-            "pad_frac": round(pad / (t.log_every * t.accum_steps), 3),
+            "pad_frac": round(pad, 3),
         }
         train_log.write(row)
         bar.set_postfix(
@@ -1002,8 +1015,12 @@ class Trainer:
         ]
 
     def use_weights(self, path: Path | None) -> dict:
-        """Load a candidate's weights into the model; what the metrics say about them."""
+        """Load a candidate's weights into the model; what the metrics say about them. None:
+        the weights training ended with (kept aside by ``choose_final`` when other candidates
+        are loaded over them)."""
         if path is None:
+            if self.last_weights is not None:
+                checkpoint.unwrap(self.model).load_state_dict(self.last_weights)
             return {"checkpoint": None, "step": self.step}
         ckpt = checkpoint.load(path)
         checkpoint.unwrap(self.model).load_state_dict(ckpt["model"])
@@ -1031,6 +1048,9 @@ class Trainer:
         the choice, its decode config and, when valid was decoded here, the winner's valid
         hypotheses with their decoding seconds."""
         candidates, settings = self.final_candidates(), self.final_settings()
+        if None in candidates and len(candidates) > 1:  # loading the others overwrites them
+            state = checkpoint.unwrap(self.model).state_dict()
+            self.last_weights = {k: v.detach().clone() for k, v in state.items()}
         if len(candidates) * len(settings) == 1:
             chosen = self.use_weights(candidates[0])
             return {**chosen, "chosen_on": None}, settings[0], None
@@ -1107,6 +1127,42 @@ class CsvLog:
             writer.writeheader()
             writer.writerows(rows)
         tmp.replace(self.path)
+
+
+# trainer settings that count something and must be at least 1 (or 0, second list)
+AT_LEAST_ONE = ("accum_steps", "max_steps", "max_epochs", "warmup_steps", "eval_every",
+                "bleu_every", "log_every", "max_nonfinite")  # fmt: skip
+AT_LEAST_ZERO = ("patience", "keep_checkpoints", "oom_retries")
+
+
+def check_schedule(t) -> None:
+    """Counts of the schedule that would otherwise fail mid-run (a division by zero after
+    the first update, an abort at the first log) or make no sense fail now, naming the key."""
+    for keys, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+        for key in keys:
+            value = t[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise TrainingError(f"trainer.{key} must be an integer >= {least}, got {value!r}")
+    for key in ("clip_norm", "max_time_minutes"):
+        value = t[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if not (ok or (key == "max_time_minutes" and value is None)):
+            allowed = "a number > 0" + (" or null" if key == "max_time_minutes" else "")
+            raise TrainingError(f"trainer.{key} must be {allowed}, got {value!r}")
+
+
+def check_vocabulary(cfg) -> None:
+    """One embedding for source and target needs one vocabulary: with two tokenizers of the
+    same size, source piece N and target piece N would share a row unnoticed."""
+    if cfg.model.get("share_src_tgt_embeddings") and not cfg.data.joint_vocab:
+        raise TrainingError(
+            "model.share_src_tgt_embeddings=true needs data.joint_vocab=true: with separate "
+            "vocabularies the same id names different pieces on each side; set "
+            "model.share_src_tgt_embeddings=false (or data.joint_vocab=true)"
+        )
+    splits = cfg.data.test_splits
+    if not OmegaConf.is_list(splits) or not all(isinstance(x, str) for x in splits):
+        raise TrainingError(f"data.test_splits must be a list of split names, got {splits!r}")
 
 
 def check_final(t) -> None:
