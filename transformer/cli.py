@@ -22,9 +22,22 @@ EXPECTED = (
     ValueError,
     FileNotFoundError,
     PermissionError,
+    IsADirectoryError,  # e.g. input=, ref= or output= naming a folder
+    NotADirectoryError,
     OmegaConfBaseException,
     RuntimeError,
 )
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """The message of ``e`` on one line: its first line, and the next one too where the
+    first only introduces it (ends with ':', as Hydra's "Error in call to target '...':" and
+    torch's "Error(s) in loading state_dict for ...:" do)."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    msg = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def friendly_errors(fn):
@@ -41,8 +54,7 @@ def friendly_errors(fn):
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             logging.getLogger(__name__).debug("error", exc_info=True)
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"error: {msg}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

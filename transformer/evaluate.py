@@ -26,7 +26,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from . import checkpoint
-from .cli import EXPECTED
+from .cli import EXPECTED, one_line
 from .metrics import Scorer
 from .trainer import pick_device
 from .translator import encode_sources, load_for_inference, translate_ids
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         for ckpt, name in zip(args.ckpts, names):
             rows += evaluate(ckpt, name, args.split, args.decode, args.out, device, args.data_dir)
     except (*EXPECTED, HydraException) as e:
-        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     command = shlex.join(["python", "-m", "transformer.evaluate", *(argv or sys.argv[1:])])
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
