@@ -8,7 +8,8 @@ Vaswani et al. (2017, Section 6.1) translate with the average of the last 5 (bas
 region than any one of them. With a run directory, the newest ``--last`` ``step_N.pt`` files
 are averaged (the trainer keeps ``trainer.keep_checkpoints`` of them, one per validation) into
 ``RUN_DIR/checkpoints/avg_last{N}.pt``. Every input must hold the same model settings and
-tokenizer. The result carries the newest input's config and tokenizer and lists its inputs
+tokenizer. The result carries the config and tokenizer of the newest input (with a run
+directory) or of the first file given (with files), and lists its inputs
 under ``averaged_from``; it has no optimizer state, so it is for translating and scoring
 (``translate.py ckpt=...``, ``python -m transformer.evaluate``), not for resuming. Compare
 it with ``best.pt`` on the validation set, never on test.

@@ -2,7 +2,7 @@
 
     python -m transformer.compare RUN_A RUN_B ... --out results/compare
 
-Reads each run directory's ``metrics.json``, ``config.yaml`` and ``valid_log.csv``; prints a
+Reads each run directory's ``metrics.json`` and ``valid_log.csv``; prints a
 Markdown table (BLEU and chrF per test split, parameters, training time, training tokens/s,
 decoding sentences/s, best validation step) and writes it to ``OUT/compare.md`` together with
 ``OUT/valid_bleu.png``: validation BLEU against training time for every run.

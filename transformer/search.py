@@ -197,7 +197,9 @@ def sample_search(
 
 def _finalise(finished, sents, top, beam, fin, history, t: int, alpha: float, K: int):
     """Move the EOS candidates marked in ``fin`` (n, 2K) into ``finished[sents[b]]``, in rank
-    order, until a sentence has K. One device-to-host copy in all.
+    order, until a sentence has K. The candidates' positions, sentences, sequences and
+    scores come to the host once each (a ``nonzero`` and three ``tolist``), not per
+    candidate.
 
     :return: (n,) bool on the host, True for sentences that now have K hypotheses
     """

@@ -2,8 +2,9 @@
 
 This module is the only owner of the special ids. Models are trained with explicit
 pad/unk/bos/eos ids (SentencePiece has no pad by default). Trained models are cached
-under ``cache_dir`` keyed by a hash of the training text and the settings, so a second
-run with the same corpus reuses the file.
+under ``cache_dir`` keyed by a hash of the settings and of a corpus fingerprint (the trainer
+passes one) or, without one, of the training text, so a second run with the same corpus
+reuses the file.
 """
 
 from __future__ import annotations

@@ -43,10 +43,13 @@ class Transformer(Seq2Seq):
     """Encoder-decoder Transformer.
 
     :param src_vocab_size, tgt_vocab_size: vocabulary sizes (equal for a joint vocabulary)
-    :param pad_id: padding id (embeddings of pad are zero and receive no gradient)
+    :param pad_id: padding id (its embedding rows start at zero; padded positions are masked
+        out, but with tied embeddings the output projection still gives the pad row a
+        gradient)
     :param norm: "pre" or "post"
-    :param tie_embeddings: tie target embedding and output projection; also share the source
-        embedding when the two vocabularies are the same size (a joint vocabulary)
+    :param tie_embeddings: tie target embedding and output projection
+    :param share_src_tgt_embeddings: one embedding for source and target (a joint
+        vocabulary, ``data.joint_vocab=true``; the trainer refuses it otherwise)
     :param attention: ``model.attention``, plain values: the attention kind of the encoder,
         decoder and cross-attention and the pattern sizes (``attention.AttentionConfig``);
         None = scaled dot-product everywhere

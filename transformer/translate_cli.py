@@ -3,8 +3,9 @@
 Input: ``input=FILE`` or stdin, one sentence per line (an interactive prompt when stdin is a
 terminal). Output: ``output=FILE`` or stdout, one translation per input line, same order;
 with ``decode.nbest=K > 1``, up to K lines per input, tab-separated
-``INDEX<TAB>SCORE<TAB>TRANSLATION`` (INDEX = 0-based input line, SCORE = length-normalised
-log-probability, best first). ``ref=FILE`` also prints sacreBLEU and chrF with signatures.
+``INDEX<TAB>SCORE<TAB>TRANSLATION`` (INDEX = 0-based input line, SCORE = log-probability,
+length-normalised for beam search (GNMT penalty) and summed for sampling, best first).
+``ref=FILE`` also prints sacreBLEU and chrF with signatures.
 ``attention_plot=DIR`` draws the attention behind each best translation into
 ``DIR/{INDEX:04d}/`` (transformer/visualize.py).
 
