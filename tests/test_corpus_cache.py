@@ -134,6 +134,7 @@ def test_hub_configs_on_a_local_dataset_of_the_hub_schema(config, compose, tmp_p
         for i in range(n):
             de = [words[(i + j) % 6] for j in range(1 + i % 5)]
             rows.append({"de": "der " + " ".join(de), "en": "the " + " ".join(en[w] for w in de)})
+        rows[5]["en" if split == "train" else "de"] = None  # a null: an empty side
         Dataset.from_dict({"translation": rows}).to_parquet(str(hub / f"{split}.parquet"))
     cfg = compose(
         [
@@ -149,7 +150,8 @@ def test_hub_configs_on_a_local_dataset_of_the_hub_schema(config, compose, tmp_p
     )
     splits, tok, _, _ = prepare_data(cfg, tmp_path / "run")
     assert set(splits) == {"train", "valid", "test"}
-    assert len(splits["train"]) == 120 and len(splits["test"].src_text) == 12
+    assert len(splits["train"]) == 119 and len(splits["test"].src_text) == 12  # null dropped
+    assert "" in (splits["test"].src_text[5], splits["test"].tgt_text[5])  # kept, aligned
     src_lang = cfg.data.src_lang
     assert splits["valid"].src_text[3].startswith("der " if src_lang == "de" else "the ")
     prepare_data(cfg, tmp_path / "run")

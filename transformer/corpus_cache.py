@@ -128,7 +128,7 @@ def sample_sentences(ds, columns: list[str], n: int, seed: int) -> list[str]:
     texts = []
     for c, column in enumerate(columns):
         rows = pick[(pick >= c * len(ds)) & (pick < (c + 1) * len(ds))] - c * len(ds)
-        texts.extend(ds.select(rows)[column])
+        texts.extend(t for t in ds.select(rows)[column] if t is not None)  # a Hub null
     return texts
 
 
@@ -221,9 +221,10 @@ def encode_batch(
     """Dataset.map function: stripped text -> ids. Evaluation splits keep their text, and
     their sources are truncated to ``max_len`` (``src_long`` flags the ones that were).
     ``num_threads``: SentencePiece's own threads (1 in map workers: the workers are the
-    parallelism, and more threads than cores only thrash)."""
-    src_text = [s.strip() for s in batch["src"]]
-    tgt_text = [t.strip() for t in batch["tgt"]]
+    parallelism, and more threads than cores only thrash). A null in a Hub dataset is an
+    empty side (a training pair with one is dropped and counted, as an empty line is)."""
+    src_text = ["" if s is None else s.strip() for s in batch["src"]]
+    tgt_text = ["" if t is None else t.strip() for t in batch["tgt"]]
     encode = dict(out_type=int, num_threads=num_threads)
     src_ids = _processor(src_model).encode(src_text, **encode)
     out = {"src_ids": src_ids, "tgt_ids": _processor(tgt_model).encode(tgt_text, **encode)}
