@@ -43,3 +43,18 @@ def test_missing_or_incomplete_run_is_a_clear_error(tmp_path, capsys):
     assert "no metrics.json (is the run finished?)" in capsys.readouterr().err
     assert main([str(tmp_path / "none")]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_a_damaged_run_folder_is_a_clear_error(tmp_path, capsys):
+    run = fake_run(tmp_path / "a", 30.5)
+    (run / "metrics.json").write_text("{not json")
+    assert main([str(run)]) == 1
+    assert "a/metrics.json: not JSON" in capsys.readouterr().err
+    (run / "metrics.json").write_text(json.dumps({"model": "x", "parameters": 1}))
+    assert main([str(run)]) == 1
+    assert "metrics.json: no train_seconds, train_tokens_per_s" in capsys.readouterr().err
+    fake = tmp_path / "b"
+    fake_run(fake, 1.0)
+    (fake / "valid_log.csv").write_text("step,train_seconds,valid_bleu\n5,six,30\n")
+    assert main([str(fake)]) == 1
+    assert "b/valid_log.csv line 2: no number" in capsys.readouterr().err

@@ -21,6 +21,11 @@ class RunError(ValueError):
     pass
 
 
+# what the table reads of every run's metrics.json
+TABLE_KEYS = ("model", "parameters", "train_seconds", "train_tokens_per_s", "best_step",
+              "best_valid_bleu")  # fmt: skip
+
+
 def load_run(path: Path) -> dict:
     """Metrics and validation curve of one run directory; RunError names what is missing."""
     if not path.is_dir():
@@ -28,12 +33,26 @@ def load_run(path: Path) -> dict:
     for name in ("metrics.json", "valid_log.csv"):
         if not (path / name).is_file():
             raise RunError(f"{path}: no {name} (is the run finished?)")
-    metrics = json.loads((path / "metrics.json").read_text())
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path / 'metrics.json'}: not JSON ({e})") from e
+    if not isinstance(metrics, dict):
+        raise RunError(f"{path / 'metrics.json'}: not a metrics file (no object at the top)")
+    missing = [k for k in TABLE_KEYS if k not in metrics]
+    if missing:
+        raise RunError(f"{path / 'metrics.json'}: no {', '.join(missing)}")
     curve = []
     with open(path / "valid_log.csv") as f:
-        for row in csv.DictReader(f):
-            if row["valid_bleu"]:
-                curve.append((float(row["train_seconds"]), float(row["valid_bleu"])))
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                if row["valid_bleu"]:
+                    curve.append((float(row["train_seconds"]), float(row["valid_bleu"])))
+            except (KeyError, TypeError, ValueError) as e:
+                raise RunError(
+                    f"{path / 'valid_log.csv'} line {line}: no number in "
+                    f"train_seconds/valid_bleu ({e!r})"
+                ) from e
     return {"path": path, "metrics": metrics, "curve": curve}
 
 
