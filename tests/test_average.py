@@ -32,6 +32,12 @@ def test_average_of_the_last_three_is_their_mean_and_translates(run):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_the_last_two_are_the_newest_two(run):
+    assert main([str(run), "--last", "2"]) == 0
+    avg = checkpoint.load(run / "checkpoints" / "avg_last2.pt")
+    assert [s["step"] for s in avg["averaged_from"]] == [9, 6]
+
+
 def test_averaging_one_checkpoint_changes_nothing(run):
     one = checkpoint.step_checkpoints(run / "checkpoints")[0]
     avg = average([one])

@@ -260,3 +260,9 @@ def test_decode_options_complete_a_partial_config():
     assert opts.max_tokens == 100 and opts.min_len == 0 and opts.sample is False
     with pytest.raises(Exception, match="top_kk"):
         decode_options(OmegaConf.create({"top_kk": 5}))
+
+
+def test_top_p_stops_where_the_mass_reaches_it_exactly():
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isfinite(top_k_top_p(logits, top_p=0.5))[0].tolist() == [True, False, False]
+    assert torch.isfinite(top_k_top_p(logits, top_p=0.75))[0].tolist() == [True, True, False]

@@ -174,6 +174,9 @@ def test_merging_fills_a_parameter_without_state_and_warns_about_steps_that_diff
     merged = merge_state(state, params)
     assert float(merged["state"][0]["step"]) == 4  # that of two parameters of three
     assert "'step' differs between parameters ({4.0: 2, 6.0: 1})" in caplog.text
+    state["state"][0]["step"] = torch.tensor(9.0)  # the odd one out first: not taken either
+    state["state"][1]["step"] = torch.tensor(4.0)
+    assert float(merge_state(state, params)["state"][0]["step"]) == 4
     with pytest.raises(PrecisionError, match="has 3 parameters, the model 2"):
         merge_state(state, params[:2])
 

@@ -145,6 +145,13 @@ def test_resume_refuses_another_model(compose, small_overrides):
         train(compose(small_overrides + ["model.d_model=64", "trainer.max_steps=9"]))
 
 
+def test_the_schedule_warms_up_linearly_then_decays_as_the_inverse_square_root():
+    factor = inverse_sqrt(1000)  # Vaswani et al. 2017, eq. 3, scaled to peak 1 at warmup
+    assert [factor(s) for s in (0, 1, 500, 1000, 4000, 16000)] == pytest.approx(
+        [0.001, 0.001, 0.5, 1.0, 0.5, 0.25]
+    )
+
+
 def test_a_peak_lr_changed_on_resume_applies_from_the_resumed_step(
     compose, small_overrides, tmp_path, caplog
 ):
@@ -334,6 +341,35 @@ def test_nan_loss_skips_the_update_on_the_device_then_aborts(
         trainer.model.state_dict()[next(iter(before))], next(iter(before.values()))
     )
     assert trainer.skips.read() == (0, 0, 0)
+
+
+def test_an_inf_gradient_under_a_finite_loss_is_skipped_too(compose, small_overrides, tmp_path):
+    trainer = make_trainer(compose, small_overrides, tmp_path)
+    (batch,) = first_batches(trainer, 1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    weight = next(trainer.compute_model.parameters())
+    weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    loss, ntok = trainer.train_step([batch])
+    assert float(loss) == 0.0 and trainer.check_skips() == ntok
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_training_stops_after_patience_evaluations_without_a_bleu_gain(
+    compose, small_overrides, tmp_path, monkeypatch
+):
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "trainer.patience=2",
+        "trainer.max_steps=30",
+        "trainer.eval_every=2",
+        "trainer.bleu_every=2",
+    )
+    monkeypatch.setattr(trainer, "valid_bleu", lambda: 10.0)  # never better than the first
+    assert trainer.run() == {"stop_reason": "no valid BLEU gain in 2 evaluations"}
+    assert trainer.step == 6 and trainer.best_step == 2  # BLEU at 2 (a gain), 4 and 6
 
 
 def test_a_window_of_only_skipped_updates_logs_no_loss_row(compose, small_overrides, tmp_path):

@@ -142,3 +142,12 @@ def test_control_characters_are_repaired_and_counted(caplog):
         in caplog.text
     )
     assert caplog.text.count("control characters") == 1
+
+
+def test_a_byte_order_mark_is_dropped_from_the_first_line_only(tmp_path):
+    from transformer.data import decode_lines, iter_lines
+
+    raw = b"\xef\xbb\xbfEin Hund.\nZwei\n"
+    assert decode_lines(raw, "x") == ["Ein Hund.", "Zwei"]
+    (tmp_path / "f.txt").write_bytes(raw)
+    assert list(iter_lines(tmp_path / "f.txt")) == ["Ein Hund.", "Zwei"]

@@ -71,3 +71,24 @@ def test_output_length_bounded(kind):
         assert len(h.tokens) <= 2  # 3 positions, the last one forced to EOS
     for hyps in beam_search(model, src, mask, BOS, EOS, beam_size=3, max_len_a=0.0, max_len_b=3):
         assert all(len(h.tokens) <= 2 for h in hyps)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("alpha", [0.6, 1.4])
+def test_beam_scores_are_the_models_log_probability_over_the_gnmt_penalty(kind, alpha):
+    # Every returned hypothesis is scored again by teacher forcing: the sum of the model's
+    # log-probabilities of its tokens and EOS, over ((5 + |y|) / 6)^alpha with |y| counting
+    # EOS (Wu et al. 2016, eq. 14), as a reader of the n-best scores would compute it.
+    model = make(kind)
+    src, mask = sources()
+    beams = beam_search(model, src, mask, BOS, EOS, beam_size=4, alpha=alpha, nbest=4)
+    for i, hyps in enumerate(beams):
+        n = int(mask[i].sum())
+        for h in hyps:
+            tgt_in = torch.tensor([[BOS, *h.tokens]])
+            tgt_out = torch.tensor([[*h.tokens, EOS]])
+            with torch.no_grad():
+                logp = model(src[i : i + 1, :n], mask[i : i + 1, :n], tgt_in).log_softmax(-1)
+            total = float(logp.gather(-1, tgt_out[..., None]).sum())
+            expected = total / ((5 + len(h.tokens) + 1) / 6) ** alpha
+            assert h.score == pytest.approx(expected, abs=1e-4), (i, h.tokens)
