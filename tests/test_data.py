@@ -144,14 +144,19 @@ def test_batch_order_reproducible_per_epoch_and_reshuffled_between_epochs():
     assert any(len(a) != len(b) or (a != b).any() for a, b in zip(e0, e1))
 
 
-def test_distributed_shards_are_disjoint():
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_distributed_shards_are_disjoint_and_equal_in_number(world_size):
     split = fake_split()
+    whole = len(TokenBatcher(split, 120, 1, (0, 2, 3)).epoch_batches(0))
+    assert whole % world_size  # a count the ranks cannot split evenly: some batches left out
     shards = [
-        TokenBatcher(split, 120, 1, (0, 2, 3), rank=r, world_size=2).epoch_batches(0)
-        for r in (0, 1)
+        TokenBatcher(split, 120, 1, (0, 2, 3), rank=r, world_size=world_size).epoch_batches(0)
+        for r in range(world_size)
     ]
-    a, b = (set(np.concatenate(s).tolist()) for s in shards)
-    assert a and b and not a & b and len(shards[0]) == len(shards[1])
+    seen = [set(np.concatenate(s).tolist()) for s in shards]
+    assert all(seen) and sum(map(len, seen)) == len(set().union(*seen))  # disjoint
+    # every rank as many batches (collective ops stay in step): the whole count rounded down
+    assert [len(s) for s in shards] == [whole // world_size] * world_size
 
 
 def greedy_cuts(sorted_lengths, max_tokens):

@@ -355,6 +355,38 @@ def test_an_inf_gradient_under_a_finite_loss_is_skipped_too(compose, small_overr
         assert torch.equal(v, before[k]), k
 
 
+def test_an_accumulated_update_returns_the_summed_loss_of_all_its_micro_batches(
+    compose, small_overrides, tmp_path
+):
+    trainer = make_trainer(
+        compose, small_overrides, tmp_path, "model.dropout=0", "model.attn_dropout=0",
+        "model.act_dropout=0", "trainer.accum_steps=2",
+    )  # fmt: skip
+    batches = first_batches(trainer, 2)
+    with torch.no_grad():  # before the update changes the weights
+        each = [float(trainer.loss(trainer.to_device(b))) for b in batches]
+    loss, ntok = trainer.train_step(batches)
+    assert float(loss) == pytest.approx(sum(each), rel=1e-5)
+    assert ntok == sum(int((b.tgt_out != trainer.pad_id).sum()) for b in batches)
+
+
+def test_the_gradient_is_that_of_the_loss_per_target_token(compose, small_overrides, tmp_path):
+    trainer = make_trainer(
+        compose, small_overrides, tmp_path, "model.dropout=0", "model.attn_dropout=0",
+        "model.act_dropout=0",
+    )  # fmt: skip
+    (batch,) = first_batches(trainer, 1)
+    ntok = int((batch.tgt_out != trainer.pad_id).sum())
+    trainer.accumulate([batch], ntok)
+    got = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.model.zero_grad(set_to_none=True)
+    (trainer.loss(trainer.to_device(batch)) / ntok).backward()
+    for g, p in zip(got, trainer.model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-8)
+    norm = float(torch.cat([g.flatten() for g in got]).norm())
+    assert 0.1 < norm < 100, norm  # per token, not a sum over hundreds of tokens
+
+
 def test_training_stops_after_patience_evaluations_without_a_bleu_gain(
     compose, small_overrides, tmp_path, monkeypatch
 ):
