@@ -1,6 +1,7 @@
 """Checkpoint safety: atomic writes, damaged and malicious files refused, keep-K, fallback."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,25 @@ def test_roundtrip_records_version_and_config_hash(tmp_path):
     assert ckpt["config_sha256"] == checkpoint.config_sha256({"model": {"d_model": 64}})
     assert torch.equal(ckpt["model"]["w"], torch.ones(64, 64))
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temporary file left
+
+
+def test_a_save_is_made_durable_before_and_after_its_rename(tmp_path, monkeypatch):
+    # The data is fsynced under the temporary name before os.replace publishes it, and the
+    # folder after it, so that a power cut leaves the old file or the whole new one.
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def record_fsync(fd):
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def record_replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", record_replace)
+    checkpoint.save(tmp_path / "last.pt", {"model": {"w": torch.ones(2)}})
+    assert events == [("fsync", False), ("replace", "last.pt"), ("fsync", True)]
 
 
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
