@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from transformer.rnn_model import BahdanauRNN
-from transformer.search import beam_search, greedy_search
+from transformer.search import Uncached, beam_search, greedy_search
+from transformer.seq2seq import EncoderOut
 from transformer.transformer_model import Transformer
 
 PAD, BOS, EOS, V = 0, 1, 2, 30
@@ -92,3 +93,65 @@ def test_beam_scores_are_the_models_log_probability_over_the_gnmt_penalty(kind, 
             total = float(logp.gather(-1, tgt_out[..., None]).sum())
             expected = total / ((5 + len(h.tokens) + 1) / 6) ** alpha
             assert h.score == pytest.approx(expected, abs=1e-4), (i, h.tokens)
+
+
+class Markov:
+    """A stub model for ``Uncached``: the next token's logits depend on the last token, the
+    position (so that no two sequences tie) and the sentence (its first source id), strongly
+    enough that EOS lands at every rank."""
+
+    def __init__(self, seed: int, vocab: int = 12):
+        g = torch.Generator().manual_seed(seed)
+        self.table = 2.5 * torch.randn(vocab, vocab, generator=g)
+        self.bias = 1.5 * torch.randn(vocab, vocab, generator=g)
+        self.position = torch.randn(16, vocab, generator=g)
+
+    def encode(self, src, src_mask):
+        return EncoderOut(self.bias[src[:, 0]][:, None, :], src_mask)  # memory (B, 1, V)
+
+    def decode_prefix(self, tgt_in, enc):
+        return self.table[tgt_in] + self.position[: tgt_in.shape[1]] + enc.memory  # (B, T, V)
+
+    def log_probs(self, src_first: int, prefix: list[int]) -> torch.Tensor:
+        last = ([BOS] + prefix)[-1]
+        logits = self.table[last] + self.position[len(prefix)] + self.bias[src_first]
+        return logits.log_softmax(-1)
+
+
+def reference_beam(model, src_first, K, alpha, limit):
+    """fairseq's rule one sentence at a time, in plain Python: of the 2K best candidates,
+    those among the top K that end in EOS are finished (until K are), the K best others go
+    on; EOS is the only choice at the length limit."""
+    beams, finished = [([], 0.0)], []
+    for t in range(limit):
+        cands = []
+        for tokens, score in beams:
+            logp = model.log_probs(src_first, tokens)
+            for v, lp in enumerate(logp.tolist()):
+                if t + 1 >= limit and v != EOS:
+                    lp = float("-inf")
+                cands.append((score + lp, tokens, v))
+        top = sorted(cands, key=lambda c: -c[0])[: 2 * K]
+        for score, tokens, v in top[:K]:
+            if v == EOS and score > float("-inf") and len(finished) < K:
+                finished.append((tokens, score / ((5 + t + 1) / 6) ** alpha))
+        if len(finished) >= K:
+            break
+        beams = [(tokens + [v], score) for score, tokens, v in top if v != EOS][:K]
+    return sorted(finished, key=lambda f: -f[1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_beam_search_follows_the_finishing_rule_of_a_plain_reference(seed):
+    model = Markov(seed)
+    src = torch.arange(3, 12)[:, None].repeat(1, 2)  # 9 sentences, first ids 3..11
+    mask = torch.ones_like(src, dtype=torch.bool)
+    K, alpha, limit = 3, 0.6, 7
+    got = beam_search(
+        Uncached(model), src, mask, BOS, EOS, beam_size=K, alpha=alpha, max_len_a=0.0,
+        max_len_b=limit, nbest=K,
+    )  # fmt: skip
+    for i, hyps in enumerate(got):
+        expected = reference_beam(model, int(src[i, 0]), K, alpha, limit)
+        assert [h.tokens for h in hyps] == [tokens for tokens, _ in expected], i
+        assert [h.score for h in hyps] == pytest.approx([s for _, s in expected], abs=1e-5)
