@@ -94,6 +94,15 @@ def test_tampered_config_and_unknown_version_are_refused(tmp_path):
         checkpoint.load(path)
 
 
+def test_a_resume_tries_last_pt_then_the_step_files_newest_first(tmp_path):
+    for name in ("step_00000002.pt", "step_00000010.pt", "step_00000009.pt"):
+        (tmp_path / name).touch()
+    names = ["step_00000010.pt", "step_00000009.pt", "step_00000002.pt"]
+    assert [p.name for p in checkpoint.resume_candidates(tmp_path)] == names
+    (tmp_path / "last.pt").touch()
+    assert [p.name for p in checkpoint.resume_candidates(tmp_path)] == ["last.pt", *names]
+
+
 def test_keep_k_and_fallback_to_the_newest_good_one(tmp_path, caplog):
     for step in range(1, 6):
         checkpoint.save(tmp_path / "last.pt", payload(step))
