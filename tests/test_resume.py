@@ -331,7 +331,9 @@ def test_nan_loss_skips_the_update_on_the_device_then_aborts(
     for state in trainer.optimizer.state.values():  # no Adam moment was updated
         assert float(state["step"]) == 0 and not state["exp_avg"].any()
         assert not state["exp_avg_sq"].any()
+    assert trainer.train_tokens == ntok  # counted by the update, which did not know yet
     assert trainer.check_skips() == ntok  # its tokens are left out of the loss per token
+    assert trainer.train_tokens == 0  # and out of the tokens trained on (tokens/s)
     with pytest.raises(TrainingError, match="3 updates in a row had a NaN/inf loss"):
         trainer.run()  # log_every=2: the run of 1 goes on; at step 2 it is 3 long
     assert "2 of the updates up to step 2 skipped: NaN/inf loss or gradient" in caplog.text

@@ -707,9 +707,13 @@ class Trainer:
     def check_skips(self) -> int:
         """Read the device's count of skipped NaN/inf updates (one host sync; at each log
         interval); warn about them, and abort if ``trainer.max_nonfinite`` came in a row.
-        Returns the target tokens of the skipped updates, for the loss per token."""
+        Returns this rank's target tokens of the skipped updates, for the loss per token;
+        those of all ranks leave the count of tokens trained on (``train_tokens``).
+        Every rank skips the same updates (the norm is of the all-reduced gradient)."""
         count, longest, tokens = self.skips.read()
         if count:
+            (skipped_all,) = self.dist.sum([tokens])
+            self.train_tokens -= int(skipped_all)
             log.warning(
                 "%d of the updates up to step %d skipped: NaN/inf loss or gradient "
                 "(longest run %d)",
