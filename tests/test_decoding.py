@@ -266,3 +266,51 @@ def test_top_p_stops_where_the_mass_reaches_it_exactly():
     logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
     assert torch.isfinite(top_k_top_p(logits, top_p=0.5))[0].tolist() == [True, False, False]
     assert torch.isfinite(top_k_top_p(logits, top_p=0.75))[0].tolist() == [True, True, False]
+
+
+def test_batched_translation_gives_each_input_line_its_own_output(tiny_ckpt, corpus_root):
+    # translate_ids sorts the lines by length into batches: every output must come back to
+    # its own input line, as translating that line alone gives it.
+    from transformer.evaluate import decode_setting
+    from transformer.translator import encode_sources, load_for_inference, translate_ids
+
+    model, src_tok, tgt_tok, cfg = load_for_inference(tiny_ckpt, torch.device("cpu"))
+    words = (corpus_root / "multi30k" / "test2016.de").read_text("utf-8").split()
+    lines = [" ".join(words[k : k + n]) for k, n in enumerate((1, 4, 2, 7, 3, 6, 1, 5, 2, 8))]
+    lines.insert(5, "")
+    ids = encode_sources(lines, src_tok, cfg["data"]["max_len"])
+    assert len({len(s) for s in ids}) > 4  # lengths that sorting reorders
+    _, greedy = decode_setting("greedy:max_tokens=60")  # several batches
+    together = translate_ids(model, ids, tgt_tok, greedy, torch.device("cpu"))
+    alone = [translate_ids(model, [s], tgt_tok, greedy, torch.device("cpu"))[0] for s in ids]
+    assert [[t for t, _ in h] for h in together] == [[t for t, _ in h] for h in alone]
+    for a, b in zip(together, alone):  # scores: batched padding moves the last bits only
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-3)
+    assert together[5] == [] and len({tuple(h[0][0]) for h in together if h}) > 3
+
+
+def test_the_best_translation_is_the_first_of_the_n_best():
+    from transformer.translate_cli import format_output
+
+    class Words:
+        def decode(self, seqs):
+            return [" ".join(map(str, s)) for s in seqs]
+
+    nbest = [[([7, 8], -0.1), ([9], -0.5)], []]
+    best, lines = format_output(nbest, Words(), 2)
+    assert best == ["7 8", ""]
+    assert lines == ["0\t-0.1000\t7 8", "0\t-0.5000\t9", "1\t0.0000\t"]
+
+
+def test_only_lines_over_max_len_are_truncated_and_named(caplog):
+    from transformer.translator import encode_sources
+
+    class Words:
+        eos_id = 2
+
+        def encode(self, lines):
+            return [[5] * len(line.split()) for line in lines]
+
+    ids = encode_sources(["a b c", "a b c d", "", "a"], Words(), max_len=3)
+    assert ids == [[5, 5, 5, 2], [5, 5, 5, 2], [], [5, 2]]
+    assert "1 input line(s) longer than 3 subwords truncated (line 2)" in caplog.text

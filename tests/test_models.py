@@ -69,3 +69,45 @@ def test_bad_model_args_are_clear_errors():
         Transformer(40, 30, PAD, d_model=16, n_heads=2)
     with pytest.raises(ValueError, match="model.norm"):
         Transformer(40, 40, PAD, d_model=16, n_heads=2, norm="middle")
+
+
+def test_layer_formulas_written_out():
+    # The other model tests compare one path of the model with another; these pin the
+    # formulas themselves (Vaswani et al. 2017, Sections 3.4, 3.1; pre-norm: Xiong et al. 2020).
+    from transformer.layers import FeedForward, ScaledEmbedding, Sublayer
+
+    torch.manual_seed(0)
+    emb = ScaledEmbedding(10, 16)
+    ids = torch.tensor([[1, 4, 9]])
+    torch.testing.assert_close(emb(ids), emb.weight[ids] * 4.0)
+    x = torch.randn(2, 3, 16)
+
+    def f(h):
+        return h * 2.0 + 1.0, None
+
+    for pre_norm in (True, False):
+        sub = Sublayer(16, 0.0, pre_norm)
+        with torch.no_grad():
+            sub.norm.weight.uniform_(0.5, 1.5)
+            sub.norm.bias.uniform_(-0.5, 0.5)
+        ln = torch.nn.functional.layer_norm(x, (16,), sub.norm.weight, sub.norm.bias)
+        expected = x + f(ln)[0] if pre_norm else sub.norm(x + f(x)[0])
+        torch.testing.assert_close(sub(x, f)[0], expected)
+    # dropout after the activation, inside the feed-forward network (train mode)
+    ffn = FeedForward(16, 32, act_dropout=0.5).train()
+    torch.manual_seed(1)
+    got = ffn(x)
+    torch.manual_seed(1)
+    hidden = torch.relu(ffn.fc1(x))
+    torch.testing.assert_close(got, ffn.fc2(ffn.act_dropout(hidden)))
+    assert not torch.allclose(got, ffn.fc2(hidden))
+
+
+def test_the_pad_rows_start_at_zero_and_positions_end_at_max_positions():
+    model = Transformer(20, 20, 0, d_model=16, n_heads=2, d_ff=32, n_enc_layers=1,
+                        n_dec_layers=1, max_positions=8)  # fmt: skip
+    assert not model.tgt_embed.weight[0].any() and model.tgt_embed.weight[1].any()
+    x = torch.zeros(1, 8, 16)
+    assert model.positions(x).shape == (1, 8, 16)  # exactly max_positions
+    with pytest.raises(ValueError, match="9 positions exceeds model.max_positions=8"):
+        model.positions(torch.zeros(1, 9, 16))

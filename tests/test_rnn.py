@@ -145,3 +145,13 @@ def test_empty_source_raises():
     src_mask[0, 0] = True
     with pytest.raises(ValueError, match="at least one real token"):
         model.encode(src, src_mask)
+
+
+def test_the_decoder_starts_from_the_backward_state_at_the_first_token():
+    # Bahdanau et al. 2014, A.2.2: s_0 = tanh(W_s h_1<-), h_1<- the backward GRU's state at
+    # token 1: the second half of the top layer's annotation of the first token.
+    model = make_model("additive", dropout=0.0)
+    src, src_mask, _ = make_batch()
+    enc = model.encode(src, src_mask)
+    H = model.hidden_size
+    torch.testing.assert_close(enc.extra["summary"], enc.memory[:, 0, H:])

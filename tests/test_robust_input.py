@@ -147,7 +147,14 @@ def test_control_characters_are_repaired_and_counted(caplog):
 def test_a_byte_order_mark_is_dropped_from_the_first_line_only(tmp_path):
     from transformer.data import decode_lines, iter_lines
 
-    raw = b"\xef\xbb\xbfEin Hund.\nZwei\n"
-    assert decode_lines(raw, "x") == ["Ein Hund.", "Zwei"]
+    raw = b"\xef\xbb\xbfEin Hund.\n\xef\xbb\xbfZwei\n"
+    expected = ["Ein Hund.", "\ufeffZwei"]  # further in, U+FEFF is text, not a file mark
+    assert decode_lines(raw, "x") == expected
     (tmp_path / "f.txt").write_bytes(raw)
-    assert list(iter_lines(tmp_path / "f.txt")) == ["Ein Hund.", "Zwei"]
+    assert list(iter_lines(tmp_path / "f.txt")) == expected
+
+
+def test_every_control_character_but_tab_becomes_a_space():
+    from transformer.data import decode_lines
+
+    assert decode_lines(b"a\x0bb\x0cc\rd\x00e\x1ff\tg\r\n", "x") == ["a b c d e f\tg"]
