@@ -158,7 +158,8 @@ def test_hub_configs_on_a_local_dataset_of_the_hub_schema(config, compose, tmp_p
     assert f"{config}/train: loaded the cached encoding" in caplog.text
 
 
-def test_raw_arrow_from_bad_files_is_an_error_that_leaves_no_file(tmp_path):
+def test_raw_arrow_from_bad_files_is_an_error_that_leaves_no_file(tmp_path, monkeypatch):
+    from transformer import corpus_cache
     from transformer.corpus_cache import stream_to_arrow
     from transformer.data import DataError
 
@@ -171,6 +172,13 @@ def test_raw_arrow_from_bad_files_is_an_error_that_leaves_no_file(tmp_path):
         stream_to_arrow(tmp_path / "a.de", tmp_path / "a.en", out)
     with pytest.raises(DataError, match="empty.en is empty"):
         stream_to_arrow(tmp_path / "a.de", tmp_path / "empty.en", out)
+    # counts past the record batch where the files part: both files read to the end
+    monkeypatch.setattr(corpus_cache, "RECORD_ROWS", 2)
+    (tmp_path / "long.en").write_text("".join(f"{i}\n" for i in range(9)))
+    with pytest.raises(DataError, match="a.de has 2 lines, .*long.en has 9$"):
+        stream_to_arrow(tmp_path / "a.de", tmp_path / "long.en", out)
+    with pytest.raises(DataError, match="long.en has 9 lines, .*a.de has 2$"):
+        stream_to_arrow(tmp_path / "long.en", tmp_path / "a.de", out)
     assert list(out.parent.iterdir()) == []
 
 
