@@ -39,6 +39,7 @@ two x decoder layers). Not a test: it measures.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import statistics
 import sys
@@ -90,6 +91,19 @@ def pack(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def unpack(x: torch.Tensor, index: torch.Tensor, B: int, L: int) -> torch.Tensor:
     """(tokens, h, d) -> (B, L, h, d), zeros at the padding."""
     return x.new_zeros(B * L, *x.shape[1:]).index_copy(0, index, x).view(B, L, *x.shape[1:])
+
+
+@functools.cache
+def _says_causal_as_window(varlen_attn) -> bool:
+    """torch 2.13's varlen_attn says causal as a window (left, right), 2.10's as is_causal;
+    read once per function, not in every timed call."""
+    return "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def causal_argument(varlen_attn, causal: bool) -> dict:
+    if _says_causal_as_window(varlen_attn):
+        return {"window_size": (-1, 0) if causal else (-1, -1)}
+    return {"is_causal": causal}
 
 
 class Call:
@@ -156,11 +170,7 @@ class Call:
         else:
             q = pack(self.q, self.index_q)
             k, v = pack(self.k, self.index_k), pack(self.v, self.index_k)
-        # torch 2.13 says causal as a window (left, right); earlier versions as is_causal
-        if "window_size" in inspect.signature(varlen_attn).parameters:
-            causal = {"window_size": (-1, 0) if self.causal else (-1, -1)}
-        else:
-            causal = {"is_causal": self.causal}
+        causal = causal_argument(varlen_attn, self.causal)
         out = varlen_attn(q, k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, **causal)
         return out if packed_leaves else unpack(out, self.index_q, self.B, self.Lq)
 
