@@ -195,7 +195,7 @@ class Trainer:
         self.cfg, self.t = cfg, cfg.trainer
         check_schedule(self.t)
         check_final(self.t)
-        check_vocabulary(cfg)
+        check_data_settings(cfg)
         self.compile_mode = self.t.get("compile_mode", "default")
         if self.compile_mode not in COMPILE_MODES:
             raise TrainingError(
@@ -1155,9 +1155,10 @@ def check_schedule(t) -> None:
             raise TrainingError(f"trainer.{key} must be {allowed}, got {value!r}")
 
 
-def check_vocabulary(cfg) -> None:
-    """One embedding for source and target needs one vocabulary: with two tokenizers of the
-    same size, source piece N and target piece N would share a row unnoticed."""
+def check_data_settings(cfg) -> None:
+    """Data settings that would fail late or silently: one embedding for source and target
+    needs one vocabulary (with two tokenizers of the same size, source piece N and target
+    piece N would share a row unnoticed), and test_splits is a list of names."""
     if cfg.model.get("share_src_tgt_embeddings") and not cfg.data.joint_vocab:
         raise TrainingError(
             "model.share_src_tgt_embeddings=true needs data.joint_vocab=true: with separate "
