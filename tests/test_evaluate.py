@@ -5,14 +5,20 @@ import json
 import pytest
 import sacrebleu
 
+from transformer import checkpoint
 from transformer.evaluate import decode_setting, main
 
 
-def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path):
+def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, monkeypatch):
+    reads = []
+    monkeypatch.setattr(
+        checkpoint, "load", lambda path, _load=checkpoint.load: reads.append(path) or _load(path)
+    )
     out = tmp_path / "eval"
     specs = ["greedy", "beam:beam_size=1", "beam:beam_size=3,length_penalty=1.0"]
     argv = [str(tiny_ckpt), "--names", "tiny", "--split", "valid", "--out", str(out)]
     assert main([*argv, "--data-dir", str(corpus_root), "--decode", *specs]) == 0
+    assert reads == [tiny_ckpt]  # the checkpoint is read once, for its weights and its step
     rows = json.loads((out / "results.json").read_text())
     assert [r["decode"] for r in rows] == [
         "greedy",

@@ -105,3 +105,17 @@ def test_cpu_dropout_is_an_inverted_bernoulli_mask_shared_by_the_backward():
     layer = Dropout(0.3)
     assert layer(x) is not x and layer.eval()(x) is x and dropout(x, 0.0) is x
     assert repr(layer) == "Dropout(p=0.3, inplace=False)"
+
+
+def test_cpu_dropout_keeps_the_level_equal_to_round_p_times_2_15():
+    """The documented rule, element by element: level >= round(p * 2**15) is kept, where each
+    64-bit draw of the seeded generator gives four 15-bit levels (its 16-bit lanes' low bits).
+    At p = 3 * 2**-15, keeping only levels above 3 would drop 4/3 as many elements."""
+    n, k = 1 << 20, 3
+    torch.manual_seed(1)
+    y = dropout(torch.ones(n), k / 2**15)
+    torch.manual_seed(1)
+    words = torch.empty(n // 4, dtype=torch.int64).random_()
+    levels = words.view(torch.int16).bitwise_and(2**15 - 1)
+    assert (levels == k).sum() > 10  # the boundary level occurs (~32 times)
+    assert torch.equal(y == 0, levels < k)

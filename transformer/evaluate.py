@@ -29,7 +29,7 @@ from . import checkpoint
 from .cli import EXPECTED, one_line
 from .metrics import Scorer
 from .trainer import pick_device
-from .translator import encode_sources, load_for_inference, translate_ids
+from .translator import encode_sources, from_checkpoint, translate_ids
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -55,8 +55,9 @@ def decode_setting(spec: str):
 
 def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list[dict]:
     """Decode ``split`` with each setting in ``specs``; write hypotheses; rows of scores."""
-    model, src_tok, tgt_tok, cfg = load_for_inference(ckpt, device)
-    step = checkpoint.load(ckpt).get("progress", {}).get("step")
+    saved = checkpoint.load(ckpt)
+    model, src_tok, tgt_tok, cfg = from_checkpoint(saved, Path(ckpt), device)
+    step = saved.get("progress", {}).get("step")
     data_cfg = OmegaConf.create(cfg["data"])
     if data_dir:
         data_cfg.data_dir = str(data_dir)

@@ -60,7 +60,11 @@ def load_tokenizers(ckpt: dict, ckpt_path: Path) -> tuple[Tokenizer, Tokenizer]:
 def load_for_inference(ckpt_path: str | Path, device: torch.device):
     """(model in eval mode on ``device``, src tokenizer, tgt tokenizer, config dict)."""
     ckpt_path = Path(ckpt_path)
-    ckpt = checkpoint.load(ckpt_path)
+    return from_checkpoint(checkpoint.load(ckpt_path), ckpt_path, device)
+
+
+def from_checkpoint(ckpt: dict, ckpt_path: Path, device: torch.device):
+    """``load_for_inference`` of a checkpoint already read from ``ckpt_path``."""
     src_tok, tgt_tok = load_tokenizers(ckpt, ckpt_path)
     cfg = ckpt["config"]
     model = build_model(OmegaConf.create(cfg["model"]), **ckpt["model_kwargs"])
