@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transformer.corpus_cache import MappedPages, publish, sample_sentences
+from transformer.corpus_cache import (
+    MappedPages,
+    encode_split,
+    file_stamp,
+    publish,
+    sample_sentences,
+)
 from transformer.data import EncodedSplit, TokenBatcher, read_lines
 from transformer.tokenizer import train_or_load
 from transformer.trainer import prepare_data
@@ -201,3 +207,80 @@ def test_publishing_keeps_a_cache_another_run_published_first(tmp_path):
     empty = folder(tmp_path / "absent") / "x"
     publish(folder(tmp_path / "fresh", **{"counts.json": "{}"}), empty)
     assert (empty / "counts.json").is_file()
+
+
+def test_file_stamp_changes_with_the_file_at_the_same_size(tmp_path):
+    path = tmp_path / "train.de"
+    path.write_text("ein hund\n", "utf-8")
+    before = file_stamp([path])
+    assert file_stamp([path]) == before
+    path.write_text("ein hut!\n", "utf-8")  # same size, rewritten
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert path.stat().st_size == 9 and file_stamp([path]) != before
+
+
+PAIRS = {"src": ["ein hund läuft", "zwei kinder spielen im park"], "tgt": ["a dog runs", ""]}
+
+
+@pytest.fixture()
+def tokenizers(tmp_path):
+    words = "ein hund läuft zwei kinder spielen im park a dog runs two children play the"
+    text = [" ".join(words.split()[i:] + words.split()[:i]) for i in range(16)] * 5
+    src = train_or_load(text, tmp_path / "spm", vocab_size=40, key="a")
+    tgt = train_or_load(text, tmp_path / "spm", vocab_size=45, key="b")
+    return src, tgt
+
+
+def test_encoded_cache_is_keyed_by_every_setting(tokenizers, tmp_path):
+    """The same settings map the cached encoding; any changed one encodes the split anew."""
+    from datasets import Dataset
+
+    loads = []
+
+    def load():
+        loads.append(1)
+        return Dataset.from_dict(PAIRS)
+
+    src_tok, tgt_tok = tokenizers
+    base = dict(fingerprint="f1", load=load, src_tok=src_tok, tgt_tok=tgt_tok, max_len=20)
+    base.update(filter_long=True, name="multi30k/train", cache_dir=tmp_path / "cache")
+    encode_split(**base)
+    encode_split(**base)
+    assert len(loads) == 1
+    changes = dict(fingerprint="f2", max_len=19, filter_long=False, name="multi30k/valid")
+    changes.update(src_tok=tgt_tok, tgt_tok=src_tok)
+    for key, value in changes.items():
+        encode_split(**{**base, key: value})
+        assert len(loads) == 2, key
+        loads.clear()
+        loads.append(1)
+
+
+def test_encoding_counts_and_truncation(tokenizers, tmp_path, caplog):
+    """Training drops a pair with one empty side (and names the count); evaluation keeps every
+    line, truncating sources to exactly max_len and warning only of those over it."""
+    from datasets import Dataset
+
+    src_tok, tgt_tok = tokenizers
+    lengths = [len(ids) for ids in src_tok.encode(PAIRS["src"])]
+    assert lengths[0] < lengths[1]
+    caplog.set_level(logging.INFO)
+    common = dict(fingerprint="f", src_tok=src_tok, tgt_tok=tgt_tok, cache_dir=tmp_path / "c")
+    train = encode_split(
+        load=lambda: Dataset.from_dict(PAIRS), max_len=50, filter_long=True, name="t", **common
+    )
+    assert len(train) == 1
+    assert "t: 1 pairs, dropped 1 (1 with an empty side, 0 longer than" in caplog.text
+    for max_len, truncated in [(lengths[1], 0), (lengths[1] - 1, 1)]:
+        caplog.clear()
+        valid = encode_split(
+            load=lambda: Dataset.from_dict(PAIRS),
+            max_len=max_len,
+            filter_long=False,
+            name="v",
+            **common,
+        )
+        assert valid.src_lens.tolist() == [lengths[0], min(lengths[1], max_len)]
+        assert valid.tgt_text == PAIRS["tgt"]  # the empty line is kept
+        warned = f"v: 1 source sentence(s) longer than {max_len} tokens truncated"
+        assert (warned in caplog.text) == bool(truncated)

@@ -1,4 +1,4 @@
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_or_load
+from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, copy_into, train_or_load
 
 TEXT = [
     "Zwei junge Männer spielen Fußball.",
@@ -25,3 +25,41 @@ def test_cache_is_reused_and_keyed_by_corpus(tmp_path):
     assert again.path == first.path and again.path.stat().st_mtime_ns == mtime
     other = train_or_load(TEXT[:-1], tmp_path, vocab_size=120)
     assert other.path != first.path
+
+
+def test_every_setting_is_in_the_cache_key(tmp_path):
+    """A cached model is reused only under the same corpus key and the same settings."""
+    base = dict(vocab_size=100, model_type="unigram", character_coverage=1.0)
+    base.update(input_sentence_size=2_000_000, seed=1, key="corpus-a")
+    first = train_or_load(TEXT, tmp_path, **base).path
+    assert train_or_load(TEXT, tmp_path, **base).path == first
+    changes = dict(vocab_size=90, model_type="bpe", character_coverage=0.9995)
+    changes.update(input_sentence_size=101, seed=2, key="corpus-b")
+    paths = {first}
+    for name, value in changes.items():
+        path = train_or_load(TEXT, tmp_path, **{**base, name: value}).path
+        assert path not in paths, name
+        paths.add(path)
+
+
+def test_decoded_sentences_hold_no_line_break(tmp_path):
+    """Whatever SentencePiece gives back, no character str.splitlines breaks at survives."""
+    tok = train_or_load(TEXT, tmp_path, vocab_size=120)
+    breaks = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+    class Pieces:
+        def decode(self, ids):
+            return [f"a{c}b" for c in breaks]
+
+    tok.sp = Pieces()
+    out = tok.decode([[5]] * len(breaks))
+    assert out == ["a b"] * len(breaks)
+
+
+def test_copy_into_replaces_a_stale_copy(tmp_path):
+    tok = train_or_load(TEXT, tmp_path / "cache", vocab_size=120)
+    stale = tmp_path / "run" / "tokenizer" / "spm.model"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an older model")
+    assert copy_into(tok, tmp_path / "run", "tokenizer/spm.model") == stale
+    assert stale.read_bytes() == tok.path.read_bytes()
