@@ -2,6 +2,7 @@
 the ranks end with identical weights, only rank 0 writes files, the run resumes, and a
 SIGTERM to one rank stops both after the same update with a checkpoint."""
 
+import csv
 import json
 import os
 import signal
@@ -11,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from transformer import checkpoint
-from transformer.distributed import DEBUG_ENV, state_dict_sha256
+from transformer.distributed import DEBUG_ENV, Dist, DistributedError, from_env, state_dict_sha256
 from transformer.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +62,11 @@ def steps(path: Path) -> list[int]:
     return [int(row.split(",")[0]) for row in path.read_text().splitlines()[1:]]
 
 
+def valid_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def last_step(path: Path) -> int:
     try:
         return steps(path)[-1]
@@ -84,6 +91,9 @@ def comparable(small_overrides) -> list[str]:
         # steps; eps=1 keeps updates proportional to gradients, so the runs can be compared.
         "trainer.optimizer.eps=1.0",
         "trainer.optimizer.lr=0.1",
+        # no clipping: a clipped gradient has the same norm at any scale, which would hide a
+        # wrong normalisation by the ranks' token count
+        "trainer.clip_norm=1e9",
     ]
 
 
@@ -114,6 +124,12 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
     alone = checkpoint.load(tmp_path / "single" / "checkpoints" / "last.pt")["model"]
     for name, tensor in last["model"].items():
         torch.testing.assert_close(tensor, alone[name], rtol=1e-4, atol=1e-5, msg=name)
+    # validation sums loss and tokens over the ranks' shards of valid: one process's figures
+    two, one = (valid_rows(d / "valid_log.csv") for d in (run, tmp_path / "single"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == ["2", "4"]
+    for a, b in zip(two, one):
+        for key in ("valid_loss", "valid_nll"):
+            assert abs(float(a[key]) - float(b[key])) < 1e-4, (key, a, b)
 
     # Rank 0 alone wrote: one row per step, one log line per evaluation, one set of files.
     assert steps(run / "train_log.csv") == [1, 2, 3, 4]
@@ -207,3 +223,26 @@ def test_unwrap_sees_through_ddp_and_compile_in_either_order():
             assert checkpoint.unwrap(wrapped) is model
     finally:
         dist.destroy_process_group()
+
+
+def test_unshard_inverts_shard_for_uneven_shards():
+    items = list(range(7))
+    for world_size in (1, 2, 3):
+        shards = [Dist(rank, world_size).shard(items) for rank in range(world_size)]
+        assert sorted(i for s in shards for i in s) == items  # each item in one shard
+        assert Dist(0, world_size).unshard(shards) == items, world_size
+    assert Dist(1, 3).shard(items) == [1, 4]
+
+
+def test_rank_layout_from_torchruns_environment(monkeypatch):
+    """On a second node the global rank and the rank on the node differ."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = from_env()
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.is_main) == (3, 4, 1, False)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(DistributedError, match="RANK/LOCAL_RANK are missing"):
+        from_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert from_env() == Dist()
