@@ -213,6 +213,10 @@ def test_a_run_from_before_the_choice_translates_with_best_pt(tmp_path):
     greedy = {"beam_size": 1, "length_penalty": 0.0}
     assert run_choice(run, greedy, ["decode=greedy"]).name == "avg_last5.pt"
     assert greedy == {"beam_size": 1, "length_penalty": 0.0}  # the user's decoding kept
+    for given in ("decode.beam_size=3", "+decode.beam_size=3", "++decode.beam_size=3"):
+        decode = {"beam_size": 3, "length_penalty": 0.6}  # Hydra's prefixes name the same key
+        run_choice(run, decode, [given])
+        assert decode == {"beam_size": 3, "length_penalty": 1.4}, given
     (run / "metrics.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a metrics file"):
         run_choice(run, decode, [])

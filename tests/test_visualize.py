@@ -1,10 +1,12 @@
 """Attention pictures (visualize.py): the plotted weights are the ones the search used."""
 
+import sys
+
 import matplotlib.image
 import pytest
 import torch
 
-from transformer import translate_cli
+from transformer import translate_cli, visualize
 from transformer.rnn_model import BahdanauRNN
 from transformer.search import beam_search
 from transformer.seq2seq import DecoderState, EncoderOut
@@ -146,7 +148,9 @@ def test_plot_files_per_layer_head_overview_and_rnn_alignment(tmp_path):
     assert sorted(p.name for p in rnn[0].iterdir()) == ["alignment.png", "sentence.txt"]
 
 
-def test_translate_cli_writes_plots(compose, corpus_root, tmp_path, monkeypatch):
+@pytest.fixture()
+def cli_model(corpus_root, tmp_path, monkeypatch):
+    """translate.py's checkpoint replaced by a small random Transformer; its tokenizer."""
     lines = (corpus_root / "multi30k" / "train.de").read_text("utf-8").splitlines()
     tok = train_or_load(lines, tmp_path / "spm", vocab_size=200)
     torch.manual_seed(0)
@@ -158,6 +162,10 @@ def test_translate_cli_writes_plots(compose, corpus_root, tmp_path, monkeypatch)
         "load_for_inference",
         lambda ckpt, device: (model, tok, tok, {"data": {"max_len": 50}}),
     )
+    return tok
+
+
+def test_translate_cli_writes_plots(compose, cli_model, tmp_path):
     (tmp_path / "in.txt").write_text("Ein Hund.\n\nZwei Kinder spielen.\n", "utf-8")
     cfg = compose(
         [
@@ -176,3 +184,34 @@ def test_translate_cli_writes_plots(compose, corpus_root, tmp_path, monkeypatch)
     assert len(best) == 3
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["0000", "0002"]
     assert (tmp_path / "plots" / "0002" / "layer0_heads.png").is_file()
+
+
+def test_interactive_plots_number_the_inputs_across_prompts(
+    compose, cli_model, tmp_path, monkeypatch
+):
+    """Each prompt's sentence gets the next folder; a picture's rows are the output tokens
+    and EOS, its columns the source tokens."""
+    typed = iter(["Ein Hund.", "Zwei Kinder spielen."])
+
+    def prompt(_):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", prompt)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    shapes = []
+    save = visualize.save_sentence
+
+    def spy(directory, weights, src_labels, tgt_labels):
+        shapes.append((tuple(weights.shape[-2:]), len(tgt_labels), len(src_labels)))
+        assert tgt_labels[-1] == cli_model.sp.id_to_piece(cli_model.eos_id)
+        return save(directory, weights, src_labels, tgt_labels)
+
+    monkeypatch.setattr(visualize, "save_sentence", spy)
+    overrides = ["ckpt=unused.pt", f"attention_plot={tmp_path / 'plots'}", "device=cpu"]
+    cfg = compose([*overrides, "decode.max_len_a=0", "decode.max_len_b=5"], name="translate")
+    assert len(translate_cli.translate(cfg)) == 2
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["0000", "0001"]
+    assert len(shapes) == 2 and all(w == (t, s) for w, t, s in shapes)
