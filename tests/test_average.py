@@ -57,3 +57,13 @@ def test_too_few_checkpoints_or_another_model_is_one_clear_line(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "differ" in err
     assert not (run / "checkpoints" / "mixed.pt").exists()
+
+
+def test_checkpoints_with_other_tokenizers_are_not_averaged(run, capsys):
+    """The same model shape with another vocabulary's ids would average unrelated rows."""
+    last = checkpoint.load(run / "checkpoints" / "last.pt")
+    last["tokenizer"] = {**last["tokenizer"], "tgt_sha256": "0" * 64}
+    checkpoint.save(run / "checkpoints" / "other.pt", last)
+    inputs = [str(run / "checkpoints" / name) for name in ("last.pt", "other.pt")]
+    assert main([*inputs, "--out", str(run / "checkpoints" / "avg.pt")]) == 1
+    assert "its tokenizer differs" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from transformer.data import (
     plan_batches,
     read_lines,
 )
+from transformer.seq2seq import Batch
 
 
 def write(path, lines, gz=False):
@@ -184,3 +185,16 @@ def test_length_sorting_keeps_padding_low():
     plan = plan_batches(lengths, 1000, np.random.default_rng(0))
     padded = sum(len(b) * lengths[b].max() for b in plan)
     assert 1 - lengths.sum() / padded < 0.05
+
+
+@pytest.mark.parametrize("rows,sizes", [(1, [1]), (2, [1, 1]), (5, [3, 2])])
+def test_halves_split_a_batch_along_its_sentences(rows, sizes):
+    """An out-of-memory retry splits a batch in two; a single sentence stays whole."""
+    src = torch.arange(rows * 4).view(rows, 4)
+    tgt = torch.arange(rows * 3).view(rows, 3) + 100
+    batch = Batch(src, src > 2, tgt, tgt + 1)
+    halves = batch.halves()
+    assert [len(h.src) for h in halves] == sizes
+    for field in ("src", "src_mask", "tgt_in", "tgt_out"):
+        joined = torch.cat([getattr(h, field) for h in halves])
+        assert torch.equal(joined, getattr(batch, field)), field

@@ -6,7 +6,7 @@ import pytest
 import sacrebleu
 
 from transformer import checkpoint
-from transformer.evaluate import decode_setting, main
+from transformer.evaluate import decode_setting, default_names, main
 
 
 def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, monkeypatch):
@@ -36,6 +36,8 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, m
         lines = hyps[r["decode"]].splitlines()
         assert len(lines) == len(refs)
         assert r["bleu"] == round(sacrebleu.corpus_bleu(lines, [refs]).score, 2)
+        if r["seconds"] >= 0.05:  # seconds are rounded to 0.01
+            assert r["sentences_per_s"] == pytest.approx(len(lines) / r["seconds"], rel=0.15)
     assert hyps["greedy"] == hyps["beam.beam_size=1"]
     step = rows[0]["step"]
     assert step in (3, 6)  # best.pt of the 6-step run
@@ -57,3 +59,27 @@ def test_bad_decode_setting_is_named(spec, message):
 def test_unknown_decode_key_is_one_line(tiny_ckpt, tmp_path, capsys):
     assert main([str(tiny_ckpt), "--decode", "beam:nope=1", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_data_dir_names_the_corpus_to_score(tiny_ckpt, corpus_root, tmp_path):
+    """--data-dir replaces the folder the run was trained from."""
+    other = tmp_path / "other" / "multi30k"
+    other.mkdir(parents=True)
+    for lang in ("de", "en"):
+        lines = (corpus_root / "multi30k" / f"valid.{lang}").read_text("utf-8").splitlines()
+        (other / f"valid.{lang}").write_text("\n".join(lines[:5]) + "\n", "utf-8")
+    out = tmp_path / "eval"
+    argv = [str(tiny_ckpt), "--split", "valid", "--decode", "greedy", "--out", str(out)]
+    assert main([*argv, "--data-dir", str(other.parent)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    assert len((out / row["hypotheses"]).read_text("utf-8").splitlines()) == 5
+
+
+def test_names_default_to_the_run_and_must_be_distinct(tiny_ckpt, tmp_path):
+    a, b = tmp_path / "r1" / "checkpoints" / "a.pt", tmp_path / "r1" / "checkpoints" / "b.pt"
+    c = tmp_path / "r2" / "checkpoints" / "a.pt"
+    assert default_names([a, c]) == ["r1", "r2"]
+    assert default_names([a, b, c]) == ["r1-a", "r1-b", "r2"]
+    with pytest.raises(SystemExit) as stop:
+        main([str(tiny_ckpt), str(tiny_ckpt), "--names", "x", "x", "--out", str(tmp_path)])
+    assert stop.value.code == 2

@@ -1,0 +1,42 @@
+"""The entry points' error reporting (transformer/cli.py): expected faults end in one line."""
+
+import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
+
+from transformer.cli import friendly_errors
+
+
+def fails_with(error):
+    @friendly_errors
+    def task():
+        raise error
+
+    return task
+
+
+def test_an_expected_error_is_one_line_and_status_1(capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(ConfigAttributeError) as missing:
+        OmegaConf.create({"data": {}}).data.nope  # noqa: B018
+    for error in (missing.value, ValueError("data.max_len=-1 must be positive\nmore detail")):
+        with pytest.raises(SystemExit) as stop:
+            fails_with(error)()
+        assert stop.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "must be positive" in err and "more detail" not in err
+
+
+def test_hydra_full_error_shows_the_traceback(monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError, match="bad value"):
+        fails_with(ValueError("bad value"))()
+
+
+def test_a_bug_keeps_its_traceback_and_ctrl_c_is_status_130(capsys):
+    with pytest.raises(ZeroDivisionError):
+        fails_with(ZeroDivisionError("a bug"))()
+    with pytest.raises(SystemExit) as stop:
+        fails_with(KeyboardInterrupt())()
+    assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
