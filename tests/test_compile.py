@@ -69,7 +69,7 @@ def test_batch_shapes_counts_the_shapes_the_batches_have(compose, small_override
     cfg = compose(
         [
             *small_overrides,
-            "data.max_tokens=512",
+            "data.max_tokens=128",  # small batches, some of one shape
             "trainer.compile=true",
             "trainer.compile_mode=reduce-overhead",
         ]
@@ -78,7 +78,7 @@ def test_batch_shapes_counts_the_shapes_the_batches_have(compose, small_override
     plan = trainer.batcher.epoch_batches(0)
     batches = [trainer.batcher.batch(idx) for idx in plan]
     shapes = {(*b.src.shape, b.tgt_out.shape[1]) for b in batches}
-    assert len(shapes) > 1
+    assert 1 < len(shapes) < len(plan)
     assert trainer.batch_shapes() == (len(shapes), len(plan))
     assert not trainer.cuda_graphs
 

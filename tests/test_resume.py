@@ -404,6 +404,76 @@ def test_training_stops_after_patience_evaluations_without_a_bleu_gain(
     monkeypatch.setattr(trainer, "valid_bleu", lambda: 10.0)  # never better than the first
     assert trainer.run() == {"stop_reason": "no valid BLEU gain in 2 evaluations"}
     assert trainer.step == 6 and trainer.best_step == 2  # BLEU at 2 (a gain), 4 and 6
+    best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["progress"]["step"] == 2
+    trainer.cfg.trainer.final.average_last = 0  # (no average to score)
+    metrics = trainer.finish()
+    assert (metrics["steps"], metrics["best_step"], metrics["best_valid_bleu"]) == (6, 2, 10.0)
+
+
+def test_the_last_evaluation_scores_bleu_whatever_bleu_every(compose, small_overrides, tmp_path):
+    """A run that ends between two BLEU evaluations still scores its last weights (and can
+    make them best.pt)."""
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "trainer.max_steps=5",
+        "trainer.eval_every=100",
+        "trainer.bleu_every=100",
+    )
+    assert trainer.run() == {"stop_reason": "step/epoch limit"}
+    rows = list(csv.DictReader((tmp_path / "run" / "valid_log.csv").open()))
+    assert [r["step"] for r in rows] == ["5"] and rows[0]["valid_bleu"] != ""
+    assert trainer.best_step == 5
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["progress"]["step"] == 5
+
+
+def test_max_epochs_stops_at_the_end_of_the_epoch(compose, small_overrides, tmp_path):
+    trainer = make_trainer(
+        compose, small_overrides, tmp_path, "trainer.max_epochs=1", "trainer.max_steps=100000"
+    )
+    batches = len(trainer.batcher.epoch_batches(0))
+    assert trainer.run() == {"stop_reason": "step/epoch limit"}
+    assert trainer.step == batches and trainer.batch_in_epoch == trainer.epoch_len == batches
+
+
+def test_the_time_limit_stops_training_and_scores_the_last_weights(
+    compose, small_overrides, tmp_path
+):
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "trainer.max_time_minutes=1e-9",  # up after the first update
+        "trainer.max_steps=100000",
+        "trainer.eval_every=100000",
+        "trainer.bleu_every=100000",
+    )
+    assert trainer.run() == {"stop_reason": "time limit"}
+    rows = list(csv.DictReader((tmp_path / "run" / "valid_log.csv").open()))
+    assert trainer.step == 1 and [r["step"] for r in rows] == ["1"]
+    assert rows[0]["valid_bleu"] != ""
+
+
+def test_pad_frac_averages_every_micro_batch_of_the_window(compose, small_overrides, tmp_path):
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "trainer.accum_steps=2",
+        "trainer.log_every=1",
+        "trainer.max_steps=3",
+    )
+    seen = []
+    fraction = trainer.batcher.padding_fraction
+    trainer.batcher.padding_fraction = lambda b: seen.append(fraction(b)) or seen[-1]
+    trainer.run()
+    logged = [
+        float(r["pad_frac"]) for r in csv.DictReader((tmp_path / "run" / "train_log.csv").open())
+    ]
+    expected = [round((seen[i] + seen[i + 1]) / 2, 3) for i in (0, 2, 4)]
+    assert len(seen) == 6 and logged == expected
 
 
 def test_a_window_of_only_skipped_updates_logs_no_loss_row(compose, small_overrides, tmp_path):
@@ -448,6 +518,31 @@ def test_nan_loss_skips_on_the_host_with_an_optimizer_that_cannot(
     assert "update skipped (1 in a row)" in caplog.text
     trainer.model.forward = forward
     assert trainer.train_step([batches[1]]) is not None
+
+
+def test_skips_apart_never_add_up_to_an_abort(compose, small_overrides, tmp_path, caplog):
+    """max_nonfinite counts NaN/inf updates in a row: a good update in between resets it."""
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "trainer.max_nonfinite=2",
+        "trainer.optimizer._target_=torch.optim.RAdam",  # skipped on the host
+        "trainer.max_steps=4",
+    )
+    calls, forward = [], trainer.model.forward
+
+    def every_other(*args, **kwargs):  # NaN in the 1st, 3rd, 5th, ... update
+        out = forward(*args, **kwargs)
+        if not trainer.model.training:  # validation
+            return out
+        calls.append(1)
+        return out * float("nan") if len(calls) % 2 else out
+
+    trainer.model.forward = every_other
+    assert trainer.run() == {"stop_reason": "step/epoch limit"}
+    assert trainer.step == 4 and "update skipped (2 in a row)" not in caplog.text
+    assert caplog.text.count("update skipped (1 in a row)") == 4
 
 
 def test_out_of_memory_is_retried_in_halves_with_the_same_gradient(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer.trainer import train
+from transformer.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +41,11 @@ def test_train_resume_and_translate(compose, small_overrides, tmp_path):
     assert resumed["steps"] == 9
     steps = [int(r.split(",")[0]) for r in (run / "valid_log.csv").read_text().splitlines()[1:]]
     assert steps == [3, 6, 9]
+    # The same command once more: a finished run trains no further step.
+    log_rows = (run / "train_log.csv").read_text()
+    again = Trainer(compose(small_overrides + ["trainer.max_steps=9"]), run)
+    assert again.run() == {"stop_reason": "already at trainer.max_steps=9"}
+    assert again.step == 9 and (run / "train_log.csv").read_text() == log_rows
 
     # translate.py with the run directory only; an empty line stays an empty line.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -179,6 +184,7 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("trainer.warmup_steps=0", "trainer.warmup_steps must be an integer >= 1, got 0"),
         ("trainer.log_every=0", "trainer.log_every must be an integer >= 1"),
         ("trainer.accum_steps=0", "trainer.accum_steps must be an integer >= 1"),
+        ("trainer.accum_steps=true", "trainer.accum_steps must be an integer >= 1, got True"),
         ("trainer.max_nonfinite=0", "trainer.max_nonfinite must be an integer >= 1"),
         ("trainer.eval_every=1.5", "trainer.eval_every must be an integer >= 1, got 1.5"),
         ("trainer.patience=-1", "trainer.patience must be an integer >= 0"),
