@@ -579,9 +579,19 @@ def test_out_of_memory_is_retried_in_halves_with_the_same_gradient(
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
     assert "retrying it split in halves" in caplog.text
 
-    trainer.model.forward = lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
+    calls.clear()
+    limit = 0  # not even one sentence fits
     with pytest.raises(TrainingError, match=r"out of memory at step 1 on a batch of src \("):
         trainer.accumulate([batch], ntok)
+    assert len(calls) == 1 + trainer.t.oom_retries  # each try fails on its first piece
+    one = batch
+    while len(one.src) > 1:
+        one = one.halves()[0]
+    caplog.clear()
+    calls.clear()
+    with pytest.raises(TrainingError, match=r"on a batch of src \(1, "):
+        trainer.accumulate([one], ntok)
+    assert calls == [1] and "retrying" not in caplog.text  # one sentence: nothing to split
 
 
 def test_skip_counter_measures_a_run_across_reads_whole():
