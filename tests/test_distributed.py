@@ -129,7 +129,7 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
     assert [r["step"] for r in two] == [r["step"] for r in one] == ["2", "4"]
     for a, b in zip(two, one):
         for key in ("valid_loss", "valid_nll"):
-            assert abs(float(a[key]) - float(b[key])) < 1e-4, (key, a, b)
+            assert abs(float(a[key]) - float(b[key])) < 5e-4, (key, a, b)  # logged to 1e-4
 
     # Rank 0 alone wrote: one row per step, one log line per evaluation, one set of files.
     assert steps(run / "train_log.csv") == [1, 2, 3, 4]
