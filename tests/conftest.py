@@ -1,5 +1,6 @@
 """Shared fixtures: offline Hub, a small Multi30k-shaped corpus, Hydra compose."""
 
+import csv
 import gzip
 import os
 from pathlib import Path
@@ -101,3 +102,14 @@ def tiny_ckpt(corpus_root, tmp_path_factory) -> Path:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         train(compose("train", overrides=overrides))
     return tmp / "run" / "checkpoints" / "best.pt"
+
+
+@pytest.fixture()
+def read_csv():
+    """read_csv(path, *fields) -> one tuple of those fields per row of a run's CSV log."""
+
+    def _read(path: Path, *fields) -> list[tuple]:
+        with open(path, newline="") as f:
+            return [tuple(row[k] for k in fields) for row in csv.DictReader(f)]
+
+    return _read

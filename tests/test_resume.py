@@ -1,7 +1,6 @@
 """Never lose a run: kill -9 and resume is bit-identical, damaged checkpoints fall back,
 NaN/inf updates are skipped, out-of-memory batches are retried in halves."""
 
-import csv
 import hashlib
 import logging
 import os
@@ -29,11 +28,6 @@ from transformer.trainer import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def read_csv(path: Path, *fields) -> list[tuple]:
-    with open(path, newline="") as f:
-        return [tuple(row[k] for k in fields) for row in csv.DictReader(f)]
-
-
 def train_cli(overrides, run_dir: Path, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     args = [*overrides, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra"]
@@ -55,7 +49,9 @@ def last_logged_step(run_dir: Path) -> int:
         return 0
 
 
-def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(small_overrides, tmp_path):
+def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
+    small_overrides, tmp_path, read_csv
+):
     overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
         "trainer.max_steps=48",
         "trainer.eval_every=4",
@@ -126,7 +122,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(small_overrides, tmp_
 
 
 def test_resume_falls_back_to_the_previous_good_checkpoint(
-    compose, small_overrides, tmp_path, caplog
+    compose, small_overrides, tmp_path, caplog, read_csv
 ):
     caplog.set_level(logging.INFO)
     train(compose(small_overrides))  # 6 steps, checkpoints at 3 and 6
@@ -155,7 +151,7 @@ def test_the_schedule_warms_up_linearly_then_decays_as_the_inverse_square_root()
 
 
 def test_a_peak_lr_changed_on_resume_applies_from_the_resumed_step(
-    compose, small_overrides, tmp_path, caplog
+    compose, small_overrides, tmp_path, caplog, read_csv
 ):
     """The schedule is this run's config: resuming with another peak lr warns and uses it
     from the next update on (the checkpoint's scheduler state used to keep the old one)."""
@@ -413,7 +409,9 @@ def test_training_stops_after_patience_evaluations_without_a_bleu_gain(
     assert (metrics["steps"], metrics["best_step"], metrics["best_valid_bleu"]) == (6, 2, 10.0)
 
 
-def test_the_last_evaluation_scores_bleu_whatever_bleu_every(compose, small_overrides, tmp_path):
+def test_the_last_evaluation_scores_bleu_whatever_bleu_every(
+    compose, small_overrides, tmp_path, read_csv
+):
     """A run that ends between two BLEU evaluations still scores its last weights (and can
     make them best.pt)."""
     trainer = make_trainer(
@@ -441,7 +439,7 @@ def test_max_epochs_stops_at_the_end_of_the_epoch(compose, small_overrides, tmp_
 
 
 def test_the_time_limit_stops_training_and_scores_the_last_weights(
-    compose, small_overrides, tmp_path
+    compose, small_overrides, tmp_path, read_csv
 ):
     trainer = make_trainer(
         compose,
@@ -457,7 +455,9 @@ def test_the_time_limit_stops_training_and_scores_the_last_weights(
     assert trainer.step == 1 and step == "1" and bleu != ""
 
 
-def test_pad_frac_averages_every_micro_batch_of_the_window(compose, small_overrides, tmp_path):
+def test_pad_frac_averages_every_micro_batch_of_the_window(
+    compose, small_overrides, tmp_path, read_csv
+):
     trainer = make_trainer(
         compose,
         small_overrides,

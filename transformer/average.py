@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .checkpoint import CheckpointError
+from .cli import one_line
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
             )
         checkpoint.save(out, averaged)
     except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     log.info("averaged %d checkpoints into %s: %s", len(paths), out, ", ".join(map(str, paths)))
     return 0
