@@ -113,3 +113,28 @@ def read_csv():
             return [tuple(row[k] for k in fields) for row in csv.DictReader(f)]
 
     return _read
+
+
+@pytest.fixture()
+def logged_steps(read_csv):
+    """logged_steps(path) -> the ``step`` of each row of a run's CSV log, as ints."""
+
+    def _steps(path: Path) -> list[int]:
+        return [int(step) for (step,) in read_csv(path, "step")]
+
+    return _steps
+
+
+@pytest.fixture()
+def last_logged_step(logged_steps):
+    """last_logged_step(path) -> the step of a CSV log's last row, or 0 while the file is
+    missing or being written (for polling a trainer that runs in another process; a row
+    cut short reads as a smaller step or as 0)."""
+
+    def _last(path: Path) -> int:
+        try:
+            return logged_steps(path)[-1]
+        except (FileNotFoundError, IndexError, KeyError, TypeError, ValueError):
+            return 0
+
+    return _last

@@ -57,17 +57,6 @@ def read_debug(debug_dir: Path, rank: int) -> tuple[list[dict], list[str]]:
     return batches, [r["weights_sha256"] for r in records if "weights_sha256" in r]
 
 
-def steps(path: Path) -> list[int]:
-    return [int(row.split(",")[0]) for row in path.read_text().splitlines()[1:]]
-
-
-def last_step(path: Path) -> int:
-    try:
-        return steps(path)[-1]
-    except (FileNotFoundError, IndexError, ValueError):
-        return 0
-
-
 def comparable(small_overrides) -> list[str]:
     """Overrides of a 4-step run that one process accumulating 2 batches per update can
     redo, so that its weights can be compared with the 2 ranks' ones."""
@@ -92,7 +81,7 @@ def comparable(small_overrides) -> list[str]:
 
 
 def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
-    compose, small_overrides, tmp_path, read_csv
+    compose, small_overrides, tmp_path, read_csv, logged_steps, last_logged_step
 ):
     overrides = comparable(small_overrides)
     run, debug = tmp_path / "run", tmp_path / "debug"
@@ -127,8 +116,8 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
             assert abs(float(x) - float(y)) < 5e-4, (fields, a, b)  # logged to 1e-4
 
     # Rank 0 alone wrote: one row per step, one log line per evaluation, one set of files.
-    assert steps(run / "train_log.csv") == [1, 2, 3, 4]
-    assert steps(run / "valid_log.csv") == [2, 4]
+    assert logged_steps(run / "train_log.csv") == [1, 2, 3, 4]
+    assert logged_steps(run / "valid_log.csv") == [2, 4]
     log_text = (run / "hydra" / "train.log").read_text()
     assert log_text.count("valid loss") == 2, log_text
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
@@ -153,7 +142,7 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
     )
     try:
         deadline = time.monotonic() + 240
-        while last_step(run / "train_log.csv") < 6 and proc.poll() is None:
+        while last_logged_step(run / "train_log.csv") < 6 and proc.poll() is None:
             assert time.monotonic() < deadline, "no training progress"
             time.sleep(0.05)
         os.kill(worker_pid(proc.pid, rank=1), signal.SIGTERM)
@@ -163,12 +152,12 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
     assert proc.returncode != 0 and "run the same command to resume" in stderr, stderr[-3000:]
     last = checkpoint.load(run / "checkpoints" / "last.pt")
     stopped = last["progress"]["step"]
-    assert stopped == last_step(run / "train_log.csv") >= 6
+    assert stopped == last_logged_step(run / "train_log.csv") >= 6
     (b0, w0), (b1, w1) = read_debug(debug, 0), read_debug(debug, 1)
     assert [r["step"] for r in b0][4:] == [r["step"] for r in b1][4:] == list(range(5, stopped + 1))
     assert w0[-1] == w1[-1] == state_dict_sha256(last["model"])
     assert "resumed from" in (run / "hydra" / "train.log").read_text()
-    assert steps(run / "train_log.csv") == list(range(1, stopped + 1))
+    assert logged_steps(run / "train_log.csv") == list(range(1, stopped + 1))
 
 
 def test_two_processes_with_bf16_weights_agree_on_their_fp32_weights(

@@ -41,16 +41,8 @@ def train_cli(overrides, run_dir: Path, cwd: Path) -> subprocess.Popen:
     )
 
 
-def last_logged_step(run_dir: Path) -> int:
-    try:
-        rows = (run_dir / "train_log.csv").read_text().splitlines()[1:]
-        return int(rows[-1].split(",")[0]) if rows else 0
-    except (FileNotFoundError, ValueError, IndexError):
-        return 0
-
-
 def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
-    small_overrides, tmp_path, read_csv
+    small_overrides, tmp_path, read_csv, last_logged_step
 ):
     overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
         "trainer.max_steps=48",
@@ -68,13 +60,13 @@ def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
     victim = train_cli(overrides, killed, tmp_path)
     try:
         deadline = time.monotonic() + 600
-        while last_logged_step(killed) < 22 and victim.poll() is None:
+        while last_logged_step(killed / "train_log.csv") < 22 and victim.poll() is None:
             assert time.monotonic() < deadline, "no training progress"
             time.sleep(0.01)  # steps take tens of ms: the kill lands well before step 48
         victim.send_signal(signal.SIGKILL)
         assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
         assert not (killed / "metrics.json").exists()
-        assert 22 <= last_logged_step(killed) < 48
+        assert 22 <= last_logged_step(killed / "train_log.csv") < 48
 
         resumed = train_cli(overrides, killed, tmp_path)
         assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
@@ -96,7 +88,9 @@ def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
     assert len(checkpoint.step_checkpoints(killed / "checkpoints")) == 2
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(small_overrides, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(
+    small_overrides, tmp_path, last_logged_step
+):
     overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
         "trainer.max_steps=100000",
         "trainer.eval_every=100000",  # no checkpoint but the one the signal writes
@@ -108,7 +102,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(small_overrides, tmp_
     proc = train_cli(overrides, run, tmp_path)
     try:
         deadline = time.monotonic() + 300
-        while last_logged_step(run) < 5 and proc.poll() is None:
+        while last_logged_step(run / "train_log.csv") < 5 and proc.poll() is None:
             assert time.monotonic() < deadline, "no training progress"
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
@@ -118,11 +112,11 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(small_overrides, tmp_
         proc.kill()
     assert "run the same command to resume" in stderr and "Traceback" not in stderr
     step = checkpoint.load(run / "checkpoints" / "last.pt")["progress"]["step"]
-    assert step == last_logged_step(run) >= 5
+    assert step == last_logged_step(run / "train_log.csv") >= 5
 
 
 def test_resume_falls_back_to_the_previous_good_checkpoint(
-    compose, small_overrides, tmp_path, caplog, read_csv
+    compose, small_overrides, tmp_path, caplog, logged_steps
 ):
     caplog.set_level(logging.INFO)
     train(compose(small_overrides))  # 6 steps, checkpoints at 3 and 6
@@ -133,8 +127,8 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(
     assert "resumed from" in caplog.text and "step_00000003.pt at step 3" in caplog.text
     assert "last.pt: unreadable or truncated" in caplog.text
     assert metrics["steps"] == 9
-    steps = [int(s) for (s,) in read_csv(tmp_path / "run" / "valid_log.csv", "step")]
-    assert steps == [3, 6, 9]  # the lost step-6 row was dropped and written again
+    # the lost step-6 row was dropped and written again
+    assert logged_steps(tmp_path / "run" / "valid_log.csv") == [3, 6, 9]
 
 
 def test_resume_refuses_another_model(compose, small_overrides):

@@ -15,7 +15,7 @@ from transformer.trainer import Trainer, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_train_resume_and_translate(compose, small_overrides, tmp_path):
+def test_train_resume_and_translate(compose, small_overrides, tmp_path, logged_steps):
     cfg = compose(small_overrides)
     metrics = train(cfg)
     run = tmp_path / "run"
@@ -39,8 +39,7 @@ def test_train_resume_and_translate(compose, small_overrides, tmp_path):
     # Resume: a higher step limit continues from last.pt instead of starting over.
     resumed = train(compose(small_overrides + ["trainer.max_steps=9"]))
     assert resumed["steps"] == 9
-    steps = [int(r.split(",")[0]) for r in (run / "valid_log.csv").read_text().splitlines()[1:]]
-    assert steps == [3, 6, 9]
+    assert logged_steps(run / "valid_log.csv") == [3, 6, 9]
     # The same command once more: a finished run trains no further step.
     log_rows = (run / "train_log.csv").read_text()
     again = Trainer(compose(small_overrides + ["trainer.max_steps=9"]), run)
