@@ -419,9 +419,17 @@ def report(out: Path, meta: dict, scale, heads, length, cross, overhead) -> str:
         "frees in time order): the output and every temporary, not the inputs. `-`: not "
         f"measured, the kind took over {meta['budget_s']} s at a shorter n.",
         "",
-        "Time (ms, fastest of the repeats):",
+        *length_section(length, cross, "Time (ms, fastest of the repeats):", "{:.2f}"),
+    ]
+    return "\n".join(s)
+
+
+def length_section(length, cross, time_title: str, time_fmt: str) -> list[str]:
+    """Claim (3)'s markdown lines: time and peak-memory tables, their plots, crossovers."""
+    return [
+        time_title,
         "",
-        length_tables(length, "time_ms", "{:.2f}"),
+        length_tables(length, "time_ms", time_fmt),
         "",
         "Peak memory (MiB):",
         "",
@@ -442,7 +450,6 @@ def report(out: Path, meta: dict, scale, heads, length, cross, overhead) -> str:
         ),  # fmt: skip
         "",
     ]
-    return "\n".join(s)
 
 
 def main(argv=None) -> None:
@@ -530,28 +537,7 @@ def main_gpu(args, args_given) -> None:
         "allocated bytes during the call above what was allocated before (output and "
         "temporaries, not the inputs). The CPU figures are in [../README.md](../README.md).",
         "",
-        "Time (ms):",
-        "",
-        length_tables(length, "time_ms", "{:.3f}"),
-        "",
-        "Peak memory (MiB):",
-        "",
-        length_tables(length, "peak_mib", "{:.1f}"),
-        "",
-        "![time](length_time.png)",
-        "",
-        "![memory](length_memory.png)",
-        "",
-        "Crossovers: the length from which a kind is cheaper than full attention.",
-        "",
-        table(
-            ["mode", "kind", "vs", "time", "peak memory"],
-            [
-                [c["mode"], c["kind"], c["vs"], c["where"], m["where"]]
-                for c, m in zip(cross[0::2], cross[1::2])
-            ],
-        ),
-        "",
+        *length_section(length, cross, "Time (ms):", "{:.3f}"),
     ]
     (out / "README.md").write_text("\n".join(text))
     print("\n".join(text))
