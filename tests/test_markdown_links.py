@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "results").rglob("*.md"))]
-LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]*)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
 
 
@@ -62,7 +62,9 @@ def broken(page: Path) -> list[str]:
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
         where = f"{page.relative_to(ROOT) if page.is_relative_to(ROOT) else page.name}:{number}"
-        if not dest.exists():
+        if not target:
+            problems.append(f"{where}: empty link")
+        elif not dest.exists():
             problems.append(f"{where}: {target} (no such file)")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             problems.append(f"{where}: {target} (no such heading)")
@@ -85,13 +87,27 @@ def test_a_broken_link_is_found(tmp_path):
     page.write_text(
         "[ok](other.md#only-heading) [ok](other.md#twice-1) `[code](gone.md)`\n"
         "[bad anchor](other.md#missing) [bad file](gone.md) [web](https://example.org)\n"
+        "[empty]()\n"
     )
     assert broken(page) == [
         "page.md:2: other.md#missing (no such heading)",
         "page.md:2: gone.md (no such file)",
+        "page.md:3: empty link",
     ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_links_resolve(page):
     assert broken(page) == []
+
+
+def test_every_benchmark_table_is_listed_on_the_bench_page():
+    """results/bench/README.md links every file of its folder, so a table committed from a
+    GPU run is described there, not left for a reader to find."""
+    bench = ROOT / "results" / "bench"
+    linked = {
+        (bench / target.partition("#")[0]).resolve()
+        for _, target in relative_links(bench / "README.md")
+    }
+    tables = [p for p in sorted(bench.iterdir()) if p.name != "README.md"]
+    assert [p.name for p in tables if p not in linked] == []
