@@ -1,6 +1,7 @@
 """The Arrow caches of corpus_cache.py: same ids and batches as plain encoding, a warm
 second start, a bounded tokenizer sample, and the Hub configs on a local dataset."""
 
+import gzip
 import logging
 import os
 import sys
@@ -185,6 +186,14 @@ def test_raw_arrow_from_bad_files_is_an_error_that_leaves_no_file(tmp_path, monk
         stream_to_arrow(tmp_path / "a.de", tmp_path / "long.en", out)
     with pytest.raises(DataError, match="long.en has 9 lines, .*a.de has 2$"):
         stream_to_arrow(tmp_path / "long.en", tmp_path / "a.de", out)
+    # a .gz that is not gzip, and one cut short: the file and the lines read are named
+    (tmp_path / "plain.en.gz").write_bytes(b"one\ntwo\n")
+    with pytest.raises(DataError, match=r"plain.en.gz: not a readable gzip file \(Not a gz"):
+        stream_to_arrow(tmp_path / "a.de", tmp_path / "plain.en.gz", out)
+    whole = gzip.compress("".join(f"line {i} of a file cut short\n" for i in range(4000)).encode())
+    (tmp_path / "cut.en.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.en.gz: not a readable gzip file after line \d+ "):
+        stream_to_arrow(tmp_path / "long.en", tmp_path / "cut.en.gz", out)
     assert list(out.parent.iterdir()) == []
 
 

@@ -54,6 +54,16 @@ def test_missing_directory_and_language_are_clear_errors(tmp_path, compose):
         load_split(cfg.data, "train")
 
 
+def test_a_damaged_gzip_file_is_a_clear_error(tmp_path):
+    (tmp_path / "train.de.gz").write_bytes(b"eins\nzwei\n")  # named .gz, not gzip
+    with pytest.raises(DataError, match=r"train.de.gz: not a readable gzip file \(Not a gz"):
+        read_lines(tmp_path / "train.de.gz")
+    whole = gzip.compress(b"eins\nzwei\n" * 1000)
+    (tmp_path / "train.de.gz").write_bytes(whole[:-10])  # cut short
+    with pytest.raises(DataError, match="train.de.gz: not a readable gzip file .*ended"):
+        read_lines(tmp_path / "train.de.gz")
+
+
 def test_invalid_utf8_is_replaced_not_dropped(tmp_path, caplog):
     (tmp_path / "x.de").write_bytes(b"gut\n\xff\xfe kaputt\nok\n")
     lines = read_lines(tmp_path / "x.de")

@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import logging
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -98,22 +99,38 @@ def open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+# What reading a damaged .gz raises: not gzip at all, cut short, or corrupt inside.
+BAD_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def bad_gzip(path: Path, lines_read: int | None, err: Exception) -> DataError:
+    where = f" after line {lines_read}" if lines_read else ""
+    return DataError(f"{path}: not a readable gzip file{where} ({err})")
+
+
 def iter_lines(path: Path):
     """Lines of a (gzipped) UTF-8 file, one at a time, repaired and reported as
-    ``decode_lines`` does; an empty file is an error."""
+    ``decode_lines`` does; an empty file or a damaged .gz is an error."""
     repair = LineRepairs(path)
-    with open_binary(path) as f:
-        for line in f:  # binary files split on b"\n" only, like decode_lines
-            yield repair(line[:-1] if line.endswith(b"\n") else line)
+    try:
+        with open_binary(path) as f:
+            for line in f:  # binary files split on b"\n" only, like decode_lines
+                yield repair(line[:-1] if line.endswith(b"\n") else line)
+    except BAD_GZIP as err:
+        raise bad_gzip(path, repair.count, err) from None
     if repair.count == 0:
         raise DataError(f"{path} is empty")
     repair.report()
 
 
 def read_lines(path: Path) -> list[str]:
-    """Lines of a (gzipped) UTF-8 file (see ``decode_lines``); an empty file is an error."""
-    with open_binary(path) as f:
-        raw = f.read()
+    """Lines of a (gzipped) UTF-8 file (see ``decode_lines``); an empty file or a damaged
+    .gz is an error."""
+    try:
+        with open_binary(path) as f:
+            raw = f.read()
+    except BAD_GZIP as err:
+        raise bad_gzip(path, None, err) from None
     if not raw:
         raise DataError(f"{path} is empty")
     return decode_lines(raw, path)
