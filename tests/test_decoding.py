@@ -255,6 +255,29 @@ def test_decode_configs_dispatch(compose):
         search(model, src, mask, BOS, EOS, decode["sample"], gen)
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"beam_size": 0}, "decode.beam_size must be an integer >= 1, got 0"),
+        ({"nbest": 0}, "decode.nbest must be an integer >= 1"),
+        ({"min_len": -1}, "decode.min_len must be an integer >= 0"),
+        ({"max_tokens": 0}, "decode.max_tokens must be an integer >= 1"),
+        ({"top_k": -1}, "decode.top_k must be an integer >= 0"),
+        ({"beam_size": 2.5}, "decode.beam_size must be an integer >= 1, got 2.5"),
+        ({"length_penalty": -0.5}, "decode.length_penalty must be a number >= 0"),
+        ({"max_len_a": "x"}, "decode.max_len_a must be a number >= 0, got 'x'"),
+        ({"temperature": 0}, "decode.temperature must be a number > 0"),
+        ({"top_p": 1.5}, r"decode.top_p must be a number in \(0, 1\]"),
+        ({"sample": "yes"}, "decode.sample must be true or false"),
+        ({"sample": True, "beam_size": 2}, "needs decode.beam_size=1, got 2"),
+        ({"beam_size": 2, "nbest": 3}, "decode.nbest=3 exceeds decode.beam_size=2"),
+    ],
+)
+def test_bad_decode_options_name_their_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        decode_options(OmegaConf.create(override))
+
+
 def test_decode_options_complete_a_partial_config():
     opts = decode_options(OmegaConf.create({"beam_size": 1, "max_tokens": 100}))
     assert opts.max_tokens == 100 and opts.min_len == 0 and opts.sample is False

@@ -71,6 +71,30 @@ def test_bad_model_args_are_clear_errors():
         Transformer(40, 40, PAD, d_model=16, n_heads=2, norm="middle")
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(d_model=0), "model.d_model must be an integer >= 1, got 0"),
+        (dict(d_ff=16.0), "model.d_ff must be an integer >= 1, got 16.0"),
+        (dict(n_dec_layers=0), "model.n_dec_layers must be an integer >= 1, got 0"),
+        (dict(n_enc_layers=-1), "model.n_enc_layers must be an integer >= 0, got -1"),
+        (dict(dropout=1.0), r"model.dropout must be a number in \[0, 1\), got 1.0"),
+        (dict(attn_dropout=-0.1), r"model.attn_dropout must be a number in \[0, 1\)"),
+        (dict(act_dropout="0.1"), r"model.act_dropout must be a number in \[0, 1\), got '0.1'"),
+    ],
+)
+def test_sizes_and_dropouts_out_of_range_name_their_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Transformer(40, 40, PAD, **(dict(d_model=16, n_heads=2, d_ff=32) | kwargs))
+
+
+def test_no_encoder_layer_attends_to_the_embeddings():
+    model = Transformer(40, 40, PAD, d_model=16, n_heads=2, d_ff=32, n_enc_layers=0).eval()
+    src = torch.tensor([[5, 6, 7]])
+    logits = model(src, src != PAD, torch.tensor([[1, 8]]))
+    assert logits.shape == (1, 2, 40) and torch.isfinite(logits).all()
+
+
 def test_layer_formulas_written_out():
     # The other model tests compare one path of the model with another; these pin the
     # formulas themselves (Vaswani et al. 2017, Sections 3.4, 3.1; pre-norm: Xiong et al. 2020).

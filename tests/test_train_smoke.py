@@ -81,14 +81,20 @@ def run_cli(args, cwd):
     [
         ("data.data_dir={missing}", "data directory not found"),
         ("data.src_lang=xx", "data.src_lang='xx'"),
-        ("model.n_heads=3", "not divisible by model.n_heads=3"),
+        ("model.n_heads=3", "error: model.d_model=32 is not divisible by model.n_heads=3"),
+        ("model.dropout=1.2", "error: model.dropout must be a number in [0, 1), got 1.2"),
+        ("+model.foo=1", "Transformer.__init__() got an unexpected keyword argument 'foo'"),
+        ("decode.beam_size=0", "error: decode.beam_size must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_config_is_one_clear_line(small_overrides, tmp_path, override, message):
     args = [str(ROOT / "train.py"), *small_overrides, override.format(missing=tmp_path / "missing")]
     out = run_cli(args, tmp_path)
     assert out.returncode == 1
-    assert message in out.stderr and "Traceback" not in out.stderr
+    # the last line, and no report of Hydra's (of a model it could not make) after it
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, out.stderr[-2000:]
+    assert "HYDRA_FULL_ERROR" not in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize(
@@ -189,6 +195,8 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("trainer.patience=-1", "trainer.patience must be an integer >= 0"),
         ("trainer.clip_norm=0", "trainer.clip_norm must be a number > 0, got 0"),
         ("trainer.max_time_minutes=0", "trainer.max_time_minutes must be a number > 0 or null"),
+        ("trainer.label_smoothing=1.5", r"trainer.label_smoothing must be a number in \[0, 1\)"),
+        ("data.max_len=0", "data.max_len must be an integer >= 1, got 0"),
     ],
 )
 def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
@@ -199,6 +207,14 @@ def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
     with pytest.raises(TrainingError, match=message):
         train(compose(small_overrides + [override]))
     assert not (tmp_path / "cache").exists()  # refused before reading the corpus
+
+
+def test_decode_settings_fail_before_the_data_is_read(compose, small_overrides, tmp_path):
+    """Not at the first BLEU evaluation, after the first updates (and not beam_size=0 decoded
+    greedily without a word)."""
+    with pytest.raises(ValueError, match="decode.beam_size must be an integer >= 1, got 0"):
+        train(compose(small_overrides + ["decode.beam_size=0"]))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_separate_vocabularies_train_with_their_own_embeddings(compose, small_overrides, tmp_path):
@@ -212,7 +228,7 @@ def test_separate_vocabularies_train_with_their_own_embeddings(compose, small_ov
 
 
 def test_a_fresh_start_refuses_another_runs_checkpoints_and_drops_stale_log_rows(
-    compose, small_overrides, tmp_path
+    compose, small_overrides, tmp_path, logged_steps
 ):
     from transformer.trainer import TrainingError
 
@@ -226,8 +242,7 @@ def test_a_fresh_start_refuses_another_runs_checkpoints_and_drops_stale_log_rows
     (run / "checkpoints" / "step_50.pt").unlink()
     (run / "train_log.csv").write_text("step,epoch,loss,lr,tokens_per_s,pad_frac\n40,0,9,0,1,0\n")
     train(compose(small_overrides))
-    steps = [line.split(",")[0] for line in (run / "train_log.csv").read_text().splitlines()]
-    assert steps == ["step", "2", "4", "6"]
+    assert logged_steps(run / "train_log.csv") == [2, 4, 6]
 
 
 def test_tokens_per_s_leaves_out_validation_time(compose, small_overrides, monkeypatch):

@@ -39,7 +39,7 @@ from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
 from .precision import Bf16Weights, PrecisionError, merge_state, split_state
 from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
-from .translator import build_model, translate_lines
+from .translator import build_model, decode_options, translate_lines
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ class Trainer:
         check_schedule(self.t)
         check_final(self.t)
         check_data_settings(cfg)
+        decode_options(cfg.decode)  # checked now, not when the first BLEU evaluation decodes
         self.compile_mode = self.t.get("compile_mode", "default")
         if self.compile_mode not in COMPILE_MODES:
             raise TrainingError(
@@ -1147,6 +1148,15 @@ def check_schedule(t) -> None:
             value = t[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise TrainingError(f"trainer.{key} must be an integer >= {least}, got {value!r}")
+    smoothing = t.label_smoothing
+    if (
+        not isinstance(smoothing, (int, float))
+        or isinstance(smoothing, bool)
+        or not (0 <= smoothing < 1)
+    ):
+        raise TrainingError(
+            f"trainer.label_smoothing must be a number in [0, 1), got {smoothing!r}"
+        )
     for key in ("clip_norm", "max_time_minutes"):
         value = t[key]
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
@@ -1158,13 +1168,17 @@ def check_schedule(t) -> None:
 def check_data_settings(cfg) -> None:
     """Data settings that would fail late or silently: one embedding for source and target
     needs one vocabulary (with two tokenizers of the same size, source piece N and target
-    piece N would share a row unnoticed), and test_splits is a list of names."""
+    piece N would share a row unnoticed), data.max_len keeps some pairs (0 would drop every
+    one, after encoding the whole corpus), and test_splits is a list of names."""
     if cfg.model.get("share_src_tgt_embeddings") and not cfg.data.joint_vocab:
         raise TrainingError(
             "model.share_src_tgt_embeddings=true needs data.joint_vocab=true: with separate "
             "vocabularies the same id names different pieces on each side; set "
             "model.share_src_tgt_embeddings=false (or data.joint_vocab=true)"
         )
+    max_len = cfg.data.max_len
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+        raise TrainingError(f"data.max_len must be an integer >= 1, got {max_len!r}")
     splits = cfg.data.test_splits
     if not OmegaConf.is_list(splits) or not all(isinstance(x, str) for x in splits):
         raise TrainingError(f"data.test_splits must be a list of split names, got {splits!r}")

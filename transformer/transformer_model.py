@@ -75,6 +75,17 @@ class Transformer(Seq2Seq):
         attention: Mapping | None = None,
     ):
         super().__init__()
+        sizes = dict(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
+                     d_model=d_model, n_heads=n_heads, d_ff=d_ff, n_dec_layers=n_dec_layers,
+                     max_positions=max_positions, n_enc_layers=n_enc_layers)  # fmt: skip
+        for name, value in sizes.items():
+            least = 0 if name == "n_enc_layers" else 1  # no encoder layer: attend to embeddings
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"model.{name} must be an integer >= {least}, got {value!r}")
+        for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout),
+                        ("act_dropout", act_dropout)):  # fmt: skip
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+                raise ValueError(f"model.{name} must be a number in [0, 1), got {p!r}")
         if norm not in ("pre", "post"):
             raise ValueError(f"model.norm must be 'pre' or 'post', got {norm!r}")
         if share_src_tgt_embeddings and src_vocab_size != tgt_vocab_size:

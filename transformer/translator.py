@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,10 +32,20 @@ DECODE_DEFAULTS = Path(__file__).resolve().parent.parent / "conf" / "decode" / "
 
 
 def build_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int, pad_id: int):
-    """Instantiate ``conf/model/*.yaml`` with the sizes that only the data knows."""
-    return instantiate(
-        model_cfg, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, pad_id=pad_id
-    )
+    """Instantiate ``conf/model/*.yaml`` with the sizes that only the data knows. A model that
+    refuses its settings raises its own ValueError (which names the key), not Hydra's
+    wrapper of it; an unknown key is a ValueError naming the model."""
+    try:
+        return instantiate(
+            model_cfg, src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, pad_id=pad_id
+        )
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        if isinstance(cause, TypeError):
+            raise ValueError(f"model ({model_cfg.get('_target_')}): {cause}") from None
+        raise
 
 
 def load_tokenizers(ckpt: dict, ckpt_path: Path) -> tuple[Tokenizer, Tokenizer]:
@@ -91,10 +102,47 @@ def encode_sources(lines: list[str], src_tok: Tokenizer, max_len: int) -> list[l
 
 
 def decode_options(decode_cfg) -> DictConfig:
-    """``decode_cfg`` over the defaults of conf/decode/greedy.yaml; an unknown key is an error."""
+    """``decode_cfg`` over the defaults of conf/decode/greedy.yaml, checked (``check_decode``);
+    an unknown key is an error."""
     base = OmegaConf.load(DECODE_DEFAULTS)
     OmegaConf.set_struct(base, True)
-    return OmegaConf.merge(base, decode_cfg)
+    opts = OmegaConf.merge(base, decode_cfg)
+    check_decode(opts)
+    return opts
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_decode(opts) -> None:
+    """Decode options that would fail only once decoding starts (at the end of training), or
+    would quietly mean something else (``beam_size=0`` decoded greedily), fail now, naming
+    the key."""
+    for key, least in (("beam_size", 1), ("nbest", 1), ("min_len", 0), ("max_tokens", 1),
+                       ("top_k", 0), ("seed", 0)):  # fmt: skip
+        value = opts[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"decode.{key} must be an integer >= {least}, got {value!r}")
+    for key, ok, allowed in (
+        ("length_penalty", lambda v: v >= 0, "a number >= 0"),
+        ("max_len_a", lambda v: v >= 0, "a number >= 0"),
+        ("max_len_b", lambda v: True, "a number"),
+        ("temperature", lambda v: v > 0, "a number > 0"),
+        ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ):
+        value = opts[key]
+        if not (_number(value) and ok(value)):
+            raise ValueError(f"decode.{key} must be {allowed}, got {value!r}")
+    if not isinstance(opts.sample, bool):
+        raise ValueError(f"decode.sample must be true or false, got {opts.sample!r}")
+    if opts.sample and opts.beam_size > 1:
+        raise ValueError(
+            "decode.sample=true draws decode.nbest samples per input and needs "
+            f"decode.beam_size=1, got {opts.beam_size} (use decode=sample)"
+        )
+    if not opts.sample and opts.nbest > opts.beam_size:
+        raise ValueError(f"decode.nbest={opts.nbest} exceeds decode.beam_size={opts.beam_size}")
 
 
 def search(
@@ -102,8 +150,7 @@ def search(
 ) -> list[list[Hypothesis]]:
     """Decode a batch src (B, S) as ``opts`` (complete decode options) say: sampling when
     ``opts.sample``, else greedy for beam_size 1, else beam search. Returns n-best lists."""
-    if opts.min_len < 0:
-        raise ValueError(f"decode.min_len must be >= 0, got {opts.min_len}")
+    check_decode(opts)
     common = dict(
         bos_id=bos_id,
         eos_id=eos_id,
@@ -112,11 +159,6 @@ def search(
         max_len_b=opts.max_len_b,
     )
     if opts.sample:
-        if opts.beam_size > 1:
-            raise ValueError(
-                "decode.sample=true draws decode.nbest samples per input and needs "
-                f"decode.beam_size=1, got {opts.beam_size} (use decode=sample)"
-            )
         return sample_search(
             model,
             src,
@@ -128,7 +170,7 @@ def search(
             generator=generator,
             **common,
         )
-    if opts.beam_size <= 1:
+    if opts.beam_size == 1:
         return [[h] for h in greedy_search(model, src, src_mask, **common)]
     return beam_search(
         model,
