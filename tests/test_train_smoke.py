@@ -214,6 +214,10 @@ def test_decode_settings_fail_before_the_data_is_read(compose, small_overrides, 
     greedily without a word)."""
     with pytest.raises(ValueError, match="decode.beam_size must be an integer >= 1, got 0"):
         train(compose(small_overrides + ["decode.beam_size=0"]))
+    # 5-best lists, fine at beam 5, not at the beam of 2 tried among the final choices
+    final = ["decode.nbest=5", "trainer.final.beam_sizes=[2]"]
+    with pytest.raises(ValueError, match="decode.nbest=5 exceeds decode.beam_size=2"):
+        train(compose(small_overrides + final))
     assert not (tmp_path / "cache").exists()
 
 

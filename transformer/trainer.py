@@ -197,6 +197,8 @@ class Trainer:
         check_final(self.t)
         check_data_settings(cfg)
         decode_options(cfg.decode)  # checked now, not when the first BLEU evaluation decodes
+        for setting in self.final_settings():  # nor when the final translations do
+            decode_options(setting)
         self.compile_mode = self.t.get("compile_mode", "default")
         if self.compile_mode not in COMPILE_MODES:
             raise TrainingError(
