@@ -197,6 +197,9 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("trainer.max_time_minutes=0", "trainer.max_time_minutes must be a number > 0 or null"),
         ("trainer.label_smoothing=1.5", r"trainer.label_smoothing must be a number in \[0, 1\)"),
         ("data.max_len=0", "data.max_len must be an integer >= 1, got 0"),
+        ("trainer.fused_loss=maybe", "trainer.fused_loss must be auto, true or false"),
+        ("trainer.cpu_malloc_reuse=2", "trainer.cpu_malloc_reuse must be true or false"),
+        ("trainer.compile_mode=fast", "trainer.compile_mode must be one of default, "),
     ],
 )
 def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(

@@ -199,12 +199,8 @@ class Trainer:
         decode_options(cfg.decode)  # checked now, not when the first BLEU evaluation decodes
         for setting in self.final_settings():  # nor when the final translations do
             decode_options(setting)
+        check_choices(self.t)
         self.compile_mode = self.t.get("compile_mode", "default")
-        if self.compile_mode not in COMPILE_MODES:
-            raise TrainingError(
-                f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
-                f"got {self.compile_mode!r}"
-            )
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
         self.last_weights = None  # the weights training ended with, if final candidates vie
@@ -218,8 +214,6 @@ class Trainer:
         self.precision = self.pick_precision()  # a bad value fails before the data is read
         torch.manual_seed(cfg.seed)
         reuse = self.t.get("cpu_malloc_reuse", True)
-        if reuse not in (True, False):
-            raise TrainingError(f"trainer.cpu_malloc_reuse must be true or false, got {reuse!r}")
         if reuse and self.device.type == "cpu" and reuse_freed_memory():
             log.info("glibc malloc keeps freed memory for reuse (trainer.cpu_malloc_reuse)")
         sdpa = use_sdpa_backends(self.t.get("sdpa_backends"))
@@ -304,10 +298,6 @@ class Trainer:
             and self.precision != "fp16"
         )
         self.skips = SkipCounter(self.device)
-        if self.t.fused_loss not in ("auto", True, False):
-            raise TrainingError(
-                f"trainer.fused_loss must be auto, true or false, got {self.t.fused_loss!r}"
-            )
         # auto: fused where it was measured faster (the CPU; results/bench/train_speed_cpu.md)
         self.fused_loss = self.t.fused_loss is True or (
             self.t.fused_loss == "auto" and self.device.type == "cpu"
@@ -1165,6 +1155,21 @@ def check_schedule(t) -> None:
         if not (ok or (key == "max_time_minutes" and value is None)):
             allowed = "a number > 0" + (" or null" if key == "max_time_minutes" else "")
             raise TrainingError(f"trainer.{key} must be {allowed}, got {value!r}")
+
+
+def check_choices(t) -> None:
+    """trainer settings with a fixed set of values (precision and sdpa_backends: where they
+    are used, also before the data is read)."""
+    mode = t.get("compile_mode", "default")
+    if mode not in COMPILE_MODES:
+        raise TrainingError(
+            f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}"
+        )
+    reuse = t.get("cpu_malloc_reuse", True)
+    if reuse not in (True, False):
+        raise TrainingError(f"trainer.cpu_malloc_reuse must be true or false, got {reuse!r}")
+    if t.fused_loss not in ("auto", True, False):
+        raise TrainingError(f"trainer.fused_loss must be auto, true or false, got {t.fused_loss!r}")
 
 
 def check_data_settings(cfg) -> None:
