@@ -144,6 +144,29 @@ def test_a_folder_given_as_a_file_is_one_clear_line(tiny_ckpt, tmp_path):
     assert f"Is a directory: '{tmp_path}'" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    "extra,error,message",
+    [
+        ("ref={tmp}/ref3.txt", ValueError, r"ref3.txt has 3 lines but input=.*src2.txt has 2"),
+        ("output={tmp}/no_folder/out.txt", PermissionError, "no_folder/out.txt: cannot write"),
+        ("output={tmp}", IsADirectoryError, "is a folder, not a file"),
+        ("decode.beam_size=0", ValueError, "decode.beam_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_translate_refuses_before_loading_the_model(
+    compose, tiny_ckpt, tmp_path, monkeypatch, extra, error, message
+):
+    """What would fail only after every line is translated (and lose the translations)."""
+    from transformer import translate_cli
+
+    monkeypatch.setattr(translate_cli, "load_for_inference", lambda *a: pytest.fail("loaded"))
+    (tmp_path / "src2.txt").write_text("a\nb\n")
+    (tmp_path / "ref3.txt").write_text("x\ny\nz\n")
+    overrides = [f"ckpt={tiny_ckpt}", f"input={tmp_path / 'src2.txt'}", extra.format(tmp=tmp_path)]
+    with pytest.raises(error, match=message):
+        translate_cli.translate(compose(overrides, name="translate"), overrides=[])
+
+
 def test_an_error_message_that_introduces_its_reason_keeps_it():
     from transformer.cli import one_line
 

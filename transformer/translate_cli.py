@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .checkpoint import CheckpointError
 from .data import decode_lines
 from .metrics import score_all
 from .trainer import pick_device
-from .translator import encode_sources, load_for_inference, translate_ids
+from .translator import decode_options, encode_sources, load_for_inference, translate_ids
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,22 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
 
             overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         ckpt = run_choice(ckpt, cfg.decode, overrides)
+    prompt = cfg.input is None and sys.stdin.isatty()
+    if not prompt:  # what would fail after the translating, and lose it, fails first
+        lines = read_input(cfg.input)
+        refs = read_input(cfg.ref) if cfg.ref else None
+        if refs is not None and len(refs) != len(lines):
+            raise ValueError(
+                f"ref={cfg.ref} has {len(refs)} lines but input={cfg.input or '(stdin)'} has "
+                f"{len(lines)}: one reference per input line"
+            )
+        if cfg.output:
+            folder = Path(cfg.output).resolve().parent
+            if Path(cfg.output).is_dir():
+                raise IsADirectoryError(f"output={cfg.output} is a folder, not a file")
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise PermissionError(f"output={cfg.output}: cannot write into {folder}")
+    decode_options(cfg.decode)  # a bad setting fails before the model is loaded
     model, src_tok, tgt_tok, train_cfg = load_for_inference(ckpt, device)
     max_len = train_cfg["data"]["max_len"]
 
@@ -112,9 +129,8 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
             plotted[0] += len(lines)
         return format_output(nbest, tgt_tok, cfg.decode.nbest)
 
-    if cfg.input is None and sys.stdin.isatty():
+    if prompt:
         return interactive(run)
-    lines = read_input(cfg.input)
     with tqdm(
         total=sum(1 for line in lines if line.strip()),
         unit="sent",
@@ -129,8 +145,8 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
     else:
         sys.stdout.write(out)
         sys.stdout.flush()
-    if cfg.ref:
-        scores = score_all(best, read_input(cfg.ref))
+    if refs is not None:
+        scores = score_all(best, refs)
         print(
             f"BLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}\n"
             f"{scores['bleu_signature']}\n{scores['chrf_signature']}",
