@@ -167,6 +167,19 @@ def test_translate_refuses_before_loading_the_model(
         translate_cli.translate(compose(overrides, name="translate"), overrides=[])
 
 
+def test_the_interactive_prompt_refuses_ref_and_output(compose, tiny_ckpt, tmp_path, monkeypatch):
+    import sys
+
+    from transformer import translate_cli
+
+    monkeypatch.setattr(translate_cli, "load_for_inference", lambda *a: pytest.fail("loaded"))
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    for extra in (f"ref={tmp_path / 'ref.txt'}", f"output={tmp_path / 'out.txt'}"):
+        cfg = compose([f"ckpt={tiny_ckpt}", extra], name="translate")
+        with pytest.raises(ValueError, match="need input=FILE or lines piped to stdin"):
+            translate_cli.translate(cfg, overrides=[])
+
+
 def test_an_error_message_that_introduces_its_reason_keeps_it():
     from transformer.cli import one_line
 

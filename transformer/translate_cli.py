@@ -98,6 +98,10 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
             overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         ckpt = run_choice(ckpt, cfg.decode, overrides)
     prompt = cfg.input is None and sys.stdin.isatty()
+    if prompt and (cfg.ref or cfg.output):  # the prompt prints each translation, scores none
+        raise ValueError(
+            "ref= and output= need input=FILE or lines piped to stdin, not the interactive prompt"
+        )
     if not prompt:  # what would fail after the translating, and lose it, fails first
         lines = read_input(cfg.input)
         refs = read_input(cfg.ref) if cfg.ref else None
