@@ -34,6 +34,7 @@
 #   bash scripts/gpu_bench.sh eager    the first benchmark: profile, throughput vs Marian (+ RNN)
 #                                      at 4k/8k/25k, per attention kind, attention against length
 # Results: $OUT/bench.tar.gz holding results/bench/*_<gpu>*.md and results/attention/gpu/.
+# Committing them: give each new table a row in results/bench/README.md (a test checks).
 # Prepare here first: bash scripts/gpu_prepare.sh (wheels into .whl/, Multi30k into .gpudata/;
 # name both in the device call's carry)
 set -u
