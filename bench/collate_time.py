@@ -49,7 +49,7 @@ def one_by_one(split, idx, pad_id, bos_id, eos_id) -> Batch:
 def load_split():
     from hydra import compose, initialize_config_dir
 
-    from transformer.trainer import prepare_data
+    from transformer.run_data import prepare_data
 
     conf = str(Path(__file__).resolve().parent.parent / "conf")
     with initialize_config_dir(version_base="1.3", config_dir=conf):

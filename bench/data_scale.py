@@ -168,8 +168,8 @@ def epoch_child(data_dir: str, cache_dir: str, run_dir: str, overrides: list[str
     from hydra import compose, initialize_config_dir
 
     from transformer.data import TokenBatcher
+    from transformer.run_data import prepare_data
     from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
-    from transformer.trainer import prepare_data
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         base = [f"data.data_dir={data_dir}", f"data.cache_dir={cache_dir}"]

@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from train_speed import machine, marian  # noqa: E402
 
 from transformer.data import load_split, plan_batches  # noqa: E402
+from transformer.run_data import prepare_data  # noqa: E402
 from transformer.search import Uncached  # noqa: E402
-from transformer.trainer import prepare_data  # noqa: E402
 from transformer.translator import (  # noqa: E402
     build_model,
     decode_options,

@@ -41,7 +41,7 @@ from train_speed import (  # noqa: E402
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
-from transformer.trainer import COMPILE_MODES  # noqa: E402
+from transformer.settings import COMPILE_MODES  # noqa: E402
 
 # Kinds of GPU kernel, told apart by fragments of their lower-cased names; the first match
 # wins, so that e.g. the memory-efficient attention's "fmha_cutlass" kernels are attention and

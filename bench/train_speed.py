@@ -34,7 +34,8 @@ from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
 from transformer.precision import Bf16Weights  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
-from transformer.trainer import COMPILE_MODES, CUDA_GRAPH_MODES, prepare_data  # noqa: E402
+from transformer.run_data import prepare_data  # noqa: E402
+from transformer.settings import COMPILE_MODES, CUDA_GRAPH_MODES  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 CONFIGS = {

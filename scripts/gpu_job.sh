@@ -24,7 +24,7 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a runs/gpu.t
 python3 -c "
 from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
-from transformer.trainer import prepare_data
+from transformer.run_data import prepare_data
 from pathlib import Path
 with initialize_config_dir(version_base='1.3', config_dir='$PWD/conf'):
     cfg = compose('train', overrides=['run_dir=/tmp/tokprep'])

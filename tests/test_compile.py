@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from transformer import checkpoint
-from transformer.trainer import COMPILE_MODES, Trainer, TrainingError, train
+from transformer.settings import COMPILE_MODES
+from transformer.trainer import Trainer, TrainingError, train
 
 
 @pytest.mark.slow

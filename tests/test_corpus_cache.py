@@ -18,8 +18,8 @@ from transformer.corpus_cache import (
     sample_sentences,
 )
 from transformer.data import EncodedSplit, TokenBatcher, read_lines
+from transformer.run_data import prepare_data
 from transformer.tokenizer import train_or_load
-from transformer.trainer import prepare_data
 
 
 def plain_encoding(corpus_root, tok, max_len):

@@ -16,12 +16,12 @@ import torch
 
 from transformer import checkpoint
 from transformer.attention import stacked_from
+from transformer.run_data import prepare_data
 from transformer.trainer import (
     SkipCounter,
     Trainer,
     TrainingError,
     inverse_sqrt,
-    prepare_data,
     train,
 )
 

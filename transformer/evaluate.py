@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from . import checkpoint
 from .cli import EXPECTED, one_line
 from .metrics import Scorer
-from .trainer import pick_device
+from .settings import pick_device
 from .translator import encode_sources, from_checkpoint, translate_ids
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -32,33 +32,25 @@ from . import checkpoint, distributed
 from .attention import attention_config, stacked_from, use_sdpa_backends
 from .average import average
 from .checkpoint import CheckpointError
-from .corpus_cache import encode_split, open_split, sample_sentences
 from .data import TokenBatcher
 from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
 from .precision import Bf16Weights, PrecisionError, merge_state, split_state
-from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
+from .run_data import prepare_data
+from .settings import (
+    CUDA_GRAPH_MODES,
+    PRECISIONS,
+    TrainingError,
+    check_choices,
+    check_data_settings,
+    check_final,
+    check_schedule,
+    pick_device,
+)
 from .translator import build_model, decode_options, translate_lines
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """A fault that stops training with a clear message."""
-
-
-def pick_device(name: str, local_rank: int | None = None) -> torch.device:
-    """``auto`` = cuda when available, else cpu. Under torchrun (``local_rank`` given) a
-    CUDA device is always ``cuda:LOCAL_RANK``: one GPU per process."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device={name} requested but CUDA is not available")
-    device = torch.device(name)
-    if device.type == "cuda" and local_rank is not None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def inverse_sqrt(warmup: int):
@@ -71,7 +63,7 @@ def inverse_sqrt(warmup: int):
     return factor
 
 
-# -- data and tokenizer -----------------------------------------------------------------------
+# -- what a resumed run must share with its checkpoint ------------------------------------
 # Settings that say which tokenizer a run has: a run resumes with the one in its run dir, so
 # changing them there is refused. (A changed sample size or character coverage only warns:
 # on a corpus smaller than the sample they give the same tokenizer.)
@@ -82,80 +74,6 @@ TOKENIZER_KEYS = tuple(
 
 # Optimizer group keys that choose how the update is computed, not what it computes.
 OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
-
-
-def will_resume(cfg, run_dir: Path) -> bool:
-    """Whether a Trainer on ``run_dir`` will continue from a checkpoint there."""
-    return bool(cfg.trainer.get("resume", True)) and bool(
-        checkpoint.resume_candidates(run_dir / "checkpoints")
-    )
-
-
-def prepare_data(cfg, run_dir: Path):
-    """Train or reuse the tokenizer(s) (on a bounded sample of the training split), copy them
-    into the run dir (a run that resumes keeps the ones it has there), and encode every split
-    or map its cached encoding (``transformer/corpus_cache.py``)."""
-    d = cfg.data
-    cache_dir = Path(d.cache_dir)
-    sources = {
-        split: open_split(d, split, cache_dir)
-        for split in [d.train_split, d.valid_split, *d.test_splits]
-    }
-    train_fp, train_load = sources[d.train_split]
-    spm_args = dict(
-        cache_dir=cache_dir / "spm",
-        vocab_size=d.vocab_size,
-        model_type=d.spm_model_type,
-        character_coverage=d.character_coverage,
-        input_sentence_size=d.spm_input_sentence_size,
-        seed=cfg.seed,
-    )
-
-    def sample(*columns):  # called only when a tokenizer has to be trained
-        return lambda: sample_sentences(
-            train_load(), list(columns), d.spm_input_sentence_size, cfg.seed
-        )
-
-    names = {"src": f"tokenizer/{d.src_lang}.model", "tgt": f"tokenizer/{d.tgt_lang}.model"}
-    if d.joint_vocab:
-        names = {"src": "tokenizer/joint.model", "tgt": "tokenizer/joint.model"}
-    paths = {side: run_dir / name for side, name in names.items()}
-    if will_resume(cfg, run_dir) and all(p.is_file() for p in paths.values()):
-        # The checkpoints' token ids mean this run's pieces, whatever the corpus or the cache
-        # would give now (a corpus copied afresh, a cleared cache, a newer SentencePiece).
-        src_tok = Tokenizer(paths["src"])
-        tgt_tok = src_tok if d.joint_vocab else Tokenizer(paths["tgt"])
-        log.info("resuming: the run's own tokenizer (%s)", ", ".join(sorted(set(names.values()))))
-    else:
-        if d.joint_vocab:
-            src_tok = tgt_tok = train_or_load(
-                sample("src", "tgt"), key=f"{train_fp}|src+tgt", **spm_args
-            )
-        else:
-            src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
-            tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
-        for name, tok in {names["src"]: src_tok, names["tgt"]: tgt_tok}.items():
-            copy_into(tok, run_dir, name)  # once for a joint model
-    tok_info = {}
-    for side, p in paths.items():
-        tok_info[side] = str(p.relative_to(run_dir))
-        tok_info[f"{side}_sha256"] = file_sha256(p)
-    splits = {
-        name: encode_split(
-            f"{fp}|{d.src_lang}-{d.tgt_lang}",
-            load,
-            src_tok,
-            tgt_tok,
-            d.max_len,
-            name == d.train_split,
-            f"{d.name}/{name}",
-            cache_dir,
-            d.num_proc,
-            d.mapped_budget_mb,
-        )
-        for name, (fp, load) in sources.items()
-    }
-    return splits, src_tok, tgt_tok, tok_info
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -181,13 +99,6 @@ class SkipCounter:
         zero = torch.zeros_like(self.count)
         self.count, self.tokens, self.longest = zero, zero, zero
         return count, longest, tokens
-
-
-# torch.compile's modes (``trainer.compile_mode``), and those that replay CUDA graphs
-# (torch._inductor.list_mode_options(): triton.cudagraphs).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-PRECISIONS = ("bf16", "fp16", "fp32", "bf16-weights")
 
 
 class Trainer:
@@ -1124,95 +1035,6 @@ class CsvLog:
             writer.writeheader()
             writer.writerows(rows)
         tmp.replace(self.path)
-
-
-# trainer settings that count something and must be at least 1 (or 0, second list)
-AT_LEAST_ONE = ("accum_steps", "max_steps", "max_epochs", "warmup_steps", "eval_every",
-                "bleu_every", "log_every", "max_nonfinite")  # fmt: skip
-AT_LEAST_ZERO = ("patience", "keep_checkpoints", "oom_retries")
-
-
-def check_schedule(t) -> None:
-    """Counts of the schedule that would otherwise fail mid-run (a division by zero after
-    the first update, an abort at the first log) or make no sense fail now, naming the key."""
-    for keys, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
-        for key in keys:
-            value = t[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise TrainingError(f"trainer.{key} must be an integer >= {least}, got {value!r}")
-    smoothing = t.label_smoothing
-    if (
-        not isinstance(smoothing, (int, float))
-        or isinstance(smoothing, bool)
-        or not (0 <= smoothing < 1)
-    ):
-        raise TrainingError(
-            f"trainer.label_smoothing must be a number in [0, 1), got {smoothing!r}"
-        )
-    for key in ("clip_norm", "max_time_minutes"):
-        value = t[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-        if not (ok or (key == "max_time_minutes" and value is None)):
-            allowed = "a number > 0" + (" or null" if key == "max_time_minutes" else "")
-            raise TrainingError(f"trainer.{key} must be {allowed}, got {value!r}")
-
-
-def check_choices(t) -> None:
-    """trainer settings with a fixed set of values (precision and sdpa_backends: where they
-    are used, also before the data is read)."""
-    mode = t.get("compile_mode", "default")
-    if mode not in COMPILE_MODES:
-        raise TrainingError(
-            f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}"
-        )
-    reuse = t.get("cpu_malloc_reuse", True)
-    if reuse not in (True, False):
-        raise TrainingError(f"trainer.cpu_malloc_reuse must be true or false, got {reuse!r}")
-    if t.fused_loss not in ("auto", True, False):
-        raise TrainingError(f"trainer.fused_loss must be auto, true or false, got {t.fused_loss!r}")
-
-
-def check_data_settings(cfg) -> None:
-    """Data settings that would fail late or silently: one embedding for source and target
-    needs one vocabulary (with two tokenizers of the same size, source piece N and target
-    piece N would share a row unnoticed), data.max_len keeps some pairs (0 would drop every
-    one, after encoding the whole corpus), and test_splits is a list of names."""
-    if cfg.model.get("share_src_tgt_embeddings") and not cfg.data.joint_vocab:
-        raise TrainingError(
-            "model.share_src_tgt_embeddings=true needs data.joint_vocab=true: with separate "
-            "vocabularies the same id names different pieces on each side; set "
-            "model.share_src_tgt_embeddings=false (or data.joint_vocab=true)"
-        )
-    max_len = cfg.data.max_len
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
-        raise TrainingError(f"data.max_len must be an integer >= 1, got {max_len!r}")
-    splits = cfg.data.test_splits
-    if not OmegaConf.is_list(splits) or not all(isinstance(x, str) for x in splits):
-        raise TrainingError(f"data.test_splits must be a list of split names, got {splits!r}")
-
-
-def check_final(t) -> None:
-    """trainer.final settings that would only fail at the end of training fail now."""
-    n = t.final.average_last
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise TrainingError(f"trainer.final.average_last must be an integer >= 0, got {n!r}")
-    if n > t.keep_checkpoints:
-        log.warning(
-            "trainer.final.average_last=%d but trainer.keep_checkpoints=%d: the final "
-            "average takes the %d kept step checkpoints (none under 2)",
-            n,
-            t.keep_checkpoints,
-            t.keep_checkpoints,
-        )
-    for key, ok in (("length_penalties", (int, float)), ("beam_sizes", int)):
-        values = t.final[key]
-        if not OmegaConf.is_list(values) or not all(
-            isinstance(v, ok) and not isinstance(v, bool) for v in values
-        ):
-            kind = "integers" if ok is int else "numbers"
-            raise TrainingError(f"trainer.final.{key} must be a list of {kind}, got {values!r}")
-    if any(k < 1 for k in t.final.beam_sizes):
-        raise TrainingError(f"trainer.final.beam_sizes must be >= 1, got {t.final.beam_sizes}")
 
 
 def with_full_attention(config: dict) -> dict:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .data import decode_lines
 from .metrics import score_all
-from .trainer import pick_device
+from .settings import pick_device
 from .translator import decode_options, encode_sources, load_for_inference, translate_ids
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,87 @@
+"""A run's tokenizers and encoded splits: trained or reused, copied into the run directory,
+and every split encoded once into the Arrow cache (``corpus_cache.py``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import checkpoint
+from .corpus_cache import encode_split, open_split, sample_sentences
+from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
+
+log = logging.getLogger(__name__)
+
+
+def will_resume(cfg, run_dir: Path) -> bool:
+    """Whether a Trainer on ``run_dir`` will continue from a checkpoint there."""
+    return bool(cfg.trainer.get("resume", True)) and bool(
+        checkpoint.resume_candidates(run_dir / "checkpoints")
+    )
+
+
+def prepare_data(cfg, run_dir: Path):
+    """Train or reuse the tokenizer(s) (on a bounded sample of the training split), copy them
+    into the run dir (a run that resumes keeps the ones it has there), and encode every split
+    or map its cached encoding (``transformer/corpus_cache.py``)."""
+    d = cfg.data
+    cache_dir = Path(d.cache_dir)
+    sources = {
+        split: open_split(d, split, cache_dir)
+        for split in [d.train_split, d.valid_split, *d.test_splits]
+    }
+    train_fp, train_load = sources[d.train_split]
+    spm_args = dict(
+        cache_dir=cache_dir / "spm",
+        vocab_size=d.vocab_size,
+        model_type=d.spm_model_type,
+        character_coverage=d.character_coverage,
+        input_sentence_size=d.spm_input_sentence_size,
+        seed=cfg.seed,
+    )
+
+    def sample(*columns):  # called only when a tokenizer has to be trained
+        return lambda: sample_sentences(
+            train_load(), list(columns), d.spm_input_sentence_size, cfg.seed
+        )
+
+    names = {"src": f"tokenizer/{d.src_lang}.model", "tgt": f"tokenizer/{d.tgt_lang}.model"}
+    if d.joint_vocab:
+        names = {"src": "tokenizer/joint.model", "tgt": "tokenizer/joint.model"}
+    paths = {side: run_dir / name for side, name in names.items()}
+    if will_resume(cfg, run_dir) and all(p.is_file() for p in paths.values()):
+        # The checkpoints' token ids mean this run's pieces, whatever the corpus or the cache
+        # would give now (a corpus copied afresh, a cleared cache, a newer SentencePiece).
+        src_tok = Tokenizer(paths["src"])
+        tgt_tok = src_tok if d.joint_vocab else Tokenizer(paths["tgt"])
+        log.info("resuming: the run's own tokenizer (%s)", ", ".join(sorted(set(names.values()))))
+    else:
+        if d.joint_vocab:
+            src_tok = tgt_tok = train_or_load(
+                sample("src", "tgt"), key=f"{train_fp}|src+tgt", **spm_args
+            )
+        else:
+            src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
+            tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
+        for name, tok in {names["src"]: src_tok, names["tgt"]: tgt_tok}.items():
+            copy_into(tok, run_dir, name)  # once for a joint model
+    tok_info = {}
+    for side, p in paths.items():
+        tok_info[side] = str(p.relative_to(run_dir))
+        tok_info[f"{side}_sha256"] = file_sha256(p)
+    splits = {
+        name: encode_split(
+            f"{fp}|{d.src_lang}-{d.tgt_lang}",
+            load,
+            src_tok,
+            tgt_tok,
+            d.max_len,
+            name == d.train_split,
+            f"{d.name}/{name}",
+            cache_dir,
+            d.num_proc,
+            d.mapped_budget_mb,
+        )
+        for name, (fp, load) in sources.items()
+    }
+    return splits, src_tok, tgt_tok, tok_info
