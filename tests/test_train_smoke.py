@@ -236,6 +236,10 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("trainer.fused_loss=maybe", "trainer.fused_loss must be auto, true or false"),
         ("trainer.cpu_malloc_reuse=2", "trainer.cpu_malloc_reuse must be true or false"),
         ("trainer.compile_mode=fast", "trainer.compile_mode must be one of default, "),
+        ("trainer.optimizer.lr=-1", r"trainer.optimizer \(torch.optim.AdamW\): Invalid learning"),
+        ("trainer.optimizer.betas=[0.9]", r"trainer.optimizer \(torch.optim.AdamW\): list index"),
+        ("trainer.optimizer._target_=torch.optim.Nope", "trainer.optimizer: torch.optim.Nope: "),
+        ("seed=-1", "seed must be an integer >= 0, got -1"),
     ],
 )
 def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(

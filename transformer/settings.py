@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
@@ -126,3 +128,22 @@ def check_final(t) -> None:
             raise TrainingError(f"trainer.final.{key} must be a list of {kind}, got {values!r}")
     if any(k < 1 for k in t.final.beam_sizes):
         raise TrainingError(f"trainer.final.beam_sizes must be >= 1, got {t.final.beam_sizes}")
+
+
+def check_optimizer(t) -> None:
+    """``trainer.optimizer`` built once for a stand-in parameter, so that a class that does
+    not exist or a value it refuses (a negative lr, one beta) fails now, naming the group,
+    not once the data is read and the model built."""
+    target = t.optimizer.get("_target_")
+    try:
+        instantiate(t.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except InstantiationException as e:
+        reason = e.__cause__ if e.__cause__ is not None else e
+        raise TrainingError(f"trainer.optimizer: {target}: {reason}") from e
+    except (ValueError, TypeError, IndexError) as e:
+        raise TrainingError(f"trainer.optimizer ({target}): {e}") from e
+
+
+def check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise TrainingError(f"seed must be an integer >= 0, got {seed!r}")

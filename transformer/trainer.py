@@ -45,7 +45,9 @@ from .settings import (
     check_choices,
     check_data_settings,
     check_final,
+    check_optimizer,
     check_schedule,
+    check_seed,
     pick_device,
 )
 from .translator import build_model, decode_options, translate_lines
@@ -111,6 +113,8 @@ class Trainer:
         for setting in self.final_settings():  # nor when the final translations do
             decode_options(setting)
         check_choices(self.t)
+        check_optimizer(self.t)
+        check_seed(cfg.seed)
         self.compile_mode = self.t.get("compile_mode", "default")
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
