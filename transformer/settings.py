@@ -17,6 +17,16 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 
+def is_count(value, least: int) -> bool:
+    """An integer of at least ``least``, and not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_number(value) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class TrainingError(RuntimeError):
     """A fault that stops training with a clear message."""
 
@@ -53,20 +63,16 @@ def check_schedule(t) -> None:
     for keys, least in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
         for key in keys:
             value = t[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            if not is_count(value, least):
                 raise TrainingError(f"trainer.{key} must be an integer >= {least}, got {value!r}")
     smoothing = t.label_smoothing
-    if (
-        not isinstance(smoothing, (int, float))
-        or isinstance(smoothing, bool)
-        or not (0 <= smoothing < 1)
-    ):
+    if not (is_number(smoothing) and 0 <= smoothing < 1):
         raise TrainingError(
             f"trainer.label_smoothing must be a number in [0, 1), got {smoothing!r}"
         )
     for key in ("clip_norm", "max_time_minutes"):
         value = t[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        ok = is_number(value) and value > 0
         if not (ok or (key == "max_time_minutes" and value is None)):
             allowed = "a number > 0" + (" or null" if key == "max_time_minutes" else "")
             raise TrainingError(f"trainer.{key} must be {allowed}, got {value!r}")
@@ -99,7 +105,7 @@ def check_data_settings(cfg) -> None:
             "model.share_src_tgt_embeddings=false (or data.joint_vocab=true)"
         )
     max_len = cfg.data.max_len
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+    if not is_count(max_len, 1):
         raise TrainingError(f"data.max_len must be an integer >= 1, got {max_len!r}")
     splits = cfg.data.test_splits
     if not OmegaConf.is_list(splits) or not all(isinstance(x, str) for x in splits):
@@ -109,7 +115,7 @@ def check_data_settings(cfg) -> None:
 def check_final(t) -> None:
     """trainer.final settings that would only fail at the end of training fail now."""
     n = t.final.average_last
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    if not is_count(n, 0):
         raise TrainingError(f"trainer.final.average_last must be an integer >= 0, got {n!r}")
     if n > t.keep_checkpoints:
         log.warning(
@@ -145,5 +151,5 @@ def check_optimizer(t) -> None:
 
 
 def check_seed(seed) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not is_count(seed, 0):
         raise TrainingError(f"seed must be an integer >= 0, got {seed!r}")

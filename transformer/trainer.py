@@ -109,8 +109,9 @@ class Trainer:
         check_schedule(self.t)
         check_final(self.t)
         check_data_settings(cfg)
-        decode_options(cfg.decode)  # checked now, not when the first BLEU evaluation decodes
-        for setting in self.final_settings():  # nor when the final translations do
+        # checked now, not when the first BLEU evaluation or the final translations decode
+        decode_options(cfg.decode)  # first: final_settings compares its beam size
+        for setting in self.final_settings()[1:]:  # [0] is cfg.decode itself
             decode_options(setting)
         check_choices(self.t)
         check_optimizer(self.t)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint
 from .data import plan_batches
 from .search import Hypothesis, beam_search, greedy_search, sample_search
+from .settings import is_count, is_number
 from .tokenizer import Tokenizer, file_sha256
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,6 @@ def decode_options(decode_cfg) -> DictConfig:
     return opts
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_decode(opts) -> None:
     """Decode options that would fail only once decoding starts (at the end of training), or
     would quietly mean something else (``beam_size=0`` decoded greedily), fail now, naming
@@ -122,7 +119,7 @@ def check_decode(opts) -> None:
     for key, least in (("beam_size", 1), ("nbest", 1), ("min_len", 0), ("max_tokens", 1),
                        ("top_k", 0), ("seed", 0)):  # fmt: skip
         value = opts[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        if not is_count(value, least):
             raise ValueError(f"decode.{key} must be an integer >= {least}, got {value!r}")
     for key, ok, allowed in (
         ("length_penalty", lambda v: v >= 0, "a number >= 0"),
@@ -132,7 +129,7 @@ def check_decode(opts) -> None:
         ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ):
         value = opts[key]
-        if not (_number(value) and ok(value)):
+        if not (is_number(value) and ok(value)):
             raise ValueError(f"decode.{key} must be {allowed}, got {value!r}")
     if not isinstance(opts.sample, bool):
         raise ValueError(f"decode.sample must be true or false, got {opts.sample!r}")
