@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
+from tiny_models import BOS, EOS, PAD, V, make, sources
 
 from transformer import search as search_module
-from transformer.rnn_model import BahdanauRNN
 from transformer.search import (
     Uncached,
     beam_search,
@@ -17,28 +17,9 @@ from transformer.search import (
     sampler,
     top_k_top_p,
 )
-from transformer.transformer_model import Transformer
 from transformer.translator import decode_options, search
 
-PAD, BOS, EOS, V = 0, 1, 2, 30
 KINDS = ["transformer", "additive"]
-
-
-def make(kind):
-    torch.manual_seed(0)
-    if kind == "transformer":
-        return Transformer(
-            V, V, PAD, d_model=32, n_heads=4, d_ff=64, n_enc_layers=1, n_dec_layers=2
-        ).eval()
-    return BahdanauRNN(V, V, PAD, emb_dim=16, hidden_size=32, attention=kind).eval()
-
-
-def sources(B=4, S=7, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(3, V, (B, S), generator=g)
-    src[1, 4:] = PAD
-    src[3, 2:] = PAD
-    return src, src != PAD
 
 
 class Recorder:

@@ -2,31 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import BOS, EOS, make, sources
 
-from transformer.rnn_model import BahdanauRNN
 from transformer.search import Uncached, beam_search, greedy_search
 from transformer.seq2seq import EncoderOut
-from transformer.transformer_model import Transformer
-
-PAD, BOS, EOS, V = 0, 1, 2, 30
-
-
-def make(kind):
-    torch.manual_seed(0)
-    if kind == "transformer":
-        return Transformer(
-            V, V, PAD, d_model=32, n_heads=4, d_ff=64, n_enc_layers=1, n_dec_layers=2
-        ).eval()
-    return BahdanauRNN(V, V, PAD, emb_dim=16, hidden_size=32, attention=kind).eval()
-
-
-def sources():
-    g = torch.Generator().manual_seed(3)
-    src = torch.randint(3, V, (4, 7), generator=g)
-    src[1, 4:] = PAD
-    src[3, 2:] = PAD
-    return src, src != PAD
-
 
 KINDS = ["transformer", "additive", "dot"]
 
