@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from transformer import checkpoint, trainer
+from transformer import checkpoint, final_choice
 from transformer.checkpoint import CheckpointError
 from transformer.evaluate import decode_setting
+from transformer.final_choice import FinalChoice
 from transformer.metrics import bleu
-from transformer.trainer import Trainer, TrainingError, train
+from transformer.trainer import TrainingError, train
 from transformer.translate_cli import translate
 from transformer.translator import encode_sources, load_for_inference, translate_ids
 
@@ -71,23 +72,15 @@ def test_every_candidate_is_scored_on_valid_and_the_best_one_wins(
 
 def rig_valid_scores(monkeypatch, winner: int):
     """During the final choice, candidate row ``winner`` (0-based, in the order tried) scores
-    1 on valid and every other row 0; BLEU during training stays real."""
-    real, rows_scored = trainer.bleu, []
-    choose = Trainer.choose_final
+    1 on valid and every other row 0; BLEU during training (trainer.bleu) stays real."""
+    real, rows_scored = final_choice.bleu, []
 
     def rigged_bleu(hyps, refs, **kw):
         score, sig = real(hyps, refs, **kw)
-        if rows_scored:  # choose_final has begun
-            rows_scored.append(1)
-            return float(len(rows_scored) - 2 == winner), sig
-        return score, sig
-
-    def choose_final(self):
         rows_scored.append(1)
-        return choose(self)
+        return float(len(rows_scored) - 1 == winner), sig
 
-    monkeypatch.setattr(trainer, "bleu", rigged_bleu)
-    monkeypatch.setattr(Trainer, "choose_final", choose_final)
+    monkeypatch.setattr(final_choice, "bleu", rigged_bleu)
     return real
 
 
@@ -144,13 +137,13 @@ def test_the_weights_training_ended_with_are_loaded_again_when_they_win(
     be) the candidates are the weights in memory and the average: when the former win, test
     is translated with them, not with the average decoded after them."""
     rig_valid_scores(monkeypatch, winner=0)
-    candidates = Trainer.final_candidates
+    candidates = FinalChoice.candidates
 
     def without_best_pt(self):
-        (self.ckpt_dir / "best.pt").unlink()
+        (self.trainer.ckpt_dir / "best.pt").unlink()
         return candidates(self)
 
-    monkeypatch.setattr(Trainer, "final_candidates", without_best_pt)
+    monkeypatch.setattr(FinalChoice, "candidates", without_best_pt)
     metrics = train(compose(small_overrides + RUN))
     run = tmp_path / "run"
     assert not (run / "checkpoints" / "best.pt").exists()

@@ -30,9 +30,8 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .attention import attention_config, stacked_from, use_sdpa_backends
-from .average import average
-from .checkpoint import CheckpointError
 from .data import TokenBatcher
+from .final_choice import FinalChoice, final_settings
 from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
@@ -111,7 +110,7 @@ class Trainer:
         check_data_settings(cfg)
         # checked now, not when the first BLEU evaluation or the final translations decode
         decode_options(cfg.decode)  # first: final_settings compares its beam size
-        for setting in self.final_settings()[1:]:  # [0] is cfg.decode itself
+        for setting in final_settings(cfg.decode, self.t.final)[1:]:  # [0] is cfg.decode
             decode_options(setting)
         check_choices(self.t)
         check_optimizer(self.t)
@@ -119,7 +118,6 @@ class Trainer:
         self.compile_mode = self.t.get("compile_mode", "default")
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
-        self.last_weights = None  # the weights training ended with, if final candidates vie
         if not self.t.resume and checkpoint.resume_candidates(self.ckpt_dir):
             # a new run's step files, best.pt, logs and final average would mix with the old
             raise TrainingError(
@@ -839,10 +837,10 @@ class Trainer:
 
     def finish(self) -> dict:
         """Translate the valid and test splits with the weights and decoding settings chosen
-        on valid (``choose_final``) and score them (every rank decodes its share; rank 0
+        on valid (``FinalChoice``) and score them (every rank decodes its share; rank 0
         writes the files)."""
         self.dist.barrier()  # rank 0 has written best.pt
-        final, decode_cfg, valid_hyps = self.choose_final()
+        final, decode_cfg, valid_hyps = FinalChoice(self).choose()
         metrics = {
             "model": self.cfg.model._target_,
             "parameters": self.model.num_parameters(),
@@ -883,131 +881,6 @@ class Trainer:
         if self.dist.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
-
-    # -- the final translations -----------------------------------------------------------
-    def final_candidates(self) -> list[Path | None]:
-        """The weights the final translations may use: best.pt (None: the weights in memory,
-        when there is no best.pt) and, with ``trainer.final.average_last``, the
-        average of the newest step checkpoints (as many as were kept, at least 2), which
-        rank 0 writes to checkpoints/avg_last{N}.pt."""
-        best = self.ckpt_dir / "best.pt"
-        found = [best if best.is_file() else None]
-        averaged = None
-        n = self.t.final.average_last
-        if self.dist.is_main and n >= 2:
-            steps = checkpoint.step_checkpoints(self.ckpt_dir)[:n]
-            if len(steps) >= 2:
-                path = self.ckpt_dir / f"avg_last{len(steps)}.pt"
-                try:
-                    checkpoint.save(path, average(steps))
-                    averaged = str(path)
-                except CheckpointError as e:  # e.g. a step file damaged on disk
-                    log.warning("final translations without averaging: %s", e)
-            else:
-                log.info(
-                    "trainer.final.average_last: %d step checkpoint(s) kept, no average", len(steps)
-                )
-        averaged = self.dist.broadcast(averaged)
-        if averaged:
-            found.append(Path(averaged))
-        return found
-
-    def final_settings(self) -> list:
-        """decode as configured first; for beam search also every other combination of beam
-        size (decode.beam_size, trainer.final.beam_sizes) and length penalty
-        (decode.length_penalty, trainer.final.length_penalties)."""
-        decode = self.cfg.decode
-        if decode.beam_size <= 1 or decode.sample:
-            return [decode]
-        sizes = dict.fromkeys([decode.beam_size, *self.t.final.beam_sizes])
-        alphas = dict.fromkeys([decode.length_penalty, *self.t.final.length_penalties])
-        return [
-            OmegaConf.merge(decode, {"beam_size": k, "length_penalty": a})
-            for k in sizes
-            for a in alphas
-        ]
-
-    def use_weights(self, path: Path | None) -> dict:
-        """Load a candidate's weights into the model; what the metrics say about them. None:
-        the weights training ended with (kept aside by ``choose_final`` when other candidates
-        are loaded over them)."""
-        if path is None:
-            if self.last_weights is not None:
-                checkpoint.unwrap(self.model).load_state_dict(self.last_weights)
-            return {"checkpoint": None, "step": self.step}
-        ckpt = checkpoint.load(path)
-        checkpoint.unwrap(self.model).load_state_dict(ckpt["model"])
-        about = {
-            "checkpoint": str(path.relative_to(self.run_dir)),
-            "step": ckpt["progress"]["step"],
-        }
-        if "averaged_from" in ckpt:
-            about["averaged_steps"] = [s["step"] for s in ckpt["averaged_from"]]
-        return about
-
-    def keep_hyps(self, split: str, tag: str, hyps: list[str]) -> str:
-        """Rank 0 writes a candidate's hypotheses to RUN/final/SPLIT.TAG.hyp, so that its
-        score can be recomputed; returns that path relative to the run."""
-        path = Path("final") / f"{split}.{tag}.hyp"
-        if self.dist.is_main:
-            (self.run_dir / path.parent).mkdir(exist_ok=True)
-            (self.run_dir / path).write_text("".join(h + "\n" for h in hyps), "utf-8")
-        return str(path)
-
-    def choose_final(self) -> tuple[dict, object, tuple[list[str], float] | None]:
-        """Score every candidate (``final_candidates``) with every setting (``final_settings``)
-        by cased BLEU on the validation split; the highest wins, ties going to best.pt with
-        decode as configured. Loads the winner's weights; returns what metrics.json says of
-        the choice, its decode config and, when valid was decoded here, the winner's valid
-        hypotheses with their decoding seconds."""
-        candidates, settings = self.final_candidates(), self.final_settings()
-        if None in candidates and len(candidates) > 1:  # loading the others overwrites them
-            state = checkpoint.unwrap(self.model).state_dict()
-            self.last_weights = {k: v.detach().clone() for k, v in state.items()}
-        if len(candidates) * len(settings) == 1:
-            chosen = self.use_weights(candidates[0])
-            return {**chosen, "chosen_on": None}, settings[0], None
-        split = self.cfg.data.valid_split
-        refs = self.splits[split].tgt_text
-        rows, win = [], None
-        for path in candidates:
-            about = self.use_weights(path)
-            for setting in settings:
-                start = time.perf_counter()
-                hyps = self.translate(split, setting)
-                seconds = time.perf_counter() - start
-                score = bleu(hyps, refs)[0]
-                row = {
-                    **about,
-                    "beam_size": setting.beam_size,
-                    "length_penalty": setting.length_penalty,
-                    "valid_bleu": round(score, 2),
-                    "hypotheses": self.keep_hyps(split, row_tag(about, setting), hyps),
-                }
-                rows.append(row)
-                log.info("%s BLEU %.2f: %s", split, score, describe(row))
-                if win is None or score > win[0]:
-                    win = (score, path, setting, row, (hyps, seconds))
-        _, path, setting, row, valid_hyps = win
-        if path != candidates[-1]:  # the last candidate's weights are loaded already
-            self.use_weights(path)
-        log.info("final translations (chosen on %s): %s", split, describe(row))
-        chosen = {k: v for k, v in row.items() if k not in ("valid_bleu", "hypotheses")}
-        return {**chosen, "chosen_on": split, "candidates": rows}, setting, valid_hyps
-
-
-def row_tag(about: dict, setting) -> str:
-    """'avg_last5.beam5.lp1.4': a final candidate's file-name tag."""
-    name = Path(about["checkpoint"]).stem if about["checkpoint"] else "last"
-    return f"{name}.beam{setting.beam_size}.lp{setting.length_penalty}"
-
-
-def describe(row: dict) -> str:
-    """'avg_last5.pt (steps 4000-5000), beam 5, length penalty 1.4' for a final candidate."""
-    name = Path(row["checkpoint"]).name if row["checkpoint"] else "the last weights"
-    steps = row.get("averaged_steps")
-    where = f"steps {steps[-1]}-{steps[0]}" if steps else f"step {row['step']}"
-    return f"{name} ({where}), beam {row['beam_size']}, length penalty {row['length_penalty']}"
 
 
 class NullLog:

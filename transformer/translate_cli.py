@@ -11,7 +11,7 @@ length-normalised for beam search (GNMT penalty) and summed for sampling, best f
 
 ``ckpt`` is a checkpoint file, or a finished run's folder: then the weights, beam size and
 length penalty the run chose on its validation set (``final`` in its metrics.json, see
-``Trainer.choose_final``), which also translated its test set; ``decode=NAME``,
+``FinalChoice.choose``), which also translated its test set; ``decode=NAME``,
 ``decode.beam_size`` or ``decode.length_penalty`` given on the command line still win.
 """
 
