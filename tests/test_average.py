@@ -67,3 +67,19 @@ def test_checkpoints_with_other_tokenizers_are_not_averaged(run, capsys):
     inputs = [str(run / "checkpoints" / name) for name in ("last.pt", "other.pt")]
     assert main([*inputs, "--out", str(run / "checkpoints" / "avg.pt")]) == 1
     assert "its tokenizer differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}"], "no such run directory or checkpoint file: {missing}"),
+        (["{here}", "--last", "0"], "--last must be at least 1, got 0"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, capsys, args, message):
+    """A missing input is named (it was reported as a missing --out); --last below 1 was
+    'no checkpoints to average'."""
+    fill = {"missing": str(tmp_path / "nope"), "here": str(tmp_path)}
+    with pytest.raises(SystemExit):
+        main([a.format(**fill) for a in args])
+    assert message.format(**fill) in capsys.readouterr().err

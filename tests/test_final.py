@@ -184,9 +184,16 @@ def test_bad_final_settings_fail_before_training(compose, small_overrides, overr
 
 
 def test_translating_an_unfinished_run_folder_is_one_clear_error(compose, tmp_path):
+    """The error suggests a checkpoint the folder holds, or says that it holds none."""
     (tmp_path / "checkpoints").mkdir()
     cfg = compose([f"ckpt={tmp_path}", "device=cpu"], name="translate")
-    with pytest.raises(CheckpointError, match="folder without metrics.json"):
+    with pytest.raises(CheckpointError, match="folder without metrics.json.*holds no checkpoint"):
+        translate(cfg, overrides=[])
+    (tmp_path / "checkpoints" / "step_00000004.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="e.g. ckpt=.*step_00000004.pt$"):
+        translate(cfg, overrides=[])
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="e.g. ckpt=.*best.pt$"):
         translate(cfg, overrides=[])
 
 

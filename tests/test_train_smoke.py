@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from transformer.data import DataError
 from transformer.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +142,8 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
 def test_a_folder_given_as_a_file_is_one_clear_line(tiny_ckpt, tmp_path):
     out = run_cli([str(ROOT / "translate.py"), f"ckpt={tiny_ckpt}", f"input={tmp_path}"], tmp_path)
     assert out.returncode == 1
-    assert f"Is a directory: '{tmp_path}'" in out.stderr and "Traceback" not in out.stderr
+    assert f"error: input={tmp_path}: Is a directory" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize(
@@ -151,6 +153,7 @@ def test_a_folder_given_as_a_file_is_one_clear_line(tiny_ckpt, tmp_path):
         ("output={tmp}/no_folder/out.txt", PermissionError, "no_folder/out.txt: cannot write"),
         ("output={tmp}", IsADirectoryError, "is a folder, not a file"),
         ("decode.beam_size=0", ValueError, "decode.beam_size must be an integer >= 1, got 0"),
+        ("ref={tmp}/nope.txt", DataError, "^ref=.*/nope.txt: No such file or directory$"),
     ],
 )
 def test_translate_refuses_before_loading_the_model(

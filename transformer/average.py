@@ -85,6 +85,11 @@ def main(argv=None) -> int:
     p.add_argument("--last", type=int, default=5, help="with a run directory: how many")
     p.add_argument("--out", type=Path, help="default: RUN_DIR/checkpoints/avg_last{N}.pt")
     args = p.parse_args(argv)
+    if args.last < 1:
+        p.error(f"--last must be at least 1, got {args.last}")
+    missing = [str(x) for x in args.inputs if not x.exists()]
+    if missing:
+        p.error(f"no such run directory or checkpoint file: {', '.join(missing)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if len(args.inputs) == 1 and args.inputs[0].is_dir():

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import checkpoint
 from .checkpoint import CheckpointError
-from .data import decode_lines
+from .data import DataError, decode_lines
 from .metrics import score_all
 from .settings import pick_device
 from .translator import decode_options, encode_sources, load_for_inference, translate_ids
@@ -34,9 +35,13 @@ from .translator import decode_options, encode_sources, load_for_inference, tran
 log = logging.getLogger(__name__)
 
 
-def read_input(path: str | None) -> list[str]:
-    """Lines of ``path`` (or stdin), undecodable bytes replaced with a warning."""
-    raw = Path(path).read_bytes() if path else sys.stdin.buffer.read()
+def read_input(path: str | None, key: str = "input") -> list[str]:
+    """Lines of ``path`` (or stdin), undecodable bytes replaced with a warning; ``key`` names
+    the setting in the error when the file cannot be read."""
+    try:
+        raw = Path(path).read_bytes() if path else sys.stdin.buffer.read()
+    except OSError as e:
+        raise DataError(f"{key}={path}: {e.strerror or e}") from e
     return decode_lines(raw, path or "stdin") if raw else []
 
 
@@ -60,9 +65,16 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
     penalty in ``decode`` unless ``overrides`` (the command line) set them."""
     metrics = run / "metrics.json"
     if not metrics.is_file():
+        ckpts = run / "checkpoints"
+        found = [ckpts / n for n in ("best.pt", "last.pt") if (ckpts / n).is_file()]
+        found += checkpoint.step_checkpoints(ckpts) if ckpts.is_dir() else []
+        hint = (
+            f"name a checkpoint file instead, e.g. ckpt={found[0]}"
+            if found
+            else f"and {ckpts} holds no checkpoint: is it a run folder?"
+        )
         raise CheckpointError(
-            f"ckpt={run} is a folder without metrics.json (the run has not finished): name a "
-            f"checkpoint file instead, e.g. ckpt={run / 'checkpoints' / 'last.pt'}"
+            f"ckpt={run} is a folder without metrics.json (the run has not finished); {hint}"
         )
     try:
         final = json.loads(metrics.read_text()).get("final")
@@ -104,7 +116,7 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
         )
     if not prompt:  # what would fail after the translating, and lose it, fails first
         lines = read_input(cfg.input)
-        refs = read_input(cfg.ref) if cfg.ref else None
+        refs = read_input(cfg.ref, "ref") if cfg.ref else None
         if refs is not None and len(refs) != len(lines):
             raise ValueError(
                 f"ref={cfg.ref} has {len(refs)} lines but input={cfg.input or '(stdin)'} has "
