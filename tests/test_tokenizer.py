@@ -1,3 +1,5 @@
+import pytest
+
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, copy_into, train_or_load
 
 TEXT = [
@@ -63,3 +65,14 @@ def test_copy_into_replaces_a_stale_copy(tmp_path):
     stale.write_bytes(b"an older model")
     assert copy_into(tok, tmp_path / "run", "tokenizer/spm.model") == stale
     assert stale.read_bytes() == tok.path.read_bytes()
+
+
+def test_sentencepiece_refusals_are_one_readable_line(tmp_path):
+    """SentencePiece's failed check ("INTERNAL: src/trainer_interface.cc(638) [...]") becomes
+    a ValueError with its reason and the size asked for."""
+    with pytest.raises(ValueError) as refused:
+        train_or_load(TEXT, tmp_path, vocab_size=5)
+    message = str(refused.value)
+    assert message.startswith("SentencePiece cannot train 5 pieces: Vocabulary size is smaller")
+    assert "trainer_interface" not in message
+    assert not list(tmp_path.glob("*.model"))

@@ -243,6 +243,13 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("trainer.optimizer.betas=[0.9]", r"trainer.optimizer \(torch.optim.AdamW\): list index"),
         ("trainer.optimizer._target_=torch.optim.Nope", "trainer.optimizer: torch.optim.Nope: "),
         ("seed=-1", "seed must be an integer >= 0, got -1"),
+        ("data.vocab_size=abc", "data.vocab_size must be an integer >= 5, got 'abc'"),
+        ("data.max_tokens=0", "data.max_tokens must be an integer >= 1, got 0"),
+        ("data.spm_input_sentence_size=0", "data.spm_input_sentence_size must be an integer >= 1"),
+        ("data.spm_model_type=bpee", "data.spm_model_type must be one of unigram, bpe, char, word"),
+        ("data.character_coverage=0.9", r"data.character_coverage must be a number in \[0.98, 1\]"),
+        ("data.joint_vocab=maybe", "data.joint_vocab must be true or false, got 'maybe'"),
+        ("data.langs=en", "data.langs must be a list of language codes, got 'en'"),
     ],
 )
 def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
@@ -265,6 +272,19 @@ def test_decode_settings_fail_before_the_data_is_read(compose, small_overrides, 
     with pytest.raises(ValueError, match="decode.nbest=5 exceeds decode.beam_size=2"):
         train(compose(small_overrides + final))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_vocabulary_size_the_corpus_cannot_fill(compose, small_overrides, tmp_path, caplog):
+    """Too few pieces for the corpus's characters is an error naming data.vocab_size; more
+    than its sample supports trains a smaller vocabulary, with a warning saying so."""
+    from transformer.run_data import prepare_data
+    from transformer.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="^data.vocab_size=5: SentencePiece cannot train 5"):
+        prepare_data(compose(small_overrides + ["data.vocab_size=5"]), tmp_path / "run")
+    tok = prepare_data(compose(small_overrides + ["data.vocab_size=50000"]), tmp_path / "run")[1]
+    assert len(tok) < 50000
+    assert f"joint.model has {len(tok)} pieces, fewer than data.vocab_size=50000" in caplog.text
 
 
 def test_separate_vocabularies_train_with_their_own_embeddings(compose, small_overrides, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .corpus_cache import encode_split, open_split, sample_sentences
+from .settings import TrainingError
 from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,26 @@ def prepare_data(cfg, run_dir: Path):
         tgt_tok = src_tok if d.joint_vocab else Tokenizer(paths["tgt"])
         log.info("resuming: the run's own tokenizer (%s)", ", ".join(sorted(set(names.values()))))
     else:
-        if d.joint_vocab:
-            src_tok = tgt_tok = train_or_load(
-                sample("src", "tgt"), key=f"{train_fp}|src+tgt", **spm_args
-            )
-        else:
-            src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
-            tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
+        try:
+            if d.joint_vocab:
+                src_tok = tgt_tok = train_or_load(
+                    sample("src", "tgt"), key=f"{train_fp}|src+tgt", **spm_args
+                )
+            else:
+                src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
+                tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
+        except ValueError as e:  # e.g. fewer pieces asked for than the corpus has characters
+            raise TrainingError(f"data.vocab_size={d.vocab_size}: {e}") from e
         for name, tok in {names["src"]: src_tok, names["tgt"]: tgt_tok}.items():
             copy_into(tok, run_dir, name)  # once for a joint model
+            if len(tok) < d.vocab_size:  # SentencePiece's hard_vocab_limit=false
+                log.warning(
+                    "%s has %d pieces, fewer than data.vocab_size=%d: its training sample "
+                    "supports no more",
+                    name,
+                    len(tok),
+                    d.vocab_size,
+                )
     tok_info = {}
     for side, p in paths.items():
         tok_info[side] = str(p.relative_to(run_dir))

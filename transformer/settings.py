@@ -93,23 +93,46 @@ def check_choices(t) -> None:
         raise TrainingError(f"trainer.fused_loss must be auto, true or false, got {t.fused_loss!r}")
 
 
+# data settings that count something, with their least value: SentencePiece needs room for
+# the 4 special pieces and one more; 0 sampled sentences would train it on none
+DATA_COUNTS = (("max_len", 1), ("max_tokens", 1), ("vocab_size", 5),
+               ("spm_input_sentence_size", 1), ("num_proc", 1))  # fmt: skip
+SPM_MODEL_TYPES = ("unigram", "bpe", "char", "word")
+
+
 def check_data_settings(cfg) -> None:
     """Data settings that would fail late or silently: one embedding for source and target
     needs one vocabulary (with two tokenizers of the same size, source piece N and target
-    piece N would share a row unnoticed), data.max_len keeps some pairs (0 would drop every
-    one, after encoding the whole corpus), and test_splits is a list of names."""
+    piece N would share a row unnoticed), the counts of ``DATA_COUNTS`` (data.max_len=0
+    would drop every pair, after encoding the whole corpus), the SentencePiece settings
+    (refused by SentencePiece only after the corpus is read, in its own words), and
+    test_splits and langs are lists of names."""
     if cfg.model.get("share_src_tgt_embeddings") and not cfg.data.joint_vocab:
         raise TrainingError(
             "model.share_src_tgt_embeddings=true needs data.joint_vocab=true: with separate "
             "vocabularies the same id names different pieces on each side; set "
             "model.share_src_tgt_embeddings=false (or data.joint_vocab=true)"
         )
-    max_len = cfg.data.max_len
-    if not is_count(max_len, 1):
-        raise TrainingError(f"data.max_len must be an integer >= 1, got {max_len!r}")
-    splits = cfg.data.test_splits
-    if not OmegaConf.is_list(splits) or not all(isinstance(x, str) for x in splits):
-        raise TrainingError(f"data.test_splits must be a list of split names, got {splits!r}")
+    d = cfg.data
+    for key, least in DATA_COUNTS:
+        if key in d and not is_count(d[key], least):
+            raise TrainingError(f"data.{key} must be an integer >= {least}, got {d[key]!r}")
+    if d.spm_model_type not in SPM_MODEL_TYPES:
+        raise TrainingError(
+            f"data.spm_model_type must be one of {', '.join(SPM_MODEL_TYPES)}, "
+            f"got {d.spm_model_type!r}"
+        )
+    coverage = d.character_coverage
+    if not (is_number(coverage) and 0.98 <= coverage <= 1):  # SentencePiece's own bounds
+        raise TrainingError(
+            f"data.character_coverage must be a number in [0.98, 1], got {coverage!r}"
+        )
+    if d.joint_vocab not in (True, False):
+        raise TrainingError(f"data.joint_vocab must be true or false, got {d.joint_vocab!r}")
+    for key, what in (("test_splits", "split names"), ("langs", "language codes")):
+        names = d.get(key, [])
+        if not OmegaConf.is_list(names) or not all(isinstance(x, str) for x in names):
+            raise TrainingError(f"data.{key} must be a list of {what}, got {names!r}")
 
 
 def check_final(t) -> None:

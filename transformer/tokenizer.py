@@ -19,6 +19,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPM_CHECK = re.compile(r"^[A-Z_]+: \S+\(\d+\) \[.*?\] ?")  # the location of its failed check
 LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # str.splitlines' set
 
 
@@ -100,22 +101,26 @@ def train_or_load(
 
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # the sentence sample is reproducible
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        hard_vocab_limit=False,  # tiny corpora (tests) may not support the full size
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            hard_vocab_limit=False,  # tiny corpora (tests) may not support the full size
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # "INTERNAL: src/trainer_interface.cc(638) [check] reason"
+        reason = SPM_CHECK.sub("", str(e).strip()) or str(e)
+        raise ValueError(f"SentencePiece cannot train {vocab_size} pieces: {reason}") from e
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, path)  # atomic: concurrent runs never read a half-written model
