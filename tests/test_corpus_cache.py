@@ -265,6 +265,31 @@ def test_encoded_cache_is_keyed_by_every_setting(tokenizers, tmp_path):
         loads.append(1)
 
 
+def test_evaluation_targets_are_truncated_for_the_validation_loss(tokenizers, tmp_path, caplog):
+    """The teacher-forced validation loss gets at most max_len target ids (a Transformer has
+    positions for no more); the text BLEU scores stays whole."""
+    from datasets import Dataset
+
+    src_tok, tgt_tok = tokenizers
+    pairs = {"src": ["ein hund"], "tgt": ["a dog runs two children play"]}
+    assert len(tgt_tok.encode(pairs["tgt"])[0]) > 2
+    valid = encode_split(
+        fingerprint="g",
+        load=lambda: Dataset.from_dict(pairs),
+        src_tok=src_tok,
+        tgt_tok=tgt_tok,
+        max_len=2,
+        filter_long=False,
+        name="v",
+        cache_dir=tmp_path / "c",
+    )
+    assert valid.tgt_lens.tolist() == [2]
+    assert valid.tgt_text == pairs["tgt"]
+    assert (
+        "v: 1 target sentence(s) longer than 2 tokens truncated for the validation" in caplog.text
+    )
+
+
 def test_encoding_counts_and_truncation(tokenizers, tmp_path, caplog):
     """Training drops a pair with one empty side (and names the count); evaluation keeps every
     line, truncating sources to exactly max_len and warning only of those over it."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import BOS, EOS, make, sources
 
-from transformer.search import Uncached, beam_search, greedy_search
+from transformer.search import Uncached, beam_search, greedy_search, sample_search
 from transformer.seq2seq import EncoderOut
 
 KINDS = ["transformer", "additive", "dot"]
@@ -51,6 +51,21 @@ def test_output_length_bounded(kind):
         assert len(h.tokens) <= 2  # 3 positions, the last one forced to EOS
     for hyps in beam_search(model, src, mask, BOS, EOS, beam_size=3, max_len_a=0.0, max_len_b=3):
         assert all(len(h.tokens) <= 2 for h in hyps)
+
+
+def test_the_transformers_outputs_stop_at_its_positions():
+    """A length limit beyond model.max_positions is capped there (EOS forced at the last
+    position), not an error in the middle of decoding."""
+    model = make("transformer")
+    model.max_target_len = 6  # as a model built with max_positions=6 (its table is longer)
+    src, mask = sources()
+    long = dict(max_len_a=0.0, max_len_b=50, min_len=100)  # no EOS before the limit
+    assert all(len(h.tokens) == 5 for h in greedy_search(model, src, mask, BOS, EOS, **long))
+    for hyps in beam_search(model, src, mask, BOS, EOS, beam_size=2, **long):
+        assert all(len(h.tokens) == 5 for h in hyps)
+    for hyps in sample_search(model, src, mask, BOS, EOS, nbest=2, **long):
+        assert all(len(h.tokens) == 5 for h in hyps)
+    assert Uncached(model).max_target_len == 6
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -250,6 +250,7 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("data.character_coverage=0.9", r"data.character_coverage must be a number in \[0.98, 1\]"),
         ("data.joint_vocab=maybe", "data.joint_vocab must be true or false, got 'maybe'"),
         ("data.langs=en", "data.langs must be a list of language codes, got 'en'"),
+        ("model.max_positions=128", "model.max_positions=128 is too small for data.max_len=128"),
     ],
 )
 def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
@@ -272,6 +273,14 @@ def test_decode_settings_fail_before_the_data_is_read(compose, small_overrides, 
     with pytest.raises(ValueError, match="decode.nbest=5 exceeds decode.beam_size=2"):
         train(compose(small_overrides + final))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_model_with_just_enough_positions_trains_and_translates(compose, small_overrides):
+    """max_positions = data.max_len + 1: validation targets longer than that (cut for the
+    loss) and output length limits beyond it (capped) both failed mid-run."""
+    tight = ["model.max_positions=13", "data.max_len=12", "trainer.max_steps=2"]
+    metrics = train(compose(small_overrides + tight + ["decode.max_len_b=40"]))
+    assert metrics["steps"] == 2 and metrics["test2016"]["bleu"] >= 0
 
 
 def test_a_vocabulary_size_the_corpus_cannot_fill(compose, small_overrides, tmp_path, caplog):

@@ -36,7 +36,7 @@ from .data import DataError, EncodedSplit, check_langs, find_file, iter_lines, l
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the cached layout or the encoding changes
+CACHE_VERSION = 3  # bump when the cached layout or the encoding changes
 RECORD_ROWS = 100_000  # rows per Arrow record batch of raw text
 
 
@@ -219,7 +219,9 @@ def encode_batch(
     batch, src_model: str, tgt_model: str, max_len: int, eval_split: bool, num_threads=None
 ):
     """Dataset.map function: stripped text -> ids. Evaluation splits keep their text, and
-    their sources are truncated to ``max_len`` (``src_long`` flags the ones that were).
+    their ids are truncated to ``max_len`` (``src_long`` and ``tgt_long`` flag the ones that
+    were): the sources as translation will, the targets for the validation loss (BLEU
+    scores the full text).
     ``num_threads``: SentencePiece's own threads (1 in map workers: the workers are the
     parallelism, and more threads than cores only thrash). A null in a Hub dataset is an
     empty side (a training pair with one is dropped and counted, as an empty line is)."""
@@ -229,8 +231,10 @@ def encode_batch(
     src_ids = _processor(src_model).encode(src_text, **encode)
     out = {"src_ids": src_ids, "tgt_ids": _processor(tgt_model).encode(tgt_text, **encode)}
     if eval_split:
-        out["src_long"] = [len(s) > max_len for s in src_ids]
-        out["src_ids"] = [s[:max_len] for s in src_ids]
+        for side in ("src", "tgt"):
+            ids = out[f"{side}_ids"]
+            out[f"{side}_long"] = [len(x) > max_len for x in ids]
+            out[f"{side}_ids"] = [x[:max_len] for x in ids]
         out["src_text"], out["tgt_text"] = src_text, tgt_text
     return out
 
@@ -247,13 +251,19 @@ def log_counts(name: str, counts: dict, max_len: int) -> None:
             counts["dropped"] - counts["empty"],
             max_len,
         )
-    elif counts["truncated"]:
-        log.warning(
-            "%s: %d source sentence(s) longer than %d tokens truncated",
-            name,
-            counts["truncated"],
-            max_len,
-        )
+    else:
+        for key, what in (("truncated", "source"), ("tgt_truncated", "target")):
+            if counts.get(key):
+                log.warning(
+                    "%s: %d %s sentence(s) longer than %d tokens truncated%s",
+                    name,
+                    counts[key],
+                    what,
+                    max_len,
+                    " for the validation loss (BLEU scores the whole text)"
+                    if what == "target"
+                    else "",
+                )
 
 
 def encode_split(
@@ -269,7 +279,7 @@ def encode_split(
     mapped_budget_mb: int = 256,
 ) -> EncodedSplit:
     """Tokenize a split, or map its cached encoding. Training splits drop empty and overlong
-    pairs (``filter_long``); evaluation splits keep every line and truncate overlong sources,
+    pairs (``filter_long``); evaluation splits keep every line and truncate overlong ids,
     so hypotheses stay line-aligned with references. Counts are logged either way.
     ``mapped_budget_mb``: how much of the mapped cache a training split keeps resident
     before its pages are released (``MappedPages``; 0 = never)."""
@@ -295,7 +305,8 @@ def encode_split(
         ids = List(Value("int32"))
         features = {"src_ids": ids, "tgt_ids": ids}
         if not filter_long:
-            features.update(src_long=Value("bool"), src_text=Value("string"))
+            features.update(src_long=Value("bool"), tgt_long=Value("bool"))
+            features["src_text"] = Value("string")
             features["tgt_text"] = Value("string")
         work = cache_dir / "encoded" / f"tmp-{key}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
@@ -337,8 +348,9 @@ def encode_split(
                     ds = ds.select(np.flatnonzero(keep))
                     src, tgt = src[keep], tgt[keep]
             else:
-                counts["truncated"] = int(np.asarray(ds.data.table["src_long"]).sum())
-                ds = ds.remove_columns("src_long")
+                for key, column in (("truncated", "src_long"), ("tgt_truncated", "tgt_long")):
+                    counts[key] = int(np.asarray(ds.data.table[column]).sum())
+                ds = ds.remove_columns(["src_long", "tgt_long"])
             ds.save_to_disk(str(work / "saved"))
             np.save(work / "saved" / "lengths.npy", np.stack([src, tgt]).astype(np.int32))
             (work / "saved" / "counts.json").write_text(json.dumps(counts))

@@ -2,8 +2,10 @@
 
 All of them use only the Seq2Seq contract (``encode``, ``init_state``, ``decode_step`` and the
 ``reorder`` of EncoderOut/DecoderState), never a model's type. Output length is bounded by
-``max_len_a * len(src) + max_len_b``; at that bound EOS is forced. Before ``min_len`` output
-tokens EOS is impossible (fairseq's ``--min-len``); the upper bound wins over ``min_len``.
+``max_len_a * len(src) + max_len_b``, and by the model's ``max_target_len`` (the
+Transformer's ``max_positions``) where it has one; at that bound EOS is forced. Before
+``min_len`` output tokens EOS is impossible (fairseq's ``--min-len``); the upper bound wins
+over ``min_len``.
 
 Beam search keeps ``beam_size`` live hypotheses per sentence; a hypothesis that ends in EOS
 is finalised with the GNMT length-normalised score log p(y|x) / lp(y),
@@ -42,9 +44,12 @@ class Hypothesis:
     score: float  # beam: length-normalised log-probability; greedy/sampling: plain sum
 
 
-def length_limits(src_mask: torch.Tensor, a: float, b: int) -> torch.Tensor:
-    """(B,) maximum output length (EOS included) per sentence: a * len(src) + b, at least 1."""
-    return (a * src_mask.sum(1).float() + b).long().clamp(min=1)
+def length_limits(model, src_mask: torch.Tensor, a: float, b: int) -> torch.Tensor:
+    """(B,) maximum output length (EOS included) per sentence: a * len(src) + b, at least 1,
+    and at most the ``max_target_len`` of the model (its decoder's positions), if it has one."""
+    limits = (a * src_mask.sum(1).float() + b).long().clamp(min=1)
+    cap = getattr(model, "max_target_len", None)
+    return limits if cap is None else limits.clamp(max=cap)
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -156,7 +161,7 @@ def greedy_search(
 ) -> list[Hypothesis]:
     """Pick the most probable token at every step, for a batch of sources (B, S)."""
     enc = model.encode(src, src_mask)
-    limits = length_limits(src_mask, max_len_a, max_len_b)
+    limits = length_limits(model, src_mask, max_len_a, max_len_b)
     return _one_path(model, enc, limits, bos_id, eos_id, min_len, lambda logp: logp.argmax(-1))
 
 
@@ -188,7 +193,7 @@ def sample_search(
     B = src.shape[0]
     expand = torch.arange(B, device=src.device).repeat_interleave(nbest)  # (B*n,) source row
     enc = model.encode(src, src_mask).reorder(expand)
-    limits = length_limits(src_mask, max_len_a, max_len_b)[expand]
+    limits = length_limits(model, src_mask, max_len_a, max_len_b)[expand]
     choose = sampler(temperature, top_k, top_p, generator)
     flat = _one_path(model, enc, limits, bos_id, eos_id, min_len, choose)
     groups = [flat[b * nbest : (b + 1) * nbest] for b in range(B)]
@@ -238,7 +243,7 @@ def beam_search(
     expand = torch.arange(B, device=dev).repeat_interleave(K)  # (B*K,) sentence of each beam
     enc = model.encode(src, src_mask).reorder(expand)
     state = model.init_state(enc)
-    limits = length_limits(src_mask, max_len_a, max_len_b)[expand]  # (B*K,)
+    limits = length_limits(model, src_mask, max_len_a, max_len_b)[expand]  # (B*K,)
     min_limit = int(limits.min())
     scores = torch.full((B, K), NEG_INF, device=dev)
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step has K distinct
@@ -290,6 +295,7 @@ class Uncached:
 
     def __init__(self, model):
         self.model = model
+        self.max_target_len = getattr(model, "max_target_len", None)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOut:
         return self.model.encode(src, src_mask)

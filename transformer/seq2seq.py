@@ -91,7 +91,13 @@ class DecoderState(Reorderable):
 
 
 class Seq2Seq(nn.Module):
-    """Base class: a model maps (src, src_mask, tgt_in) to next-token logits."""
+    """Base class: a model maps (src, src_mask, tgt_in) to next-token logits.
+
+    ``max_target_len``: the most target positions the decoder can take (a model with
+    learned or tabled positions has a limit), which also bounds an output's length, EOS
+    included; None: no limit. The searches cap their length limits with it."""
+
+    max_target_len: int | None = None
 
     def forward(self, src, src_mask, tgt_in):  # pragma: no cover - interface
         raise NotImplementedError

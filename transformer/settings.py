@@ -104,7 +104,8 @@ def check_data_settings(cfg) -> None:
     """Data settings that would fail late or silently: one embedding for source and target
     needs one vocabulary (with two tokenizers of the same size, source piece N and target
     piece N would share a row unnoticed), the counts of ``DATA_COUNTS`` (data.max_len=0
-    would drop every pair, after encoding the whole corpus), the SentencePiece settings
+    would drop every pair, after encoding the whole corpus), positions for data.max_len
+    tokens in the Transformer (a longer batch would fail mid-run), the SentencePiece settings
     (refused by SentencePiece only after the corpus is read, in its own words), and
     test_splits and langs are lists of names."""
     if cfg.model.get("share_src_tgt_embeddings") and not cfg.data.joint_vocab:
@@ -117,6 +118,13 @@ def check_data_settings(cfg) -> None:
     for key, least in DATA_COUNTS:
         if key in d and not is_count(d[key], least):
             raise TrainingError(f"data.{key} must be an integer >= {least}, got {d[key]!r}")
+    positions = cfg.model.get("max_positions")
+    if is_count(positions, 1) and positions < d.max_len + 1:  # else the model names it
+        raise TrainingError(
+            f"model.max_positions={positions} is too small for data.max_len={d.max_len}: a "
+            f"training pair takes up to {d.max_len + 1} positions (the source's EOS, the "
+            "target's BOS)"
+        )
     if d.spm_model_type not in SPM_MODEL_TYPES:
         raise TrainingError(
             f"data.spm_model_type must be one of {', '.join(SPM_MODEL_TYPES)}, "

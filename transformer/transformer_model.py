@@ -112,6 +112,7 @@ class Transformer(Seq2Seq):
             else ScaledEmbedding(src_vocab_size, d_model, padding_idx=pad_id)
         )
         self.positions = SinusoidalPositions(d_model, max_positions)
+        self.max_target_len = max_positions  # output step t takes position t
         self.embed_dropout = Dropout(dropout)
         self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(n_enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(n_dec_layers))
