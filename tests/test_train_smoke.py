@@ -251,6 +251,8 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("data.joint_vocab=maybe", "data.joint_vocab must be true or false, got 'maybe'"),
         ("data.langs=en", "data.langs must be a list of language codes, got 'en'"),
         ("model.max_positions=128", "model.max_positions=128 is too small for data.max_len=128"),
+        ("data.valid_split=train", "data.valid_split names the training split 'train'"),
+        ("data.test_splits=[test2016,train]", "data.test_splits names the training split"),
     ],
 )
 def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(

@@ -106,8 +106,9 @@ def check_data_settings(cfg) -> None:
     piece N would share a row unnoticed), the counts of ``DATA_COUNTS`` (data.max_len=0
     would drop every pair, after encoding the whole corpus), positions for data.max_len
     tokens in the Transformer (a longer batch would fail mid-run), the SentencePiece settings
-    (refused by SentencePiece only after the corpus is read, in its own words), and
-    test_splits and langs are lists of names."""
+    (refused by SentencePiece only after the corpus is read, in its own words),
+    test_splits and langs are lists of names, and no evaluation split is the training
+    split (it would be encoded once, as training pairs, and fail at the first evaluation)."""
     if cfg.model.get("share_src_tgt_embeddings") and not cfg.data.joint_vocab:
         raise TrainingError(
             "model.share_src_tgt_embeddings=true needs data.joint_vocab=true: with separate "
@@ -141,6 +142,12 @@ def check_data_settings(cfg) -> None:
         names = d.get(key, [])
         if not OmegaConf.is_list(names) or not all(isinstance(x, str) for x in names):
             raise TrainingError(f"data.{key} must be a list of {what}, got {names!r}")
+    for key, names in (("valid_split", [d.valid_split]), ("test_splits", d.test_splits)):
+        if d.train_split in names:  # encoded once, as training pairs: filtered, no text
+            raise TrainingError(
+                f"data.{key} names the training split {d.train_split!r}: evaluate on a "
+                "held-out split"
+            )
 
 
 def check_final(t) -> None:
