@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from transformer.data import DataError
-from transformer.trainer import Trainer, train
+from transformer.trainer import Trainer, TrainingError, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,6 +154,8 @@ def test_a_folder_given_as_a_file_is_one_clear_line(tiny_ckpt, tmp_path):
         ("output={tmp}", IsADirectoryError, "is a folder, not a file"),
         ("decode.beam_size=0", ValueError, "decode.beam_size must be an integer >= 1, got 0"),
         ("ref={tmp}/nope.txt", DataError, "^ref=.*/nope.txt: No such file or directory$"),
+        ("attention_plot={tmp}/src2.txt/pics", DataError, "attention_plot=.*: Not a directory"),
+        ("device=tpu", TrainingError, "device=tpu: not a device torch knows"),
     ],
 )
 def test_translate_refuses_before_loading_the_model(
@@ -258,7 +260,6 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
 def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
     compose, small_overrides, tmp_path, override, message
 ):
-    from transformer.trainer import TrainingError
 
     with pytest.raises(TrainingError, match=message):
         train(compose(small_overrides + [override]))
@@ -289,7 +290,6 @@ def test_a_vocabulary_size_the_corpus_cannot_fill(compose, small_overrides, tmp_
     """Too few pieces for the corpus's characters is an error naming data.vocab_size; more
     than its sample supports trains a smaller vocabulary, with a warning saying so."""
     from transformer.run_data import prepare_data
-    from transformer.trainer import TrainingError
 
     with pytest.raises(TrainingError, match="^data.vocab_size=5: SentencePiece cannot train 5"):
         prepare_data(compose(small_overrides + ["data.vocab_size=5"]), tmp_path / "run")
@@ -311,7 +311,6 @@ def test_separate_vocabularies_train_with_their_own_embeddings(compose, small_ov
 def test_a_fresh_start_refuses_another_runs_checkpoints_and_drops_stale_log_rows(
     compose, small_overrides, tmp_path, logged_steps
 ):
-    from transformer.trainer import TrainingError
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)

@@ -38,7 +38,12 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"device={name} requested but CUDA is not available")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise TrainingError(
+            f"device={name}: not a device torch knows (auto, cpu, cuda, cuda:N)"
+        ) from e
     if device.type == "cuda" and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device

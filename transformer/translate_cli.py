@@ -128,6 +128,11 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
                 raise IsADirectoryError(f"output={cfg.output} is a folder, not a file")
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise PermissionError(f"output={cfg.output}: cannot write into {folder}")
+    if cfg.attention_plot:
+        try:
+            Path(cfg.attention_plot).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"attention_plot={cfg.attention_plot}: {e.strerror or e}") from e
     decode_options(cfg.decode)  # a bad setting fails before the model is loaded
     model, src_tok, tgt_tok, train_cfg = load_for_inference(ckpt, device)
     max_len = train_cfg["data"]["max_len"]
