@@ -49,7 +49,11 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, m
 
 @pytest.mark.parametrize(
     "spec,message",
-    [("nope", "no conf/decode/nope.yaml"), ("beam:beam_size", "'beam_size' is not KEY=VALUE")],
+    [
+        ("nope", "no conf/decode/nope.yaml"),
+        ("beam:beam_size", "'beam_size' is not KEY=VALUE"),
+        ("beam:beamsize=3", r"no key 'beamsize' \(keys: beam_size, length_penalty, "),
+    ],
 )
 def test_bad_decode_setting_is_named(spec, message):
     with pytest.raises(ValueError, match=message):

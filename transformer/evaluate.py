@@ -46,9 +46,13 @@ def decode_setting(spec: str):
     if not (CONF / "decode" / f"{name}.yaml").is_file():
         options = sorted(p.stem for p in (CONF / "decode").glob("*.yaml"))
         raise ValueError(f"--decode {spec}: no conf/decode/{name}.yaml (options: {options})")
-    overrides = ["ckpt=none", f"decode={name}", *(f"decode.{p}" for p in pairs)]
+    overrides = ["ckpt=none", f"decode={name}"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("translate", overrides=overrides)
+        keys = list(compose("translate", overrides=overrides).decode)
+        unknown = [k for k in (p.split("=", 1)[0] for p in pairs) if k not in keys]
+        if unknown:
+            raise ValueError(f"--decode {spec}: no key {unknown[0]!r} (keys: {', '.join(keys)})")
+        cfg = compose("translate", overrides=overrides + [f"decode.{p}" for p in pairs])
     tag = ".".join([name, *pairs])
     return tag, cfg.decode
 
