@@ -240,6 +240,8 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("data.max_len=0", "data.max_len must be an integer >= 1, got 0"),
         ("trainer.fused_loss=maybe", "trainer.fused_loss must be auto, true or false"),
         ("trainer.cpu_malloc_reuse=2", "trainer.cpu_malloc_reuse must be true or false"),
+        ("trainer.compile=maybe", "trainer.compile must be true or false, got 'maybe'"),
+        ("trainer.resume=no", "trainer.resume must be true or false, got 'no'"),
         ("trainer.compile_mode=fast", "trainer.compile_mode must be one of default, "),
         ("trainer.optimizer.lr=-1", r"trainer.optimizer \(torch.optim.AdamW\): Invalid learning"),
         ("trainer.optimizer.betas=[0.9]", r"trainer.optimizer \(torch.optim.AdamW\): list index"),

@@ -91,9 +91,10 @@ def check_choices(t) -> None:
         raise TrainingError(
             f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}"
         )
-    reuse = t.get("cpu_malloc_reuse", True)
-    if reuse not in (True, False):
-        raise TrainingError(f"trainer.cpu_malloc_reuse must be true or false, got {reuse!r}")
+    for key in ("cpu_malloc_reuse", "compile", "resume", "progress_bar"):
+        value = t.get(key, True)  # a string such as "no" would count as true
+        if value not in (True, False):
+            raise TrainingError(f"trainer.{key} must be true or false, got {value!r}")
     if t.fused_loss not in ("auto", True, False):
         raise TrainingError(f"trainer.fused_loss must be auto, true or false, got {t.fused_loss!r}")
 
