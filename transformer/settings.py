@@ -34,6 +34,7 @@ class TrainingError(RuntimeError):
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     """``auto`` = cuda when available, else cpu. Under torchrun (``local_rank`` given) a
     CUDA device is always ``cuda:LOCAL_RANK``: one GPU per process."""
+    name = str(name)  # device=1 on the command line is an int
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
