@@ -81,6 +81,7 @@ def test_bad_model_args_are_clear_errors():
         (dict(dropout=1.0), r"model.dropout must be a number in \[0, 1\), got 1.0"),
         (dict(attn_dropout=-0.1), r"model.attn_dropout must be a number in \[0, 1\)"),
         (dict(act_dropout="0.1"), r"model.act_dropout must be a number in \[0, 1\), got '0.1'"),
+        (dict(tie_embeddings="no"), "model.tie_embeddings must be true or false, got 'no'"),
     ],
 )
 def test_sizes_and_dropouts_out_of_range_name_their_key(kwargs, message):

@@ -129,6 +129,9 @@ def test_train_mode_backward_and_tying():
         ({"dec_layers": 0}, "dec_layers"),
         ({"dropout": 1.0}, "dropout"),
         ({"pad_id": TGT_V}, "pad_id"),
+        ({"hidden_size": 12.5}, "model.hidden_size must be an integer >= 1, got 12.5"),
+        ({"emb_dim": "8"}, "model.emb_dim must be an integer >= 1, got '8'"),
+        ({"tie_embeddings": "maybe"}, "model.tie_embeddings must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_args_raise(kwargs, match):

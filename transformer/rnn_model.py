@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .dropout import Dropout
-from .seq2seq import DecoderState, EncoderOut, Seq2Seq
+from .seq2seq import DecoderState, EncoderOut, Seq2Seq, check_model_settings
 
 ATTENTIONS = ("additive", "dot", "general")
 
@@ -93,32 +93,23 @@ class BahdanauRNN(Seq2Seq):
         share_src_tgt_embeddings: bool = False,
     ):
         super().__init__()
-        sizes = {
-            "src_vocab_size": src_vocab_size,
-            "tgt_vocab_size": tgt_vocab_size,
-            "emb_dim": emb_dim,
-            "hidden_size": hidden_size,
-            "enc_layers": enc_layers,
-            "dec_layers": dec_layers,
-        }
-        for name, value in sizes.items():
-            if value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value}")
+        sizes = dict(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
+                     emb_dim=emb_dim, hidden_size=hidden_size, enc_layers=enc_layers,
+                     dec_layers=dec_layers)  # fmt: skip
+        check_model_settings(
+            sizes,
+            dict(dropout=dropout),
+            dict(tie_embeddings=tie_embeddings, share_src_tgt_embeddings=share_src_tgt_embeddings),
+            share_src_tgt_embeddings,
+            (src_vocab_size, tgt_vocab_size),
+        )
         if not 0 <= pad_id < min(src_vocab_size, tgt_vocab_size):
             raise ValueError(
                 f"pad_id={pad_id} is outside the vocabularies "
                 f"(source {src_vocab_size}, target {tgt_vocab_size} entries)"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
         if attention not in ATTENTIONS:
             raise ValueError(f"model.attention must be one of {ATTENTIONS}, got {attention!r}")
-        if share_src_tgt_embeddings and src_vocab_size != tgt_vocab_size:
-            raise ValueError(
-                "model.share_src_tgt_embeddings=true needs a joint vocabulary "
-                f"(source {src_vocab_size} vs target {tgt_vocab_size} entries); "
-                "set data.joint_vocab=true or model.share_src_tgt_embeddings=false"
-            )
         self.pad_id = pad_id
         self.emb_dim = emb_dim
         self.hidden_size = hidden_size

@@ -90,6 +90,37 @@ class DecoderState(Reorderable):
     step: int = 0
 
 
+def check_model_settings(
+    sizes: dict,
+    dropouts: dict,
+    flags: dict,
+    share_embeddings: bool,
+    vocab_sizes: tuple[int, int],
+    may_be_zero: tuple[str, ...] = (),
+) -> None:
+    """The checks both models make of their settings, each failure a ValueError naming its
+    ``model.`` key: ``sizes`` are integers >= 1 (>= 0 for the names in ``may_be_zero``),
+    ``dropouts`` numbers in [0, 1), ``flags`` true or false (a string would count as true),
+    and one embedding for both sides needs equal vocabulary sizes."""
+    for name, value in sizes.items():
+        least = 0 if name in may_be_zero else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"model.{name} must be an integer >= {least}, got {value!r}")
+    for name, p in dropouts.items():
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+            raise ValueError(f"model.{name} must be a number in [0, 1), got {p!r}")
+    for name, value in flags.items():
+        if value not in (True, False):
+            raise ValueError(f"model.{name} must be true or false, got {value!r}")
+    src_vocab_size, tgt_vocab_size = vocab_sizes
+    if share_embeddings and src_vocab_size != tgt_vocab_size:
+        raise ValueError(
+            "model.share_src_tgt_embeddings=true needs a joint vocabulary "
+            f"(source {src_vocab_size} vs target {tgt_vocab_size} entries); "
+            "set data.joint_vocab=true or model.share_src_tgt_embeddings=false"
+        )
+
+
 class Seq2Seq(nn.Module):
     """Base class: a model maps (src, src_mask, tgt_in) to next-token logits.
 

@@ -28,7 +28,7 @@ from .attention import (
 )
 from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer, ScaledEmbedding, SinusoidalPositions
-from .seq2seq import DecoderState, EncoderOut, Seq2Seq
+from .seq2seq import DecoderState, EncoderOut, Seq2Seq, check_model_settings
 
 
 class Unbatched:
@@ -78,22 +78,16 @@ class Transformer(Seq2Seq):
         sizes = dict(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size,
                      d_model=d_model, n_heads=n_heads, d_ff=d_ff, n_dec_layers=n_dec_layers,
                      max_positions=max_positions, n_enc_layers=n_enc_layers)  # fmt: skip
-        for name, value in sizes.items():
-            least = 0 if name == "n_enc_layers" else 1  # no encoder layer: attend to embeddings
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"model.{name} must be an integer >= {least}, got {value!r}")
-        for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout),
-                        ("act_dropout", act_dropout)):  # fmt: skip
-            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-                raise ValueError(f"model.{name} must be a number in [0, 1), got {p!r}")
+        check_model_settings(
+            sizes,
+            dict(dropout=dropout, attn_dropout=attn_dropout, act_dropout=act_dropout),
+            dict(tie_embeddings=tie_embeddings, share_src_tgt_embeddings=share_src_tgt_embeddings),
+            share_src_tgt_embeddings,
+            (src_vocab_size, tgt_vocab_size),
+            may_be_zero=("n_enc_layers",),  # no encoder layer: attend to the embeddings
+        )
         if norm not in ("pre", "post"):
             raise ValueError(f"model.norm must be 'pre' or 'post', got {norm!r}")
-        if share_src_tgt_embeddings and src_vocab_size != tgt_vocab_size:
-            raise ValueError(
-                "model.share_src_tgt_embeddings=true needs a joint vocabulary "
-                f"(source {src_vocab_size} vs target {tgt_vocab_size} entries); "
-                "set data.joint_vocab=true or model.share_src_tgt_embeddings=false"
-            )
         self.pad_id = pad_id
         self.d_model = d_model
         self.n_heads = n_heads
