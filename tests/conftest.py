@@ -59,12 +59,12 @@ def compose():
     return _compose
 
 
-@pytest.fixture()
-def small_overrides(corpus_root, tmp_path):
-    """Overrides for a tiny, fast run on the small corpus under tmp_path."""
+def tiny_run(corpus_root: Path, where: Path) -> list[str]:
+    """Overrides for a tiny, fast run (d32, one layer each side, trainer=debug) on the small
+    corpus, with its cache and run folder under ``where``."""
     return [
         f"data.data_dir={corpus_root}",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.cache_dir={where / 'cache'}",
         "data.vocab_size=300",
         "trainer=debug",
         "model.d_model=32",
@@ -72,9 +72,15 @@ def small_overrides(corpus_root, tmp_path):
         "model.d_ff=64",
         "model.n_enc_layers=1",
         "model.n_dec_layers=1",
-        f"run_dir={tmp_path / 'run'}",
+        f"run_dir={where / 'run'}",
         "device=cpu",
     ]
+
+
+@pytest.fixture()
+def small_overrides(corpus_root, tmp_path):
+    """Overrides for a tiny, fast run on the small corpus under tmp_path."""
+    return tiny_run(corpus_root, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -85,20 +91,7 @@ def tiny_ckpt(corpus_root, tmp_path_factory) -> Path:
     from transformer.trainer import train
 
     tmp = tmp_path_factory.mktemp("tiny")
-    overrides = [
-        f"data.data_dir={corpus_root}",
-        f"data.cache_dir={tmp / 'cache'}",
-        "data.vocab_size=300",
-        "data.max_len=24",  # so that long inputs get truncated
-        "trainer=debug",
-        "model.d_model=32",
-        "model.n_heads=2",
-        "model.d_ff=64",
-        "model.n_enc_layers=1",
-        "model.n_dec_layers=1",
-        f"run_dir={tmp / 'run'}",
-        "device=cpu",
-    ]
+    overrides = [*tiny_run(corpus_root, tmp), "data.max_len=24"]  # long inputs get truncated
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         train(compose("train", overrides=overrides))
     return tmp / "run" / "checkpoints" / "best.pt"
