@@ -1,6 +1,7 @@
 """End to end on a few hundred Multi30k pairs: train, resume, translate, bad input."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -280,12 +281,19 @@ def test_decode_settings_fail_before_the_data_is_read(compose, small_overrides, 
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_model_with_just_enough_positions_trains_and_translates(compose, small_overrides):
+def test_a_model_with_just_enough_positions_trains_and_translates(
+    compose, small_overrides, tmp_path, corpus_root, read_csv
+):
     """max_positions = data.max_len + 1: validation targets longer than that (cut for the
     loss) and output length limits beyond it (capped) both failed mid-run."""
-    tight = ["model.max_positions=13", "data.max_len=12", "trainer.max_steps=2"]
+    tight = ["model.max_positions=13", "data.max_len=12", "trainer.max_steps=3"]
     metrics = train(compose(small_overrides + tight + ["decode.max_len_b=40"]))
-    assert metrics["steps"] == 2 and metrics["test2016"]["bleu"] >= 0
+    assert metrics["steps"] == 3
+    [(loss, bleu)] = read_csv(tmp_path / "run" / "valid_log.csv", "valid_loss", "valid_bleu")
+    assert math.isfinite(float(loss)) and bleu != ""  # validation loss and BLEU both ran
+    hyps = (tmp_path / "run" / "test2016.hyp").read_text("utf-8").splitlines()
+    sources = (corpus_root / "multi30k" / "test2016.de").read_text("utf-8").splitlines()
+    assert len(hyps) == len(sources)
 
 
 def test_a_vocabulary_size_the_corpus_cannot_fill(compose, small_overrides, tmp_path, caplog):
