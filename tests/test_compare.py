@@ -58,3 +58,10 @@ def test_a_damaged_run_folder_is_a_clear_error(tmp_path, capsys):
     (fake / "valid_log.csv").write_text("step,train_seconds,valid_bleu\n5,six,30\n")
     assert main([str(fake)]) == 1
     assert "b/valid_log.csv line 2: no number" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    run = fake_run(tmp_path / "a", 30.5)
+    (tmp_path / "file").write_text("")
+    assert main([str(run), "--out", str(tmp_path / "file" / "cmp")]) == 1
+    assert capsys.readouterr().err == f"error: --out {tmp_path}/file/cmp: Not a directory\n"

@@ -65,6 +65,22 @@ def test_unknown_decode_key_is_one_line(tiny_ckpt, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
+def test_what_would_fail_after_decoding_fails_first(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """A bad later --decode, an --out that cannot be made, or an unknown --device: before the
+    first decoding (which a large split would lose), not after it."""
+    from transformer import evaluate as module
+
+    monkeypatch.setattr(module, "translate_ids", lambda *a, **k: pytest.fail("decoded"))
+    out = tmp_path / "out"
+    assert main([str(tiny_ckpt), "--decode", "greedy", "beam:nope=1", "--out", str(out)]) == 1
+    assert "no key 'nope'" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "file").write_text("")
+    assert main([str(tiny_ckpt), "--decode", "greedy", "--out", str(tmp_path / "file" / "x")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path}/file/x: Not a directory")
+    assert main([str(tiny_ckpt), "--device", "tpu", "--out", str(out)]) == 1
+    assert "not a device torch knows" in capsys.readouterr().err
+
+
 def test_data_dir_names_the_corpus_to_score(tiny_ckpt, corpus_root, tmp_path):
     """--data-dir replaces the folder the run was trained from."""
     other = tmp_path / "other" / "multi30k"

@@ -126,15 +126,19 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     md = table(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.md").write_text(
-        "# Run comparison\n\nRuns: "
-        + ", ".join(f"`{p}`" for p in args.runs)
-        + "\n\n"
-        + md
-        + "\n![validation BLEU against training time](valid_bleu.png)\n"
-    )
-    plot(runs, args.out / "valid_bleu.png")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare.md").write_text(
+            "# Run comparison\n\nRuns: "
+            + ", ".join(f"`{p}`" for p in args.runs)
+            + "\n\n"
+            + md
+            + "\n![validation BLEU against training time](valid_bleu.png)\n"
+        )
+        plot(runs, args.out / "valid_bleu.png")
+    except OSError as e:
+        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(md)
     return 0
 

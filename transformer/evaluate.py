@@ -57,8 +57,9 @@ def decode_setting(spec: str):
     return tag, cfg.decode
 
 
-def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list[dict]:
-    """Decode ``split`` with each setting in ``specs``; write hypotheses; rows of scores."""
+def evaluate(ckpt, name, split, settings, out: Path, device, data_dir=None) -> list[dict]:
+    """Decode ``split`` with each (tag, decode config) of ``settings`` (``decode_setting``);
+    write hypotheses; rows of scores."""
     saved = checkpoint.load(ckpt)
     model, src_tok, tgt_tok, cfg = from_checkpoint(saved, Path(ckpt), device)
     step = saved.get("progress", {}).get("step")
@@ -71,8 +72,7 @@ def evaluate(ckpt, name, split, specs, out: Path, device, data_dir=None) -> list
     sources, scorer = list(ds["src"]), Scorer(list(ds["tgt"]))
     ids = encode_sources(sources, src_tok, data_cfg.max_len)
     rows = []
-    for spec in specs:
-        tag, decode_cfg = decode_setting(spec)
+    for tag, decode_cfg in settings:
         start = time.perf_counter()
         nbest = translate_ids(model, ids, tgt_tok, decode_cfg, device)
         if device.type == "cuda":
@@ -156,11 +156,17 @@ def main(argv=None) -> int:
     names = args.names or default_names(args.ckpts)
     if len(names) != len(args.ckpts) or len(set(names)) != len(names):
         p.error("--names needs one distinct label per checkpoint")
-    device = pick_device(args.device)
     rows = []
     try:
+        device = pick_device(args.device)
+        # what would fail after some decoding (a later --decode, an unwritable --out) fails first
+        settings = [decode_setting(spec) for spec in args.decode]
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {args.out}: {e.strerror or e}") from e
         for ckpt, name in zip(args.ckpts, names):
-            rows += evaluate(ckpt, name, args.split, args.decode, args.out, device, args.data_dir)
+            rows += evaluate(ckpt, name, args.split, settings, args.out, device, args.data_dir)
     except (*EXPECTED, HydraException) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
