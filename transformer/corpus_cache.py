@@ -305,9 +305,8 @@ def encode_split(
         ids = List(Value("int32"))
         features = {"src_ids": ids, "tgt_ids": ids}
         if not filter_long:
-            features.update(src_long=Value("bool"), tgt_long=Value("bool"))
-            features["src_text"] = Value("string")
-            features["tgt_text"] = Value("string")
+            flag, text = Value("bool"), Value("string")
+            features.update(src_long=flag, tgt_long=flag, src_text=text, tgt_text=text)
         work = cache_dir / "encoded" / f"tmp-{key}-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)

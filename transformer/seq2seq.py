@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .values import is_count, is_number
+
 
 def _reorder(value, idx: torch.Tensor):
     """index_select dim 0 of a tensor, recursing into lists/tuples/dicts; other values pass."""
@@ -104,10 +106,10 @@ def check_model_settings(
     and one embedding for both sides needs equal vocabulary sizes."""
     for name, value in sizes.items():
         least = 0 if name in may_be_zero else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        if not is_count(value, least):
             raise ValueError(f"model.{name} must be an integer >= {least}, got {value!r}")
     for name, p in dropouts.items():
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+        if not (is_number(p) and 0.0 <= p < 1.0):
             raise ValueError(f"model.{name} must be a number in [0, 1), got {p!r}")
     for name, value in flags.items():
         if value not in (True, False):

@@ -14,17 +14,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from .values import is_count, is_number
+
 log = logging.getLogger(__name__)
-
-
-def is_count(value, least: int) -> bool:
-    """An integer of at least ``least``, and not a bool (YAML's true is an int to Python)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def is_number(value) -> bool:
-    """An int or a float, and not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class TrainingError(RuntimeError):

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint
 from .data import plan_batches
 from .search import Hypothesis, beam_search, greedy_search, sample_search
-from .settings import is_count, is_number
 from .tokenizer import Tokenizer, file_sha256
+from .values import is_count, is_number
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,13 @@
+"""Type checks of configured values, shared by the run's settings checks (settings.py), the
+decode options (translator.py) and the models (seq2seq.py). No Hydra import, so that the
+models can use them too."""
+
+
+def is_count(value, least: int) -> bool:
+    """An integer of at least ``least``, and not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_number(value) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
