@@ -37,6 +37,14 @@ def test_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "out" / "valid_bleu.png").stat().st_size > 1000
 
 
+def test_without_out_it_writes_under_the_ignored_outputs_folder(tmp_path, monkeypatch, capsys):
+    run = fake_run(tmp_path / "a", 30.5)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(run)]) == 0
+    assert (tmp_path / "outputs" / "compare" / "compare.md").is_file()
+    assert not (tmp_path / "results").exists()
+
+
 def test_missing_or_incomplete_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "half").mkdir()
     assert main([str(tmp_path / "half")]) == 1

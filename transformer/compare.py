@@ -1,11 +1,12 @@
 """Side-by-side comparison of finished training runs.
 
-    python -m transformer.compare RUN_A RUN_B ... --out results/compare
+    python -m transformer.compare RUN_A RUN_B ... [--out DIR]
 
 Reads each run directory's ``metrics.json`` and ``valid_log.csv``; prints a
 Markdown table (BLEU and chrF per test split, parameters, training time, training tokens/s,
 decoding sentences/s, best validation step) and writes it to ``OUT/compare.md`` together with
-``OUT/valid_bleu.png``: validation BLEU against training time for every run.
+``OUT/valid_bleu.png``: validation BLEU against training time for every run. OUT defaults to
+``outputs/compare`` (git ignores ``outputs/``, so a bare run never overwrites committed results).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def plot(runs: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run directories")
-    ap.add_argument("--out", type=Path, default=Path("results/compare"))
+    ap.add_argument("--out", type=Path, default=Path("outputs/compare"))
     args = ap.parse_args(argv)
     try:
         runs = [load_run(p) for p in args.runs]

@@ -8,6 +8,7 @@ overrides, composed by Hydra exactly as ``translate.py decode=NAME decode.KEY=VA
 For each checkpoint and setting, the best translation of every line of ``--split`` goes to
 ``OUT/NAME/SPLIT.SETTING.hyp``; ``OUT/results.json`` and ``OUT/README.md`` hold cased BLEU,
 chrF and lowercased BLEU with their sacreBLEU signatures, decoding time and the command.
+OUT defaults to ``outputs/evaluate`` (ignored by git; pass ``--out results/...`` to keep them).
 Use it on ``valid`` to pick a beam size or length penalty, then report ``test2016`` once.
 """
 
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode", nargs="+", default=["greedy", "beam"])
     p.add_argument("--data-dir", help="folder holding the corpus (default: the training one)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=Path("results/decode/evaluate"))
+    p.add_argument("--out", type=Path, default=Path("outputs/evaluate"))
     args = p.parse_args(argv)
     names = args.names or default_names(args.ckpts)
     if len(names) != len(args.ckpts) or len(set(names)) != len(names):
