@@ -136,29 +136,32 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     the trainer does it; ``precision``: bf16 (autocast), fp32, or bf16-weights (the
     forward and backward on a bf16 copy, the update on the fp32 model's flat buffer:
     ``trainer.precision=bf16-weights``, transformer/precision.py; our models only);
-    ``compile``: None (eager) or a torch.compile mode, the forward and loss through
-    torch.compile(dynamic=True, mode=...) as with ``trainer.compile=true`` and
-    ``trainer.compile_mode``; ``fused_loss``: the output projection fused into the loss
-    (``trainer.fused_loss``; our models only)."""
+    ``compile``: None (eager) or a torch.compile mode, the model and (apart from it) the
+    unfused loss through torch.compile(dynamic=True, mode=...) as with
+    ``trainer.compile=true`` and ``trainer.compile_mode`` (the fused loss runs eagerly);
+    ``fused_loss``: the output projection fused into the loss (``trainer.fused_loss``; our
+    models only)."""
     params = list(model.parameters())  # listed once, as the trainer does
     mixed = Bf16Weights(model) if precision == "bf16-weights" else None
     # as the trainer: fused AdamW, with bf16-weights over the flat fp32 buffer
     opt = torch.optim.AdamW(
         mixed.params_for(torch.optim.AdamW) if mixed else params, lr=1e-4, fused=True
     )
-    net = (mixed.compute if mixed else model).train()
+    plain = (mixed.compute if mixed else model).train()
     dtype = torch.bfloat16 if precision == "bf16" else None
+    net, token_loss = plain, sequence_loss
+    if compile:  # as the trainer: the model, and apart from it the unfused loss
+        net = torch.compile(plain, dynamic=True, mode=compile)
+        token_loss = torch.compile(sequence_loss, dynamic=True, mode=compile)
 
     def loss_of(src, src_mask, tgt_in, tgt_out):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if fused_loss:
                 features = net(src, src_mask, tgt_in, project=False)
-                return projected_loss(features, net.out_proj, tgt_out, pad, 0.1)
+                return projected_loss(features, plain.out_proj, tgt_out, pad, 0.1)
             logits = net(src, src_mask, tgt_in)
-        return sequence_loss(logits, tgt_out, pad, 0.1)
+            return token_loss(logits, tgt_out, pad, 0.1)
 
-    if compile:
-        loss_of = torch.compile(loss_of, dynamic=True, mode=compile)
     graphs = compile in CUDA_GRAPH_MODES and device.type == "cuda"
 
     def step(b):
@@ -362,9 +365,10 @@ def main() -> None:
         "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask; (`--bf16-weights`) "
         "ours/bf16-weights = `trainer.precision=bf16-weights` (the forward and backward on "
         "a bf16 copy without autocast, fused AdamW on the fp32 model; transformer/precision.py)",
-        "- modes: +compile = forward and loss through torch.compile(dynamic=True"
+        "- modes: +compile = the model and, apart from it, the unfused loss through "
+        "torch.compile(dynamic=True"
         + ("" if args.compile_mode == "default" else f", mode={args.compile_mode!r}")
-        + "); "
+        + "), as `trainer.compile=true` (the fused loss runs eagerly); "
         "/sdpa=X = only the SDPA kernels X (and math, the fallback) allowed, for both models "
         "(`trainer.sdpa_backends`); ours is compared with Marian in the same mode",
         "- host memory: "

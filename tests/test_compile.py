@@ -6,19 +6,24 @@ import csv
 
 import pytest
 import torch
+from tiny_models import PAD, V, sources
 
 from transformer import checkpoint
+from transformer.loss import projected_loss, sequence_loss
 from transformer.settings import COMPILE_MODES
 from transformer.trainer import Trainer, TrainingError, train
+from transformer.transformer_model import Transformer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16-weights"])
+# fused_loss=false: the loss over the logits is compiled too (auto: fused on the CPU, eager)
+@pytest.mark.parametrize("precision, fused", [("fp32", "false"), ("bf16-weights", "auto")])
 def test_compiled_training_matches_eager_and_saves_the_plain_module(
-    compose, small_overrides, tmp_path, precision
+    compose, small_overrides, tmp_path, precision, fused
 ):
     no_dropout = [
         f"trainer.precision={precision}",  # bf16-weights: the bf16 copy is compiled
+        f"trainer.fused_loss={fused}",
         "trainer.max_steps=3",
         "trainer.eval_every=3",
         "trainer.log_every=1",
@@ -56,6 +61,32 @@ def test_compiled_training_matches_eager_and_saves_the_plain_module(
         apart = sum(int(((compiled[k] - eager[k]).abs() > 1e-3).sum()) for k in eager)
         total = sum(v.numel() for v in eager.values())
         assert apart <= 0.01 * total, (apart, total)  # measured: 188 of 50,304 (0.4%)
+
+
+def test_the_training_forward_and_the_loss_trace_without_graph_breaks():
+    """What trainer.compile compiles is whole: the training forward (with the CPU's dropout,
+    whose in-place ``random_`` broke the graph at every dropout, and each break inside a
+    Sublayer recompiled it per lambda) and the unfused loss are one graph each. The fused
+    loss is not traced at all: its real-token rows have a data-dependent count, and tracing
+    it recompiled at every new count (Dynamo only traces, nothing compiles: fast)."""
+    torch.manual_seed(0)
+    drop = dict(dropout=0.1, attn_dropout=0.1, act_dropout=0.1)
+    model = Transformer(V, V, PAD, 32, 4, 64, 1, 2, **drop).train()
+    src, mask = sources()
+    tgt_in, tgt_out = src[:, :5], src[:, 1:6]
+    forward = torch._dynamo.explain(model)(src, mask, tgt_in, project=False)
+    assert (forward.graph_count, forward.graph_break_count) == (1, 0), forward.break_reasons
+    logits = model(src, mask, tgt_in)
+    loss = torch._dynamo.explain(sequence_loss)(logits, tgt_out, PAD, 0.1)
+    assert (loss.graph_count, loss.graph_break_count) == (1, 0), loss.break_reasons
+    features = model(src, mask, tgt_in, project=False)
+
+    def halved(h):  # the fused loss inside a traced function: only the halving is traced
+        return projected_loss(h, model.out_proj, tgt_out, PAD, 0.1) / 2
+
+    fused = torch._dynamo.explain(halved)(features)
+    traced = [n.target for g in fused.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert len(traced) == 1, traced
 
 
 def test_unknown_compile_mode_names_the_key(compose, small_overrides, tmp_path):

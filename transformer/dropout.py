@@ -16,7 +16,8 @@ training step with torch's own mask).
 
 The draws come from torch's default CPU generator, so ``torch.manual_seed`` and the saved RNG
 state of a checkpoint reproduce the masks. Elsewhere (CUDA) the fused kernel of ``F.dropout`` is
-used.
+used, and so it is inside torch.compile (``trainer.compile``), where the in-place ``random_``
+would split the graph at every dropout and inductor draws the mask inside its fused kernels.
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Zero each element with probability ``p`` and scale the rest by 1 / (1 - ``p``)."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or round(p * _LEVELS) >= _LEVELS or not RAND_MASK_ON_CPU:
+    if (
+        x.device.type != "cpu"
+        or round(p * _LEVELS) >= _LEVELS
+        or not RAND_MASK_ON_CPU
+        or torch.compiler.is_compiling()  # see the module docstring
+    ):
         return F.dropout(x, p, training=True)
     return x * keep_mask(x, p)
 

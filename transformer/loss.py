@@ -91,6 +91,9 @@ class _ProjectedCrossEntropy(torch.autograd.Function):
         return *scaled, None, None, None, None
 
 
+# Under torch.compile it runs eagerly, as one call: the real-token rows are a data-dependent
+# shape and the chunk loop is Python, so tracing into it recompiled for every new token count.
+@torch.compiler.disable
 def projected_loss(
     hidden: torch.Tensor,
     out_proj: nn.Linear,

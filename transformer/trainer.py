@@ -216,6 +216,12 @@ class Trainer:
         self.fused_loss = self.t.fused_loss is True or (
             self.t.fused_loss == "auto" and self.device.type == "cpu"
         )
+        # Compiled, the loss over the logits fuses its log-softmax and smoothing into a few
+        # kernels (a separate graph: under torchrun it stays outside the DDP module). The
+        # fused loss always runs eagerly (loss.py).
+        self.sequence_loss = sequence_loss
+        if self.t.compile and not self.fused_loss:
+            self.sequence_loss = torch.compile(sequence_loss, dynamic=True, mode=self.compile_mode)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         # Training position; restored by resume.
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -595,7 +601,7 @@ class Trainer:
         ls = self.t.label_smoothing
         with self.autocast(training=True):
             if not self.fused_loss:
-                return sequence_loss(
+                return self.sequence_loss(
                     self.train_model(b.src, b.src_mask, b.tgt_in), b.tgt_out, self.pad_id, ls
                 )
             features = self.train_model(b.src, b.src_mask, b.tgt_in, project=False)
