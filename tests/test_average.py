@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import CONF, tiny_run
 
 from transformer import checkpoint
 from transformer.average import average, main
@@ -9,11 +10,17 @@ from transformer.trainer import train
 from transformer.translator import load_for_inference
 
 
-@pytest.fixture()
-def run(compose, small_overrides, tmp_path):
-    """A 9-step run with step checkpoints at 3, 6 and 9."""
-    train(compose(small_overrides + ["trainer.max_steps=9", "trainer.keep_checkpoints=3"]))
-    return tmp_path / "run"
+@pytest.fixture(scope="module")
+def run(corpus_root, tmp_path_factory):
+    """A 9-step run with step checkpoints at 3, 6 and 9, trained once for this module (the
+    tests add averaged or altered copies beside them, never another step checkpoint)."""
+    from hydra import compose, initialize_config_dir
+
+    where = tmp_path_factory.mktemp("average")
+    overrides = [*tiny_run(corpus_root, where), "trainer.max_steps=9", "trainer.keep_checkpoints=3"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        train(compose("train", overrides=overrides))
+    return where / "run"
 
 
 def test_average_of_the_last_three_is_their_mean_and_translates(run):
@@ -52,6 +59,7 @@ def test_too_few_checkpoints_or_another_model_is_one_clear_line(
     assert "holds 3 step checkpoint(s), fewer than --last 5" in capsys.readouterr().err
     other = tmp_path / "other"
     train(compose(small_overrides + ["model.d_model=64", f"run_dir={other}"]))
+    capsys.readouterr()  # its own cache: the encoding's progress bars
     mixed = [str(run / "checkpoints" / "last.pt"), str(other / "checkpoints" / "last.pt")]
     assert main([*mixed, "--out", str(run / "checkpoints" / "mixed.pt")]) == 1
     err = capsys.readouterr().err
