@@ -83,18 +83,25 @@ def small_overrides(corpus_root, tmp_path):
     return tiny_run(corpus_root, tmp_path)
 
 
-@pytest.fixture(scope="session")
-def tiny_ckpt(corpus_root, tmp_path_factory) -> Path:
-    """best.pt of a 6-step d32 Transformer trained once per session (data.max_len=24)."""
+def train_tiny(corpus_root: Path, where: Path, *extra: str) -> Path:
+    """Train a ``tiny_run`` under ``where`` with the ``extra`` overrides, outside any
+    function-scoped fixture (for fixtures that train once per module or session); returns
+    its run folder."""
     from hydra import compose, initialize_config_dir
 
     from transformer.trainer import train
 
-    tmp = tmp_path_factory.mktemp("tiny")
-    overrides = [*tiny_run(corpus_root, tmp), "data.max_len=24"]  # long inputs get truncated
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        train(compose("train", overrides=overrides))
-    return tmp / "run" / "checkpoints" / "best.pt"
+        train(compose("train", overrides=[*tiny_run(corpus_root, where), *extra]))
+    return where / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(corpus_root, tmp_path_factory) -> Path:
+    """best.pt of a 6-step d32 Transformer trained once per session (data.max_len=24)."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    run = train_tiny(corpus_root, tmp, "data.max_len=24")  # long inputs get truncated
+    return run / "checkpoints" / "best.pt"
 
 
 @pytest.fixture()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CONF, tiny_run
+from conftest import train_tiny
 
 from transformer import checkpoint
 from transformer.average import average, main
@@ -14,13 +14,8 @@ from transformer.translator import load_for_inference
 def run(corpus_root, tmp_path_factory):
     """A 9-step run with step checkpoints at 3, 6 and 9, trained once for this module (the
     tests add averaged or altered copies beside them, never another step checkpoint)."""
-    from hydra import compose, initialize_config_dir
-
     where = tmp_path_factory.mktemp("average")
-    overrides = [*tiny_run(corpus_root, where), "trainer.max_steps=9", "trainer.keep_checkpoints=3"]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        train(compose("train", overrides=overrides))
-    return where / "run"
+    return train_tiny(corpus_root, where, "trainer.max_steps=9", "trainer.keep_checkpoints=3")
 
 
 def test_average_of_the_last_three_is_their_mean_and_translates(run):
