@@ -229,9 +229,15 @@ class Timing:
         on_dev = [b.to(device) for b in batches]
         self.timed = on_dev[warmup : warmup + steps]
         # Warm up on every timed batch shape too: the first use of a shape loads and picks
-        # kernels (hundreds of ms on a GPU), which is start-up cost, not throughput.
-        for b in on_dev[:warmup] + self.timed:
+        # kernels (hundreds of ms on a GPU), which is start-up cost, not throughput. The
+        # first step is timed on its own: compiling, or eager start-up, is what it adds.
+        t0 = time.perf_counter()
+        for i, b in enumerate(on_dev[:warmup] + self.timed):
             self.step(b)
+            if i == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.first_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -259,6 +265,7 @@ class Timing:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
             "seconds": sum(self.times),
             "faults": self.faults / len(self.times),
+            "first_s": self.first_s,
             "batches": self.timed,
         }
 
@@ -380,13 +387,15 @@ def main() -> None:
             + ("`trainer.cpu_malloc_reuse=false`)" if device.type == "cpu" else "as the trainer)")
         )
         + "; page faults = minor page faults of the process per timed step",
+        "- first step s = the wall time of a model's first training step: compiling it "
+        "(+compile rows), or loading and picking kernels (eager), before any timed step",
         f"- MFU peak: {peak / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
         if peak
         else "- MFU: no peak figure for this device",
         "",
         "| config | max tokens | model | tgt tok/s | step ms (median) | peak GiB | "
-        "page faults | MFU | ours / Marian (same mode) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "page faults | first step s | MFU | ours / Marian (same mode) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cname in args.configs.split(","):
         mcfg = CONFIGS[cname]
@@ -510,9 +519,10 @@ def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: 
         base = results.get(r["ratio_to"])
         ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        first = f"{r['first_s']:.1f}" if "first_s" in r else "-"
         rows.append(
             f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | "
-            f"{r['peak_gib']:.2f} | {r['faults']:,.0f} | {mfu} | {ratio} |"
+            f"{r['peak_gib']:.2f} | {r['faults']:,.0f} | {first} | {mfu} | {ratio} |"
         )
     return rows
 
