@@ -369,7 +369,10 @@ def main() -> None:
         "CPU dropout masks from 15-bit slices of 64-bit random draws (transformer/dropout.py)",
         "- ablations, each compared with plain Marian (`--ablate`): ours/unfused-loss "
         "(ours/fused-loss where it is off) = the other setting of `trainer.fused_loss`; "
-        "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask; (`--bf16-weights`) "
+        "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask (compiled: "
+        "`F.dropout` traced, its mask drawn inside inductor's kernels, instead of our mask "
+        "as an operator the compiler calls; compared with Marian in the same mode); "
+        "(`--bf16-weights`) "
         "ours/bf16-weights = `trainer.precision=bf16-weights` (the forward and backward on "
         "a bf16 copy without autocast, fused AdamW on the fp32 model; transformer/precision.py)",
         "- modes: +compile = the model and, apart from it, the unfused loss through "
@@ -426,6 +429,9 @@ def main() -> None:
                 if args.bf16_weights:  # after the pair: a time limit cuts it first
                     bf16w = {**opt, "precision": "bf16-weights", "compare_to": "marian" + mode}
                     models["ours/bf16-weights" + mode] = (ours, bf16w)
+                if args.ablate and device.type == "cpu":  # F.dropout traced, as before
+                    no_rand = {**opt, "rand_mask": False, "compare_to": "marian" + mode}
+                    models["ours/bernoulli-dropout" + mode] = (ours, no_rand)
             # ablations: ours with one thing changed, compared with plain (eager) Marian
             if args.ablate:
                 models[f"ours/{'unfused' if fused else 'fused'}-loss"] = (

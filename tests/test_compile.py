@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import PAD, V, sources
 
-from transformer import checkpoint
+from transformer import checkpoint, dropout
 from transformer.loss import projected_loss, sequence_loss
 from transformer.settings import COMPILE_MODES
 from transformer.trainer import Trainer, TrainingError, train
@@ -63,19 +63,39 @@ def test_compiled_training_matches_eager_and_saves_the_plain_module(
         assert apart <= 0.01 * total, (apart, total)  # measured: 188 of 50,304 (0.4%)
 
 
-def test_the_training_forward_and_the_loss_trace_without_graph_breaks():
+def count_mask_draws(monkeypatch) -> list:
+    """The shapes of the CPU dropout masks drawn from now on (eager, or compiled code calling
+    the mt_dropout::keep_mask operator), in the order drawn."""
+    draws, draw = [], dropout.keep_mask
+    monkeypatch.setattr(dropout, "keep_mask", lambda x, p: draws.append(x.shape) or draw(x, p))
+    return draws
+
+
+def test_the_training_forward_and_the_loss_trace_without_graph_breaks(monkeypatch):
     """What trainer.compile compiles is whole: the training forward (with the CPU's dropout,
     whose in-place ``random_`` broke the graph at every dropout, and each break inside a
-    Sublayer recompiled it per lambda) and the unfused loss are one graph each. The fused
-    loss is not traced at all: its real-token rows have a data-dependent count, and tracing
-    it recompiled at every new count (Dynamo only traces, nothing compiles: fast)."""
+    Sublayer recompiled it per lambda) and the unfused loss are one graph each. The graph
+    calls the CPU mask as an operator, once per dropout, instead of tracing ``F.dropout``
+    (inductor's per-element random numbers: 40% slower steps). The fused loss is not traced
+    at all: its real-token rows have a data-dependent count, and tracing it recompiled at
+    every new count (Dynamo only traces, nothing compiles: fast)."""
     torch.manual_seed(0)
     drop = dict(dropout=0.1, attn_dropout=0.1, act_dropout=0.1)
     model = Transformer(V, V, PAD, 32, 4, 64, 1, 2, **drop).train()
     src, mask = sources()
     tgt_in, tgt_out = src[:, :5], src[:, 1:6]
+    draws = count_mask_draws(monkeypatch)
+    model(src, mask, tgt_in, project=False)
+    assert len(draws) == 13  # embeddings 2, sublayers 2 + 2 x 3, FFN activations 1 + 2
     forward = torch._dynamo.explain(model)(src, mask, tgt_in, project=False)
     assert (forward.graph_count, forward.graph_break_count) == (1, 0), forward.break_reasons
+    called = [
+        str(n.target)
+        for g in forward.graphs
+        for n in g.graph.nodes
+        if n.op == "call_function" and ("drop" in str(n.target) or "rand" in str(n.target))
+    ]
+    assert called == ["mt_dropout.keep_mask"] * 13, called
     logits = model(src, mask, tgt_in)
     loss = torch._dynamo.explain(sequence_loss)(logits, tgt_out, PAD, 0.1)
     assert (loss.graph_count, loss.graph_break_count) == (1, 0), loss.break_reasons
@@ -87,6 +107,30 @@ def test_the_training_forward_and_the_loss_trace_without_graph_breaks():
     fused = torch._dynamo.explain(halved)(features)
     traced = [n.target for g in fused.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert len(traced) == 1, traced
+
+
+@pytest.mark.slow
+def test_compiled_training_draws_each_cpu_dropout_mask_once(monkeypatch):
+    """Compiled (inductor), a training step draws as many CPU masks, of the same shapes, as
+    an eager step: the backward reuses the forward's masks (a compiler that recomputed the
+    mask operator in the backward would drop other elements than the forward did)."""
+    torch._dynamo.reset()  # after another test's compiles, tracing failed inside torch
+    torch.manual_seed(0)
+    drop = dict(dropout=0.3, attn_dropout=0.0, act_dropout=0.1)
+    model = Transformer(V, V, PAD, 32, 4, 64, 1, 2, **drop).train()
+    src, mask = sources()
+    tgt_in, tgt_out = src[:, :5], src[:, 1:6]
+    draws = count_mask_draws(monkeypatch)
+
+    def step(net):
+        sequence_loss(net(src, mask, tgt_in), tgt_out, PAD, 0.1).backward()
+        shapes = sorted(tuple(s) for s in draws)
+        draws.clear()
+        return shapes
+
+    eager = step(model)
+    assert len(eager) == 13
+    assert step(torch.compile(model, dynamic=True)) == eager
 
 
 def test_unknown_compile_mode_names_the_key(compose, small_overrides, tmp_path):
