@@ -71,19 +71,25 @@ def count_mask_draws(monkeypatch) -> list:
     return draws
 
 
+def model_with_dropout():
+    """A 1+2-layer Transformer in training mode with every dropout on, and a batch for it
+    (source, source mask, target input, target output)."""
+    torch.manual_seed(0)
+    drop = dict(dropout=0.1, attn_dropout=0.1, act_dropout=0.1)
+    model = Transformer(V, V, PAD, 32, 4, 64, 1, 2, **drop).train()
+    src, mask = sources()
+    return model, (src, mask, src[:, :5], src[:, 1:6])
+
+
 def test_the_training_forward_and_the_loss_trace_without_graph_breaks(monkeypatch):
     """What trainer.compile compiles is whole: the training forward (with the CPU's dropout,
     whose in-place ``random_`` broke the graph at every dropout, and each break inside a
     Sublayer recompiled it per lambda) and the unfused loss are one graph each. The graph
     calls the CPU mask as an operator, once per dropout, instead of tracing ``F.dropout``
-    (inductor's per-element random numbers: 40% slower steps). The fused loss is not traced
+    (inductor's per-element random numbers: 44% longer steps). The fused loss is not traced
     at all: its real-token rows have a data-dependent count, and tracing it recompiled at
     every new count (Dynamo only traces, nothing compiles: fast)."""
-    torch.manual_seed(0)
-    drop = dict(dropout=0.1, attn_dropout=0.1, act_dropout=0.1)
-    model = Transformer(V, V, PAD, 32, 4, 64, 1, 2, **drop).train()
-    src, mask = sources()
-    tgt_in, tgt_out = src[:, :5], src[:, 1:6]
+    model, (src, mask, tgt_in, tgt_out) = model_with_dropout()
     draws = count_mask_draws(monkeypatch)
     model(src, mask, tgt_in, project=False)
     assert len(draws) == 13  # embeddings 2, sublayers 2 + 2 x 3, FFN activations 1 + 2
@@ -115,11 +121,7 @@ def test_compiled_training_draws_each_cpu_dropout_mask_once(monkeypatch):
     an eager step: the backward reuses the forward's masks (a compiler that recomputed the
     mask operator in the backward would drop other elements than the forward did)."""
     torch._dynamo.reset()  # after another test's compiles, tracing failed inside torch
-    torch.manual_seed(0)
-    drop = dict(dropout=0.3, attn_dropout=0.0, act_dropout=0.1)
-    model = Transformer(V, V, PAD, 32, 4, 64, 1, 2, **drop).train()
-    src, mask = sources()
-    tgt_in, tgt_out = src[:, :5], src[:, 1:6]
+    model, (src, mask, tgt_in, tgt_out) = model_with_dropout()
     draws = count_mask_draws(monkeypatch)
 
     def step(net):
