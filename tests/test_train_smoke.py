@@ -244,6 +244,8 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("trainer.compile=maybe", "trainer.compile must be true or false, got 'maybe'"),
         ("trainer.resume=no", "trainer.resume must be true or false, got 'no'"),
         ("trainer.compile_mode=fast", "trainer.compile_mode must be one of default, "),
+        ("trainer.dist_backend=ncl", "trainer.dist_backend must be one of auto, gloo, nccl"),
+        ("trainer.dist_timeout_minutes=0", "trainer.dist_timeout_minutes must be a number > 0"),
         ("trainer.optimizer.lr=-1", r"trainer.optimizer \(torch.optim.AdamW\): Invalid learning"),
         ("trainer.optimizer.betas=[0.9]", r"trainer.optimizer \(torch.optim.AdamW\): list index"),
         ("trainer.optimizer._target_=torch.optim.Nope", "trainer.optimizer: torch.optim.Nope: "),
@@ -267,6 +269,19 @@ def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
     with pytest.raises(TrainingError, match=message):
         train(compose(small_overrides + [override]))
     assert not (tmp_path / "cache").exists()  # refused before reading the corpus
+
+
+def test_torchrun_settings_fail_before_the_process_group_is_joined(
+    compose, small_overrides, monkeypatch
+):
+    """Under torchrun a misspelt backend failed inside torch's init_process_group."""
+    from transformer import distributed
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "init", lambda *a: pytest.fail("joined the group first"))
+    with pytest.raises(TrainingError, match="trainer.dist_backend must be one of auto, "):
+        train(compose(small_overrides + ["trainer.dist_backend=ncl"]))
 
 
 def test_decode_settings_fail_before_the_data_is_read(compose, small_overrides, tmp_path):

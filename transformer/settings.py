@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -90,6 +91,20 @@ def check_choices(t) -> None:
             raise TrainingError(f"trainer.{key} must be true or false, got {value!r}")
     if t.fused_loss not in ("auto", True, False):
         raise TrainingError(f"trainer.fused_loss must be auto, true or false, got {t.fused_loss!r}")
+
+
+def check_distributed(t) -> None:
+    """The torchrun settings, checked before the process group is joined (a misspelt
+    backend failed inside torch's init_process_group) and in a one-process run too, where
+    they are not used: a trial run on one device finds them before a multi-GPU launch."""
+    backends = ("auto", *(b for b in dist.Backend.backend_list if b != "undefined"))
+    if t.dist_backend not in backends:
+        raise TrainingError(
+            f"trainer.dist_backend must be one of {', '.join(backends)}, got {t.dist_backend!r}"
+        )
+    timeout = t.dist_timeout_minutes
+    if not (is_number(timeout) and timeout > 0):
+        raise TrainingError(f"trainer.dist_timeout_minutes must be a number > 0, got {timeout!r}")
 
 
 # data settings that count something, with their least value: SentencePiece needs room for

@@ -43,6 +43,7 @@ from .settings import (
     TrainingError,
     check_choices,
     check_data_settings,
+    check_distributed,
     check_final,
     check_optimizer,
     check_schedule,
@@ -947,6 +948,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def train(cfg) -> dict:
     """Train per ``cfg`` into ``cfg.run_dir``; returns the final metrics dict. Under
     torchrun, every process calls this; it joins and finally leaves the process group."""
+    check_distributed(cfg.trainer)
     ctx = distributed.from_env()
     device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
     ctx = distributed.init(ctx, cfg.trainer.dist_backend, device, cfg.trainer.dist_timeout_minutes)
