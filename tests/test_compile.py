@@ -115,6 +115,15 @@ def test_the_training_forward_and_the_loss_trace_without_graph_breaks(monkeypatc
     assert len(traced) == 1, traced
 
 
+def test_the_mask_operator_passes_torchs_operator_checks():
+    """torch.library.opcheck: schema, autograd registration, the tracing stand-in against the
+    real mask (shape, dtype, strides: a transposed input once had its strides where the real
+    mask is contiguous), and tracing through AOTAutograd with dynamic shapes."""
+    inputs = (torch.randn(4, 6), torch.randn(4, 6).t(), torch.randn(2, 3, 5).bfloat16())
+    for x in inputs:
+        torch.library.opcheck(torch.ops.mt_dropout.keep_mask.default, (x, 0.3))
+
+
 @pytest.mark.slow
 def test_compiled_training_draws_each_cpu_dropout_mask_once(monkeypatch):
     """Compiled (inductor), a training step draws as many CPU masks, of the same shapes, as

@@ -52,11 +52,12 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return (bits >= drop_levels).to(x.dtype).mul_(_LEVELS / (_LEVELS - drop_levels))
 
 
-# keep_mask as an operator that torch.compile calls as it is (see the module docstring)
+# keep_mask as an operator that torch.compile calls as it is (see the module docstring); its
+# stand-in for tracing gives the real mask's layout (contiguous, whatever the strides of x)
 _LIB = torch.library.Library("mt_dropout", "DEF")
 _LIB.define("keep_mask(Tensor x, float p) -> Tensor", tags=(torch.Tag.nondeterministic_seeded,))
 _LIB.impl("keep_mask", lambda x, p: keep_mask(x, p), "CPU")
-torch.library.register_fake("mt_dropout::keep_mask", lambda x, p: torch.empty_like(x), lib=_LIB)
+torch.library.register_fake("mt_dropout::keep_mask", lambda x, p: x.new_empty(x.shape), lib=_LIB)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
