@@ -231,13 +231,14 @@ class Timing:
         # Warm up on every timed batch shape too: the first use of a shape loads and picks
         # kernels (hundreds of ms on a GPU), which is start-up cost, not throughput. The
         # first step is timed on its own: compiling, or eager start-up, is what it adds.
+        first, *rest = on_dev[:warmup] + self.timed
         t0 = time.perf_counter()
-        for i, b in enumerate(on_dev[:warmup] + self.timed):
+        self.step(first)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        self.first_s = time.perf_counter() - t0
+        for b in rest:
             self.step(b)
-            if i == 0:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                self.first_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
