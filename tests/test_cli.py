@@ -40,3 +40,17 @@ def test_a_bug_keeps_its_traceback_and_ctrl_c_is_status_130(capsys):
     with pytest.raises(SystemExit) as stop:
         fails_with(KeyboardInterrupt())()
     assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_entry_points_start_without_importing_the_compiler():
+    """torch._dynamo takes 1.5 s to import; a decorator on the fused loss once imported it
+    with the trainer, before train.py could check its config (loss.eager_under_compile)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, transformer.trainer, transformer.translate_cli;"
+        "print('torch._dynamo' in sys.modules, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["False", "True"], out.stderr
