@@ -271,6 +271,25 @@ def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
     assert not (tmp_path / "cache").exists()  # refused before reading the corpus
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.n_heads=3", "model.d_model=32 is not divisible by model.n_heads=3"),
+        ("model.dropout=1.2", r"model.dropout must be a number in \[0, 1\), got 1.2"),
+        ("+model.foo=1", "got an unexpected keyword argument 'foo'"),
+        ("model.attention.cross=local", "model.attention.cross='local' must be one of"),
+    ],
+)
+def test_model_settings_fail_before_the_data_is_read(
+    compose, small_overrides, tmp_path, override, message
+):
+    """The model refused them only when built, after a fresh run had trained its tokenizer
+    and encoded the corpus (13 s of Multi30k)."""
+    with pytest.raises(ValueError, match=message):
+        train(compose(small_overrides + [override]))
+    assert not (tmp_path / "cache").exists()
+
+
 def test_torchrun_settings_fail_before_the_process_group_is_joined(
     compose, small_overrides, monkeypatch
 ):
