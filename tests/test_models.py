@@ -82,6 +82,7 @@ def test_bad_model_args_are_clear_errors():
         (dict(attn_dropout=-0.1), r"model.attn_dropout must be a number in \[0, 1\)"),
         (dict(act_dropout="0.1"), r"model.act_dropout must be a number in \[0, 1\), got '0.1'"),
         (dict(tie_embeddings="no"), "model.tie_embeddings must be true or false, got 'no'"),
+        (dict(tie_embeddings=1), "model.tie_embeddings must be true or false, got 1"),
     ],
 )
 def test_sizes_and_dropouts_out_of_range_name_their_key(kwargs, message):

@@ -243,6 +243,8 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("trainer.cpu_malloc_reuse=2", "trainer.cpu_malloc_reuse must be true or false"),
         ("trainer.compile=maybe", "trainer.compile must be true or false, got 'maybe'"),
         ("trainer.resume=no", "trainer.resume must be true or false, got 'no'"),
+        ("trainer.resume=1", "trainer.resume must be true or false, got 1"),
+        ("trainer.fused_loss=0", "trainer.fused_loss must be auto, true or false, got 0"),
         ("trainer.compile_mode=fast", "trainer.compile_mode must be one of default, "),
         ("trainer.dist_backend=ncl", "trainer.dist_backend must be one of auto, gloo, nccl"),
         ("trainer.dist_timeout_minutes=0", "trainer.dist_timeout_minutes must be a number > 0"),

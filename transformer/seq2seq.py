@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .values import is_count, is_number
+from .values import is_count, is_flag, is_number
 
 
 def _reorder(value, idx: torch.Tensor):
@@ -112,7 +112,7 @@ def check_model_settings(
         if not (is_number(p) and 0.0 <= p < 1.0):
             raise ValueError(f"model.{name} must be a number in [0, 1), got {p!r}")
     for name, value in flags.items():
-        if value not in (True, False):
+        if not is_flag(value):
             raise ValueError(f"model.{name} must be true or false, got {value!r}")
     src_vocab_size, tgt_vocab_size = vocab_sizes
     if share_embeddings and src_vocab_size != tgt_vocab_size:

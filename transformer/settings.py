@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .values import is_count, is_number
+from .values import is_count, is_flag, is_number
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ def check_choices(t) -> None:
         )
     for key in ("cpu_malloc_reuse", "compile", "resume", "progress_bar"):
         value = t.get(key, True)  # a string such as "no" would count as true
-        if value not in (True, False):
+        if not is_flag(value):
             raise TrainingError(f"trainer.{key} must be true or false, got {value!r}")
-    if t.fused_loss not in ("auto", True, False):
+    if t.fused_loss != "auto" and not is_flag(t.fused_loss):
         raise TrainingError(f"trainer.fused_loss must be auto, true or false, got {t.fused_loss!r}")
 
 
@@ -150,7 +150,7 @@ def check_data_settings(cfg) -> None:
         raise TrainingError(
             f"data.character_coverage must be a number in [0.98, 1], got {coverage!r}"
         )
-    if d.joint_vocab not in (True, False):
+    if not is_flag(d.joint_vocab):
         raise TrainingError(f"data.joint_vocab must be true or false, got {d.joint_vocab!r}")
     for key, what in (("test_splits", "split names"), ("langs", "language codes")):
         names = d.get(key, [])

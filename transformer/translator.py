@@ -25,7 +25,7 @@ from . import checkpoint
 from .data import plan_batches
 from .search import Hypothesis, beam_search, greedy_search, sample_search
 from .tokenizer import Tokenizer, file_sha256
-from .values import is_count, is_number
+from .values import is_count, is_flag, is_number
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def check_decode(opts) -> None:
         value = opts[key]
         if not (is_number(value) and ok(value)):
             raise ValueError(f"decode.{key} must be {allowed}, got {value!r}")
-    if not isinstance(opts.sample, bool):
+    if not is_flag(opts.sample):
         raise ValueError(f"decode.sample must be true or false, got {opts.sample!r}")
     if opts.sample and opts.beam_size > 1:
         raise ValueError(

@@ -8,6 +8,12 @@ def is_count(value, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def is_flag(value) -> bool:
+    """True or false, and not 1 or 0 (which ``value in (True, False)`` lets through) or a
+    string (any non-empty string, "no" too, would count as true)."""
+    return isinstance(value, bool)
+
+
 def is_number(value) -> bool:
     """An int or a float, and not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
