@@ -69,12 +69,16 @@ def check_schedule(t) -> None:
         raise TrainingError(
             f"trainer.label_smoothing must be a number in [0, 1), got {smoothing!r}"
         )
-    for key in ("clip_norm", "max_time_minutes"):
-        value = t[key]
-        ok = is_number(value) and value > 0
-        if not (ok or (key == "max_time_minutes" and value is None)):
-            allowed = "a number > 0" + (" or null" if key == "max_time_minutes" else "")
-            raise TrainingError(f"trainer.{key} must be {allowed}, got {value!r}")
+    check_positive(t, "clip_norm")
+    check_positive(t, "max_time_minutes", or_null=True)
+
+
+def check_positive(t, key: str, or_null: bool = False) -> None:
+    """trainer.``key`` is a number > 0 (or null, where ``or_null``)."""
+    value = t[key]
+    if not ((is_number(value) and value > 0) or (or_null and value is None)):
+        allowed = "a number > 0" + (" or null" if or_null else "")
+        raise TrainingError(f"trainer.{key} must be {allowed}, got {value!r}")
 
 
 def check_choices(t) -> None:
@@ -102,9 +106,7 @@ def check_distributed(t) -> None:
         raise TrainingError(
             f"trainer.dist_backend must be one of {', '.join(backends)}, got {t.dist_backend!r}"
         )
-    timeout = t.dist_timeout_minutes
-    if not (is_number(timeout) and timeout > 0):
-        raise TrainingError(f"trainer.dist_timeout_minutes must be a number > 0, got {timeout!r}")
+    check_positive(t, "dist_timeout_minutes")
 
 
 # data settings that count something, with their least value: SentencePiece needs room for
