@@ -66,4 +66,6 @@ def test_transformer_learns_reversal():
 def test_rnn_learns_reversal(attention):
     torch.manual_seed(0)
     model = BahdanauRNN(V, V, PAD, emb_dim=32, hidden_size=64, dropout=0.0, attention=attention)
-    assert train_and_score(model, steps=400, lr=3e-3) >= 0.95
+    # 200 steps: seeds 0-2 (weights and batches) of each attention reached 1.0 by step 200,
+    # at step 150 the lowest was 0.959
+    assert train_and_score(model, steps=200, lr=3e-3) >= 0.95
