@@ -243,6 +243,7 @@ class Timing:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self.times, self.tokens, self.done, self.faults = [], 0, 0, 0
+        self.round_s = []  # seconds of each ``run``: a round with --rounds
 
     def run(self, n: int) -> None:
         """Time the next ``n`` steps."""
@@ -256,6 +257,7 @@ class Timing:
             self.times.append(time.perf_counter() - t0)
             self.tokens += int((b.tgt_out != self.pad).sum())
         self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        self.round_s.append(sum(self.times[self.done :]))
         self.done += n
 
     def result(self) -> dict:
@@ -267,6 +269,7 @@ class Timing:
             "seconds": sum(self.times),
             "faults": self.faults / len(self.times),
             "first_s": self.first_s,
+            "round_s": self.round_s,
             "batches": self.timed,
         }
 
@@ -393,6 +396,13 @@ def main() -> None:
         + "; page faults = minor page faults of the process per timed step",
         "- first step s = the wall time of a model's first training step: compiling it "
         "(+compile rows), or loading and picking kernels (eager), before any timed step",
+        "- ours / Marian: target tokens/s over all timed steps"
+        + (
+            "; in brackets the lowest and the highest ratio of a single round (each round "
+            "times the same batches for both), which shows how far the machine's load moves it"
+            if args.rounds > 1
+            else ""
+        ),
         f"- MFU peak: {peak / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
         if peak
         else "- MFU: no peak figure for this device",
@@ -525,6 +535,10 @@ def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: 
     for mname, r in results.items():
         base = results.get(r["ratio_to"])
         ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
+        rounds = (r.get("round_s", []), base.get("round_s", [])) if base else ([], [])
+        if len(rounds[0]) == len(rounds[1]) > 1:  # each round timed the same batches for both
+            per_round = [theirs / ours for ours, theirs in zip(*rounds)]
+            ratio += f" ({min(per_round):.2f}-{max(per_round):.2f})"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         first = f"{r['first_s']:.1f}" if "first_s" in r else "-"
         rows.append(

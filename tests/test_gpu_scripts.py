@@ -221,6 +221,28 @@ def test_ours_with_bf16_weights_is_compared_with_marian_in_its_own_mode():
     assert first["marian" + graphs] == "61.2" and first["marian"] == "-"
 
 
+def test_the_ratio_to_marian_shows_the_spread_of_its_rounds():
+    """With --rounds, each round times the same batches for both models: the range of the
+    rounds' ratios says how far the machine's load moved the overall one."""
+    train_speed = load_bench("train_speed")
+    batch = SimpleNamespace(src=torch.zeros(8, 12), tgt_in=torch.zeros(8, 10))
+    models = {
+        "ours": (None, {}),
+        "marian": (None, {}),
+        "ours/unfused-loss": (None, {"ablation": True}),
+    }
+    stats = dict(step_ms=1.0, peak_gib=0.0, faults=0, batches=[batch])
+    measured = {
+        "ours": {"tok_s": 120.0, "seconds": 5.0, "round_s": [1.0, 2.0, 2.0], **stats},
+        "marian": {"tok_s": 100.0, "seconds": 6.0, "round_s": [1.5, 2.0, 2.5], **stats},
+        "ours/unfused-loss": {"tok_s": 110.0, "seconds": 5.5, "round_s": [5.5], **stats},
+    }
+    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, None)
+    ratios = {row.split(" | ")[2]: row.rstrip(" |").split(" | ")[-1] for row in rows}
+    assert ratios["ours"] == "1.20x (1.00-1.50)"
+    assert ratios["ours/unfused-loss"] == "1.10x"  # rounds that do not pair up: no spread
+
+
 def test_attention_kernels_packs_the_real_tokens_as_a_variable_length_kernel_takes_them(
     monkeypatch,
 ):
