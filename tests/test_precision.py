@@ -327,3 +327,44 @@ def test_out_of_memory_retried_in_halves_keeps_the_gradient(compose, small_overr
     got = torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()])
     cosine = torch.nn.functional.cosine_similarity(expected, got, dim=0)
     assert cosine > 0.999 and 0.99 < got.norm() / expected.norm() < 1.01, cosine
+
+
+@pytest.mark.parametrize(
+    "asked,capability,expected",
+    [
+        ("auto", (9, 0), "bf16"),  # H100
+        ("auto", (8, 0), "bf16"),  # A100
+        ("auto", (7, 5), "fp32"),  # T4: bf16 emulated in fp32; fp16 not run on a GPU here
+        ("auto", (6, 1), "fp32"),
+        ("fp32", (9, 0), "fp32"),
+        ("fp16", (9, 0), "fp16"),
+        ("bf16", (7, 5), "bf16"),  # as asked, with a warning
+        ("bf16-weights", (7, 5), "bf16-weights"),
+    ],
+)
+def test_auto_precision_picks_what_the_gpu_has_tensor_cores_for(
+    monkeypatch, caplog, asked, capability, expected
+):
+    from transformer.settings import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
+    with caplog.at_level("INFO", logger="transformer.settings"):
+        assert resolve_precision(asked, torch.device("cuda", 0)) == expected
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if asked.startswith("bf16") and capability < (8, 0):
+        assert warned == [
+            f"trainer.precision={asked} on GPU (compute capability 7.5): no tensor cores for "
+            "bf16 there (PyTorch emulates its products in fp32); trainer.precision=auto picks "
+            "fp32"
+        ]
+    else:
+        assert warned == []
+
+
+def test_off_cuda_autocast_precisions_run_as_fp32():
+    from transformer.settings import resolve_precision
+
+    cpu = torch.device("cpu")
+    got = [resolve_precision(p, cpu) for p in ("auto", "bf16", "fp16", "fp32", "bf16-weights")]
+    assert got == ["fp32", "fp32", "fp32", "fp32", "bf16-weights"]

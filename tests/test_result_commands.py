@@ -12,6 +12,7 @@ today's config has and the run's lacks was added since; it must be listed in ADD
 value that behaves as the code did before it existed, or as changing no result.
 """
 
+import json
 import shlex
 from pathlib import Path
 
@@ -63,6 +64,17 @@ ADDED = {
     "decode.top_k": NO_EFFECT,
     "decode.top_p": NO_EFFECT,
 }  # model.attention needs no entry: a run without it meant the defaults, as on resume
+# GPUs of compute capability 8.0 and up, by the names torch gives them in metrics.json
+BF16_GPUS = ("A100", "H100", "H200")
+
+
+def same_on_its_device(key: str, recorded, today, device: str | None) -> bool:
+    """Values that train alike on the device the run had: trainer.precision=auto, the default
+    since bf16 was (settings.resolve_precision), picks fp32 on the CPU, as bf16 autocast ran
+    there, and bf16 on a GPU with bf16 tensor cores."""
+    if key == "trainer.precision" and (recorded, today) == ("bf16", "auto"):
+        return device == "cpu" or any(name in (device or "") for name in BF16_GPUS)
+    return recorded == today
 
 
 def commands(text: str) -> list[tuple[bool, list[str]]]:
@@ -99,13 +111,14 @@ def train_overrides(text: str) -> list[str]:
     return [a for a in args if not a.startswith("hydra.")]
 
 
-def recipe_drift(recorded: dict, today: dict) -> list[str]:
-    """What today's composed config would train differently from the recorded one."""
+def recipe_drift(recorded: dict, today: dict, device: str | None = None) -> list[str]:
+    """What today's composed config would train differently from the recorded one, on the
+    ``device`` the run trained on."""
     recorded, today = (flatten(with_full_attention(c)) for c in (recorded, today))
     problems = [
         f"{key}: the run had {recorded[key]!r}, the command now gives {today[key]!r}"
         for key in sorted(recorded.keys() & today.keys() - ENVIRONMENT)
-        if recorded[key] != today[key]
+        if not same_on_its_device(key, recorded[key], today[key], device)
     ]
     for key in sorted(today.keys() - recorded.keys() - ENVIRONMENT):
         if key not in ADDED:
@@ -130,7 +143,9 @@ def test_command_reproduces_the_recorded_config(compose, run):
     assert (run / "command.txt").is_file(), "a run's config.yaml without the command that made it"
     overrides = train_overrides((run / "command.txt").read_text("utf-8"))
     recorded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
-    drift = recipe_drift(recorded, composed(compose, overrides))
+    metrics = run / "metrics.json"
+    device = json.loads(metrics.read_text())["device"] if metrics.is_file() else None
+    drift = recipe_drift(recorded, composed(compose, overrides), device)
     assert not drift, "command.txt no longer gives the run's recipe:\n" + "\n".join(drift)
 
 
@@ -164,3 +179,14 @@ def test_drift_is_caught(compose):
         "trainer.final.length_penalties",
         "model.old_key",
     ]
+
+
+def test_a_bf16_run_is_reproduced_by_auto_precision_only_where_auto_picks_the_same(compose):
+    recorded = composed(compose, ["trainer.precision=bf16"])
+    today = composed(compose, [])  # trainer.precision=auto
+    for device in ("cpu", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"):
+        assert recipe_drift(recorded, today, device) == [], device
+    for device in ("Tesla T4", None):  # auto picks fp32 on a T4; no metrics, no device
+        assert recipe_drift(recorded, today, device) == [
+            "trainer.precision: the run had 'bf16', the command now gives 'auto'"
+        ], device

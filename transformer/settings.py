@@ -47,7 +47,34 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
 # (torch._inductor.list_mode_options(): triton.cudagraphs).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-PRECISIONS = ("bf16", "fp16", "fp32", "bf16-weights")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32", "bf16-weights")
+
+
+def resolve_precision(precision, device: torch.device) -> str:
+    """``trainer.precision`` on ``device``, checked. ``auto``: bf16 autocast on a GPU with
+    bf16 tensor cores (compute capability 8.0 and up: A100, H100, RTX 30xx and later), else
+    fp32: below 8.0 PyTorch emulates bf16 products in fp32, and fp16 (with its grad scaler,
+    for the tensor cores of 7.x: V100, T4) has not been run on a GPU here, so it is not
+    picked for anyone. On the CPU bf16 and fp16 autocast run as fp32, bf16-weights as
+    asked."""
+    if precision not in PRECISIONS:
+        raise TrainingError(
+            f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    if device.type != "cuda":
+        return precision if precision == "bf16-weights" else "fp32"
+    capability = torch.cuda.get_device_capability(device)
+    if precision == "auto":
+        precision = "bf16" if capability >= (8, 0) else "fp32"
+        log.info("trainer.precision=auto: %s on %s (compute capability %d.%d)",
+                 precision, torch.cuda.get_device_name(device), *capability)  # fmt: skip
+    elif precision.startswith("bf16") and capability < (8, 0):
+        log.warning(
+            "trainer.precision=%s on %s (compute capability %d.%d): no tensor cores for bf16 "
+            "there (PyTorch emulates its products in fp32); trainer.precision=auto picks fp32",
+            precision, torch.cuda.get_device_name(device), *capability,
+        )  # fmt: skip
+    return precision
 
 
 # trainer settings that count something and must be at least 1 (or 0, second list)

@@ -39,7 +39,6 @@ from .precision import Bf16Weights, PrecisionError, merge_state, split_state
 from .run_data import prepare_data
 from .settings import (
     CUDA_GRAPH_MODES,
-    PRECISIONS,
     TrainingError,
     check_choices,
     check_data_settings,
@@ -49,6 +48,7 @@ from .settings import (
     check_schedule,
     check_seed,
     pick_device,
+    resolve_precision,
 )
 from .translator import build_model, decode_options, translate_lines
 
@@ -131,7 +131,8 @@ class Trainer:
                 "use another run_dir, or delete them to start over there"
             )
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
-        self.precision = self.pick_precision()  # a bad value fails before the data is read
+        # a bad value fails before the data is read
+        self.precision = resolve_precision(self.t.precision, self.device)
         torch.manual_seed(cfg.seed)
         reuse = self.t.get("cpu_malloc_reuse", True)
         if reuse and self.device.type == "cpu" and reuse_freed_memory():
@@ -239,18 +240,6 @@ class Trainer:
         self.saved_step, self.nonfinite_in_a_row = -1, 0
         self.debug = distributed.DebugLog(self.dist.rank)
         self.reseed_rank()
-
-    def pick_precision(self) -> str:
-        """``trainer.precision``, checked; on the CPU bf16 and fp16 autocast run as fp32,
-        bf16-weights as asked."""
-        precision = self.t.precision
-        if precision not in PRECISIONS:
-            raise TrainingError(
-                f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
-            )
-        if self.device.type != "cuda" and precision in ("bf16", "fp16"):
-            return "fp32"
-        return precision
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DistributedDataParallel under torchrun, then torch.compile when
