@@ -368,3 +368,40 @@ def test_off_cuda_autocast_precisions_run_as_fp32():
     cpu = torch.device("cpu")
     got = [resolve_precision(p, cpu) for p in ("auto", "bf16", "fp16", "fp32", "bf16-weights")]
     assert got == ["fp32", "fp32", "fp32", "fp32", "bf16-weights"]
+
+
+def test_fp16_trains_through_the_grad_scaler_and_skips_an_overflow(
+    compose, small_overrides, tmp_path, monkeypatch
+):
+    """trainer.precision=fp16 (autocast and torch's GradScaler, on the host path): run on the
+    CPU, where the trainer itself trains fp32, by choosing fp16 for it, as no GPU is here.
+    An update is scaled, unscaled before clipping and taken; an overflowing one is skipped,
+    leaves the weights alone and halves the scale; the scale is saved and resumed."""
+    from transformer import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "resolve_precision", lambda asked, device: "fp16")
+    trainer = trainer_of(compose, small_overrides, tmp_path, "a", *NO_DROPOUT)
+    assert trainer.scaler.is_enabled() and not trainer.skip_on_device
+    stream = trainer.batches()
+    first, second = next(stream)[1], next(stream)[1]
+    with torch.no_grad(), trainer.autocast(training=True):
+        assert trainer.loss(trainer.to_device(first)).dtype == torch.float32  # softmax: fp32
+    scale = trainer.scaler.get_scale()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    loss, ntok = trainer.train_step([first])
+    assert torch.isfinite(loss) and ntok > 0 and trainer.step == 0  # run() counts steps
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.scaler.get_scale() == scale  # no overflow: kept (grows after 2,000)
+    after_first = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    weight = next(trainer.compute_model.parameters())
+    hook = weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    assert trainer.train_step([second]) is None  # skipped on the host
+    hook.remove()
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, after_first[k]), k
+    assert trainer.scaler.get_scale() == scale / 2
+    trainer.step = 1
+    trainer.save_checkpoint()
+    resumed = trainer_of(compose, small_overrides, tmp_path, "a", *NO_DROPOUT)
+    resumed.resume()
+    assert resumed.scaler.get_scale() == scale / 2

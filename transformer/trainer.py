@@ -229,7 +229,7 @@ class Trainer:
         self.sequence_loss = sequence_loss
         if self.t.compile and not self.fused_loss:
             self.sequence_loss = torch.compile(sequence_loss, dynamic=True, mode=self.compile_mode)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         # Training position; restored by resume.
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_bleu, self.best_step, self.bad_evals = -1.0, 0, 0
