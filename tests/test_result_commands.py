@@ -69,9 +69,9 @@ BF16_GPUS = ("A100", "H100", "H200")
 
 
 def same_on_its_device(key: str, recorded, today, device: str | None) -> bool:
-    """Values that train alike on the device the run had: trainer.precision=auto, the default
-    since bf16 was (settings.resolve_precision), picks fp32 on the CPU, as bf16 autocast ran
-    there, and bf16 on a GPU with bf16 tensor cores."""
+    """Values that train alike on the device the run had: trainer.precision=auto (the default;
+    bf16 was before it; settings.resolve_precision) picks fp32 on the CPU, where bf16 autocast
+    ran as fp32, and bf16 on a GPU with bf16 tensor cores."""
     if key == "trainer.precision" and (recorded, today) == ("bf16", "auto"):
         return device == "cpu" or any(name in (device or "") for name in BF16_GPUS)
     return recorded == today
