@@ -392,3 +392,31 @@ def test_tokens_per_s_leaves_out_validation_time(compose, small_overrides, monke
     train(compose(small_overrides))
     assert sorted(seconds) == [2, 4, 6]
     assert seconds[4] < 3.0, seconds  # steps 3-4, without the 3 s of validation after step 3
+
+
+def test_the_trial_build_imports_the_models_module_off_the_meta_device(tmp_path, monkeypatch):
+    """A tensor a module makes as it is imported must not become a meta tensor because the
+    module was first imported by the trial build (trainer: model settings checked early)."""
+    import sys
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from transformer.translator import trial_build
+
+    (tmp_path / "made_on_import.py").write_text(
+        "import torch\n"
+        "TABLE = torch.arange(4)\n"
+        "class Model(torch.nn.Module):\n"
+        "    def __init__(self, src_vocab_size, tgt_vocab_size, pad_id, width=2):\n"
+        "        super().__init__()\n"
+        "        if width < 1:\n"
+        "            raise ValueError(f'model.width must be >= 1, got {width}')\n"
+        "        self.emb = torch.nn.Embedding(src_vocab_size, width)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "made_on_import", raising=False)
+    with pytest.raises(ValueError, match="model.width must be >= 1, got 0"):
+        trial_build(OmegaConf.create({"_target_": "made_on_import.Model", "width": 0}))
+    assert sys.modules["made_on_import"].TABLE.device == torch.device("cpu")
+    trial_build(OmegaConf.create({"_target_": "made_on_import.Model"}))

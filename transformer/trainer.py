@@ -50,7 +50,7 @@ from .settings import (
     pick_device,
     resolve_precision,
 )
-from .translator import build_model, decode_options, translate_lines
+from .translator import build_model, decode_options, translate_lines, trial_build
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,9 @@ class Trainer:
         check_choices(self.t)
         check_optimizer(self.t)
         check_seed(cfg.seed)
-        # The model's own checks (sizes, dropout, attention options, unknown keys) before the
-        # data is read: a fresh run trains its tokenizer and encodes the corpus first (13 s of
-        # Multi30k here). Built on the meta device, the trial allocates and draws nothing.
-        with torch.device("meta"):
-            build_model(cfg.model, src_vocab_size=8, tgt_vocab_size=8, pad_id=0)
+        # before the data is read: a fresh run trains its tokenizer and encodes the corpus
+        # first (13 s of Multi30k here)
+        trial_build(cfg.model)
         self.compile_mode = self.t.get("compile_mode", "default")
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
