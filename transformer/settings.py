@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .values import is_count, is_flag, is_number
+from .values import is_count, is_flag, is_integer, is_number
 
 log = logging.getLogger(__name__)
 
@@ -182,15 +182,19 @@ def check_data_settings(cfg) -> None:
     if not is_flag(d.joint_vocab):
         raise TrainingError(f"data.joint_vocab must be true or false, got {d.joint_vocab!r}")
     for key, what in (("test_splits", "split names"), ("langs", "language codes")):
-        names = d.get(key, [])
-        if not OmegaConf.is_list(names) or not all(isinstance(x, str) for x in names):
-            raise TrainingError(f"data.{key} must be a list of {what}, got {names!r}")
+        check_list(d.get(key, []), f"data.{key}", what, lambda x: isinstance(x, str))
     for key, names in (("valid_split", [d.valid_split]), ("test_splits", d.test_splits)):
         if d.train_split in names:  # encoded once, as training pairs: filtered, no text
             raise TrainingError(
                 f"data.{key} names the training split {d.train_split!r}: evaluate on a "
                 "held-out split"
             )
+
+
+def check_list(values, key: str, what: str, ok) -> None:
+    """The setting ``key`` is a list (not a lone value) whose every item passes ``ok``."""
+    if not OmegaConf.is_list(values) or not all(ok(v) for v in values):
+        raise TrainingError(f"{key} must be a list of {what}, got {values!r}")
 
 
 def check_final(t) -> None:
@@ -206,13 +210,9 @@ def check_final(t) -> None:
             t.keep_checkpoints,
             t.keep_checkpoints,
         )
-    for key, ok in (("length_penalties", (int, float)), ("beam_sizes", int)):
-        values = t.final[key]
-        if not OmegaConf.is_list(values) or not all(
-            isinstance(v, ok) and not isinstance(v, bool) for v in values
-        ):
-            kind = "integers" if ok is int else "numbers"
-            raise TrainingError(f"trainer.final.{key} must be a list of {kind}, got {values!r}")
+    for key, what, ok in (("length_penalties", "numbers", is_number),
+                          ("beam_sizes", "integers", is_integer)):  # fmt: skip
+        check_list(t.final[key], f"trainer.final.{key}", what, ok)
     if any(k < 1 for k in t.final.beam_sizes):
         raise TrainingError(f"trainer.final.beam_sizes must be >= 1, got {t.final.beam_sizes}")
 

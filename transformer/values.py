@@ -3,9 +3,14 @@ decode options (translator.py) and the models (seq2seq.py). No Hydra import, so 
 models can use them too."""
 
 
+def is_integer(value) -> bool:
+    """An int, and not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_count(value, least: int) -> bool:
-    """An integer of at least ``least``, and not a bool (YAML's true is an int to Python)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    """An integer of at least ``least``."""
+    return is_integer(value) and value >= least
 
 
 def is_flag(value) -> bool:
