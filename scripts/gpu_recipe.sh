@@ -4,6 +4,10 @@
 #   MINUTES=5.5 bash scripts/gpu_recipe.sh tf_default tf_bpe8k ...   a subset
 #   MINUTES=5.5 bash scripts/gpu_recipe.sh tf_en-de rnn_en-de tf_fr-en tf_cs-en
 #                                              the other directions at today's defaults
+#   MINUTES=2 bash scripts/gpu_recipe.sh tf_default tf_fp16
+#                                              fp16 with its grad scaler, never yet run on a
+#                                              GPU (trainer.precision=auto does not pick it),
+#                                              beside the default (bf16 on an H100/H200)
 # Multi30k de->en trainings share the GPU, each with the same limits (6,000 updates or
 # $MINUTES of training, evaluation excluded, whichever comes first; the steps reached are in
 # each metrics.json) and the checkpoints of its last 5 validations kept: the default
@@ -11,7 +15,8 @@
 # label smoothing, peak learning rate, batch size; warmup 4,000 by name) and the RNN at its
 # previous peak learning rate, 1e-3 (2e-3 won on the CPU at 2,500 updates; does it hold at
 # 6,000?). By name only, the other directions of the README's table at today's defaults
-# (their committed runs trained at the previous peak lr of 1e-3). Each run then chooses on
+# (their committed runs trained at the previous peak lr of 1e-3), and the default Transformer
+# in fp16 (tf_fp16). Each run then chooses on
 # valid, as every training does (trainer.final), between best.pt and the average of its last
 # 5 checkpoints and among length penalties 0.6, 1.0 and 1.4, and translates test2016 with
 # the choice; the two default runs also try length penalty 0 and beam 10. Each metrics.json
@@ -42,6 +47,7 @@ declare -A runs=(
   [rnn_en-de]="model=rnn data.src_lang=en data.tgt_lang=de"
   [tf_fr-en]="data.src_lang=fr data.tgt_lang=en"
   [tf_cs-en]="data.src_lang=cs data.tgt_lang=en"
+  [tf_fp16]="trainer.precision=fp16"   # by name only: does fp16 train as bf16 does?
 )
 order=(tf_default rnn_default tf_bpe8k tf_vocab4k tf_vocab16k tf_ls0 tf_ls02 tf_lr1e-3
   rnn_lr1e-3 tf_batch8k)
