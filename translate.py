@@ -4,16 +4,22 @@ Reads stdin (or ``input=FILE``) one sentence per line and writes one translation
 stdout (or ``output=FILE``), same count and order.
 """
 
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from transformer.cli import friendly_errors
+from transformer.cli import check_added_keys, friendly_errors
 from transformer.translate_cli import translate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="translate")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
+    open_under = ("decode",)  # checked by decode_options, which names the key
+    overrides = HydraConfig.get().overrides.task
+    check_added_keys(overrides, Path(__file__).parent / "conf", "translate", open_under)
     translate(cfg)
 
 

@@ -52,6 +52,30 @@ def test_a_save_is_made_durable_before_and_after_its_rename(tmp_path, monkeypatc
     assert events == [("fsync", False), ("replace", "last.pt"), ("fsync", True)]
 
 
+def test_a_failed_write_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """A full disk or a file size limit raised OSError out of torch.save: a traceback."""
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, payload(1.0))
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=f"cannot write {path}: No space left on device"):
+        checkpoint.save(path, payload(2.0))
+
+    def cut(obj, f):  # a file size limit, in torch's writer's words
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 409152")
+
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(CheckpointError, match="write failed, is the disk full. .*unexpected pos"):
+        checkpoint.save(path, payload(2.0))
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(64, 64))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

@@ -1,5 +1,7 @@
 """The entry points' error reporting (transformer/cli.py): expected faults end in one line."""
 
+import errno
+
 import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
@@ -26,6 +28,22 @@ def test_an_expected_error_is_one_line_and_status_1(capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "must be positive" in err and "more detail" not in err
+
+
+def test_a_write_the_machine_refuses_names_the_file(capsys, monkeypatch):
+    """A full disk or a file size limit anywhere (here: copying the tokenizer into the run)
+    was a traceback; other OSErrors keep theirs."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    copy = OSError(errno.EFBIG, "File too large", "/cache/spm.model", None, "/run/joint.model")
+    for error, message in (
+        (copy, "error: cannot write /run/joint.model: File too large\n"),
+        (OSError(errno.ENOSPC, "No space left on device", "/run/log"), "/run/log: No space "),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            fails_with(error)()
+        assert stop.value.code == 1 and message in capsys.readouterr().err
+    with pytest.raises(OSError, match="Input/output error"):
+        fails_with(OSError(errno.EIO, "Input/output error"))()
 
 
 def test_hydra_full_error_shows_the_traceback(monkeypatch):

@@ -78,6 +78,11 @@ def save(path: str | Path, payload: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # disk full, quota, file size limit; the file at
+        # ``path``, if any, is untouched. torch's writer raises RuntimeError for some, in its
+        # own words ("[enforce fail at inline_container.cc:672] . unexpected pos ...")
+        reason = getattr(e, "strerror", None) or f"the write failed, is the disk full? ({e})"
+        raise CheckpointError(f"cannot write {path}: {reason}") from e
     finally:
         tmp.unlink(missing_ok=True)  # only left behind when the write itself failed
     _fsync_dir(path.parent)

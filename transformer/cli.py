@@ -6,11 +6,15 @@ Expected faults (bad data, bad config values, unreadable checkpoints) are printe
 
 from __future__ import annotations
 
+import difflib
+import errno
 import functools
 import logging
 import os
 import sys
+from pathlib import Path
 
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checkpoint import CheckpointError
@@ -27,6 +31,80 @@ EXPECTED = (
     OmegaConfBaseException,
     RuntimeError,
 )
+# a write the machine refused, wherever it happens (a checkpoint, a tokenizer copy, the
+# encoded cache, a log): disk full, quota, file size limit, read-only file system
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def setting_keys(conf_dir: Path, config_name: str) -> tuple[set[str], set[str]]:
+    """(every setting's dotted key in the config ``config_name`` and in every option of the
+    groups its defaults list names, the group names). Read from the YAML files themselves,
+    not the composed config, so that a key only another option has (a data set's own
+    setting) counts as known."""
+    top = OmegaConf.load(conf_dir / f"{config_name}.yaml")
+    groups = set()
+    for entry in top.get("defaults", []):
+        if OmegaConf.is_dict(entry):
+            (name,) = entry.keys()
+            if not name.startswith("override "):
+                groups.add(name.split("/")[0].split("@")[0].removeprefix("optional "))
+    keys = set()
+
+    def add(prefix: str, node) -> None:
+        for key, value in node.items():
+            if key not in ("defaults", "hydra"):
+                keys.add(f"{prefix}{key}")
+                if isinstance(value, dict):
+                    add(f"{prefix}{key}.", value)
+
+    add("", OmegaConf.to_container(top))
+    for group in groups:
+        keys.add(group)
+        for path in sorted((conf_dir / group).rglob("*.yaml")):
+            add(f"{group}.", OmegaConf.to_container(OmegaConf.load(path)) or {})
+    return keys, groups
+
+
+def check_added_keys(overrides, conf_dir: Path, config_name: str, open_under=()) -> None:
+    """A key added on the command line (``+trainer.max_step=2``, ``++data.max_lenght=20``)
+    that is no setting would be carried along and read by nothing: Hydra's own error for an
+    unknown key suggests the ``+``, and a misspelt key then trains as if it had not been
+    given. Such a key fails here, with the nearest setting's name. Keys under
+    ``open_under`` (a model's keyword arguments, an optimizer's) are checked where they are
+    used; config groups (``+group=option``) and Hydra's own keys are left to Hydra."""
+    known, groups = setting_keys(conf_dir, config_name)
+    for override in overrides:
+        if not override.startswith("+"):
+            continue  # Hydra refuses an unknown key given without a +
+        key = override.split("=", 1)[0].lstrip("+")
+        if "/" in key or "@" in key or key in groups or key.split(".")[0] == "hydra":
+            continue
+        if key in known or any(key == p or key.startswith(f"{p}.") for p in open_under):
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(
+            f"{override}: {key} is not a setting, so nothing would read it ({hint}--cfg job "
+            "prints every setting)"
+        )
+
+
+def unwritable_run_dir(argv: list[str]) -> str | None:
+    """Why Hydra could not create the ``hydra.run.dir=`` given in ``argv`` (a file on its
+    path, a folder without write permission), or None. Hydra creates it before the task runs,
+    so its error was a traceback from inside Hydra; a value with an interpolation is left
+    to Hydra."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if not given or "${" in given[-1] or {"-m", "--multirun"} & set(argv):
+        return None
+    folder = Path(given[-1]).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"hydra.run.dir={given[-1]}: {folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"hydra.run.dir={given[-1]}: cannot create folders in {folder}"
+    return None
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:
@@ -50,11 +128,19 @@ def friendly_errors(fn):
         except KeyboardInterrupt as e:
             print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
             sys.exit(130)
-        except EXPECTED as e:
+        except (*EXPECTED, OSError) as e:
+            refused_write = isinstance(e, OSError) and e.errno in WRITE_ERRNOS
+            if not (isinstance(e, EXPECTED) or refused_write):
+                raise  # another OSError: a bug or a fault worth its traceback
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             logging.getLogger(__name__).debug("error", exc_info=True)
-            print(f"error: {one_line(e)}", file=sys.stderr)
+            if refused_write:  # the file written is the second name of a copy
+                where = e.filename2 or e.filename
+                message = f"cannot write {where}: {e.strerror}" if where else one_line(e)
+            else:
+                message = one_line(e)
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper
