@@ -4,6 +4,7 @@ second start, a bounded tokenizer sample, and the Hub configs on a local dataset
 import gzip
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -318,3 +319,30 @@ def test_encoding_counts_and_truncation(tokenizers, tmp_path, caplog):
         assert valid.tgt_text == PAIRS["tgt"]  # the empty line is kept
         warned = f"v: 1 source sentence(s) longer than {max_len} tokens truncated"
         assert (warned in caplog.text) == bool(truncated)
+
+
+@pytest.mark.parametrize("damage", ["cut arrow", "no lengths", "bad counts"])
+def test_a_damaged_cache_entry_names_itself_and_how_to_mend_it(tokenizers, tmp_path, damage):
+    """A cut Arrow file gave pyarrow's "Expected to be able to read ... bytes" traceback,
+    naming no file; a removed lengths.npy a bare "No such file"."""
+    from datasets import Dataset
+
+    from transformer.data import DataError
+
+    src_tok, tgt_tok = tokenizers
+    args = dict(fingerprint="f1", load=lambda: Dataset.from_dict(PAIRS), src_tok=src_tok)
+    args.update(tgt_tok=tgt_tok, max_len=20, filter_long=True, name="multi30k/train")
+    args.update(cache_dir=tmp_path / "cache")
+    encode_split(**args)
+    (entry,) = (tmp_path / "cache" / "encoded").iterdir()
+    if damage == "cut arrow":
+        (arrow,) = entry.glob("*.arrow")
+        arrow.write_bytes(arrow.read_bytes()[:200])
+    elif damage == "no lengths":
+        (entry / "lengths.npy").unlink()
+    else:
+        (entry / "counts.json").write_text("{")
+    with pytest.raises(DataError, match=f"^{entry}: damaged cache .*; delete it and run again"):
+        encode_split(**args)
+    shutil.rmtree(entry)  # what the message says to do
+    assert len(encode_split(**args)) == 1  # the pair with an empty target is dropped

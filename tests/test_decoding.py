@@ -247,6 +247,10 @@ def test_decode_configs_dispatch(compose):
         ({"beam_size": 2.5}, "decode.beam_size must be an integer >= 1, got 2.5"),
         ({"length_penalty": -0.5}, "decode.length_penalty must be a number >= 0"),
         ({"max_len_a": "x"}, "decode.max_len_a must be a number >= 0, got 'x'"),
+        # a negative b made every limit 1 for short sources: empty translations, exit 0
+        ({"max_len_b": -100}, "decode.max_len_b must be a number >= 0, got -100"),
+        # torch's generators take up to 2**64 - 1: this failed after training, keyless
+        ({"seed": 2**64}, r"decode.seed must be an integer in \[0, 2\*\*64\), got 1844"),
         ({"temperature": 0}, "decode.temperature must be a number > 0"),
         ({"top_p": 1.5}, r"decode.top_p must be a number in \(0, 1\]"),
         ({"sample": "yes"}, "decode.sample must be true or false"),

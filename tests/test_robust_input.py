@@ -5,6 +5,8 @@ encode_sources -> translate_ids -> format_output) on a tiny model trained once p
 one subprocess run feeds translate.py itself the nastiest input we know of.
 """
 
+import gzip
+import io
 import logging
 import os
 import subprocess
@@ -17,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from transformer.data import decode_lines
+from transformer.data import DataError, decode_lines
 from transformer.translate_cli import format_output
 from transformer.translator import encode_sources, load_for_inference, translate_ids
 
@@ -158,3 +160,118 @@ def test_every_control_character_but_tab_becomes_a_space():
     from transformer.data import decode_lines
 
     assert decode_lines(b"a\x0bb\x0cc\rd\x00e\x1ff\tg\r\n", "x") == ["a b c d e f\tg"]
+
+
+def translate_with(compose, *overrides: str) -> list[str]:
+    from transformer import translate_cli
+
+    cfg = compose(["device=cpu", *overrides], name="translate")
+    return translate_cli.translate(cfg, overrides=[])
+
+
+def test_gzipped_input_ref_and_output_as_the_corpora_are(tiny, compose, tmp_path, capsys):
+    """input= of a .gz (the shipped test sets are) was translated as its compressed bytes:
+    82 lines of garbage for 1,000 sentences, exit 0."""
+    src = "Ein Hund läuft im Schnee.\nZwei Männer spielen Fußball.\n\nEine Frau.\n"
+    (tmp_path / "in.txt").write_text(src, "utf-8")
+    (tmp_path / "in.de.gz").write_bytes(gzip.compress(src.encode()))
+    (tmp_path / "ref.en.gz").write_bytes(gzip.compress(b"A dog.\nTwo men.\n\nA woman.\n"))
+    ckpt = f"ckpt={tiny[0]}"
+    plain = translate_with(compose, ckpt, f"input={tmp_path / 'in.txt'}")
+    capsys.readouterr()
+    gz = translate_with(
+        compose, ckpt, f"input={tmp_path / 'in.de.gz'}", f"ref={tmp_path / 'ref.en.gz'}",
+        f"output={tmp_path / 'out.en.gz'}",
+    )  # fmt: skip
+    assert gz == plain and len(plain) == 4
+    written = gzip.decompress((tmp_path / "out.en.gz").read_bytes()).decode()
+    assert written == "".join(line + "\n" for line in plain)
+    assert "BLEU" in capsys.readouterr().err
+    (tmp_path / "bad.gz").write_bytes(b"Ein Hund.\n")
+    with pytest.raises(DataError, match=r"^input=.*bad.gz: not a readable gzip file"):
+        translate_with(compose, ckpt, f"input={tmp_path / 'bad.gz'}")
+
+
+def test_a_path_yaml_reads_as_a_number_is_its_digits(tiny, compose, tmp_path, monkeypatch):
+    """input=2024 reached the code as an int: a TypeError traceback from Path()."""
+    monkeypatch.chdir(tmp_path)
+    Path("2024").write_text("Ein Hund.\nZwei Katzen.\n", "utf-8")
+    best = translate_with(compose, f"ckpt={tiny[0]}", "input=2024", "output=2025")
+    assert Path("2025").read_text("utf-8") == "".join(line + "\n" for line in best)
+    assert len(best) == 2
+    with pytest.raises(ValueError, match="^input must be a path or name, got 1.5: quote it"):
+        translate_with(compose, f"ckpt={tiny[0]}", "input=1.5")
+
+
+def test_a_dash_is_stdin_and_stdout(tiny, compose, tmp_path, monkeypatch, capsys):
+    """output=- wrote a file named "-"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Ein Hund.\nZwei.\n")))
+    best = translate_with(compose, f"ckpt={tiny[0]}", "input=-", "output=-")
+    assert capsys.readouterr().out == "".join(line + "\n" for line in best)
+    assert len(best) == 2 and not Path("-").exists()
+
+
+def test_output_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    from transformer import translate_cli
+
+    if Path("/dev/full").exists():  # every write fails: No space left on device
+        with pytest.raises(DataError, match="^output=/dev/full: No space left on device$"):
+            translate_cli.write_output("/dev/full", "a\n")
+    # an existing read-only file was found only after translating (root may write it: the
+    # permission is what os.access reports)
+    out = tmp_path / "out.txt"
+    out.write_text("old")
+    real = os.access
+    monkeypatch.setattr(translate_cli.os, "access", lambda p, m: Path(p) != out and real(p, m))
+    with pytest.raises(PermissionError, match="the file exists and is not writable"):
+        translate_cli.check_output(str(out))
+
+
+def test_translations_at_the_length_limit_are_reported(tiny, compose, tmp_path, caplog):
+    """A hypothesis that reaches a * len(src) + b ends in a forced EOS: maybe cut short."""
+    from transformer.translate_cli import report_cut
+
+    caplog.set_level(logging.WARNING)
+    (tmp_path / "in.txt").write_text("Ein Hund.\n\nZwei Katzen.\n", "utf-8")
+    limit = ["decode.max_len_a=0", "decode.max_len_b=1"]  # EOS forced at once: all cut
+    best = translate_with(compose, f"ckpt={tiny[0]}", f"input={tmp_path / 'in.txt'}", *limit)
+    assert best == ["", "", ""]
+    assert "2 translation(s) stopped at the output length limit (decode.max_len_a=0 x " in (
+        caplog.text
+    )
+    assert "may be cut short (line 1, 3)" in caplog.text
+    # the boundary: limit 1.0 * 3 + 2 = 5 tokens, EOS included: 4 words reach it, 3 do not
+    model = type("Capped", (), {"max_target_len": 100})()
+    opts = OmegaConf.create({"max_len_a": 1.0, "max_len_b": 2})
+    caplog.clear()
+    report_cut(model, [[5, 6, 2], [5, 6, 2]], [[([1, 2, 3, 4], 0.0)], [([1, 2, 3], 0.0)]], opts, 7)
+    assert "1 translation(s) stopped" in caplog.text and "(line 7)" in caplog.text
+
+
+def test_the_prompt_repairs_bytes_that_are_not_utf8(monkeypatch, caplog):
+    """Python hands a bad byte to input() as a lone surrogate, which SentencePiece refused:
+    a traceback that ended the session."""
+    from transformer import translate_cli
+
+    caplog.set_level(logging.WARNING)
+    typed = iter(["\udce4rger", "gut"])
+
+    def fake_input(prompt):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    seen = []
+    done = translate_cli.interactive(lambda lines: (seen.extend(lines) or lines, lines))
+    assert seen == done == ["\ufffdrger", "gut"]
+    assert "the prompt: 1 line(s) not valid UTF-8" in caplog.text
+
+
+def test_a_carriage_return_inside_a_line_is_reported(caplog):
+    caplog.set_level(logging.WARNING)
+    assert decode_lines(b"Ein Hund.\rZwei.\r\nDrei.\r\n", "old.txt") == ["Ein Hund. Zwei.", "Drei."]
+    assert "old.txt: 1 line(s) with a carriage return inside" in caplog.text
+    assert "old Mac line ends" in caplog.text

@@ -53,6 +53,19 @@ def test_output_length_bounded(kind):
         assert all(len(h.tokens) <= 2 for h in hyps)
 
 
+def test_a_huge_length_limit_does_not_wrap_around():
+    """(a * len + b).long() past int64 wrapped to a negative limit, clamped to 1: every
+    translation came back empty."""
+    from transformer.search import length_limits
+
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    capped = type("Capped", (), {"max_target_len": 50})()
+    for a, b in ((1e30, 0), (0.0, 1e19), (1.5, 1e30)):
+        assert length_limits(capped, mask, a, b).tolist() == [50, 50]
+        assert min(length_limits(object(), mask, a, b).tolist()) > 10**18
+    assert length_limits(capped, mask, 1.5, 10).tolist() == [13, 14]  # as before: floor
+
+
 def test_the_transformers_outputs_stop_at_its_positions():
     """A length limit beyond model.max_positions is capped there (EOS forced at the last
     position), not an error in the middle of decoding."""

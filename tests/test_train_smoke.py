@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from transformer.data import DataError
 from transformer.trainer import Trainer, TrainingError, train
@@ -105,6 +106,8 @@ def test_bad_config_is_one_clear_line(small_overrides, tmp_path, override, messa
         ("model=nope", "Could not find 'model/nope'"),
         ("data=nope", "Could not find 'data/nope'"),
         ("run_dir={tmp}/a_file/run", "a_file/run is not writable"),
+        # Hydra makes it before the task runs: a NotADirectoryError traceback from inside it
+        ("hydra.run.dir={tmp}/a_file/run", "hydra.run.dir={tmp}/a_file/run: {tmp}/a_file is a "),
     ],
 )
 def test_unknown_name_or_unwritable_run_dir_is_clear(small_overrides, tmp_path, override, message):
@@ -112,7 +115,7 @@ def test_unknown_name_or_unwritable_run_dir_is_clear(small_overrides, tmp_path, 
     args = [str(ROOT / "train.py"), *small_overrides, override.format(tmp=tmp_path)]
     out = run_cli(args, tmp_path)
     assert out.returncode == 1
-    assert message in out.stderr and "Traceback" not in out.stderr
+    assert message.format(tmp=tmp_path) in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize(
@@ -120,6 +123,8 @@ def test_unknown_name_or_unwritable_run_dir_is_clear(small_overrides, tmp_path, 
     [
         ("empty", "train.en is empty"),
         ("short", "line counts differ: {root}/multi30k/train.de has 300 lines, "),
+        # SentencePiece's own words were "INTERNAL: ... [!sentences_.empty()]"
+        ("blank", "multi30k/train (de and en): no text to train the tokenizer on, all 600 "),
     ],
 )
 def test_bad_corpus_is_one_clear_line(corpus_root, small_overrides, tmp_path, damage, message):
@@ -128,10 +133,57 @@ def test_bad_corpus_is_one_clear_line(corpus_root, small_overrides, tmp_path, da
     en = root / "multi30k" / "train.en"
     lines = en.read_text("utf-8").splitlines(keepends=True)
     en.write_text("" if damage == "empty" else "".join(lines[:-1]), "utf-8")
+    if damage == "blank":
+        for lang in ("de", "en"):
+            (root / "multi30k" / f"train.{lang}").write_text(" \n" * len(lines), "utf-8")
     args = [str(ROOT / "train.py"), *small_overrides, f"data.data_dir={root}"]
     out = run_cli(args, tmp_path)
     assert out.returncode == 1
     assert message.format(root=root) in out.stderr and "Traceback" not in out.stderr
+    # the corpus's fault, not the vocabulary size's (every DataError was blamed on it)
+    assert "data.vocab_size" not in out.stderr
+
+
+def test_a_path_or_name_that_yaml_reads_as_a_number_is_its_digits(compose, small_overrides):
+    from transformer.settings import check_data_settings
+
+    cfg = compose(small_overrides + ["data.data_dir=2023", "data.name=123"])
+    check_data_settings(cfg)  # Path(2023) failed with a TypeError traceback
+    assert (cfg.data.data_dir, cfg.data.name) == ("2023", "123")
+    cfg = compose(small_overrides)
+    before = OmegaConf.to_yaml(cfg)
+    check_data_settings(cfg)
+    assert OmegaConf.to_yaml(cfg) == before  # text (and interpolations) left as they are
+
+
+def test_added_keys_that_are_no_setting_are_refused_with_the_nearest_one(tmp_path):
+    """Hydra's error for an unknown key suggests a +; the key was then read by nothing."""
+    from transformer.cli import check_added_keys
+
+    open_under = ("model", "decode", "trainer.optimizer", "data.hub_splits")
+    conf = ROOT / "conf"
+    for bad, near in (("+trainer.max_step=2", "trainer.max_steps"),
+                      ("++data.max_lenght=20", "data.max_len"), ("+sed=1", "seed")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"is not a setting.*did you mean {near}\\?"):
+            check_added_keys([bad], conf, "train", open_under)
+    fine = ["++trainer.max_steps=3", "+trainer.optimizer.amsgrad=true", "+model.foo=1",
+            "+data.hub_splits.test2017=test", "+hydra.job.env_set.X=1", "trainer.eval_every=2",
+            "+decode.beam_size=4"]  # fmt: skip
+    check_added_keys(fine, conf, "train", open_under)
+    # a key only another option of a group has is a setting (a corpus's own, given to another)
+    mine = tmp_path / "conf"
+    (mine / "data").mkdir(parents=True)
+    (mine / "main.yaml").write_text("defaults:\n  - data: a\nseed: 1\n")
+    (mine / "data/a.yaml").write_text("x: 1\n")
+    (mine / "data/b.yaml").write_text("y: {z: 2}\n")
+    check_added_keys(["+data.y.z=3", "+data.y=4"], mine, "main")
+    with pytest.raises(ValueError, match="data.z is not a setting"):
+        check_added_keys(["+data.z=3"], mine, "main")
+    with pytest.raises(ValueError, match="did you mean output"):
+        check_added_keys(["+outptu=o.txt"], conf, "translate", ("decode",))
+    out = run_cli([str(ROOT / "train.py"), "+trainer.max_step=2"], tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "error: +trainer.max_step=2: trainer.max_step is not a setting" in out.stderr
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
@@ -157,6 +209,15 @@ def test_a_folder_given_as_a_file_is_one_clear_line(tiny_ckpt, tmp_path):
         ("ref={tmp}/nope.txt", DataError, "^ref=.*/nope.txt: No such file or directory$"),
         ("attention_plot={tmp}/src2.txt/pics", DataError, "attention_plot=.*: Not a directory"),
         ("device=tpu", TrainingError, "device=tpu: not a device torch knows"),
+        ("output={tmp}/src2.txt", ValueError, "is the input file: it would be overwritten"),
+        # torch knows them: they failed once the data was read, naming no key
+        ("device=meta", TrainingError, "device=meta: not a device to run on"),
+        pytest.param(
+            "device=mps",
+            TrainingError,
+            "device=mps requested but MPS is not available",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="has MPS"),
+        ),  # fmt: skip
     ],
 )
 def test_translate_refuses_before_loading_the_model(
@@ -251,7 +312,12 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("trainer.optimizer.lr=-1", r"trainer.optimizer \(torch.optim.AdamW\): Invalid learning"),
         ("trainer.optimizer.betas=[0.9]", r"trainer.optimizer \(torch.optim.AdamW\): list index"),
         ("trainer.optimizer._target_=torch.optim.Nope", "trainer.optimizer: torch.optim.Nope: "),
-        ("seed=-1", "seed must be an integer >= 0, got -1"),
+        ("seed=-1", r"seed must be an integer in \[0, 2\*\*64\), got -1"),
+        # torch's generators take up to 2**64 - 1: it failed in torch.manual_seed, keyless
+        ("seed=18446744073709551616", r"seed must be an integer in \[0, 2\*\*64\), got 1844"),
+        ("data.name=null", "data.name must be the corpus's name, got None"),
+        ("data.data_dir=1.5", "data.data_dir must be a path or name, got 1.5: quote it"),
+        ("data.cache_dir=[a]", "data.cache_dir must be a path or name, got"),
         ("data.vocab_size=abc", "data.vocab_size must be an integer >= 5, got 'abc'"),
         ("data.max_tokens=0", "data.max_tokens must be an integer >= 1, got 0"),
         ("data.spm_input_sentence_size=0", "data.spm_input_sentence_size must be an integer >= 1"),

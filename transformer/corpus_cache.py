@@ -98,9 +98,21 @@ def open_split(d, split: str, cache_dir: Path):
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
             stream_to_arrow(*paths, out)
-        return Dataset.from_file(str(out))
+        try:
+            return Dataset.from_file(str(out))
+        except (OSError, ValueError) as e:  # pyarrow's errors are one or the other
+            raise damaged_cache(out, e) from e
 
     return fingerprint, load
+
+
+def damaged_cache(path: Path, err: Exception) -> DataError:
+    """A cache entry that is there but cannot be read (a disk fault, a file cut or removed by
+    hand; entries are published whole, so no run leaves one half-written)."""
+    reason = getattr(err, "strerror", None) or (str(err).splitlines() or [repr(err)])[0]
+    return DataError(
+        f"{path}: damaged cache ({reason}); delete it and run again: it is rebuilt from the corpus"
+    )
 
 
 def publish(built: Path, final: Path) -> None:
@@ -361,10 +373,13 @@ def encode_split(
             raise
     else:
         log.info("%s: loaded the cached encoding %s (memory-mapped)", name, final)
-    counts = json.loads((final / "counts.json").read_text())
+    try:
+        counts = json.loads((final / "counts.json").read_text())
+        ds = load_from_disk(str(final))
+        lengths = tuple(np.load(final / "lengths.npy"))
+    except (OSError, ValueError) as e:  # pyarrow's and json's errors are one or the other
+        raise damaged_cache(final, e) from e
     log_counts(name, counts, max_len)
-    ds = load_from_disk(str(final))
-    lengths = tuple(np.load(final / "lengths.npy"))
     if filter_long:
         return EncodedSplit(
             ds.data.table, lengths=lengths, pages=MappedPages(final, mapped_budget_mb)

@@ -53,7 +53,7 @@ class LineRepairs:
     """Repairs one line at a time and reports them once per source (see ``decode_lines``)."""
 
     def __init__(self, source):
-        self.source, self.bad_utf8, self.control, self.count = source, [], [], 0
+        self.source, self.bad_utf8, self.control, self.cr, self.count = source, [], [], [], 0
 
     def __call__(self, line: bytes) -> str:
         self.count += 1
@@ -63,6 +63,8 @@ class LineRepairs:
             text = line.decode("utf-8", errors="replace")
             self.bad_utf8.append(self.count)
         text = text.rstrip("\r")
+        if "\r" in text:
+            self.cr.append(self.count)
         if CONTROL_CHARS.search(text):
             text = CONTROL_CHARS.sub(" ", text)
             self.control.append(self.count)
@@ -74,6 +76,11 @@ class LineRepairs:
         for found, what in (
             (self.bad_utf8, "not valid UTF-8; bytes replaced with U+FFFD"),
             (self.control, "with control characters; replaced with spaces"),
+            (
+                self.cr,
+                "with a carriage return inside: only \\n ends a line here, so a file "
+                "with old Mac line ends (\\r alone) reads as one line",
+            ),
         ):
             if found:
                 log.warning(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .corpus_cache import encode_split, open_split, sample_sentences
+from .data import DataError
 from .settings import TrainingError
 from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
 
@@ -42,9 +43,17 @@ def prepare_data(cfg, run_dir: Path):
     )
 
     def sample(*columns):  # called only when a tokenizer has to be trained
-        return lambda: sample_sentences(
-            train_load(), list(columns), d.spm_input_sentence_size, cfg.seed
-        )
+        def texts():
+            got = sample_sentences(train_load(), list(columns), d.spm_input_sentence_size, cfg.seed)
+            if not any(t.strip() for t in got):  # SentencePiece's own words: [!sentences_.empty()]
+                langs = " and ".join(d[f"{c}_lang"] for c in columns)
+                raise DataError(
+                    f"{d.name}/{d.train_split} ({langs}): no text to train the tokenizer on, "
+                    f"all {len(got)} sampled lines are blank"
+                )
+            return got
+
+        return texts
 
     names = {"src": f"tokenizer/{d.src_lang}.model", "tgt": f"tokenizer/{d.tgt_lang}.model"}
     if d.joint_vocab:
@@ -65,6 +74,8 @@ def prepare_data(cfg, run_dir: Path):
             else:
                 src_tok = train_or_load(sample("src"), key=f"{train_fp}|src", **spm_args)
                 tgt_tok = train_or_load(sample("tgt"), key=f"{train_fp}|tgt", **spm_args)
+        except DataError:  # the corpus (line counts, gzip, blank text): not the size's fault
+            raise
         except ValueError as e:  # e.g. fewer pieces asked for than the corpus has characters
             raise TrainingError(f"data.vocab_size={d.vocab_size}: {e}") from e
         for name, tok in {names["src"]: src_tok, names["tgt"]: tgt_tok}.items():

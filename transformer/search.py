@@ -47,9 +47,10 @@ class Hypothesis:
 def length_limits(model, src_mask: torch.Tensor, a: float, b: int) -> torch.Tensor:
     """(B,) maximum output length (EOS included) per sentence: a * len(src) + b, at least 1,
     and at most the ``max_target_len`` of the model (its decoder's positions), if it has one."""
-    limits = (a * src_mask.sum(1).float() + b).long().clamp(min=1)
     cap = getattr(model, "max_target_len", None)
-    return limits if cap is None else limits.clamp(max=cap)
+    # clamped before the cast: a limit past int64 (max_len_a=1e30) would wrap to negative
+    limits = (a * src_mask.sum(1).float() + b).clamp(min=1, max=cap or 2**62)
+    return limits.long()
 
 
 def length_penalty(length: int, alpha: float) -> float:

@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .values import is_count, is_flag, is_integer, is_number
+from .values import is_count, is_flag, is_integer, is_number, is_seed, path_text
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
         raise TrainingError(
             f"device={name}: not a device torch knows (auto, cpu, cuda, cuda:N)"
         ) from e
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"device={name} requested but MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: failed after the data
+        raise TrainingError(f"device={name}: not a device to run on (auto, cpu, cuda, cuda:N)")
     if device.type == "cuda" and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device
@@ -141,6 +145,9 @@ def check_distributed(t) -> None:
 DATA_COUNTS = (("max_len", 1), ("max_tokens", 1), ("vocab_size", 5),
                ("spm_input_sentence_size", 1), ("num_proc", 1))  # fmt: skip
 SPM_MODEL_TYPES = ("unigram", "bpe", "char", "word")
+# data settings that name a file, folder or dataset (data.data_dir=2023 reaches us as a number)
+DATA_PATH_KEYS = ("name", "data_dir", "cache_dir", "hub_name", "hub_config", "hub_revision",
+                  "hub_data_dir")  # fmt: skip
 
 
 def check_data_settings(cfg) -> None:
@@ -159,6 +166,14 @@ def check_data_settings(cfg) -> None:
             "model.share_src_tgt_embeddings=false (or data.joint_vocab=true)"
         )
     d = cfg.data
+    for key in DATA_PATH_KEYS:
+        try:
+            if key in d and path_text(d[key], f"data.{key}") != d[key]:  # an integer's digits
+                d[key] = str(d[key])
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+    if not d.get("name"):
+        raise TrainingError(f"data.name must be the corpus's name, got {d.get('name')!r}")
     for key, least in DATA_COUNTS:
         if key in d and not is_count(d[key], least):
             raise TrainingError(f"data.{key} must be an integer >= {least}, got {d[key]!r}")
@@ -232,5 +247,5 @@ def check_optimizer(t) -> None:
 
 
 def check_seed(seed) -> None:
-    if not is_count(seed, 0):
-        raise TrainingError(f"seed must be an integer >= 0, got {seed!r}")
+    if not is_seed(seed):
+        raise TrainingError(f"seed must be an integer in [0, 2**64), got {seed!r}")

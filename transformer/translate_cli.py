@@ -1,7 +1,8 @@
 """translate(cfg): the body of translate.py.
 
-Input: ``input=FILE`` or stdin, one sentence per line (an interactive prompt when stdin is a
-terminal). Output: ``output=FILE`` or stdout, one translation per input line, same order;
+Input: ``input=FILE`` or stdin (also ``input=-``), one sentence per line (an interactive
+prompt when stdin is a terminal). Output: ``output=FILE`` or stdout (also ``output=-``), one
+translation per input line, same order (files named ``*.gz`` are read and written gzipped);
 with ``decode.nbest=K > 1``, up to K lines per input, tab-separated
 ``INDEX<TAB>SCORE<TAB>TRANSLATION`` (INDEX = 0-based input line, SCORE = log-probability,
 length-normalised for beam search (GNMT penalty) and summed for sampling, best first).
@@ -17,32 +18,76 @@ length penalty the run chose on its validation set (``final`` in its metrics.jso
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from . import checkpoint
 from .checkpoint import CheckpointError
-from .data import DataError, decode_lines
+from .data import BAD_GZIP, DataError, decode_lines, open_binary
 from .metrics import score_all
+from .search import length_limits
 from .settings import pick_device
-from .translator import decode_options, encode_sources, load_for_inference, translate_ids
+from .translator import (
+    decode_options,
+    encode_sources,
+    load_for_inference,
+    some_numbers,
+    translate_ids,
+)
+from .values import path_text
 
 log = logging.getLogger(__name__)
 
 
+# what the command line names as paths (input=2024 reaches the code as a number)
+PATH_KEYS = ("ckpt", "input", "output", "ref", "attention_plot")
+
+
 def read_input(path: str | None, key: str = "input") -> list[str]:
-    """Lines of ``path`` (or stdin), undecodable bytes replaced with a warning; ``key`` names
-    the setting in the error when the file cannot be read."""
+    """Lines of ``path`` (gunzipped if it ends in .gz, as the training corpora are read) or
+    of stdin, undecodable bytes replaced with a warning; ``key`` names the setting in the
+    error when the file cannot be read."""
     try:
-        raw = Path(path).read_bytes() if path else sys.stdin.buffer.read()
+        if path:
+            with open_binary(Path(path)) as f:
+                raw = f.read()
+        else:
+            raw = sys.stdin.buffer.read()
+    except BAD_GZIP as e:  # before OSError: gzip.BadGzipFile is one
+        raise DataError(f"{key}={path}: not a readable gzip file ({e})") from e
     except OSError as e:
         raise DataError(f"{key}={path}: {e.strerror or e}") from e
     return decode_lines(raw, path or "stdin") if raw else []
+
+
+def write_output(path: str, text: str) -> None:
+    """``text`` into ``path`` (gzipped if it ends in .gz); a failed write (disk full, no
+    permission) names ``output=``."""
+    data = text.encode("utf-8")
+    try:
+        with open(path, "wb") as f:
+            f.write(gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
+    except OSError as e:
+        raise DataError(f"output={path}: {e.strerror or e}") from e
+
+
+def check_output(path: str) -> None:
+    """What would make writing ``output=`` fail after the translating, and lose it."""
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"output={path} is a folder, not a file")
+    folder = out.resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise PermissionError(f"output={path}: cannot write into {folder}")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise PermissionError(f"output={path}: the file exists and is not writable")
 
 
 def format_output(nbest: list[list], tgt_tok, k: int) -> tuple[list[str], list[str]]:
@@ -58,6 +103,28 @@ def format_output(nbest: list[list], tgt_tok, k: int) -> tuple[list[str], list[s
         texts = tgt_tok.decode([tokens for tokens, _ in hyps])
         lines += [f"{i}\t{score:.4f}\t{t}" for (_, score), t in zip(hyps, texts)]
     return best, lines
+
+
+def report_cut(model, ids: list[list[int]], nbest: list[list], opts, first_line: int) -> None:
+    """Warn about best translations that end at the output length limit (decode.max_len_a *
+    source length + decode.max_len_b, or the model's positions), where the search forces EOS:
+    they may be cut short. ``first_line``: the 1-based line number of ``ids[0]``."""
+    rows = [i for i, hyps in enumerate(nbest) if hyps]
+    if not rows:
+        return
+    lengths = torch.tensor([len(ids[i]) for i in rows])
+    mask = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    limits = length_limits(model, mask, opts.max_len_a, opts.max_len_b).tolist()
+    cut = [i for i, limit in zip(rows, limits) if len(nbest[i][0][0]) + 1 >= limit]
+    if cut:
+        cap = getattr(model, "max_target_len", None)
+        limit = f"decode.max_len_a={opts.max_len_a} x source length + decode.max_len_b="
+        limit += f"{opts.max_len_b}" + (f", or the model's {cap} positions" if cap else "")
+        shown = some_numbers([first_line + i for i in cut])
+        log.warning(
+            "%d translation(s) stopped at the output length limit (%s) and may be cut short "
+            "(line %s)", len(cut), limit, shown,
+        )  # fmt: skip
 
 
 def run_choice(run: Path, decode, overrides: list[str]) -> Path:
@@ -101,6 +168,12 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
 
 def translate(cfg, overrides: list[str] | None = None) -> list[str]:
     """``overrides``: the command line's (default: Hydra's, when it is running)."""
+    for key in PATH_KEYS:
+        if path_text(cfg[key], key) != cfg[key]:  # an integer: its digits
+            cfg[key] = str(cfg[key])
+    for key in ("input", "output"):  # "-": stdin and stdout, as for most tools
+        if cfg[key] == "-":
+            cfg[key] = None
     device = pick_device(cfg.device)
     ckpt = Path(cfg.ckpt)
     if ckpt.is_dir():
@@ -123,31 +196,30 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
                 f"{len(lines)}: one reference per input line"
             )
         if cfg.output:
-            folder = Path(cfg.output).resolve().parent
-            if Path(cfg.output).is_dir():
-                raise IsADirectoryError(f"output={cfg.output} is a folder, not a file")
-            if not folder.is_dir() or not os.access(folder, os.W_OK):
-                raise PermissionError(f"output={cfg.output}: cannot write into {folder}")
+            check_output(cfg.output)
+            if cfg.input and Path(cfg.output).resolve() == Path(cfg.input).resolve():
+                raise ValueError(f"output={cfg.output} is the input file: it would be overwritten")
     if cfg.attention_plot:
         try:
             Path(cfg.attention_plot).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(f"attention_plot={cfg.attention_plot}: {e.strerror or e}") from e
-    decode_options(cfg.decode)  # a bad setting fails before the model is loaded
+    opts = decode_options(cfg.decode)  # a bad setting fails before the model is loaded
     model, src_tok, tgt_tok, train_cfg = load_for_inference(ckpt, device)
     max_len = train_cfg["data"]["max_len"]
 
-    plotted = [0]  # inputs seen so far: the index of the next picture folder
+    seen = [0]  # inputs so far: the index of the next picture folder
 
     def run(lines, progress=None):
         ids = encode_sources(lines, src_tok, max_len)
         nbest = translate_ids(model, ids, tgt_tok, cfg.decode, device, progress)
+        report_cut(model, ids, nbest, opts, first_line=seen[0] + 1)
         if cfg.attention_plot:
             from .visualize import plot_translations  # matplotlib only when asked for
 
             best = [hyps[0][0] if hyps else None for hyps in nbest]
-            plot_translations(model, ids, best, src_tok, tgt_tok, cfg.attention_plot, plotted[0])
-            plotted[0] += len(lines)
+            plot_translations(model, ids, best, src_tok, tgt_tok, cfg.attention_plot, seen[0])
+        seen[0] += len(lines)
         return format_output(nbest, tgt_tok, cfg.decode.nbest)
 
     if prompt:
@@ -162,7 +234,7 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
         best, out_lines = run(lines, bar.update)
     out = "".join(line + "\n" for line in out_lines)
     if cfg.output:
-        Path(cfg.output).write_text(out, encoding="utf-8")
+        write_output(cfg.output, out)
     else:
         sys.stdout.write(out)
         sys.stdout.flush()
@@ -186,6 +258,9 @@ def interactive(run) -> list[str]:
         except EOFError:
             print(file=sys.stderr)
             return done
+        # a byte that is not UTF-8 reaches input() as a lone surrogate (Python's
+        # surrogateescape), which the tokenizer refuses: repaired as input= files are
+        line = (decode_lines(line.encode("utf-8", "surrogateescape"), "the prompt") or [""])[0]
         best, out_lines = run([line])
         print("\n".join(out_lines))
         done += best

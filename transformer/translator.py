@@ -27,7 +27,7 @@ from . import checkpoint
 from .data import plan_batches
 from .search import Hypothesis, beam_search, greedy_search, sample_search
 from .tokenizer import Tokenizer, file_sha256
-from .values import is_count, is_flag, is_number
+from .values import is_count, is_flag, is_number, is_seed
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,11 @@ def from_checkpoint(ckpt: dict, ckpt_path: Path, device: torch.device):
     return model.to(device).eval(), src_tok, tgt_tok, cfg
 
 
+def some_numbers(numbers: list[int], most: int = 10) -> str:
+    """The first ``most`` of ``numbers`` (line numbers, for a warning), then "..."."""
+    return ", ".join(map(str, numbers[:most])) + (", ..." if len(numbers) > most else "")
+
+
 def encode_sources(lines: list[str], src_tok: Tokenizer, max_len: int) -> list[list[int]]:
     """Subword ids + EOS per line; lines longer than ``max_len`` are truncated with a warning
     naming the line number (1-based)."""
@@ -106,12 +111,11 @@ def encode_sources(lines: list[str], src_tok: Tokenizer, max_len: int) -> list[l
     for i in long:
         ids[i] = ids[i][:max_len]
     if long:
-        shown = ", ".join(str(i + 1) for i in long[:10]) + (", ..." if len(long) > 10 else "")
         log.warning(
             "%d input line(s) longer than %d subwords truncated (line %s)",
             len(long),
             max_len,
-            shown,
+            some_numbers([i + 1 for i in long]),
         )
     return [seq + [src_tok.eos_id] if seq else [] for seq in ids]
 
@@ -131,14 +135,16 @@ def check_decode(opts) -> None:
     would quietly mean something else (``beam_size=0`` decoded greedily), fail now, naming
     the key."""
     for key, least in (("beam_size", 1), ("nbest", 1), ("min_len", 0), ("max_tokens", 1),
-                       ("top_k", 0), ("seed", 0)):  # fmt: skip
+                       ("top_k", 0)):  # fmt: skip
         value = opts[key]
         if not is_count(value, least):
             raise ValueError(f"decode.{key} must be an integer >= {least}, got {value!r}")
+    if not is_seed(opts.seed):
+        raise ValueError(f"decode.seed must be an integer in [0, 2**64), got {opts.seed!r}")
     for key, ok, allowed in (
         ("length_penalty", lambda v: v >= 0, "a number >= 0"),
         ("max_len_a", lambda v: v >= 0, "a number >= 0"),
-        ("max_len_b", lambda v: True, "a number"),
+        ("max_len_b", lambda v: v >= 0, "a number >= 0"),
         ("temperature", lambda v: v > 0, "a number > 0"),
         ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ):
