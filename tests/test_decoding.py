@@ -249,6 +249,8 @@ def test_decode_configs_dispatch(compose):
         ({"max_len_a": "x"}, "decode.max_len_a must be a number >= 0, got 'x'"),
         # a negative b made every limit 1 for short sources: empty translations, exit 0
         ({"max_len_b": -100}, "decode.max_len_b must be a number >= 0, got -100"),
+        # OmegaConf's words were "Key 'beam' is not in struct", without decode.
+        ({"beam": 3}, r"decode.beam is not a decode setting \(they are: beam_size, "),
         # torch's generators take up to 2**64 - 1: this failed after training, keyless
         ({"seed": 2**64}, r"decode.seed must be an integer in \[0, 2\*\*64\), got 1844"),
         ({"temperature": 0}, "decode.temperature must be a number > 0"),

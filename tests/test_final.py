@@ -220,3 +220,6 @@ def test_a_run_from_before_the_choice_translates_with_best_pt(tmp_path):
     (run / "metrics.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a metrics file"):
         run_choice(run, decode, [])
+    (run / "metrics.json").write_text('{"final": "x"}')  # was an AttributeError traceback
+    with pytest.raises(CheckpointError, match="its 'final' is not a mapping, got 'x'"):
+        run_choice(run, decode, [])

@@ -320,6 +320,8 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("data.cache_dir=[a]", "data.cache_dir must be a path or name, got"),
         ("data.vocab_size=abc", "data.vocab_size must be an integer >= 5, got 'abc'"),
         ("data.max_tokens=0", "data.max_tokens must be an integer >= 1, got 0"),
+        # refused only after the training split was encoded
+        ("data.mapped_budget_mb=-1", "data.mapped_budget_mb must be an integer >= 0, got -1"),
         ("data.spm_input_sentence_size=0", "data.spm_input_sentence_size must be an integer >= 1"),
         ("data.spm_model_type=bpee", "data.spm_model_type must be one of unigram, bpe, char, word"),
         ("data.character_coverage=0.9", r"data.character_coverage must be a number in \[0.98, 1\]"),

@@ -141,9 +141,11 @@ def check_distributed(t) -> None:
 
 
 # data settings that count something, with their least value: SentencePiece needs room for
-# the 4 special pieces and one more; 0 sampled sentences would train it on none
+# the 4 special pieces and one more; 0 sampled sentences would train it on none; a mapped
+# budget of 0 MB never releases pages (it failed only after the training split was encoded)
 DATA_COUNTS = (("max_len", 1), ("max_tokens", 1), ("vocab_size", 5),
-               ("spm_input_sentence_size", 1), ("num_proc", 1))  # fmt: skip
+               ("spm_input_sentence_size", 1), ("num_proc", 1),
+               ("mapped_budget_mb", 0))  # fmt: skip
 SPM_MODEL_TYPES = ("unigram", "bpe", "char", "word")
 # data settings that name a file, folder or dataset (data.data_dir=2023 reaches us as a number)
 DATA_PATH_KEYS = ("name", "data_dir", "cache_dir", "hub_name", "hub_config", "hub_revision",

@@ -147,6 +147,8 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
         final = json.loads(metrics.read_text()).get("final")
     except (json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{metrics}: not a metrics file ({e})") from e
+    if final is not None and not isinstance(final, dict):
+        raise CheckpointError(f"{metrics}: its 'final' is not a mapping, got {final!r}")
     if not final or not final.get("checkpoint"):  # a run from before the choice existed
         log.info("%s names no final choice: translating with best.pt", metrics)
         return run / "checkpoints" / "best.pt"

@@ -22,6 +22,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from . import checkpoint
 from .data import plan_batches
@@ -125,7 +126,12 @@ def decode_options(decode_cfg) -> DictConfig:
     an unknown key is an error."""
     base = OmegaConf.load(DECODE_DEFAULTS)
     OmegaConf.set_struct(base, True)
-    opts = OmegaConf.merge(base, decode_cfg)
+    try:
+        opts = OmegaConf.merge(base, decode_cfg)
+    except ConfigKeyError as e:  # OmegaConf's words: "Key 'beam' is not in struct"
+        raise ValueError(
+            f"decode.{e.key} is not a decode setting (they are: {', '.join(base)})"
+        ) from e
     check_decode(opts)
     return opts
 
