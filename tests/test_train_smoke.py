@@ -125,12 +125,13 @@ def test_unknown_name_or_unwritable_run_dir_is_clear(small_overrides, tmp_path, 
         ("short", "line counts differ: {root}/multi30k/train.de has 300 lines, "),
         # SentencePiece's own words were "INTERNAL: ... [!sentences_.empty()]"
         ("blank", "multi30k/train (de and en): no text to train the tokenizer on, all 600 "),
+        ("short valid", "line counts differ: {root}/multi30k/valid.de has 40 lines, "),
     ],
 )
 def test_bad_corpus_is_one_clear_line(corpus_root, small_overrides, tmp_path, damage, message):
     root = tmp_path / "corpus"
     shutil.copytree(corpus_root, root)
-    en = root / "multi30k" / "train.en"
+    en = root / "multi30k" / ("valid.en" if damage == "short valid" else "train.en")
     lines = en.read_text("utf-8").splitlines(keepends=True)
     en.write_text("" if damage == "empty" else "".join(lines[:-1]), "utf-8")
     if damage == "blank":
@@ -142,6 +143,8 @@ def test_bad_corpus_is_one_clear_line(corpus_root, small_overrides, tmp_path, da
     assert message.format(root=root) in out.stderr and "Traceback" not in out.stderr
     # the corpus's fault, not the vocabulary size's (every DataError was blamed on it)
     assert "data.vocab_size" not in out.stderr
+    # found before the training split is encoded (a bad valid file was found after it)
+    assert not (tmp_path / "cache" / "encoded").exists()
 
 
 def test_a_path_or_name_that_yaml_reads_as_a_number_is_its_digits(compose, small_overrides):

@@ -44,6 +44,9 @@ def prepare_data(cfg, run_dir: Path):
 
     def sample(*columns):  # called only when a tokenizer has to be trained
         def texts():
+            for split, (_, load) in sources.items():  # small: a bad evaluation file fails
+                if split != d.train_split:  # before the training split is read and encoded
+                    load()
             got = sample_sentences(train_load(), list(columns), d.spm_input_sentence_size, cfg.seed)
             if not any(t.strip() for t in got):  # SentencePiece's own words: [!sentences_.empty()]
                 langs = " and ".join(d[f"{c}_lang"] for c in columns)
