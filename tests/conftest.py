@@ -138,3 +138,22 @@ def last_logged_step(logged_steps):
             return 0
 
     return _last
+
+
+@pytest.fixture()
+def typed(monkeypatch):
+    """typed(*lines): input() returns these lines in turn, then raises EOFError (Ctrl-D at the
+    prompt)."""
+
+    def _typed(*lines: str) -> None:
+        pending = iter(lines)
+
+        def fake_input(prompt):
+            try:
+                return next(pending)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr("builtins.input", fake_input)
+
+    return _typed

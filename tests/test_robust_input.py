@@ -249,21 +249,13 @@ def test_translations_at_the_length_limit_are_reported(tiny, compose, tmp_path, 
     assert "1 translation(s) stopped" in caplog.text and "(line 7)" in caplog.text
 
 
-def test_the_prompt_repairs_bytes_that_are_not_utf8(monkeypatch, caplog):
+def test_the_prompt_repairs_bytes_that_are_not_utf8(typed, caplog):
     """Python hands a bad byte to input() as a lone surrogate, which SentencePiece refused:
     a traceback that ended the session."""
     from transformer import translate_cli
 
     caplog.set_level(logging.WARNING)
-    typed = iter(["\udce4rger", "gut"])
-
-    def fake_input(prompt):
-        try:
-            return next(typed)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", fake_input)
+    typed("\udce4rger", "gut")
     seen = []
     done = translate_cli.interactive(lambda lines: (seen.extend(lines) or lines, lines))
     assert seen == done == ["\ufffdrger", "gut"]

@@ -187,19 +187,11 @@ def test_translate_cli_writes_plots(compose, cli_model, tmp_path):
 
 
 def test_interactive_plots_number_the_inputs_across_prompts(
-    compose, cli_model, tmp_path, monkeypatch
+    compose, cli_model, tmp_path, monkeypatch, typed
 ):
     """Each prompt's sentence gets the next folder; a picture's rows are the output tokens
     and EOS, its columns the source tokens."""
-    typed = iter(["Ein Hund.", "Zwei Kinder spielen."])
-
-    def prompt(_):
-        try:
-            return next(typed)
-        except StopIteration:
-            raise EOFError from None
-
-    monkeypatch.setattr("builtins.input", prompt)
+    typed("Ein Hund.", "Zwei Kinder spielen.")
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
     shapes = []
     save = visualize.save_sentence
