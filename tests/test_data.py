@@ -34,6 +34,16 @@ def test_local_plain_and_gzipped_files(tmp_path):
     assert ds["src"] == ["eins", "zwei"] and ds["tgt"] == ["one", "two"]
 
 
+def test_a_plain_file_beside_its_gz_is_read_with_a_warning(tmp_path, caplog):
+    """Which one was read was said nowhere, and a stale copy would train unnoticed."""
+    write(tmp_path / "train.de", ["eins"])
+    write(tmp_path / "train.de.gz", ["alt", "veraltet"], gz=True)
+    write(tmp_path / "train.en", ["one"])
+    assert load_local(tmp_path, "train", "de", "en")["src"] == ["eins"]
+    assert f"both {tmp_path}/train.de and train.de.gz exist: reading train.de" in caplog.text
+    assert caplog.text.count("both") == 1  # not for train.en
+
+
 def test_mismatched_line_counts_name_both_files_and_counts(tmp_path):
     write(tmp_path / "train.de", ["a", "b", "c"])
     write(tmp_path / "train.en", ["a", "b"])

@@ -330,6 +330,8 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("data.character_coverage=0.9", r"data.character_coverage must be a number in \[0.98, 1\]"),
         ("data.joint_vocab=maybe", "data.joint_vocab must be true or false, got 'maybe'"),
         ("data.langs=en", "data.langs must be a list of language codes, got 'en'"),
+        # `langs: [no, en]` in a YAML file (Norwegian) reads as [False, 'en']
+        ("data.langs=[false,en]", "language codes .YAML reads no, yes, on and off as false or "),
         ("model.max_positions=128", "model.max_positions=128 is too small for data.max_len=128"),
         ("data.valid_split=train", "data.valid_split names the training split 'train'"),
         ("data.test_splits=[test2016,train]", "data.test_splits names the training split"),

@@ -199,7 +199,10 @@ def check_data_settings(cfg) -> None:
     if not is_flag(d.joint_vocab):
         raise TrainingError(f"data.joint_vocab must be true or false, got {d.joint_vocab!r}")
     for key, what in (("test_splits", "split names"), ("langs", "language codes")):
-        check_list(d.get(key, []), f"data.{key}", what, lambda x: isinstance(x, str))
+        names = d.get(key, [])
+        if OmegaConf.is_list(names) and any(isinstance(x, bool) for x in names):
+            what += " (YAML reads no, yes, on and off as false or true: quote them, 'no')"
+        check_list(names, f"data.{key}", what, lambda x: isinstance(x, str))
     for key, names in (("valid_split", [d.valid_split]), ("test_splits", d.test_splits)):
         if d.train_split in names:  # encoded once, as training pairs: filtered, no text
             raise TrainingError(
