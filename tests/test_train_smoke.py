@@ -220,7 +220,7 @@ def test_a_folder_given_as_a_file_is_one_clear_line(tiny_ckpt, tmp_path):
             TrainingError,
             "device=mps requested but MPS is not available",
             marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="has MPS"),
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_translate_refuses_before_loading_the_model(
