@@ -291,6 +291,19 @@ def test_evaluation_targets_are_truncated_for_the_validation_loss(tokenizers, tm
     )
 
 
+def test_an_evaluation_split_without_references_is_reported(tokenizers, tmp_path, caplog):
+    """Its BLEU was 0 at every evaluation, without a word why."""
+    from datasets import Dataset
+
+    src_tok, tgt_tok = tokenizers
+    args = dict(src_tok=src_tok, tgt_tok=tgt_tok, max_len=20, filter_long=False, name="v")
+    for refs, warned in ((["", " "], True), (["", "a dog"], False)):
+        caplog.clear()
+        pairs = Dataset.from_dict({"src": ["ein", "hund"], "tgt": refs})
+        encode_split(str(refs), lambda pairs=pairs: pairs, cache_dir=tmp_path / "c", **args)
+        assert ("v: every reference line is empty" in caplog.text) == warned
+
+
 def test_encoding_counts_and_truncation(tokenizers, tmp_path, caplog):
     """Training drops a pair with one empty side (and names the count); evaluation keeps every
     line, truncating sources to exactly max_len and warning only of those over it."""

@@ -384,4 +384,7 @@ def encode_split(
         return EncodedSplit(
             ds.data.table, lengths=lengths, pages=MappedPages(final, mapped_budget_mb)
         )
-    return EncodedSplit(ds.data.table, list(ds["src_text"]), list(ds["tgt_text"]), lengths)
+    refs = list(ds["tgt_text"])
+    if not any(refs):  # e.g. a test set released without its references
+        log.warning("%s: every reference line is empty: its BLEU and chrF will be 0", name)
+    return EncodedSplit(ds.data.table, list(ds["src_text"]), refs, lengths)
