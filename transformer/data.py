@@ -34,12 +34,12 @@ class DataError(ValueError):
 
 # -- reading ----------------------------------------------------------------------------------
 def find_file(directory: Path, split: str, lang: str) -> Path:
-    found = [directory / n for n in (f"{split}.{lang}", f"{split}.{lang}.gz")]
-    found = [p for p in found if p.is_file()]
-    if len(found) == 2:  # they may differ (one updated, the other stale): say which is read
-        log.warning("both %s and %s exist: reading %s", found[0], found[1].name, found[0].name)
-    if found:
-        return found[0]
+    files = [directory / n for n in (f"{split}.{lang}", f"{split}.{lang}.gz")]
+    files = [p for p in files if p.is_file()]
+    if len(files) == 2:  # they may differ (one updated, the other stale): say which is read
+        log.warning("both %s and %s exist: reading %s", files[0], files[1].name, files[0].name)
+    if files:
+        return files[0]
     found = sorted({p.name.split(".")[1] for p in directory.glob(f"{split}.*") if "." in p.name})
     raise DataError(
         f"no file {split}.{lang}[.gz] in {directory} "
