@@ -113,7 +113,7 @@ def open_binary(path: Path):
 BAD_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
-def bad_gzip(path: Path, lines_read: int | None, err: Exception) -> DataError:
+def bad_gzip(path: Path | str, lines_read: int | None, err: Exception) -> DataError:
     where = f" after line {lines_read}" if lines_read else ""
     return DataError(f"{path}: not a readable gzip file{where} ({err})")
 

@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from .values import is_count, is_flag, is_integer, is_number, is_seed, path_text
+from .values import as_path_text, is_count, is_flag, is_integer, is_number, is_seed
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,8 @@ def check_data_settings(cfg) -> None:
     d = cfg.data
     for key in DATA_PATH_KEYS:
         try:
-            if key in d and path_text(d[key], f"data.{key}") != d[key]:  # an integer's digits
-                d[key] = str(d[key])
+            if key in d:
+                as_path_text(d, key, f"data.{key}")
         except ValueError as e:
             raise TrainingError(str(e)) from None
     if not d.get("name"):

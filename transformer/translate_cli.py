@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .checkpoint import CheckpointError
-from .data import BAD_GZIP, DataError, decode_lines, open_binary
+from .data import BAD_GZIP, DataError, bad_gzip, decode_lines, open_binary
 from .metrics import score_all
 from .search import length_limits
 from .settings import pick_device
@@ -41,7 +41,7 @@ from .translator import (
     some_numbers,
     translate_ids,
 )
-from .values import path_text
+from .values import as_path_text
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def read_input(path: str | None, key: str = "input") -> list[str]:
         else:
             raw = sys.stdin.buffer.read()
     except BAD_GZIP as e:  # before OSError: gzip.BadGzipFile is one
-        raise DataError(f"{key}={path}: not a readable gzip file ({e})") from e
+        raise bad_gzip(f"{key}={path}", None, e) from e
     except OSError as e:
         raise DataError(f"{key}={path}: {e.strerror or e}") from e
     return decode_lines(raw, path or "stdin") if raw else []
@@ -171,8 +171,7 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
 def translate(cfg, overrides: list[str] | None = None) -> list[str]:
     """``overrides``: the command line's (default: Hydra's, when it is running)."""
     for key in PATH_KEYS:
-        if path_text(cfg[key], key) != cfg[key]:  # an integer: its digits
-            cfg[key] = str(cfg[key])
+        as_path_text(cfg, key, key)
     for key in ("input", "output"):  # "-": stdin and stdout, as for most tools
         if cfg[key] == "-":
             cfg[key] = None

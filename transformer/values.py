@@ -30,6 +30,14 @@ def path_text(value, key: str) -> str | None:
     raise ValueError(f"{key} must be a path or name, got {value!r}: quote it, {key}=\"'...'\"")
 
 
+def as_path_text(node, key: str, name: str) -> None:
+    """``node[key]`` (a config mapping) made ``path_text``: an integer becomes its digits,
+    in place; text, and an interpolation behind it, is left as it is."""
+    text = path_text(node[key], name)
+    if text != node[key]:
+        node[key] = text
+
+
 def is_flag(value) -> bool:
     """True or false, and not 1 or 0 (which ``value in (True, False)`` lets through) or a
     string (any non-empty string, "no" too, would count as true)."""
