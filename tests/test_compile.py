@@ -10,6 +10,8 @@ from tiny_models import PAD, V, sources
 
 from transformer import checkpoint, dropout
 from transformer.loss import projected_loss, sequence_loss
+from transformer.packing import pack_batch
+from transformer.seq2seq import Batch
 from transformer.settings import COMPILE_MODES
 from transformer.trainer import Trainer, TrainingError, train
 from transformer.transformer_model import Transformer
@@ -115,6 +117,17 @@ def test_the_training_forward_and_the_loss_trace_without_graph_breaks(monkeypatc
     assert len(traced) == 1, traced
 
 
+def test_the_forward_on_packed_rows_traces_without_graph_breaks():
+    """trainer.packed_rows with trainer.compile: the forward on packed rows (segment masks,
+    positions looked up per token) is one graph too, its ``RowSegments`` an input."""
+
+    model, (src, mask, tgt_in, _) = model_with_dropout()
+    b = pack_batch(Batch(src, mask, tgt_in, tgt_in), PAD, 16)  # the same real positions
+    assert b.src.shape[0] < src.shape[0]  # several pairs to a row
+    forward = torch._dynamo.explain(model)(b.src, b.src_mask, b.tgt_in, False, b.rows)
+    assert (forward.graph_count, forward.graph_break_count) == (1, 0), forward.break_reasons
+
+
 def test_the_mask_operator_passes_torchs_operator_checks():
     """torch.library.opcheck: schema, autograd registration, the tracing stand-in against the
     real mask (shape, dtype, strides: a transposed input once had its strides where the real
@@ -168,6 +181,12 @@ def test_batch_shapes_counts_the_shapes_the_batches_have(compose, small_override
     assert 1 < len(shapes) < len(plan)
     assert trainer.batch_shapes() == (len(shapes), len(plan))
     assert not trainer.cuda_graphs
+    # packed rows: the shapes of the packed batches, fewer (only the rows vary, mostly)
+    trainer.packed_rows = 64
+    packed = [pack_batch(b, trainer.pad_id, 64) for b in batches]
+    packed = {(*b.src.shape, b.tgt_out.shape[1]) for b in packed}
+    assert trainer.batch_shapes() == (len(packed), len(plan))
+    assert len(packed) < len(shapes)
 
 
 def test_each_forward_under_cuda_graphs_starts_a_new_graph_step(

@@ -45,8 +45,11 @@ class SinusoidalPositions(nn.Module):
         pe[:, 1::2] = torch.cos(pos * inv_freq)
         self.register_buffer("pe", pe, persistent=False)  # (P, D)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """x (B, T, D) -> x + PE[start:start+T]."""
+    def forward(self, x: torch.Tensor, start: int = 0, index=None) -> torch.Tensor:
+        """x (B, T, D) -> x + PE[start:start+T], or x + PE[index] for positions ``index``
+        (B, T) (packed rows, where each sentence counts from 0 in its own slots)."""
+        if index is not None:
+            return x + self.pe[index].to(x.dtype)
         T = x.shape[1]
         if start + T > self.pe.shape[0]:
             raise ValueError(
@@ -121,10 +124,15 @@ class DecoderLayer(nn.Module):
         self.sub_cross = Sublayer(d_model, dropout, pre_norm)
         self.sub_ffn = Sublayer(d_model, dropout, pre_norm)
 
-    def forward(self, x, memory, memory_mask, self_kv=None, cross_kv=None, cross_q=None):
+    def forward(
+        self, x, memory, memory_mask, self_kv=None, cross_kv=None, cross_q=None, self_mask=None
+    ):
         """
         :param x: (B, T, D) target states; T = 1 when decoding incrementally with ``self_kv``
-        :param memory: (B, S, D) encoder output  :param memory_mask: (B, 1, 1, S)
+        :param memory: (B, S, D) encoder output
+        :param memory_mask: (B, 1, 1, S), or (B, 1, T, S) for packed rows
+        :param self_mask: training only: the self-attention mask, causal included, in place
+            of the causal flag (packed rows: ``packing.segment_bias``); None = causal
         :param self_kv: self-attention cache of earlier positions (k, v), or a linear
             attention state; None when training
         :param cross_kv: precomputed cross-attention (k, v), or None
@@ -135,7 +143,13 @@ class DecoderLayer(nn.Module):
         incremental = self_kv is not None
         x, self_kv = self.sub_self(
             x,
-            lambda h: self.self_attn(h, kv=self_kv, append_kv=incremental, causal=not incremental),
+            lambda h: self.self_attn(
+                h,
+                mask=self_mask,
+                kv=self_kv,
+                append_kv=incremental,
+                causal=not incremental and self_mask is None,
+            ),
         )
         x, cross_kv = self.sub_cross(
             x,

@@ -35,6 +35,7 @@ from .final_choice import FinalChoice, final_settings
 from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
+from .packing import pack_batch, row_layout
 from .precision import Bf16Weights, PrecisionError, merge_state, split_state
 from .run_data import prepare_data
 from .settings import (
@@ -118,7 +119,14 @@ class Trainer:
         check_seed(cfg.seed)
         # before the data is read: a fresh run trains its tokenizer and encodes the corpus
         # first (13 s of Multi30k here)
-        trial_build(cfg.model)
+        trial = trial_build(cfg.model)
+        self.packed_rows = self.t.packed_rows
+        if self.packed_rows and not getattr(trial, "takes_rows", False):
+            raise TrainingError(
+                f"trainer.packed_rows={self.packed_rows} needs the Transformer with "
+                "scaled-dot-product attention (model.attention kinds scaled_dot or dot); "
+                "set trainer.packed_rows=0"
+            )
         self.compile_mode = self.t.get("compile_mode", "default")
         self.dist = dist or distributed.Dist()
         self.run_dir, self.ckpt_dir = run_dir, run_dir / "checkpoints"
@@ -263,9 +271,17 @@ class Trainer:
         """(distinct (B, S, T) shapes, batches) in this rank's plan of epoch 0, from the
         lengths alone: with CUDA graphs each new shape is recorded once (a recording run, and
         memory in the graphs' pool), and later epochs repeat the shapes since batches are cut
-        from sorted lengths."""
+        from sorted lengths. With packed rows, the (rows, S, T) of the packed batches."""
         plan = self.batcher.epoch_batches(0)
-        return len({self.batcher.batch_shape(idx) for idx in plan}), len(plan)
+        shape = self.packed_shape if self.packed_rows else self.batcher.batch_shape
+        return len({shape(idx) for idx in plan}), len(plan)
+
+    def packed_shape(self, idx) -> tuple[int, int, int]:
+        """The (rows, S, T) of ``batch(idx)`` in packed rows, from the lengths alone (EOS on
+        the source, BOS or EOS on the target: one more token each)."""
+        split = self.batcher.split
+        lay = row_layout(split.src_lens[idx] + 1, split.tgt_lens[idx] + 1, self.packed_rows)
+        return lay.rows, lay.src_width, lay.tgt_width
 
     def reseed_rank(self) -> None:
         """Ranks other than 0 draw their own dropout masks, seeded from (seed, rank, step);
@@ -539,6 +555,8 @@ class Trainer:
             try:
                 total = torch.zeros((), device=self.device)
                 for i, b in enumerate(micro_batches):
+                    if self.packed_rows:  # on the host, while the device runs the last step
+                        b = pack_batch(b, self.pad_id, self.packed_rows)
                     b = self.to_device(b)
                     if self.cuda_graphs:  # outputs of the last replay are consumed: reuse them
                         torch.compiler.cudagraph_mark_step_begin()
@@ -592,12 +610,14 @@ class Trainer:
         """Summed label-smoothed loss of batch ``b`` through the training model, with the
         output projection fused into the loss (``transformer/loss.py``) or not."""
         ls = self.t.label_smoothing
+        rows = {"rows": b.rows} if self.packed_rows else {}  # packing.PackedBatch
         with self.autocast(training=True):
             if not self.fused_loss:
                 return self.sequence_loss(
-                    self.train_model(b.src, b.src_mask, b.tgt_in), b.tgt_out, self.pad_id, ls
-                )
-            features = self.train_model(b.src, b.src_mask, b.tgt_in, project=False)
+                    self.train_model(b.src, b.src_mask, b.tgt_in, **rows),
+                    b.tgt_out, self.pad_id, ls,
+                )  # fmt: skip
+            features = self.train_model(b.src, b.src_mask, b.tgt_in, project=False, **rows)
             out_proj = self.compute_model.out_proj
             return projected_loss(features, out_proj, b.tgt_out, self.pad_id, ls)
 

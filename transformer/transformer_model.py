@@ -28,6 +28,7 @@ from .attention import (
 )
 from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer, ScaledEmbedding, SinusoidalPositions
+from .packing import RowSegments, segment_bias
 from .seq2seq import DecoderState, EncoderOut, Seq2Seq, check_model_settings
 
 
@@ -97,6 +98,7 @@ class Transformer(Seq2Seq):
         self.bias_roles = {
             role for role in ("encoder", "cross") if getattr(att, role) in SDPA_KINDS
         }
+        self.takes_rows = all(k in SDPA_KINDS for k in (att.encoder, att.decoder, att.cross))
         layer_args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre, att)
 
         self.tgt_embed = ScaledEmbedding(tgt_vocab_size, d_model, padding_idx=pad_id)
@@ -140,17 +142,32 @@ class Transformer(Seq2Seq):
         mask = padding_mask(src_mask)
         return key_bias(mask, attention_dtype(like)) if role in self.bias_roles else mask
 
+    def check_rows(self, rows: RowSegments | None) -> None:
+        if rows is not None and not self.takes_rows:
+            raise ValueError(
+                "packed rows need scaled-dot-product attention (model.attention kinds "
+                f"{list(SDPA_KINDS)}) in the encoder, the decoder and the cross-attention"
+            )
+
     # -- encoder ---------------------------------------------------------------------------
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor, embedded=None) -> EncoderOut:
+    def encode(
+        self, src: torch.Tensor, src_mask: torch.Tensor, embedded=None, rows=None
+    ) -> EncoderOut:
         """src (B, S), src_mask (B, S) bool -> EncoderOut(memory (B, S, D), src_mask), with
         extra["cross_kv"] = [k_1, v_1, k_2, ...] per decoder layer, each (B, h, S, d_head),
         and extra["cross_q"] the query rows split from the rows that made them, per decoder
         layer (``MultiHeadAttention.split_params``; in an ``Unbatched``). ``embedded``: the
-        source's scaled embeddings (B, S, D) when already looked up (``forward``)."""
+        source's scaled embeddings (B, S, D) when already looked up (``forward``). ``rows``:
+        the sources are packed rows (``forward``)."""
+        self.check_rows(rows)
         if embedded is None:
             embedded = self.src_embed(src)
-        x = self.embed_dropout(self.positions(embedded))  # (B, S, D)
-        mask = self.key_mask(src_mask, "encoder", x)  # (B, 1, 1, S)
+        index = None if rows is None else rows.src_position
+        x = self.embed_dropout(self.positions(embedded, index=index))  # (B, S, D)
+        if rows is None:
+            mask = self.key_mask(src_mask, "encoder", x)  # (B, 1, 1, S)
+        else:  # (B, 1, S, S): each token sees its own sentence
+            mask = segment_bias(rows.src_segment, rows.src_segment, False, attention_dtype(x))
         for layer in self.encoder:
             x = layer(x, mask)
         memory = self.enc_norm(x)
@@ -179,9 +196,15 @@ class Transformer(Seq2Seq):
         return held.value[i] if held is not None else None
 
     # -- decoder ---------------------------------------------------------------------------
-    def forward(self, src, src_mask, tgt_in, project: bool = True) -> torch.Tensor:
+    def forward(
+        self, src, src_mask, tgt_in, project: bool = True, rows: RowSegments | None = None
+    ) -> torch.Tensor:
         """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V),
         or with ``project=False`` the features (B, T, D) that ``out_proj`` maps to them.
+
+        ``rows``: the batch is in packed rows (transformer/packing.py), several sentence pairs
+        to a row of ``src`` and ``tgt_in`` (B is then the rows, S and T their widths), with
+        each token's sentence and position in it; attention keeps the sentences apart.
 
         With one embedding for both languages, the source and the target are looked up
         together, so the backward pass scatters their gradients into it once, not twice and
@@ -191,26 +214,38 @@ class Transformer(Seq2Seq):
         src_emb = tgt_emb = None
         if self.src_embed is self.tgt_embed:
             src_emb, tgt_emb = self.tgt_embed.lookup(src, tgt_in)
-        enc = self.encode(src, src_mask, embedded=src_emb)
-        return self.decode_prefix(tgt_in, enc, project, embedded=tgt_emb)
+        enc = self.encode(src, src_mask, embedded=src_emb, rows=rows)
+        return self.decode_prefix(tgt_in, enc, project, embedded=tgt_emb, rows=rows)
 
     def decode_prefix(
-        self, tgt_in: torch.Tensor, enc: EncoderOut, project: bool = True, embedded=None
-    ):
+        self, tgt_in: torch.Tensor, enc: EncoderOut, project: bool = True, embedded=None,
+        rows: RowSegments | None = None,
+    ):  # fmt: skip
         """Teacher-forced decoder stack over ``enc``: tgt_in (B, T) -> logits (B, T, V)
         (features (B, T, D) with ``project=False``); ``embedded``: tgt_in's scaled
-        embeddings when already looked up.
+        embeddings when already looked up; ``rows``: packed rows (``forward``).
 
         Training uses it through ``forward``; uncached decoding re-runs it on the prefix.
         """
+        self.check_rows(rows)
         if embedded is None:
             embedded = self.tgt_embed(tgt_in)
-        y = self.embed_dropout(self.positions(embedded))  # (B, T, D)
-        mem_mask = self.key_mask(enc.src_mask, "cross", y)
+        index = None if rows is None else rows.tgt_position
+        y = self.embed_dropout(self.positions(embedded, index=index))  # (B, T, D)
+        self_mask = None
+        if rows is None:
+            mem_mask = self.key_mask(enc.src_mask, "cross", y)
+        else:  # each target token sees its own sentence: its prefix, and its source
+            dtype = attention_dtype(y)
+            self_mask = segment_bias(rows.tgt_segment, rows.tgt_segment, True, dtype)
+            mem_mask = segment_bias(rows.tgt_segment, rows.src_segment, False, dtype)
         cross = enc.extra["cross_kv"]
         for i, layer in enumerate(self.decoder):
             kv = (cross[2 * i], cross[2 * i + 1])
-            y, _, _ = layer(y, enc.memory, mem_mask, cross_kv=kv, cross_q=self.cross_q(enc, i))
+            y, _, _ = layer(
+                y, enc.memory, mem_mask, cross_kv=kv, cross_q=self.cross_q(enc, i),
+                self_mask=self_mask,
+            )  # fmt: skip
         y = self.dec_norm(y)
         return self.out_proj(y) if project else y
 

@@ -52,16 +52,16 @@ def build_model(model_cfg, src_vocab_size: int, tgt_vocab_size: int, pad_id: int
         raise
 
 
-def trial_build(model_cfg) -> None:
+def trial_build(model_cfg) -> torch.nn.Module:
     """The model's own checks of ``model_cfg`` (sizes, dropout, attention options, unknown
     keys), before any data is read: a trial build on the meta device, with a stand-in
-    vocabulary, which allocates nothing and draws no random numbers. The model's module is
-    imported first, outside the meta device, so that no tensor a module makes as it is
-    imported lands there."""
+    vocabulary, which allocates nothing and draws no random numbers; returns it. The
+    model's module is imported first, outside the meta device, so that no tensor a module
+    makes as it is imported lands there."""
     with contextlib.suppress(ImportError, ValueError):  # else the build names the problem
         importlib.import_module(str(model_cfg.get("_target_", "")).rpartition(".")[0])
     with torch.device("meta"):
-        build_model(model_cfg, src_vocab_size=8, tgt_vocab_size=8, pad_id=0)
+        return build_model(model_cfg, src_vocab_size=8, tgt_vocab_size=8, pad_id=0)
 
 
 def load_tokenizers(ckpt: dict, ckpt_path: Path) -> tuple[Tokenizer, Tokenizer]:

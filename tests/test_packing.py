@@ -1,0 +1,159 @@
+"""Packed rows (transformer/packing.py): the layout keeps every pair whole and in order, and
+attention over packed rows with the segment mask equals attention over the padded batch."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer.attention import key_bias, padding_mask
+from transformer.loss import sequence_loss
+from transformer.packing import pack_batch, pack_lengths, row_layout, segment_bias
+from transformer.seq2seq import Batch
+from transformer.transformer_model import Transformer
+
+
+def test_layout_fills_rows_in_order_and_never_overflows():
+    src = [5, 7, 3, 9, 2, 16]
+    tgt = [6, 4, 5, 9, 3, 1]
+    lay = row_layout(src, tgt, 16)
+    assert (lay.src_width, lay.tgt_width) == (16, 16)
+    # 5+7+3 = 15 fit; 9 would make 24: new row; 9+2 = 11; 16 would make 27: new row
+    assert lay.row.tolist() == [0, 0, 0, 1, 1, 2]
+    assert lay.src_offset.tolist() == [0, 5, 12, 0, 9, 0]
+    assert lay.tgt_offset.tolist() == [0, 6, 10, 0, 9, 0]
+    for side, lens, w in ((lay.src_offset, src, 16), (lay.tgt_offset, tgt, 16)):
+        assert all(o + n <= w for o, n in zip(side, lens))
+    assert row_layout([1, 1], [10, 10], 16).row.tolist() == [0, 1]  # the target side full
+
+
+def test_layout_widens_to_the_longest_sentence_and_a_multiple_of_16():
+    lay = row_layout([40, 3], [2, 2], 8)
+    assert (lay.src_width, lay.tgt_width) == (48, 16)
+    assert lay.rows == 1 and lay.row.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="width"):
+        row_layout([1], [1], 0)
+
+
+def test_pack_and_unpack_round_trip():
+    B, L = 4, 6
+    lengths = torch.tensor([6, 1, 4, 3])
+    src, tgt = pack_lengths(lengths, lengths, 16, L, L)
+    x = torch.arange(B * L).view(B, L) + 1
+    real = torch.arange(L) < lengths[:, None]
+    packed = src.pack(x)
+    assert packed.shape == src.shape == (1, 16)
+    assert int((packed > 0).sum()) == int(lengths.sum())
+    assert torch.equal(src.unpack(packed, B, L), torch.where(real, x, 0))
+    # segments and positions say which sentence and where in it
+    assert src.segment[0, :8].tolist() == [1] * 6 + [2] + [3]
+    assert src.position[0, :8].tolist() == [0, 1, 2, 3, 4, 5, 0, 0]
+
+
+@pytest.mark.parametrize("kind", ["encoder self", "decoder self", "cross"])
+def test_packed_attention_equals_padded_attention(kind):
+    g = torch.Generator().manual_seed(0)
+    B, S, T, h, d = 7, 9, 11, 2, 8
+    src_len = torch.randint(1, S + 1, (B,), generator=g)
+    tgt_len = torch.randint(1, T + 1, (B,), generator=g)
+    src_len[0], tgt_len[1] = S, T  # the longest sentences are full
+    src_side, tgt_side = pack_lengths(src_len, tgt_len, 16, S, T)
+    Lq, Lk, q_side, k_side = {
+        "encoder self": (S, S, src_side, src_side),
+        "decoder self": (T, T, tgt_side, tgt_side),
+        "cross": (T, S, tgt_side, src_side),
+    }[kind]
+    causal = kind == "decoder self"
+    q = torch.randn(B, Lq, h, d, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, Lk, h, d, generator=g, requires_grad=True) for _ in "kv")
+    t = lambda x: x.transpose(1, 2)  # noqa: E731  (B, L, h, d) -> (B, h, L, d)
+    mask = None if causal else key_bias(padding_mask(torch.arange(S) < src_len[:, None]), q.dtype)
+    padded = t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask, is_causal=causal))
+    bias = segment_bias(q_side.segment, k_side.segment, causal, q.dtype)
+    out = F.scaled_dot_product_attention(
+        t(q_side.pack(q)), t(k_side.pack(k)), t(k_side.pack(v)), attn_mask=bias
+    )
+    assert not out.isnan().any()
+    packed = q_side.unpack(t(out), B, Lq)
+    real_q = torch.arange(Lq) < (src_len if Lq == S and kind != "cross" else tgt_len)[:, None]
+    real_q = real_q[:, :, None, None]
+    assert torch.allclose(torch.where(real_q, packed, 0), torch.where(real_q, padded, 0), atol=1e-5)
+    # the gradients of the real tokens agree too, and padding gets none
+    grad = torch.randn(B, Lq, h, d, generator=g) * real_q
+    want = torch.autograd.grad(padded, (q, k, v), grad)
+    got = torch.autograd.grad(packed, (q, k, v), grad)
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_segment_bias_rows_never_empty():
+    seg = torch.tensor([[1, 1, 2, 0], [3, 0, 0, 0]])
+    bias = segment_bias(seg, seg, True, torch.float32)
+    assert bias.shape == (2, 1, 4, 4)
+    assert (bias == 0).any(-1).all()  # every query sees some key
+    allowed = (bias[0, 0] == 0).tolist()
+    assert allowed[1] == [True, True, False, False]  # own segment, causal
+    assert allowed[2] == [False, False, True, False]
+    assert allowed[3] == [True, True, True, True]  # an empty slot sees all
+    assert np.array_equal((bias[1, 0, 0] == 0).numpy(), [True, False, False, False])
+
+
+def random_batch(B: int, S: int, T: int, seed: int = 0) -> Batch:
+    """Pairs of random lengths (the longest of each side full), BOS 1, EOS 2, pad 0."""
+    g = torch.Generator().manual_seed(seed)
+    src_len, tgt_len = (
+        torch.randint(1, S + 1, (B,), generator=g),
+        torch.randint(1, T, (B,), generator=g),
+    )
+    src_len[0], tgt_len[-1] = S, T - 1
+    src = torch.randint(3, 30, (B, S), generator=g) * (torch.arange(S) < src_len[:, None])
+    y = torch.randint(3, 30, (B, T), generator=g)
+    real = torch.arange(T) < (tgt_len + 1)[:, None]
+    tgt_in = torch.cat([torch.ones(B, 1, dtype=torch.long), y[:, :-1]], 1) * real
+    tgt_out = torch.where(torch.arange(T) == tgt_len[:, None], 2, y) * real
+    return Batch(src, src != 0, tgt_in, tgt_out)
+
+
+def test_pack_batch_keeps_every_token():
+    batch = random_batch(9, 8, 10)
+    packed = pack_batch(batch, 0, 16)
+    for name in ("src", "tgt_in", "tgt_out"):
+        want, got = getattr(batch, name), getattr(packed, name)
+        assert sorted(want[want != 0].tolist()) == sorted(got[got != 0].tolist())
+    assert torch.equal(packed.src_mask, packed.rows.src_segment > 0)
+    assert int(packed.src_mask.sum()) == int(batch.src_mask.sum())
+    assert packed.src.shape[0] < batch.src.shape[0]  # fewer rows than pairs
+
+
+@pytest.mark.parametrize("width", [16, 32])
+def test_transformer_on_packed_rows_equals_padded(width):
+    """The model's loss and gradients on a batch in packed rows equal those on the padded
+    batch: the segments keep every sentence to itself, its positions count from 0."""
+    batch = random_batch(9, 8, 10)
+    packed = pack_batch(batch, 0, width)
+    torch.manual_seed(0)
+    model = Transformer(30, 30, 0, d_model=32, n_heads=4, d_ff=64, n_enc_layers=2,
+                        n_dec_layers=2, dropout=0.0)  # fmt: skip
+
+    def loss_and_grads(b, **rows):
+        model.zero_grad()
+        loss = sequence_loss(model(b.src, b.src_mask, b.tgt_in, **rows), b.tgt_out, 0, 0.1)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want, want_grads = loss_and_grads(batch)
+    got, got_grads = loss_and_grads(packed, rows=packed.rows)
+    assert torch.allclose(got, want, rtol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    # without the segments the rows' sentences would see each other: a different loss
+    plain = sequence_loss(model(packed.src, packed.src_mask, packed.tgt_in), packed.tgt_out, 0, 0.1)
+    assert not torch.allclose(plain, want, rtol=1e-3)
+
+
+def test_packed_rows_need_sdpa_attention():
+    model = Transformer(30, 30, 0, d_model=16, n_heads=2, d_ff=32, n_enc_layers=1,
+                        n_dec_layers=1, attention={"kind": "additive"})  # fmt: skip
+    packed = pack_batch(random_batch(3, 4, 5), 0, 16)
+    with pytest.raises(ValueError, match="packed rows need scaled-dot-product attention"):
+        model(packed.src, packed.src_mask, packed.tgt_in, rows=packed.rows)

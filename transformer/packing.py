@@ -1,0 +1,208 @@
+"""Packed rows: several sentence pairs to a row of a batch, kept apart by segment ids.
+
+Multi30k's sentences are 10-30 tokens long, so a 25k-token batch is over a thousand short
+rows, and an attention kernel that tiles a row's queries in blocks of 64 or 128 spends most
+of every tile on nothing (bench/attention_kernels.py measures it). Laid out several to a
+row, the same pairs fill the tiles; each query then sees only the keys of its own sentence,
+through a block-diagonal additive mask (``segment_bias``) instead of a key mask.
+
+The layout takes the pairs of a padded batch in order and starts a new row when the next
+pair's source or target would not fit; the rows are ``width`` slots wide on each side (or
+the longest sentence of that side, if longer), rounded up to 16 so that the mask's rows are
+aligned for the memory-efficient kernel. A slot holds a token of one sentence (segment =
+the pair's index in the batch + 1, and its position in the sentence) or nothing (segment 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ALIGN = 16  # slots per row are a multiple of this (the efficient kernel's mask rows)
+
+
+def round_up(n: int, to: int = ALIGN) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each pair of a padded batch of B pairs goes: its row and the first slot of its
+    source and of its target in that row."""
+
+    row: np.ndarray  # (B,) int64
+    src_offset: np.ndarray  # (B,) int64
+    tgt_offset: np.ndarray  # (B,) int64
+    rows: int
+    src_width: int
+    tgt_width: int
+
+
+def row_layout(src_len, tgt_len, width: int) -> RowLayout:
+    """Pairs of source and target lengths (B each), in order, into rows of ``width`` slots
+    a side (or the side's longest sentence, rounded up to 16): a pair goes to the current
+    row if both its sides fit there, else it starts a new row."""
+    src_len, tgt_len = (np.asarray(x, dtype=np.int64) for x in (src_len, tgt_len))
+    if width < 1:
+        raise ValueError(f"packed rows need a width of at least 1 slot, got {width}")
+    if len(src_len) != len(tgt_len) or len(src_len) == 0:
+        raise ValueError(f"row_layout: {len(src_len)} sources and {len(tgt_len)} targets")
+    ws = round_up(max(width, int(src_len.max())))
+    wt = round_up(max(width, int(tgt_len.max())))
+    B = len(src_len)
+    row, so, to = (np.empty(B, dtype=np.int64) for _ in range(3))
+    r, used_s, used_t = 0, 0, 0
+    for i, (s, t) in enumerate(zip(src_len.tolist(), tgt_len.tolist())):
+        if used_s + s > ws or used_t + t > wt:
+            r, used_s, used_t = r + 1, 0, 0
+        row[i], so[i], to[i] = r, used_s, used_t
+        used_s, used_t = used_s + s, used_t + t
+    return RowLayout(row, so, to, r + 1, ws, wt)
+
+
+@dataclass(frozen=True)
+class PackedSide:
+    """One side (source or target) of a batch in packed rows.
+
+    ``slots`` (R * W,) int64: for each slot, its flat position in the padded (B, L) layout,
+    or -1 for an empty slot; ``real`` (n,) the slots that hold tokens and ``index`` (n,)
+    their padded positions, in the padded layout's order; ``segment`` (R, W) the pair's
+    index + 1 (0 empty); ``position`` (R, W) the token's position in its sentence (0 empty).
+    """
+
+    slots: torch.Tensor
+    real: torch.Tensor
+    index: torch.Tensor
+    segment: torch.Tensor
+    position: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.segment.shape)
+
+    def pack(self, x: torch.Tensor, fill=0) -> torch.Tensor:
+        """(B, L, ...) padded -> (R, W, ...) packed; empty slots get ``fill``."""
+        R, W = self.shape
+        flat = x.reshape(-1, *x.shape[2:])
+        out = flat.new_full((R * W, *x.shape[2:]), fill)
+        out[self.real] = flat[self.index]
+        return out.view(R, W, *x.shape[2:])
+
+    def unpack(self, x: torch.Tensor, B: int, L: int, fill=0) -> torch.Tensor:
+        """(R, W, ...) packed -> (B, L, ...) padded; padding gets ``fill``."""
+        flat = x.reshape(-1, *x.shape[2:])
+        out = flat.new_full((B * L, *x.shape[2:]), fill)
+        out[self.index] = flat[self.real]
+        return out.view(B, L, *x.shape[2:])
+
+
+def packed_side(lengths, row, offset, rows: int, width: int, L: int, device=None) -> PackedSide:
+    """The packing of one side of a layout: sentence i (``lengths[i]`` tokens, left-aligned
+    in row i of a padded (B, L) layout) goes to slots ``offset[i]``.. of row ``row[i]``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    B = len(lengths)
+    pair = np.repeat(np.arange(B), lengths)  # (n,) the pair of each real token
+    starts = np.cumsum(lengths) - lengths
+    pos = np.arange(len(pair)) - starts[pair]  # its position in the sentence
+    index = pair * L + pos  # its padded flat position
+    real = row[pair] * width + offset[pair] + pos  # its slot
+    slots = np.full(rows * width, -1, dtype=np.int64)
+    slots[real] = index
+    segment = np.zeros(rows * width, dtype=np.int64)
+    segment[real] = pair + 1
+    position = np.zeros(rows * width, dtype=np.int64)
+    position[real] = pos
+
+    def t(a, shape=None):
+        a = torch.from_numpy(a if shape is None else a.reshape(shape))
+        return a.to(device) if device is not None else a
+
+    return PackedSide(t(slots), t(real), t(index), t(segment, (rows, width)),
+                      t(position, (rows, width)))  # fmt: skip
+
+
+def pack_lengths(src_len, tgt_len, width: int, S: int, T: int, device=None):
+    """Both sides of the packing of a padded batch whose sources are ``src_len`` tokens of
+    S and targets ``tgt_len`` of T: (source side, target side)."""
+    lay = row_layout(src_len, tgt_len, width)
+    src = packed_side(src_len, lay.row, lay.src_offset, lay.rows, lay.src_width, S, device)
+    tgt = packed_side(tgt_len, lay.row, lay.tgt_offset, lay.rows, lay.tgt_width, T, device)
+    return src, tgt
+
+
+def segment_bias(
+    seg_q: torch.Tensor, seg_k: torch.Tensor, causal: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """(R, Wq) and (R, Wk) segment ids -> (R, 1, Wq, Wk) additive mask (0 = may attend,
+    -inf = may not): a query sees the keys of its own segment, and with ``causal`` only
+    those at or before its slot (a target row's segments sit at the same slots on both
+    sides of its self-attention). A query in an empty slot sees every key, so that no row
+    of the softmax is empty (a fully masked row is NaN in the fused kernels); its output is
+    never read, so no gradient flows from it."""
+    same = seg_q[:, :, None] == seg_k[:, None, :]  # (R, Wq, Wk)
+    if causal:
+        Wq, Wk = seg_q.shape[1], seg_k.shape[1]
+        same = same & (torch.arange(Wk, device=seg_k.device) <= torch.arange(
+            Wq, device=seg_q.device)[:, None])  # fmt: skip
+    allowed = same | (seg_q == 0)[:, :, None]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, float("-inf"))[:, None]
+
+
+@dataclass(frozen=True)
+class RowSegments:
+    """Which sentence each slot of packed rows holds (0 = none) and the token's position in
+    it, for the sources (R, Ws) and the targets (R, Wt): what ``Transformer.forward`` needs
+    besides the ids."""
+
+    src_segment: torch.Tensor
+    src_position: torch.Tensor
+    tgt_segment: torch.Tensor
+    tgt_position: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> RowSegments:
+        return RowSegments(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.src_segment, self.src_position, self.tgt_segment, self.tgt_position
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """A batch of sentence pairs in packed rows: ids as in ``seq2seq.Batch`` (pad in the
+    empty slots), R rows, and their ``rows`` segments."""
+
+    src: torch.Tensor
+    src_mask: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+    rows: RowSegments
+
+    def to(self, device, non_blocking: bool = False) -> PackedBatch:
+        ids = (t.to(device, non_blocking=non_blocking) for t in self.ids())
+        return PackedBatch(*ids, self.rows.to(device, non_blocking))
+
+    def pin_memory(self) -> PackedBatch:
+        rows = RowSegments(*(t.pin_memory() for t in self.rows.tensors()))
+        return PackedBatch(*(t.pin_memory() for t in self.ids()), rows)
+
+    def ids(self) -> tuple[torch.Tensor, ...]:
+        return self.src, self.src_mask, self.tgt_in, self.tgt_out
+
+
+def pack_batch(batch, pad_id: int, width: int) -> PackedBatch:
+    """A padded ``seq2seq.Batch`` (on the host) in packed rows of ``width`` slots a side."""
+    src_len = batch.src_mask.sum(1)
+    tgt_len = (batch.tgt_out != pad_id).sum(1)
+    S, T = batch.src.shape[1], batch.tgt_in.shape[1]
+    src, tgt = pack_lengths(src_len.numpy(), tgt_len.numpy(), width, S, T)
+    rows = RowSegments(src.segment, src.position, tgt.segment, tgt.position)
+    return PackedBatch(
+        src.pack(batch.src, fill=pad_id),
+        src.segment > 0,
+        tgt.pack(batch.tgt_in, fill=pad_id),
+        tgt.pack(batch.tgt_out, fill=pad_id),
+        rows,
+    )
