@@ -30,6 +30,12 @@ scatter back that a model keeping padded activations needs:
 - ``flash (unmasked)``: flash on the padded shapes with no key mask: what the calls would
   cost if no batch padded its sources (batches of one source length), the mask being what
   keeps flash from taking them.
+- ``rows W cudnn``, ``rows W efficient`` (W = 128, 256), ``rows 128 math``: the batch's
+  sentence pairs laid out several to a row of W slots (``transformer/packing.py``: in
+  order, a new row when a side is full), each query seeing only its own sentence through a
+  block-diagonal mask (``segment_bias``), on leaves packed beforehand (the kernel alone, as
+  a model run on packed rows throughout would call it): a tile of queries then holds
+  several sentences, not one and padding.
 
 Every kernel's output is first checked against the math kernel in fp32 on the real
 positions. Per step: each call times its layers (encoder self x encoder layers, the other
@@ -55,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import CONFIGS, load_batches, machine, save  # noqa: E402
 
 from transformer.attention import key_bias, padding_mask  # noqa: E402
+from transformer.packing import pack_lengths, segment_bias  # noqa: E402
 
 SDPA = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -64,10 +71,20 @@ SDPA = {
 }
 KINDS = ("encoder self", "decoder self", "cross")
 UNMASKED = "flash (unmasked)"  # the flash kernel on the same shapes without the key mask
+ROW_WIDTHS = (128, 256)  # of the packed-rows methods timed by default (the header's shapes)
 METHODS = ("cudnn", "efficient", "flash", "math", "nested flash", "nested efficient", "varlen",
-           "varlen (kernel)", UNMASKED)  # fmt: skip
+           "varlen (kernel)", UNMASKED, "rows 128 cudnn", "rows 256 cudnn", "rows 128 efficient",
+           "rows 256 efficient", "rows 128 math")  # fmt: skip
 DROPOUTS = (0.0, 0.1)  # attention dropout: none, and the benchmarks' (train_speed.DROPOUT)
 TOLERANCE = 3e-2  # bf16 against fp32, outputs of unit scale
+
+
+def rows_method(method: str) -> tuple[int, str] | None:
+    """``rows W kernel`` -> (W, kernel); None for another method."""
+    parts = method.split()
+    if len(parts) == 3 and parts[0] == "rows" and parts[1].isdigit() and parts[2] in SDPA:
+        return int(parts[1]), parts[2]
+    return None
 
 
 def packing(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -134,6 +151,31 @@ class Call:
         self.real_q = (torch.arange(Lq, device=device) < len_q[:, None])[:, :, None, None]
         self.index_k, self.cu_k, self.max_k = packing(len_k, Lk)
         self.tokens = len(self.index_q)
+        self.lengths = (src_len, tgt_len, S, T, kind)
+        self.rows = {}  # width -> packed-rows leaves (``pack_rows``)
+
+    def pack_rows(self, width: int) -> None:
+        """The leaves laid out in packed rows of ``width`` slots, with their block-diagonal
+        mask and the query side's packing (to unpack the output)."""
+        if width in self.rows:
+            return
+        src_len, tgt_len, S, T, kind = self.lengths
+        src, tgt = pack_lengths(src_len.cpu(), tgt_len.cpu(), width, S, T, self.q.device)
+        q_side, k_side = {"encoder self": (src, src), "decoder self": (tgt, tgt),
+                          "cross": (tgt, src)}[kind]  # fmt: skip
+        with torch.no_grad():
+            leaves = [q_side.pack(self.q), k_side.pack(self.k), k_side.pack(self.v)]
+        bias = segment_bias(q_side.segment, k_side.segment, self.causal, self.q.dtype)
+        self.rows[width] = ([x.detach().requires_grad_() for x in leaves], bias, q_side,
+                            q_side.pack(self.grad))  # fmt: skip
+
+    def packed_rows(self, width: int, dropout: float):
+        """SDPA over the packed rows of ``width`` (R, W, h, d), the segment mask."""
+        (q, k, v), bias, _, _ = self.rows[width]
+        out = F.scaled_dot_product_attention(
+            *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=bias, dropout_p=dropout
+        )
+        return out.transpose(1, 2)
 
     def sdpa(self, dropout: float, q=None, k=None, v=None, masked: bool = True):
         """SDPA on the padded layout; without ``masked``, no key mask (every key real)."""
@@ -197,6 +239,11 @@ def run(call: Call, method: str, dropout: float):
     if method.startswith("nested "):
         with sdpa_kernel([SDPA[method.removeprefix("nested ")]]):
             return call.nested(dropout), call.grad
+    if rows_method(method):
+        width, kernel = rows_method(method)
+        call.pack_rows(width)
+        with sdpa_kernel([SDPA[kernel]]):
+            return call.packed_rows(width, dropout), call.rows[width][3]
     if method == UNMASKED:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return call.sdpa(dropout, masked=False), call.grad
@@ -210,8 +257,26 @@ def check(call: Call, method: str) -> float:
         out, _ = run(call, method, 0.0)
     if method == "varlen (kernel)":
         out = unpack(out, call.index_q, call.B, call.Lq)
+    if rows_method(method):
+        out = call.rows[rows_method(method)[0]][2].unpack(out, call.B, call.Lq)
     diff = (out.float() - call.reference(masked=method != UNMASKED)).abs()
     return float(torch.where(call.real_q, diff, 0.0).max())
+
+
+def rows_shapes(batches, pad: int) -> str:
+    """Each row width's packed shapes of the batches, and the share of slots holding tokens."""
+    parts = []
+    for width in ROW_WIDTHS:
+        shapes, slots, tokens = [], 0, 0
+        for b in batches:
+            src_len, tgt_len = b.src_mask.sum(1), (b.tgt_out != pad).sum(1)
+            src, tgt = pack_lengths(src_len, tgt_len, width, b.src.shape[1], b.tgt_in.shape[1])
+            shapes.append(f"{src.shape}->{tgt.shape}")
+            slots += src.segment.numel() + tgt.segment.numel()
+            tokens += int(src_len.sum() + tgt_len.sum())
+        parts.append(f"width {width}: {', '.join(shapes)}, {100 * tokens / slots:.0f}% of "
+                     "the slots hold tokens")  # fmt: skip
+    return "; ".join(parts)
 
 
 def sync(device: torch.device) -> None:
@@ -221,7 +286,11 @@ def sync(device: torch.device) -> None:
 
 def time_call(call: Call, method: str, dropout: float, repeats: int, device) -> float:
     """Median seconds of a forward and backward pass (after two untimed ones)."""
-    leaves = call.packed if method == "varlen (kernel)" else (call.q, call.k, call.v)
+    leaves = (call.q, call.k, call.v)
+    if method == "varlen (kernel)":
+        leaves = call.packed
+    elif rows_method(method):
+        leaves = call.rows[rows_method(method)[0]][0]
     times = []
     for i in range(repeats + 2):
         sync(device)
@@ -274,6 +343,8 @@ def main() -> None:
         f"{layers['cross']} layers); max tokens {args.max_tokens}; the first {len(batches)} "
         f"batches of epoch 0, (B, S)->(B, T): {shapes}; {100 * real:.0f}% of the source "
         "positions are real tokens",
+        "- packed rows, (R, W source)->(R, W target) per batch: "
+        + rows_shapes(batches, tok.pad_id),
         f"- ms: forward + backward of one call, wall time with its host work (synchronised "
         f"after each pass), median of {args.repeats} after 2 untimed, averaged over the "
         "batches; 'n/a': the kernel does not take the call (the reason "

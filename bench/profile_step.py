@@ -11,8 +11,10 @@ step, GPU time by kind of kernel (matrix products, attention, layer norm, dropou
 with the rate in TFLOP/s of the matrix products and of attention over their own kernel time
 (where the MFU of ``bench/train_speed.py`` goes), and the operators with the most host (CPU)
 time and the kernels with the most GPU time. ``ours/bf16-weights`` is ours with
-``trainer.precision=bf16-weights`` (transformer/precision.py). Each model's section is saved
-as soon as it is measured.
+``trainer.precision=bf16-weights`` (transformer/precision.py); ``ours/rows-W`` is ours on the
+same batches laid out several pairs to a row of W slots (``trainer.packed_rows=W``,
+transformer/packing.py; its TFLOP/s count the padded batches' FLOPs, as for the others).
+Each model's section is saved as soon as it is measured.
 On a CPU (``--device cpu``, fp32): wall time per step and the operators with the most time.
 Not a test: it measures.
 """
@@ -41,6 +43,7 @@ from train_speed import (  # noqa: E402
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
+from transformer.packing import pack_batch  # noqa: E402
 from transformer.settings import COMPILE_MODES  # noqa: E402
 
 # Kinds of GPU kernel, told apart by fragments of their lower-cased names; the first match
@@ -97,7 +100,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="transformer-base", choices=list(CONFIGS))
     ap.add_argument("--max-tokens", type=int, default=25000)
-    ap.add_argument("--models", default="ours,marian", help="of ours, marian, ours/bf16-weights")
+    ap.add_argument(
+        "--models",
+        default="ours,marian",
+        help="of ours, marian, ours/bf16-weights, ours/rows-W (the batches in packed rows of "
+        "W slots: trainer.packed_rows=W)",
+    )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each")
     ap.add_argument(
@@ -130,8 +138,8 @@ def main() -> None:
         )
     mcfg = CONFIGS[args.config]
     sdpa = use_sdpa_backends(args.sdpa.split("+") if args.sdpa else None)
-    batches, tok = load_batches(args.max_tokens, 4 + args.steps)
-    batches = [b.to(device) for b in batches]
+    host_batches, tok = load_batches(args.max_tokens, 4 + args.steps)
+    padded = [b.to(device) for b in host_batches]
     V, pad = len(tok), tok.pad_id
     lines = [
         f"# Profile of one training step ({name})",
@@ -153,6 +161,10 @@ def main() -> None:
         )  # as trainer.fused_loss
         prec = "bf16-weights" if mname == "ours/bf16-weights" else precision
         step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
+        batches = padded
+        if mname.startswith("ours/rows-"):  # FLOPs below: of the padded batches, as for all
+            width = int(mname.removeprefix("ours/rows-"))
+            batches = [pack_batch(b, pad, width).to(device) for b in host_batches]
         for b in batches:  # warm-up, every shape once (compilation included)
             step(b)
         sync()
@@ -196,7 +208,8 @@ def main() -> None:
             ["operator", "calls/step", "self CPU ms/step"],
         )
         if cuda:
-            parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in timed]
+            counted = padded[-args.steps :]
+            parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in counted]
             per_step = {k: sum(p[k] for p in parts) / n for k in ("linear", "attention")}
             kernels = [
                 (e.key, e.count, e.self_device_time_total)

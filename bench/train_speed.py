@@ -32,6 +32,7 @@ from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.data import TokenBatcher  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
+from transformer.packing import pack_batch  # noqa: E402
 from transformer.precision import Bf16Weights  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
 from transformer.run_data import prepare_data  # noqa: E402
@@ -154,12 +155,13 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
         net = torch.compile(plain, dynamic=True, mode=compile)
         token_loss = torch.compile(sequence_loss, dynamic=True, mode=compile)
 
-    def loss_of(src, src_mask, tgt_in, tgt_out):
+    def loss_of(src, src_mask, tgt_in, tgt_out, rows):
+        packed = {} if rows is None else {"rows": rows}  # packed rows: ours only
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if fused_loss:
-                features = net(src, src_mask, tgt_in, project=False)
+                features = net(src, src_mask, tgt_in, project=False, **packed)
                 return projected_loss(features, plain.out_proj, tgt_out, pad, 0.1)
-            logits = net(src, src_mask, tgt_in)
+            logits = net(src, src_mask, tgt_in, **packed)
             return token_loss(logits, tgt_out, pad, 0.1)
 
     graphs = compile in CUDA_GRAPH_MODES and device.type == "cuda"
@@ -167,7 +169,7 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     def step(b):
         if graphs:  # as the trainer: the last replay's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
-        loss = loss_of(b.src, b.src_mask, b.tgt_in, b.tgt_out)
+        loss = loss_of(b.src, b.src_mask, b.tgt_in, b.tgt_out, getattr(b, "rows", None))
         (loss / 1000).backward()
         if mixed:  # as the trainer: gradients gathered and clipped on the flat buffer
             mixed.gather_grads()
@@ -322,6 +324,12 @@ def main() -> None:
         "eager, and in each compiled mode timed",
     )
     ap.add_argument(
+        "--packed-rows",
+        default="",
+        help="also time ours on the same batches laid out several pairs to a row of W slots "
+        "(comma-separated widths; transformer/packing.py), eager, torch's SDPA kernels",
+    )
+    ap.add_argument(
         "--sdpa",
         default="",
         help="also time ours and Marian with only these SDPA kernels allowed (comma-separated "
@@ -344,6 +352,7 @@ def main() -> None:
     precision = args.precision if device.type == "cuda" else "fp32"
     fused = args.fused_loss == "true" or (args.fused_loss == "auto" and device.type == "cpu")
     sdpa_settings = [x for x in args.sdpa.split(",") if x]
+    packed_widths = [int(w) for w in args.packed_rows.split(",") if w]
     for sdpa in sdpa_settings:
         use_sdpa_backends(sdpa.split("+"))  # an unknown name fails here, before any timing
     use_sdpa_backends(None)
@@ -378,7 +387,11 @@ def main() -> None:
         "as an operator the compiler calls; compared with Marian in the same mode); "
         "(`--bf16-weights`) "
         "ours/bf16-weights = `trainer.precision=bf16-weights` (the forward and backward on "
-        "a bf16 copy without autocast, fused AdamW on the fp32 model; transformer/precision.py)",
+        "a bf16 copy without autocast, fused AdamW on the fp32 model; transformer/precision.py); "
+        "(`--packed-rows W`) ours/rows-W = the same batches, their pairs laid out several to "
+        "a row of W slots, kept apart by a block-diagonal attention mask "
+        "(transformer/packing.py); its MFU counts the FLOPs of the padded batches, as for "
+        "every other row",
         "- modes: +compile = the model and, apart from it, the unfused loss through "
         "torch.compile(dynamic=True"
         + ("" if args.compile_mode == "default" else f", mode={args.compile_mode!r}")
@@ -430,6 +443,10 @@ def main() -> None:
                 mode = f"/sdpa={sdpa}" if sdpa else ""
                 models["ours" + mode] = (ours, {"sdpa": sdpa})
                 models["marian" + mode] = (theirs, {"sdpa": sdpa})
+                if sdpa is None:  # early: a time limit cuts the models listed last
+                    for width in packed_widths:
+                        rows = {"rows": width, "compare_to": "marian"}
+                        models[f"ours/rows-{width}"] = (ours, rows)
             for sdpa in compiled:
                 mode = "+compile" + (
                     "" if args.compile_mode == "default" else f":{args.compile_mode}"
@@ -473,9 +490,12 @@ def main() -> None:
 
                 model = build().to(device)
                 ours_fused = opt.get("fused", fused) and mname.startswith("ours")
+                fed = batches
+                if "rows" in opt:
+                    fed = [pack_batch(b, pad, opt["rows"]) for b in batches]
                 try:
                     timing = Timing(
-                        model, batches, pad, device, opt.get("precision", precision),
+                        model, fed, pad, device, opt.get("precision", precision),
                         args.steps, args.warmup, opt.get("compile"), ours_fused, setup,
                     )  # fmt: skip
                     if args.rounds == 1:
@@ -491,6 +511,7 @@ def main() -> None:
                     alive[mname] = timing
                     continue
                 measured[mname] = r = timing.result()  # and free this model before the next
+                r["batches"] = batches[args.warmup : args.warmup + args.steps]  # FLOPs: padded
                 print(f"{cname} {max_tokens} {mname}: {r['tok_s']:,.0f} tgt tok/s, "
                       f"{r['step_ms']:.1f} ms/step", flush=True)  # fmt: skip
                 # Saved after every model: a device call stopped by its time limit (compiling
@@ -506,6 +527,8 @@ def main() -> None:
                     timing.run(hi - lo)
             use_sdpa_backends(None)
             measured.update((mname, timing.result()) for mname, timing in alive.items())
+            for r in measured.values():  # FLOPs: of the padded batches (packed rows too)
+                r["batches"] = batches[args.warmup : args.warmup + args.steps]
             rows = table_rows(models, measured, cname, max_tokens, mcfg, V, peak)
             lines += rows
             print("\n".join(rows), flush=True)

@@ -4,11 +4,13 @@
 #                                      of steps by default; each step gets what is left, most
 #                                      important first): the SDPA kernel sweep, eager, ours vs
 #                                      Marian (Transformer-base at 25k tokens, the Multi30k
-#                                      config at 4k; also ours with bf16-weights); each
-#                                      attention call's kernels against variable-length flash
-#                                      on the packed real tokens (bench/attention_kernels.py);
-#                                      profiles of our Transformer-base step, autocast and
-#                                      bf16-weights (GPU time by kind of kernel); the Multi30k
+#                                      config at 4k; also ours with bf16-weights and on packed
+#                                      rows, trainer.packed_rows); each attention call's
+#                                      kernels against variable-length flash on the real
+#                                      tokens and packed rows (bench/attention_kernels.py);
+#                                      profiles of our Transformer-base step, autocast,
+#                                      bf16-weights and packed rows of 128 (GPU time by kind
+#                                      of kernel); the Multi30k
 #                                      config at 4k through CUDA graphs (reduce-overhead; ours,
 #                                      Marian, ours with bf16-weights); Transformer-base at 25k
 #                                      through torch.compile; the profile and the compiled runs
@@ -61,22 +63,23 @@ next)
   mt_md="results/bench/train_speed_${gpu}_sdpa_small.md"
   # --ablate: also ours with the loss fused (off on GPUs); --bf16-weights: ours with
   # trainer.precision=bf16-weights (bench/host_overhead.py: 20% fewer launches per step)
-  within 110 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
-    $sweep --ablate --bf16-weights --out "$tb_md"
+  # --packed-rows: also ours on the same batches, several pairs to a row (trainer.packed_rows)
+  within 120 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
+    $sweep --ablate --bf16-weights --packed-rows 128,256 --out "$tb_md"
   within 90 python3 bench/train_speed.py --configs multi30k-default --max-tokens "$mt" \
-    $sweep --bf16-weights --out "$mt_md"
+    $sweep --bf16-weights --packed-rows 128 --out "$mt_md"
   # the fastest setting for ours ('' = torch's own pick, also when the sweep has no row)
   tb_sdpa=$(python3 bench/fastest_sdpa.py "$tb_md" transformer-base "$tb") || tb_sdpa=
   mt_sdpa=$(python3 bench/fastest_sdpa.py "$mt_md" multi30k-default "$mt") || mt_sdpa=
   echo "== fastest SDPA kernels: transformer-base '$tb_sdpa', multi30k-default '$mt_sdpa'"
-  # each attention call of a Transformer-base step through each kernel, and through the
-  # variable-length flash kernel on the real tokens only (would packing pay?)
-  within 40 python3 bench/attention_kernels.py --config transformer-base --max-tokens "$tb" \
+  # each attention call of a Transformer-base step through each kernel, through the
+  # variable-length flash kernel on the real tokens only, and on packed rows (would packing pay?)
+  within 50 python3 bench/attention_kernels.py --config transformer-base --max-tokens "$tb" \
     --out "results/bench/attention_kernels_${gpu}.md"
   # where the time of ours goes, by kind of kernel (what the MFU misses)
   # (autocast, then bf16-weights; each model's section is saved as it is measured)
-  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
-    --models ours,ours/bf16-weights ${tb_sdpa:+--sdpa "$tb_sdpa"} \
+  within 75 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
+    --models ours,ours/bf16-weights,ours/rows-128 ${tb_sdpa:+--sdpa "$tb_sdpa"} \
     --out "results/bench/profile_${gpu}_fastest.md"
   within 200 python3 bench/train_speed.py --compiled-only --compile-mode reduce-overhead \
     ${mt_sdpa:+--sdpa "$mt_sdpa"} --configs multi30k-default --max-tokens "$mt" $steps \
