@@ -51,6 +51,7 @@ ADDED = {
     "trainer.compile": False,  # eager, as before the option
     "trainer.compile_mode": "default",  # torch.compile's default, as before the option
     "trainer.sdpa_backends": None,  # torch picks the attention kernels, as before
+    "trainer.packed_rows": 0,  # padded batches, as before the option
     "trainer.dist_backend": NO_EFFECT,
     "trainer.dist_timeout_minutes": NO_EFFECT,
     "trainer.max_nonfinite": NO_EFFECT,  # aborts a diverging run sooner or later
