@@ -327,7 +327,8 @@ def main() -> None:
         "--packed-rows",
         default="",
         help="also time ours on the same batches laid out several pairs to a row of W slots "
-        "(comma-separated widths; transformer/packing.py), eager, torch's SDPA kernels",
+        "(comma-separated widths; transformer/packing.py): eager with torch's SDPA kernels, "
+        "and in each compiled mode timed",
     )
     ap.add_argument(
         "--sdpa",
@@ -457,6 +458,9 @@ def main() -> None:
                 if args.bf16_weights:  # after the pair: a time limit cuts it first
                     bf16w = {**opt, "precision": "bf16-weights", "compare_to": "marian" + mode}
                     models["ours/bf16-weights" + mode] = (ours, bf16w)
+                for width in packed_widths:
+                    rows = {**opt, "rows": width, "compare_to": "marian" + mode}
+                    models[f"ours/rows-{width}" + mode] = (ours, rows)
                 if args.ablate and device.type == "cpu":  # F.dropout traced, as before
                     no_rand = {**opt, "rand_mask": False, "compare_to": "marian" + mode}
                     models["ours/bernoulli-dropout" + mode] = (ours, no_rand)

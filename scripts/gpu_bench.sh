@@ -13,7 +13,8 @@
 #                                      of kernel); the Multi30k
 #                                      config at 4k through CUDA graphs (reduce-overhead; ours,
 #                                      Marian, ours with bf16-weights); Transformer-base at 25k
-#                                      through torch.compile; the profile and the compiled runs
+#                                      (and in rows of 128) through torch.compile; the
+#                                      profile and the compiled runs
 #                                      use the kernels that won the sweep (bench/fastest_sdpa.py).
 #                                      The device call:
 #                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
@@ -85,7 +86,7 @@ next)
     ${mt_sdpa:+--sdpa "$mt_sdpa"} --configs multi30k-default --max-tokens "$mt" $steps \
     --bf16-weights --out "results/bench/train_speed_${gpu}_graphs.md"
   within 300 python3 bench/train_speed.py --compiled-only ${tb_sdpa:+--sdpa "$tb_sdpa"} \
-    --configs transformer-base --max-tokens "$tb" $steps \
+    --configs transformer-base --max-tokens "$tb" $steps --packed-rows 128 \
     --out "results/bench/train_speed_${gpu}_compile.md"
   ;;
 speed)
