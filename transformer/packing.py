@@ -66,13 +66,12 @@ def row_layout(src_len, tgt_len, width: int) -> RowLayout:
 class PackedSide:
     """One side (source or target) of a batch in packed rows.
 
-    ``slots`` (R * W,) int64: for each slot, its flat position in the padded (B, L) layout,
-    or -1 for an empty slot; ``real`` (n,) the slots that hold tokens and ``index`` (n,)
-    their padded positions, in the padded layout's order; ``segment`` (R, W) the pair's
-    index + 1 (0 empty); ``position`` (R, W) the token's position in its sentence (0 empty).
+    ``real`` (n,) int64: the flat slots (of R * W) that hold tokens, and ``index`` (n,)
+    their flat positions in the padded (B, L) layout, in that layout's order; ``segment``
+    (R, W) the pair's index + 1 (0 empty); ``position`` (R, W) the token's position in its
+    sentence (0 empty).
     """
 
-    slots: torch.Tensor
     real: torch.Tensor
     index: torch.Tensor
     segment: torch.Tensor
@@ -108,8 +107,6 @@ def packed_side(lengths, row, offset, rows: int, width: int, L: int, device=None
     pos = np.arange(len(pair)) - starts[pair]  # its position in the sentence
     index = pair * L + pos  # its padded flat position
     real = row[pair] * width + offset[pair] + pos  # its slot
-    slots = np.full(rows * width, -1, dtype=np.int64)
-    slots[real] = index
     segment = np.zeros(rows * width, dtype=np.int64)
     segment[real] = pair + 1
     position = np.zeros(rows * width, dtype=np.int64)
@@ -119,8 +116,7 @@ def packed_side(lengths, row, offset, rows: int, width: int, L: int, device=None
         a = torch.from_numpy(a if shape is None else a.reshape(shape))
         return a.to(device) if device is not None else a
 
-    return PackedSide(t(slots), t(real), t(index), t(segment, (rows, width)),
-                      t(position, (rows, width)))  # fmt: skip
+    return PackedSide(t(real), t(index), t(segment, (rows, width)), t(position, (rows, width)))
 
 
 def pack_lengths(src_len, tgt_len, width: int, S: int, T: int, device=None):
