@@ -1,7 +1,7 @@
 """Packed rows on Multi30k batches: how full the rows are, and what packing costs the host.
 
     python bench/packed_fill.py [--max-tokens 4096,25000] [--widths 64,128,256] [--batches 40]
-        [--out results/bench/NAME.md]
+        [--open-rows 1,4,0] [--out results/bench/NAME.md]
 
 ``trainer.packed_rows=W`` (transformer/packing.py) lays a batch's sentence pairs out several
 to a row of W slots a side. Every token-wise part of a step (embeddings, projections, FFNs,
@@ -9,7 +9,9 @@ norms, the loss) then computes on R x W slots instead of B x S and B x T padded 
 and attention on whole rows. For the first batches of epoch 0 as the trainer cuts them
 (length-bucketed), this reports the share of positions that hold tokens, padded and packed,
 the rows against the pairs, and the host time of ``pack_batch`` per batch (the trainer packs
-in its main thread, while the device runs the previous step). Not a test: it measures.
+in its main thread, while the device runs the previous step), for pairs that may join only
+the last row started, the last ``OPEN_ROWS`` (4, the trainer's), or any. Not a test: it
+measures.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_speed import load_batches, machine, save  # noqa: E402
 
-from transformer.packing import pack_batch  # noqa: E402
+from transformer.packing import OPEN_ROWS, pack_batch  # noqa: E402
 
 
 def real_share(batches, pad: int) -> float:
@@ -41,9 +43,15 @@ def main() -> None:
     ap.add_argument("--widths", default="64,128,256")
     ap.add_argument("--batches", type=int, default=40, help="the first N batches of epoch 0")
     ap.add_argument("--repeats", type=int, default=5, help="timed packings of each batch")
+    ap.add_argument(
+        "--open-rows",
+        default=f"1,{OPEN_ROWS},0",
+        help="the rows a pair may join: the last N started (0: any)",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
+    open_rows = [int(n) for n in args.open_rows.split(",")]
     lines = [
         f"# Packed rows on Multi30k batches ({machine(torch.device('cpu'))})",
         "",
@@ -53,32 +61,35 @@ def main() -> None:
         "- real: tokens over positions, sources and targets together; host ms: "
         f"`pack_batch` per batch, median of {args.repeats} x the batches",
         "",
-        "| max tokens | layout | rows (mean) | pairs per row | real | host ms per batch |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| max tokens | layout | open rows | rows (mean) | pairs per row | real | "
+        "host ms per batch |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for max_tokens in map(int, args.max_tokens.split(",")):
         batches, tok = load_batches(max_tokens, args.batches)
         pad = tok.pad_id
         pairs = statistics.mean(len(b.src) for b in batches)
         lines.append(
-            f"| {max_tokens} | padded | {pairs:,.0f} | 1 | "
+            f"| {max_tokens} | padded | - | {pairs:,.0f} | 1 | "
             f"{100 * real_share(batches, pad):.1f}% | - |"
         )
         for width in widths:
-            times = []
-            for _ in range(args.repeats):
-                for b in batches:
-                    t0 = time.perf_counter()
-                    pack_batch(b, pad, width)
-                    times.append(time.perf_counter() - t0)
-            packed = [pack_batch(b, pad, width) for b in batches]
-            rows = statistics.mean(len(p.src) for p in packed)
-            lines.append(
-                f"| {max_tokens} | rows of {width} | {rows:,.0f} | {pairs / rows:.1f} | "
-                f"{100 * real_share(packed, pad):.1f}% | "
-                f"{1000 * statistics.median(times):.2f} |"
-            )
-        print("\n".join(lines[-len(widths) - 1 :]), flush=True)
+            for n in open_rows:
+                n_open = n or len(batches[0].src) * 10  # 0: more rows than any batch has
+                times = []
+                for _ in range(args.repeats):
+                    for b in batches:
+                        t0 = time.perf_counter()
+                        pack_batch(b, pad, width, n_open)
+                        times.append(time.perf_counter() - t0)
+                packed = [pack_batch(b, pad, width, n_open) for b in batches]
+                rows = statistics.mean(len(p.src) for p in packed)
+                lines.append(
+                    f"| {max_tokens} | rows of {width} | {n or 'all'} | {rows:,.0f} | "
+                    f"{pairs / rows:.1f} | {100 * real_share(packed, pad):.1f}% | "
+                    f"{1000 * statistics.median(times):.2f} |"
+                )
+        print("\n".join(lines[-len(widths) * len(open_rows) - 1 :]), flush=True)
     save(args.out, lines, done=True)
     print("\n".join(lines))
 

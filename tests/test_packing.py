@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 from transformer.attention import key_bias, padding_mask
 from transformer.loss import sequence_loss
-from transformer.packing import pack_batch, pack_lengths, row_layout, segment_bias
+from transformer.packing import OPEN_ROWS, pack_batch, pack_lengths, row_layout, segment_bias
 from transformer.seq2seq import Batch
 from transformer.transformer_model import Transformer
 
 
-def test_layout_fills_rows_in_order_and_never_overflows():
+def test_layout_fills_rows_and_never_overflows():
     src = [5, 7, 3, 9, 2, 16]
     tgt = [6, 4, 5, 9, 3, 1]
     lay = row_layout(src, tgt, 16)
@@ -25,6 +25,13 @@ def test_layout_fills_rows_in_order_and_never_overflows():
     for side, lens, w in ((lay.src_offset, src, 16), (lay.tgt_offset, tgt, 16)):
         assert all(o + n <= w for o, n in zip(side, lens))
     assert row_layout([1, 1], [10, 10], 16).row.tolist() == [0, 1]  # the target side full
+    # a pair joins the first open row with room on both sides, not only the last one
+    lay = row_layout([10, 10, 5], [5, 5, 5], 16)
+    assert lay.row.tolist() == [0, 1, 0] and lay.src_offset.tolist() == [0, 0, 10]
+    # only the last OPEN_ROWS rows are open
+    n = OPEN_ROWS + 1
+    lay = row_layout([10] * n + [6], [1] * (n + 1), 16)
+    assert lay.row.tolist() == [*range(n), 1]  # row 0 has room, but is closed
 
 
 def test_layout_widens_to_the_longest_sentence_and_a_multiple_of_16():

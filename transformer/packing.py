@@ -6,10 +6,11 @@ of every tile on nothing (bench/attention_kernels.py measures it). Laid out seve
 row, the same pairs fill the tiles; each query then sees only the keys of its own sentence,
 through a block-diagonal additive mask (``segment_bias``) instead of a key mask.
 
-The layout takes the pairs of a padded batch in order and starts a new row when the next
-pair's source or target would not fit; the rows are ``width`` slots wide on each side (or
-the longest sentence of that side, if longer), rounded up to 16 so that the mask's rows are
-aligned for the memory-efficient kernel. A slot holds a token of one sentence (segment =
+The layout takes the pairs of a padded batch in order; each goes to the first of the last
+``OPEN_ROWS`` rows started where both its source and its target fit, else starts a row. The
+rows are ``width`` slots wide on each side (or the longest sentence of that side, if
+longer), rounded up to 16 so that the mask's rows are aligned for the memory-efficient
+kernel. A slot holds a token of one sentence (segment =
 the pair's index in the batch + 1, and its position in the sentence) or nothing (segment 0).
 """
 
@@ -21,6 +22,9 @@ import numpy as np
 import torch
 
 ALIGN = 16  # slots per row are a multiple of this (the efficient kernel's mask rows)
+# The rows a pair may join: the last 4 started. More rows fill a little better and take more
+# host time: results/bench/packed_fill_cpu.md compares 1, 4 and all
+OPEN_ROWS = 4
 
 
 def round_up(n: int, to: int = ALIGN) -> int:
@@ -40,10 +44,10 @@ class RowLayout:
     tgt_width: int
 
 
-def row_layout(src_len, tgt_len, width: int) -> RowLayout:
+def row_layout(src_len, tgt_len, width: int, open_rows: int = OPEN_ROWS) -> RowLayout:
     """Pairs of source and target lengths (B each), in order, into rows of ``width`` slots
-    a side (or the side's longest sentence, rounded up to 16): a pair goes to the current
-    row if both its sides fit there, else it starts a new row."""
+    a side (or the side's longest sentence, rounded up to 16): a pair goes to the first of
+    the last ``open_rows`` rows where both its sides fit, else it starts a new row."""
     src_len, tgt_len = (np.asarray(x, dtype=np.int64) for x in (src_len, tgt_len))
     if width < 1:
         raise ValueError(f"packed rows need a width of at least 1 slot, got {width}")
@@ -53,13 +57,19 @@ def row_layout(src_len, tgt_len, width: int) -> RowLayout:
     wt = round_up(max(width, int(tgt_len.max())))
     B = len(src_len)
     row, so, to = (np.empty(B, dtype=np.int64) for _ in range(3))
-    r, used_s, used_t = 0, 0, 0
+    used_s, used_t = [], []  # slots taken in each row so far
     for i, (s, t) in enumerate(zip(src_len.tolist(), tgt_len.tolist())):
-        if used_s + s > ws or used_t + t > wt:
-            r, used_s, used_t = r + 1, 0, 0
-        row[i], so[i], to[i] = r, used_s, used_t
-        used_s, used_t = used_s + s, used_t + t
-    return RowLayout(row, so, to, r + 1, ws, wt)
+        for r in range(max(0, len(used_s) - open_rows), len(used_s)):
+            if used_s[r] + s <= ws and used_t[r] + t <= wt:
+                break
+        else:
+            r = len(used_s)
+            used_s.append(0)
+            used_t.append(0)
+        row[i], so[i], to[i] = r, used_s[r], used_t[r]
+        used_s[r] += s
+        used_t[r] += t
+    return RowLayout(row, so, to, len(used_s), ws, wt)
 
 
 @dataclass(frozen=True)
@@ -119,10 +129,11 @@ def packed_side(lengths, row, offset, rows: int, width: int, L: int, device=None
     return PackedSide(t(real), t(index), t(segment, (rows, width)), t(position, (rows, width)))
 
 
-def pack_lengths(src_len, tgt_len, width: int, S: int, T: int, device=None):
+def pack_lengths(src_len, tgt_len, width: int, S: int, T: int, device=None,
+                 open_rows: int = OPEN_ROWS):  # fmt: skip
     """Both sides of the packing of a padded batch whose sources are ``src_len`` tokens of
     S and targets ``tgt_len`` of T: (source side, target side)."""
-    lay = row_layout(src_len, tgt_len, width)
+    lay = row_layout(src_len, tgt_len, width, open_rows)
     src = packed_side(src_len, lay.row, lay.src_offset, lay.rows, lay.src_width, S, device)
     tgt = packed_side(tgt_len, lay.row, lay.tgt_offset, lay.rows, lay.tgt_width, T, device)
     return src, tgt
@@ -188,12 +199,12 @@ class PackedBatch:
         return self.src, self.src_mask, self.tgt_in, self.tgt_out
 
 
-def pack_batch(batch, pad_id: int, width: int) -> PackedBatch:
+def pack_batch(batch, pad_id: int, width: int, open_rows: int = OPEN_ROWS) -> PackedBatch:
     """A padded ``seq2seq.Batch`` (on the host) in packed rows of ``width`` slots a side."""
     src_len = batch.src_mask.sum(1)
     tgt_len = (batch.tgt_out != pad_id).sum(1)
     S, T = batch.src.shape[1], batch.tgt_in.shape[1]
-    src, tgt = pack_lengths(src_len.numpy(), tgt_len.numpy(), width, S, T)
+    src, tgt = pack_lengths(src_len.numpy(), tgt_len.numpy(), width, S, T, open_rows=open_rows)
     rows = RowSegments(src.segment, src.position, tgt.segment, tgt.position)
     return PackedBatch(
         src.pack(batch.src, fill=pad_id),
