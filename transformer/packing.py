@@ -10,8 +10,8 @@ The layout takes the pairs of a padded batch in order; each goes to the first of
 ``OPEN_ROWS`` rows started where both its source and its target fit, else starts a row. The
 rows are ``width`` slots wide on each side (or the longest sentence of that side, if
 longer), rounded up to 16 so that the mask's rows are aligned for the memory-efficient
-kernel. A slot holds a token of one sentence (segment =
-the pair's index in the batch + 1, and its position in the sentence) or nothing (segment 0).
+kernel. A slot holds a token of one sentence (segment = the pair's index in the batch + 1,
+and its position in the sentence) or nothing (segment 0).
 """
 
 from __future__ import annotations
