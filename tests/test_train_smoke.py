@@ -84,10 +84,10 @@ def run_cli(args, cwd):
     [
         ("data.data_dir={missing}", "data directory not found"),
         ("data.src_lang=xx", "data.src_lang='xx'"),
+        # a model's ValueError (model.dropout=1.2 and decode.beam_size=0 take the same path
+        # to stderr; their messages are checked in-process below)
         ("model.n_heads=3", "error: model.d_model=32 is not divisible by model.n_heads=3"),
-        ("model.dropout=1.2", "error: model.dropout must be a number in [0, 1), got 1.2"),
         ("+model.foo=1", "Transformer.__init__() got an unexpected keyword argument 'foo'"),
-        ("decode.beam_size=0", "error: decode.beam_size must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_config_is_one_clear_line(small_overrides, tmp_path, override, message):
