@@ -31,8 +31,8 @@ scatter back that a model keeping padded activations needs:
   cost if no batch padded its sources (batches of one source length), the mask being what
   keeps flash from taking them.
 - ``rows W cudnn``, ``rows W efficient`` (W = 128, 256), ``rows 128 math``: the batch's
-  sentence pairs laid out several to a row of W slots (``transformer/packing.py``: in
-  order, a new row when a side is full), each query seeing only its own sentence through a
+  sentence pairs laid out several to a row of W slots (``transformer/packing.py``, as
+  ``trainer.packed_rows=W`` lays them out), each query seeing only its own sentence through a
   block-diagonal mask (``segment_bias``), on leaves packed beforehand (the kernel alone, as
   a model run on packed rows throughout would call it): a tile of queries then holds
   several sentences, not one and padding.
@@ -51,6 +51,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,15 @@ METHODS = ("cudnn", "efficient", "flash", "math", "nested flash", "nested effici
            "rows 256 efficient", "rows 128 math")  # fmt: skip
 DROPOUTS = (0.0, 0.1)  # attention dropout: none, and the benchmarks' (train_speed.DROPOUT)
 TOLERANCE = 3e-2  # bf16 against fp32, outputs of unit scale
+
+
+class Rows(NamedTuple):
+    """A call's leaves in packed rows (``Call.pack_rows``)."""
+
+    leaves: list  # q, k, v (R, W, h, d), leaves of their own
+    bias: torch.Tensor  # the block-diagonal mask (segment_bias)
+    q_side: object  # packing.PackedSide of the queries, to unpack the output
+    grad: torch.Tensor  # the output's gradient, packed
 
 
 def rows_method(method: str) -> tuple[int, str] | None:
@@ -152,7 +162,7 @@ class Call:
         self.index_k, self.cu_k, self.max_k = packing(len_k, Lk)
         self.tokens = len(self.index_q)
         self.lengths = (src_len, tgt_len, S, T, kind)
-        self.rows = {}  # width -> packed-rows leaves (``pack_rows``)
+        self.rows: dict[int, Rows] = {}  # by width (``pack_rows``)
 
     def pack_rows(self, width: int) -> None:
         """The leaves laid out in packed rows of ``width`` slots, with their block-diagonal
@@ -166,14 +176,14 @@ class Call:
         with torch.no_grad():
             leaves = [q_side.pack(self.q), k_side.pack(self.k), k_side.pack(self.v)]
         bias = segment_bias(q_side.segment, k_side.segment, self.causal, self.q.dtype)
-        self.rows[width] = ([x.detach().requires_grad_() for x in leaves], bias, q_side,
-                            q_side.pack(self.grad))  # fmt: skip
+        leaves = [x.detach().requires_grad_() for x in leaves]
+        self.rows[width] = Rows(leaves, bias, q_side, q_side.pack(self.grad))
 
     def packed_rows(self, width: int, dropout: float):
         """SDPA over the packed rows of ``width`` (R, W, h, d), the segment mask."""
-        (q, k, v), bias, _, _ = self.rows[width]
+        rows = self.rows[width]
         out = F.scaled_dot_product_attention(
-            *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=bias, dropout_p=dropout
+            *(x.transpose(1, 2) for x in rows.leaves), attn_mask=rows.bias, dropout_p=dropout
         )
         return out.transpose(1, 2)
 
@@ -243,7 +253,7 @@ def run(call: Call, method: str, dropout: float):
         width, kernel = rows_method(method)
         call.pack_rows(width)
         with sdpa_kernel([SDPA[kernel]]):
-            return call.packed_rows(width, dropout), call.rows[width][3]
+            return call.packed_rows(width, dropout), call.rows[width].grad
     if method == UNMASKED:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return call.sdpa(dropout, masked=False), call.grad
@@ -258,7 +268,7 @@ def check(call: Call, method: str) -> float:
     if method == "varlen (kernel)":
         out = unpack(out, call.index_q, call.B, call.Lq)
     if rows_method(method):
-        out = call.rows[rows_method(method)[0]][2].unpack(out, call.B, call.Lq)
+        out = call.rows[rows_method(method)[0]].q_side.unpack(out, call.B, call.Lq)
     diff = (out.float() - call.reference(masked=method != UNMASKED)).abs()
     return float(torch.where(call.real_q, diff, 0.0).max())
 
@@ -290,7 +300,7 @@ def time_call(call: Call, method: str, dropout: float, repeats: int, device) -> 
     if method == "varlen (kernel)":
         leaves = call.packed
     elif rows_method(method):
-        leaves = call.rows[rows_method(method)[0]][0]
+        leaves = call.rows[rows_method(method)[0]].leaves
     times = []
     for i in range(repeats + 2):
         sync(device)

@@ -224,11 +224,14 @@ class Timing:
     switches this model runs with (dropout mask, SDPA kernels) before each chunk."""
 
     def __init__(self, model, batches, pad, device, precision, steps, warmup, compile, fused,
-                 setup):  # fmt: skip
+                 setup, rows=None):  # fmt: skip
+        """``rows``: feed the batches in packed rows of this width (packing.pack_batch); the
+        FLOPs (MFU) stay counted on the padded batches, as for every model."""
         self.pad, self.device, self.setup = pad, device, setup
         setup()
         self.step = make_step(model, pad, device, precision, compile, fused)
-        on_dev = [b.to(device) for b in batches]
+        self.counted = batches[warmup : warmup + steps]
+        on_dev = [(pack_batch(b, pad, rows) if rows else b).to(device) for b in batches]
         self.timed = on_dev[warmup : warmup + steps]
         # Warm up on every timed batch shape too: the first use of a shape loads and picks
         # kernels (hundreds of ms on a GPU), which is start-up cost, not throughput. The
@@ -272,7 +275,7 @@ class Timing:
             "faults": self.faults / len(self.times),
             "first_s": self.first_s,
             "round_s": self.round_s,
-            "batches": self.timed,
+            "batches": self.counted,
         }
 
 
@@ -494,13 +497,11 @@ def main() -> None:
 
                 model = build().to(device)
                 ours_fused = opt.get("fused", fused) and mname.startswith("ours")
-                fed = batches
-                if "rows" in opt:
-                    fed = [pack_batch(b, pad, opt["rows"]) for b in batches]
                 try:
                     timing = Timing(
-                        model, fed, pad, device, opt.get("precision", precision),
+                        model, batches, pad, device, opt.get("precision", precision),
                         args.steps, args.warmup, opt.get("compile"), ours_fused, setup,
+                        rows=opt.get("rows"),
                     )  # fmt: skip
                     if args.rounds == 1:
                         timing.run(args.steps)
@@ -515,7 +516,6 @@ def main() -> None:
                     alive[mname] = timing
                     continue
                 measured[mname] = r = timing.result()  # and free this model before the next
-                r["batches"] = batches[args.warmup : args.warmup + args.steps]  # FLOPs: padded
                 print(f"{cname} {max_tokens} {mname}: {r['tok_s']:,.0f} tgt tok/s, "
                       f"{r['step_ms']:.1f} ms/step", flush=True)  # fmt: skip
                 # Saved after every model: a device call stopped by its time limit (compiling
@@ -531,8 +531,6 @@ def main() -> None:
                     timing.run(hi - lo)
             use_sdpa_backends(None)
             measured.update((mname, timing.result()) for mname, timing in alive.items())
-            for r in measured.values():  # FLOPs: of the padded batches (packed rows too)
-                r["batches"] = batches[args.warmup : args.warmup + args.steps]
             rows = table_rows(models, measured, cname, max_tokens, mcfg, V, peak)
             lines += rows
             print("\n".join(rows), flush=True)

@@ -288,10 +288,10 @@ def test_attention_kernels_packs_the_real_tokens_as_a_variable_length_kernel_tak
         # packed rows, several sentences to a row of 16 slots, the segment mask
         assert bench.check(call, "rows 128 math") < 1e-5, kind
         call.pack_rows(16)
-        assert call.rows[16][0][0].shape[:2] == (2, 16)  # pairs 0-3, then pair 4
+        assert call.rows[16].leaves[0].shape[:2] == (2, 16)  # pairs 0-3, then pair 4
         assert bench.check(call, "rows 16 math") < 1e-5, kind
         assert bench.time_call(call, "rows 16 math", 0.1, 1, cpu) > 0
-        assert call.rows[16][0][0].grad is None
+        assert call.rows[16].leaves[0].grad is None
     # the check can fail: cross-attention with the target's lengths for the keys
     call.cu_k = call.cu_q
     assert bench.check(call, "varlen") > 0.05
