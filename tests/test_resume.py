@@ -45,7 +45,7 @@ def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
     small_overrides, tmp_path, read_csv, last_logged_step
 ):
     overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
-        "trainer.max_steps=48",
+        "trainer.max_steps=32",
         "trainer.eval_every=4",
         "trainer.bleu_every=1000",  # BLEU (and best.pt) only at the end
         "trainer.log_every=1",
@@ -60,13 +60,13 @@ def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
     victim = train_cli(overrides, killed, tmp_path)
     try:
         deadline = time.monotonic() + 600
-        while last_logged_step(killed / "train_log.csv") < 22 and victim.poll() is None:
+        while last_logged_step(killed / "train_log.csv") < 14 and victim.poll() is None:
             assert time.monotonic() < deadline, "no training progress"
-            time.sleep(0.01)  # steps take tens of ms: the kill lands well before step 48
+            time.sleep(0.01)  # steps take tens of ms: the kill lands well before step 32
         victim.send_signal(signal.SIGKILL)
         assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
         assert not (killed / "metrics.json").exists()
-        assert 22 <= last_logged_step(killed / "train_log.csv") < 48
+        assert 14 <= last_logged_step(killed / "train_log.csv") < 32
 
         resumed = train_cli(overrides, killed, tmp_path)
         assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
@@ -76,13 +76,13 @@ def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
             proc.kill()
 
     losses = read_csv(whole / "train_log.csv", "step", "loss")
-    assert [int(s) for s, _ in losses] == list(range(1, 49))
+    assert [int(s) for s, _ in losses] == list(range(1, 33))
     assert read_csv(killed / "train_log.csv", "step", "loss") == losses
     fields = ("step", "valid_loss", "valid_bleu")
     assert read_csv(killed / "valid_log.csv", *fields) == read_csv(whole / "valid_log.csv", *fields)
     a = checkpoint.load(whole / "checkpoints" / "last.pt")
     b = checkpoint.load(killed / "checkpoints" / "last.pt")
-    assert a["progress"]["step"] == b["progress"]["step"] == 48
+    assert a["progress"]["step"] == b["progress"]["step"] == 32
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert len(checkpoint.step_checkpoints(killed / "checkpoints")) == 2
@@ -218,11 +218,17 @@ def test_resume_keeps_the_runs_tokenizer_when_the_corpus_gives_another(
 
 
 def test_resume_refuses_other_tokenizer_settings_and_keeps_the_tokenizer(
-    compose, small_overrides, tmp_path
+    compose, small_overrides, tmp_path, monkeypatch
 ):
+    """... before the corpus is read and encoded (a cleared cache re-encodes it all)."""
     train(compose(small_overrides))
     tok = tmp_path / "run" / "tokenizer" / "joint.model"
     before = sha(tok)
+
+    def read_corpus(*args):
+        raise AssertionError("the corpus was read before the refusal")
+
+    monkeypatch.setattr("transformer.trainer.prepare_data", read_corpus)
     with pytest.raises(TrainingError, match=r"another tokenizer \(data\.vocab_size=300, now 250\)"):
         train(compose(small_overrides + ["data.vocab_size=250", "trainer.max_steps=9"]))
     assert sha(tok) == before

@@ -146,6 +146,14 @@ class Trainer:
         sdpa = use_sdpa_backends(self.t.get("sdpa_backends"))
         if self.device.type == "cuda":
             log.info("attention kernels allowed: %s", ", ".join(sdpa))
+        # The checkpoint a resumed run continues from, loaded now: a changed model or
+        # tokenizer setting is refused before the corpus is encoded (resume() loads the rest)
+        self.resume_from = None
+        if self.t.resume:
+            self.resume_from = checkpoint.load_latest(checkpoint.resume_candidates(self.ckpt_dir))
+            if self.resume_from:
+                path, ckpt = self.resume_from
+                self.check_config(path, ckpt["config"])
         if not self.dist.is_main:  # rank 0 trains (or finds) the tokenizer, the others reuse it
             self.dist.barrier()
         self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(cfg, run_dir)
@@ -343,14 +351,13 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest loadable checkpoint (last.pt, else the step files, newest
-        first); damaged ones are skipped with a warning. False when there is none."""
-        found = checkpoint.load_latest(checkpoint.resume_candidates(self.ckpt_dir))
-        if found is None:
+        first; damaged ones skipped with a warning), found by __init__. False when there is
+        none."""
+        if self.resume_from is None:
             return False
-        path, ckpt = found
+        (path, ckpt), self.resume_from = self.resume_from, None  # its memory goes with resume
         if ckpt["tokenizer"] != self.tok_info:
             raise TrainingError(f"{path} was trained with another tokenizer than this run's")
-        self.check_config(path, ckpt["config"])
         model = checkpoint.unwrap(self.model)
         optim = ckpt["optimizer"]
         saved_names = checkpoint.parameter_names(
