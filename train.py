@@ -7,7 +7,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from transformer.cli import check_added_keys, friendly_errors, unwritable_run_dir
+from transformer.cli import (
+    check_added_keys,
+    friendly_errors,
+    unparsable_override,
+    unwritable_run_dir,
+)
 from transformer.trainer import train
 
 
@@ -23,6 +28,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if reason := unwritable_run_dir(sys.argv[1:]):
+    if reason := unparsable_override(sys.argv[1:]) or unwritable_run_dir(sys.argv[1:]):
         sys.exit(f"error: {reason}")
     main()

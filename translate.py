@@ -4,13 +4,14 @@ Reads stdin (or ``input=FILE``) one sentence per line and writes one translation
 stdout (or ``output=FILE``), same count and order.
 """
 
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from transformer.cli import check_added_keys, friendly_errors
+from transformer.cli import check_added_keys, friendly_errors, unparsable_override
 from transformer.translate_cli import translate
 
 
@@ -24,4 +25,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if reason := unparsable_override(sys.argv[1:]):
+        sys.exit(f"error: {reason}")
     main()

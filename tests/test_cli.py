@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from transformer.cli import friendly_errors
+from transformer.cli import friendly_errors, unparsable_override
 
 
 def fails_with(error):
@@ -72,3 +72,15 @@ def test_the_entry_points_start_without_importing_the_compiler():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+def test_an_override_hydra_cannot_parse_is_named():
+    """Hydra printed only the text it stopped at: "missing EQUAL at '<EOF>'"."""
+    assert unparsable_override(["a=1", "trainer.lr"]).startswith("trainer.lr: missing EQUAL")
+    assert unparsable_override(["x=(", "y=1"]).startswith("x=(: extraneous input '('")
+    # flags, their values, sweeps, deletions, quoted and interpolated values all parse
+    good = ["--cfg", "job", "-cn", "train", "--info", "defaults", "-m", "trainer.lr=1e-3,2e-3",
+            "~data.max_len", "+x='a b'", "run_dir=${hydra:runtime.cwd}/r",
+            "--info", "y=[1,2]"]  # fmt: skip
+    assert unparsable_override(good) is None
+    assert unparsable_override(["--info", "z=[1,"]).startswith("z=[1,: ")

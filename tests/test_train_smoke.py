@@ -108,6 +108,8 @@ def test_bad_config_is_one_clear_line(small_overrides, tmp_path, override, messa
         ("run_dir={tmp}/a_file/run", "a_file/run is not writable"),
         # Hydra makes it before the task runs: a NotADirectoryError traceback from inside it
         ("hydra.run.dir={tmp}/a_file/run", "hydra.run.dir={tmp}/a_file/run: {tmp}/a_file is a "),
+        # Hydra's words named neither the argument nor its key
+        ("trainer.max_steps=[1,", "error: trainer.max_steps=[1,: no viable alternative at "),
     ],
 )
 def test_unknown_name_or_unwritable_run_dir_is_clear(small_overrides, tmp_path, override, message):

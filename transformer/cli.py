@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -87,6 +89,33 @@ def check_added_keys(overrides, conf_dir: Path, config_name: str, open_under=())
             f"{override}: {key} is not a setting, so nothing would read it ({hint}--cfg job "
             "prints every setting)"
         )
+
+
+# Hydra's command-line flags that take the next argument as their value (--info's is optional)
+VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn",
+               "--config-name", "-cd", "--config-dir", "--experimental-rerun"}  # fmt: skip
+INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def unparsable_override(argv: list[str]) -> str | None:
+    """Why an override in ``argv`` breaks Hydra's override grammar (``trainer.lr=[1,``, a
+    key without ``=``), naming it, or None. Hydra's own message names only the text it
+    stopped at (``no viable alternative at input '[1,'``), not the argument or its key."""
+    parser, i = OverridesParser.create(), 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if arg.startswith("-"):  # a flag, and the value it takes
+            info = arg in ("-i", "--info") and i < len(argv) and argv[i] in INFO_CHOICES
+            i += arg in VALUE_FLAGS or info
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException as e:
+            return (
+                f"{arg}: {one_line(e)} (overrides are key=value; quote a value with spaces or "
+                "brackets: https://hydra.cc/docs/advanced/override_grammar/basic/)"
+            )
+    return None
 
 
 def unwritable_run_dir(argv: list[str]) -> str | None:
