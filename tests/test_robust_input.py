@@ -199,6 +199,8 @@ def test_a_path_yaml_reads_as_a_number_is_its_digits(tiny, compose, tmp_path, mo
     best = translate_with(compose, f"ckpt={tiny[0]}", "input=2024", "output=2025")
     assert Path("2025").read_text("utf-8") == "".join(line + "\n" for line in best)
     assert len(best) == 2
+    Path("007").write_text("Ein Hund.\n", "utf-8")  # no int (Hydra has no leading-zero ints)
+    assert len(translate_with(compose, f"ckpt={tiny[0]}", "input=007")) == 1
     with pytest.raises(ValueError, match="^input must be a path or name, got 1.5: quote it"):
         translate_with(compose, f"ckpt={tiny[0]}", "input=1.5")
 
