@@ -15,7 +15,9 @@ from transformer.trainer import TrainingError, train
 from transformer.translate_cli import translate
 from transformer.translator import encode_sources, load_for_inference, translate_ids
 
-RUN = ["trainer.max_steps=9", "trainer.keep_checkpoints=3", "trainer.final.average_last=3"]
+# the default length penalties (trainer=debug tries none besides decode's)
+RUN = ["trainer.max_steps=9", "trainer.keep_checkpoints=3", "trainer.final.average_last=3",
+       "trainer.final.length_penalties=[1.0,1.4]"]  # fmt: skip
 
 
 def decode_with(ckpt, lines, length_penalty, beam_size=5):
