@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from transformer import checkpoint
 from transformer.attention import stacked_from
@@ -232,6 +233,8 @@ def test_resume_refuses_other_tokenizer_settings_and_keeps_the_tokenizer(
     with pytest.raises(TrainingError, match=r"another tokenizer \(data\.vocab_size=300, now 250\)"):
         train(compose(small_overrides + ["data.vocab_size=250", "trainer.max_steps=9"]))
     assert sha(tok) == before
+    # the run's config.yaml still describes its checkpoints
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").data.vocab_size == 300
 
 
 def separate_qkv(ckpt: dict) -> dict:

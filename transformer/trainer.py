@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -980,10 +981,13 @@ def train(cfg) -> dict:
         if ctx.is_main:
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             except OSError as e:
                 raise TrainingError(f"run_dir={run_dir} is not writable: {e.strerror or e}") from e
+            if not os.access(run_dir, os.W_OK | os.X_OK):
+                raise TrainingError(f"run_dir={run_dir} is not writable: permission denied")
         trainer = Trainer(cfg, run_dir, ctx)
+        if ctx.is_main:  # not before: a refused resume leaves the run's own config.yaml
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         trainer.run()
         return trainer.finish()
     finally:
