@@ -160,14 +160,16 @@ def test_two_processes_shard_data_agree_on_weights_resume_and_stop_together(
     assert logged_steps(run / "train_log.csv") == list(range(1, stopped + 1))
 
 
-def test_two_processes_with_bf16_weights_agree_on_their_fp32_weights(
+def test_two_processes_with_bf16_weights_and_packed_rows_agree_on_their_fp32_weights(
     compose, small_overrides, tmp_path
 ):
     """trainer.precision=bf16-weights: DDP averages the bf16 copy's gradients, every rank
     updates its fp32 weights alike, and they are those of one process redoing the run
-    (up to bf16 rounding: the ranks' gradients are averaged in bf16)."""
+    (up to bf16 rounding: the ranks' gradients are averaged in bf16). The two GPU speed
+    options together: the batches are packed rows, whose segments DDP passes through."""
     overrides = comparable(small_overrides) + [
         "trainer.precision=bf16-weights",
+        "trainer.packed_rows=64",
         "trainer.final.average_last=0",
         "trainer.final.length_penalties=[]",
     ]
@@ -181,8 +183,9 @@ def test_two_processes_with_bf16_weights_agree_on_their_fp32_weights(
     assert w0 == w1 == [state_dict_sha256(last["model"])]
     assert all(v.dtype == torch.float32 for v in last["model"].values())
 
-    single = compose([*overrides, f"run_dir={tmp_path / 'single'}", "trainer.accum_steps=2"])
-    train(single)
+    # one process on padded batches: packing changes the layout, not the sums
+    single = [f"run_dir={tmp_path / 'single'}", "trainer.accum_steps=2", "trainer.packed_rows=0"]
+    train(compose([*overrides, *single]))
     alone = checkpoint.load(tmp_path / "single" / "checkpoints" / "last.pt")["model"]
     initial = Trainer(compose([*overrides, f"run_dir={tmp_path / 'init'}"]), tmp_path / "init")
     for name, before in initial.model.state_dict().items():
