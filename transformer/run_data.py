@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import checkpoint
 from .corpus_cache import encode_split, open_split, sample_sentences
 from .data import DataError
 from .settings import TrainingError
@@ -15,17 +14,10 @@ from .tokenizer import Tokenizer, copy_into, file_sha256, train_or_load
 log = logging.getLogger(__name__)
 
 
-def will_resume(cfg, run_dir: Path) -> bool:
-    """Whether a Trainer on ``run_dir`` will continue from a checkpoint there."""
-    return bool(cfg.trainer.get("resume", True)) and bool(
-        checkpoint.resume_candidates(run_dir / "checkpoints")
-    )
-
-
-def prepare_data(cfg, run_dir: Path):
+def prepare_data(cfg, run_dir: Path, resuming: bool = False):
     """Train or reuse the tokenizer(s) (on a bounded sample of the training split), copy them
-    into the run dir (a run that resumes keeps the ones it has there), and encode every split
-    or map its cached encoding (``transformer/corpus_cache.py``)."""
+    into the run dir (a run that resumes, ``resuming``, keeps the ones it has there), and
+    encode every split or map its cached encoding (``transformer/corpus_cache.py``)."""
     d = cfg.data
     cache_dir = Path(d.cache_dir)
     sources = {
@@ -62,7 +54,7 @@ def prepare_data(cfg, run_dir: Path):
     if d.joint_vocab:
         names = {"src": "tokenizer/joint.model", "tgt": "tokenizer/joint.model"}
     paths = {side: run_dir / name for side, name in names.items()}
-    if will_resume(cfg, run_dir) and all(p.is_file() for p in paths.values()):
+    if resuming and all(p.is_file() for p in paths.values()):
         # The checkpoints' token ids mean this run's pieces, whatever the corpus or the cache
         # would give now (a corpus copied afresh, a cleared cache, a newer SentencePiece).
         src_tok = Tokenizer(paths["src"])

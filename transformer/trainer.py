@@ -157,7 +157,9 @@ class Trainer:
                 self.check_config(path, ckpt["config"])
         if not self.dist.is_main:  # rank 0 trains (or finds) the tokenizer, the others reuse it
             self.dist.barrier()
-        self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(cfg, run_dir)
+        self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(
+            cfg, run_dir, resuming=self.resume_from is not None
+        )
         if self.dist.is_main:
             self.dist.barrier()
         self.pad_id = self.tgt_tok.pad_id
