@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .attention import attention_config, stacked_from, use_sdpa_backends
+from .attention import SDPA_KINDS, attention_config, stacked_from, use_sdpa_backends
 from .data import TokenBatcher
 from .final_choice import FinalChoice, final_settings
 from .host_memory import reuse_freed_memory
@@ -125,7 +125,7 @@ class Trainer:
         if self.packed_rows and not getattr(trial, "takes_rows", False):
             raise TrainingError(
                 f"trainer.packed_rows={self.packed_rows} needs the Transformer with "
-                "scaled-dot-product attention (model.attention kinds scaled_dot or dot); "
+                f"scaled-dot-product attention (model.attention kinds {' or '.join(SDPA_KINDS)}); "
                 "set trainer.packed_rows=0"
             )
         self.compile_mode = self.t.get("compile_mode", "default")
