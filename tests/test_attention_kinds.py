@@ -146,6 +146,28 @@ def test_steps_equal_the_causal_forward(name, pattern):
         torch.testing.assert_close(out, full[:, :, sl], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_attention_in_fp16_keeps_its_long_sums_in_fp32(causal):
+    # phi(q) . sum_j phi(k_j) grows with the keys: in fp16 it passed 65504 at 1,024 keys
+    # and num / inf gave rows of zeros. fp16 tensors stand for CUDA's fp16 autocast here.
+    kind = A.make_kind("linear", 2, 64, A.AttentionConfig(chunk=64)).eval()
+    q, k, v = qkv(B=1, h=2, T=1024, d=64)
+    ref, _ = kind(q, k, v, None, causal)
+    out, _ = kind(q.half(), k.half(), v.half(), None, causal)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-2)
+    # Decoding steps: the running sums (S, z) stay fp32 under bf16 activations
+    T = 40
+    cache = kind.empty_cache(1, 2, 64, q.bfloat16())
+    assert all(c.dtype == torch.float32 for c in cache)
+    for t in range(T):
+        sl = slice(t, t + 1)
+        step, cache, _ = kind.step(*(x[:, :, sl].bfloat16() for x in (q, k, v)), cache)
+        assert step.dtype == torch.bfloat16
+    full, _ = kind(q[:, :, :T], k[:, :, :T], v[:, :, :T], None, True)
+    torch.testing.assert_close(step.float(), full[:, :, T - 1 :], atol=2e-2, rtol=2e-2)
+
+
 def test_fully_padded_window_gives_zeros_and_finite_gradients():
     kind = kind_obj("local")
     q, k, v = (x.requires_grad_() for x in qkv(T=12))

@@ -433,6 +433,10 @@ class Sparse(AttentionKind):
         return self.mask(1, t, True, device)[0].nonzero().squeeze(1)
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def elu_feature(x: torch.Tensor) -> torch.Tensor:
     """phi(x) = elu(x) + 1 > 0 (Katharopoulos et al. 2020, eq. 7)."""
     return F.elu(x) + 1.0
@@ -467,6 +471,8 @@ class Linear(AttentionKind):
     state (S (B, h, d, d), z (B, h, 1, d)) instead of past keys and values, so a step costs
     O(d^2) whatever the length. There is no weight matrix to drop out: attention dropout does
     not apply. ``need_weights`` takes the quadratic form phi(q) phi(k)^T, row-normalised.
+    Both compute in fp32 under any autocast or activation dtype (the sums run over every key)
+    and return the activations' dtype.
     """
 
     eps = 1e-6
@@ -476,6 +482,16 @@ class Linear(AttentionKind):
         self.chunk = chunk
 
     def forward(self, q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
+        # In fp32 whatever the activations' dtype: the sums over n keys (kv, z, den) grow
+        # with n, and in fp16 den passes 65504 at a few hundred positions, where num / inf
+        # gave rows of zeros without a NaN to show it (tests/test_attention_kinds.py)
+        wide = _at_least_fp32(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            q_, k_, v_ = q.to(wide), k.to(wide), v.to(wide)
+            out, weights = self._forward(q_, k_, v_, mask, causal, need_weights)
+        return out.to(q.dtype), (None if weights is None else weights.to(q.dtype))
+
+    def _forward(self, q, k, v, mask, causal, need_weights):
         T_q, T_k = q.shape[2], k.shape[2]
         fq, fk = elu_feature(q), elu_feature(k)
         if need_weights or not _is_key_mask(mask) or (causal and T_q != T_k):
@@ -493,14 +509,19 @@ class Linear(AttentionKind):
         return fq @ kv / den.clamp_min(self.eps), None
 
     def empty_cache(self, B: int, h: int, d: int, like: torch.Tensor):
-        return like.new_zeros(B, h, d, d), like.new_zeros(B, h, 1, d)  # S, z
+        # running sums over every step so far: in fp32 at least, as in forward
+        wide = _at_least_fp32(like.dtype)
+        return like.new_zeros(B, h, d, d, dtype=wide), like.new_zeros(B, h, 1, d, dtype=wide)
 
     def step(self, q, k_new, v_new, cache, need_weights: bool = False):
-        fq, fk = elu_feature(q), elu_feature(k_new)  # (B, h, 1, d)
-        S = cache[0] + fk.transpose(-2, -1) @ v_new  # (B, h, d, 1) @ (B, h, 1, d_v)
-        z = cache[1] + fk  # (B, h, 1, d)
-        den = (fq * z).sum(-1, keepdim=True).clamp_min(self.eps)  # (B, h, 1, 1)
-        return fq @ S / den, (S, z), None
+        wide = cache[0].dtype
+        with torch.autocast(q.device.type, enabled=False):
+            fq, fk = elu_feature(q.to(wide)), elu_feature(k_new.to(wide))  # (B, h, 1, d)
+            S = cache[0] + fk.transpose(-2, -1) @ v_new.to(wide)  # (B, h, d, 1) @ (B, h, 1, d_v)
+            z = cache[1] + fk  # (B, h, 1, d)
+            den = (fq * z).sum(-1, keepdim=True).clamp_min(self.eps)  # (B, h, 1, 1)
+            out = fq @ S / den
+        return out.to(q.dtype), (S, z), None
 
 
 # -- configuration --------------------------------------------------------------------------
