@@ -15,6 +15,8 @@ from transformer.cli import (
 )
 from transformer.trainer import train
 
+CONF = Path(__file__).parent / "conf"
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @friendly_errors
@@ -23,11 +25,11 @@ def main(cfg: DictConfig) -> None:
     # used: an unknown one fails before the data is read), and named splits
     open_under = ("model", "decode", "trainer.optimizer", "data.hub_splits")
     overrides = HydraConfig.get().overrides.task
-    check_added_keys(overrides, Path(__file__).parent / "conf", "train", open_under)
+    check_added_keys(overrides, CONF, "train", open_under)
     train(cfg)
 
 
 if __name__ == "__main__":
-    if reason := unparsable_override(sys.argv[1:]) or unwritable_run_dir(sys.argv[1:]):
+    if reason := unparsable_override(sys.argv[1:], CONF) or unwritable_run_dir(sys.argv[1:]):
         sys.exit(f"error: {reason}")
     main()

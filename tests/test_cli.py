@@ -1,6 +1,7 @@
 """The entry points' error reporting (transformer/cli.py): expected faults end in one line."""
 
 import errno
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -84,3 +85,13 @@ def test_an_override_hydra_cannot_parse_is_named():
             "--info", "y=[1,2]"]  # fmt: skip
     assert unparsable_override(good) is None
     assert unparsable_override(["--info", "z=[1,"]).startswith("z=[1,: ")
+
+
+def test_a_config_group_set_to_null_is_named_with_its_options():
+    """Hydra raised "Config group override must be a string or a list. Got NoneType" from
+    deep inside, as a traceback."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    assert unparsable_override(["trainer=null"], conf) == (
+        "trainer=null: trainer is a config group: name one of ['debug', 'default']"
+    )
+    assert unparsable_override(["~trainer", "trainer.final=null", "x=null"], conf) is None

@@ -1,4 +1,5 @@
 import gzip
+import logging
 
 import numpy as np
 import pytest
@@ -166,14 +167,19 @@ def test_batch_order_reproducible_per_epoch_and_reshuffled_between_epochs():
 
 
 @pytest.mark.parametrize("world_size", [3, 4])
-def test_distributed_shards_are_disjoint_and_equal_in_number(world_size):
+def test_distributed_shards_are_disjoint_and_equal_in_number(world_size, caplog):
     split = fake_split()
     whole = len(TokenBatcher(split, 120, 1, (0, 2, 3)).epoch_batches(0))
     assert whole % world_size  # a count the ranks cannot split evenly: some batches left out
-    shards = [
-        TokenBatcher(split, 120, 1, (0, 2, 3), rank=r, world_size=world_size).epoch_batches(0)
-        for r in range(world_size)
-    ]
+    with caplog.at_level(logging.INFO):
+        shards = [
+            TokenBatcher(split, 120, 1, (0, 2, 3), rank=r, world_size=world_size).epoch_batches(0)
+            for r in range(world_size)
+        ]
+    # left out, and said so
+    assert f"epoch 0: {whole} batches for {world_size} ranks; the last {whole % world_size} " in (
+        caplog.text
+    )
     seen = [set(np.concatenate(s).tolist()) for s in shards]
     assert all(seen) and sum(map(len, seen)) == len(set().union(*seen))  # disjoint
     # every rank as many batches (collective ops stay in step): the whole count rounded down

@@ -114,6 +114,29 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(
     assert "run the same command to resume" in stderr and "Traceback" not in stderr
     step = checkpoint.load(run / "checkpoints" / "last.pt")["progress"]["step"]
     assert step == last_logged_step(run / "train_log.csv") >= 5
+    # not a step file: the final average takes those of the evaluations, as if never stopped
+    assert checkpoint.step_checkpoints(run / "checkpoints") == []
+
+
+def test_a_train_log_row_across_a_checkpoint_is_the_same_after_a_resume(
+    compose, small_overrides, tmp_path, read_csv
+):
+    """Rows every 3 updates, a checkpoint at update 4: the resumed run's row at update 6
+    covered only updates 5 and 6 (its loss 5.8767 against 5.9362 never interrupted)."""
+    rows = ["trainer.log_every=3", "trainer.eval_every=4", "trainer.bleu_every=1000",
+            "model.dropout=0.3"]  # fmt: skip
+    whole = make_trainer(compose, small_overrides, tmp_path / "whole", *rows, "trainer.max_steps=8")
+    whole.run()
+    first = make_trainer(compose, small_overrides, tmp_path / "cut", *rows, "trainer.max_steps=4")
+    first.run()
+    again = make_trainer(compose, small_overrides, tmp_path / "cut", *rows, "trainer.max_steps=8")
+    assert again.resume() and again.step == 4
+    assert (again.window.tokens, again.window.batches) == (first.window.tokens, 1)
+    again.run()
+    fields = ("step", "loss", "pad_frac")
+    expected = read_csv(tmp_path / "whole" / "run" / "train_log.csv", *fields)
+    assert [int(r[0]) for r in expected] == [3, 6]
+    assert read_csv(tmp_path / "cut" / "run" / "train_log.csv", *fields) == expected
 
 
 def test_resume_falls_back_to_the_previous_good_checkpoint(
@@ -145,6 +168,74 @@ def test_the_schedule_warms_up_linearly_then_decays_as_the_inverse_square_root()
     )
 
 
+def test_update_n_takes_the_schedules_factor_of_n_and_the_log_shows_it(
+    compose, small_overrides, tmp_path, read_csv
+):
+    """LambdaLR counts the updates done: update 1 and 2 both took 1 / warmup of the peak,
+    and update n the factor of n - 1, while train_log.csv showed the factor of n."""
+    trainer = make_trainer(
+        compose, small_overrides, tmp_path, "trainer.warmup_steps=4", "trainer.log_every=1"
+    )
+    applied = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda optim, args, kwargs: applied.append(optim.param_groups[0]["lr"])
+    )
+    trainer.run()
+    peak, factor = trainer.t.optimizer.lr, inverse_sqrt(4)
+    assert applied == pytest.approx([peak * factor(n) for n in range(1, 7)])
+    assert factor(4) == 1.0 and factor(5) < 1.0  # update 4 is the peak
+    logged = [float(lr) for _, lr in read_csv(tmp_path / "run" / "train_log.csv", "step", "lr")]
+    assert logged == pytest.approx(applied)
+
+
+def test_optimizer_settings_changed_on_resume_take_effect_and_another_optimizer_is_refused(
+    compose, small_overrides, tmp_path, caplog
+):
+    """The saved groups' weight decay, betas and eps stayed in force unseen, while the
+    warning said the new ones would."""
+    train(compose(small_overrides))
+    changed = ["trainer.optimizer.weight_decay=0.1", "trainer.optimizer.betas=[0.8,0.9]",
+               "trainer.optimizer.eps=1e-6", "trainer.max_steps=9"]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        trainer = make_trainer(compose, small_overrides, tmp_path, *changed)
+        assert trainer.resume() and trainer.step == 6
+    assert "trainer.optimizer.weight_decay=0.1 (was" in caplog.text
+    group = trainer.optimizer.param_groups[0]
+    assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.1, (0.8, 0.9), 1e-6)
+    assert trainer.optimizer.state_dict()["state"]  # the moments are the checkpoint's
+    sgd = ["trainer.optimizer._target_=torch.optim.SGD", "~trainer.optimizer.betas",
+           "~trainer.optimizer.eps", "+trainer.optimizer.momentum=0.9"]  # fmt: skip
+    with pytest.raises(TrainingError, match="holds another optimizer .*torch.optim.SGD"):
+        make_trainer(compose, small_overrides, tmp_path, *sgd)
+
+
+@pytest.mark.parametrize(
+    "limit,raised",
+    [
+        ("trainer.max_epochs=1", "trainer.max_epochs=2"),
+        ("trainer.max_time_minutes=1e-9", "trainer.max_time_minutes=60"),
+        ("trainer.patience=1", "trainer.patience=3"),
+    ],
+)
+def test_a_run_stopped_at_a_limit_and_started_again_trains_no_further(
+    compose, small_overrides, tmp_path, monkeypatch, limit, raised
+):
+    """Only max_steps was known to have ended a run: one that stopped after its epochs, its
+    time or its patience trained on when the same command ran again."""
+    base = [limit, "trainer.max_steps=100000", "trainer.eval_every=1", "trainer.bleu_every=1"]
+    monkeypatch.setattr(Trainer, "valid_bleu", lambda self: 10.0)  # never a gain after the first
+    first = make_trainer(compose, small_overrides, tmp_path, *base)
+    first.run()
+    again = make_trainer(compose, small_overrides, tmp_path, *base)
+    assert again.resume() and again.step == first.step
+    assert again.run()["stop_reason"].startswith("already")
+    assert again.step == first.step
+    more = make_trainer(compose, small_overrides, tmp_path, *base, raised)
+    assert more.resume()
+    more.run()
+    assert more.step > first.step
+
+
 def test_a_peak_lr_changed_on_resume_applies_from_the_resumed_step(
     compose, small_overrides, tmp_path, caplog, read_csv
 ):
@@ -158,7 +249,7 @@ def test_a_peak_lr_changed_on_resume_applies_from_the_resumed_step(
         assert trainer.resume() and trainer.step == 6
     assert "trainer.optimizer.lr=0.004 (was 0.001)" in caplog.text
     # update 7 steps with the new peak lr, and so does every later one
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * factor(6))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(4e-3 * factor(7))
     train(cfg)
     lrs = dict(read_csv(tmp_path / "run" / "train_log.csv", "step", "lr"))
     assert float(lrs["6"]) == pytest.approx(1e-3 * factor(6))
@@ -305,7 +396,7 @@ def test_an_optimizer_state_that_matches_no_parameter_is_refused():
 
 def make_trainer(compose, small_overrides, tmp_path, *extra) -> Trainer:
     cfg = compose(small_overrides + list(extra))
-    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, tmp_path / "run")
 
 
@@ -430,6 +521,20 @@ def test_the_last_evaluation_scores_bleu_whatever_bleu_every(
     assert step == "5" and bleu != ""
     assert trainer.best_step == 5
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["progress"]["step"] == 5
+
+
+def test_bleu_every_that_is_no_multiple_of_eval_every_still_scores_at_its_steps(
+    compose, small_overrides, tmp_path, read_csv
+):
+    """BLEU was computed only inside a validation: every lcm(eval_every, bleu_every)."""
+    trainer = make_trainer(
+        compose, small_overrides, tmp_path,
+        "trainer.max_steps=12", "trainer.eval_every=2", "trainer.bleu_every=3",
+    )  # fmt: skip
+    trainer.run()
+    rows = read_csv(tmp_path / "run" / "valid_log.csv", "step", "valid_bleu")
+    assert [int(s) for s, _ in rows] == [2, 3, 4, 6, 8, 9, 10, 12]
+    assert [int(s) for s, bleu in rows if bleu != ""] == [3, 6, 9, 12]
 
 
 def test_max_epochs_stops_at_the_end_of_the_epoch(compose, small_overrides, tmp_path):

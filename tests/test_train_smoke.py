@@ -347,6 +347,11 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("data.test_splits=[test2016,train]", "data.test_splits names the training split"),
         ("trainer.packed_rows=-1", "trainer.packed_rows must be an integer >= 0, got -1"),
         ("model.attention.decoder=local", "trainer.packed_rows=64 needs the Transformer with"),
+        # null where settings go: "'NoneType' object has no attribute ...", deep inside
+        ("data.cache_dir=null", "data.cache_dir must name a folder .* got None"),
+        ("trainer.optimizer=null", "trainer.optimizer must be a group of settings, got None"),
+        ("trainer.final=null", "trainer.final must be a group of settings, got None"),
+        ("data.hub_splits=5", "data.hub_splits must be a group of settings, got 5"),
     ],
 )
 def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
@@ -493,9 +498,9 @@ def test_tokens_per_s_leaves_out_validation_time(compose, small_overrides, monke
             time.sleep(3.0)
         return evaluate(self, valid_log, out_of_time)
 
-    def logged(self, train_log, bar, loss_sum, ntok, pad, window_seconds):
-        seconds[self.step] = window_seconds  # the time tokens_per_s divides by
-        return log_window(self, train_log, bar, loss_sum, ntok, pad, window_seconds)
+    def logged(self, train_log, bar, window):
+        seconds[self.step] = window.elapsed()  # the time tokens_per_s divides by
+        return log_window(self, train_log, bar, window)
 
     monkeypatch.setattr(Trainer, "maybe_evaluate", slow_evaluation)
     monkeypatch.setattr(Trainer, "log_window", logged)

@@ -97,10 +97,12 @@ VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn",
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
-def unparsable_override(argv: list[str]) -> str | None:
+def unparsable_override(argv: list[str], conf: Path | None = None) -> str | None:
     """Why an override in ``argv`` breaks Hydra's override grammar (``trainer.lr=[1,``, a
     key without ``=``), naming it, or None. Hydra's own message names only the text it
-    stopped at (``no viable alternative at input '[1,'``), not the argument or its key."""
+    stopped at (``no viable alternative at input '[1,'``), not the argument or its key.
+    With ``conf``, the config folder, a config group set to null (``trainer=null``, a
+    traceback from inside Hydra) is named too, with the group's options."""
     parser, i = OverridesParser.create(), 0
     while i < len(argv):
         arg, i = argv[i], i + 1
@@ -109,12 +111,17 @@ def unparsable_override(argv: list[str]) -> str | None:
             i += arg in VALUE_FLAGS or info
             continue
         try:
-            parser.parse_override(arg)
+            override = parser.parse_override(arg)
         except HydraException as e:
             return (
                 f"{arg}: {one_line(e)} (overrides are key=value; quote a value with spaces or "
                 "brackets: https://hydra.cc/docs/advanced/override_grammar/basic/)"
             )
+        group = conf / override.key_or_group if conf is not None else None
+        if group is not None and group.is_dir() and override.value() is None:
+            if not override.is_delete():
+                options = sorted(p.stem for p in group.glob("*.yaml"))
+                return f"{arg}: {override.key_or_group} is a config group: name one of {options}"
     return None
 
 

@@ -457,6 +457,12 @@ class TokenBatcher:
         batches = plan_batches(self.lengths, self.max_tokens, rng)
         if self.world_size > 1:  # equal count per rank so collective ops stay in step
             n = len(batches) // self.world_size * self.world_size
+            if n < len(batches):  # others each epoch: the plan is shuffled per epoch
+                log.info(
+                    "epoch %d: %d batches for %d ranks; the last %d of its shuffled order are "
+                    "left out so that every rank takes %d",
+                    epoch, len(batches), self.world_size, len(batches) - n, n // self.world_size,
+                )  # fmt: skip
             batches = batches[self.rank : n : self.world_size]
         self._plan = (epoch, batches)  # the trainer asks again on resume and at epoch ends
         return batches

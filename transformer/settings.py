@@ -152,6 +152,25 @@ DATA_PATH_KEYS = ("name", "data_dir", "cache_dir", "hub_name", "hub_config", "hu
                   "hub_data_dir")  # fmt: skip
 
 
+# Settings that hold settings. Made null (trainer.optimizer=null) they failed deep inside
+# with "'NoneType' object has no attribute ..."; data.hub_splits is optional.
+SECTIONS = ("data", "model", "trainer", "decode", "trainer.optimizer", "trainer.final")
+OPTIONAL_SECTIONS = ("data.hub_splits",)
+
+
+def check_sections(cfg) -> None:
+    """Each of ``SECTIONS`` (and ``OPTIONAL_SECTIONS`` where given) is a group of settings."""
+    for key in SECTIONS + OPTIONAL_SECTIONS:
+        value = OmegaConf.select(cfg, key, default=KeyError)
+        if value is KeyError and key in OPTIONAL_SECTIONS:
+            continue
+        if not OmegaConf.is_dict(value):
+            raise TrainingError(
+                f"{key} must be a group of settings, got {value!r}; set its keys one by one "
+                f"({key}.NAME=VALUE)"
+            )
+
+
 def check_data_settings(cfg) -> None:
     """Data settings that would fail late or silently: one embedding for source and target
     needs one vocabulary (with two tokenizers of the same size, source piece N and target
@@ -176,6 +195,11 @@ def check_data_settings(cfg) -> None:
             raise TrainingError(str(e)) from None
     if not d.get("name"):
         raise TrainingError(f"data.name must be the corpus's name, got {d.get('name')!r}")
+    if not d.get("cache_dir"):
+        raise TrainingError(
+            "data.cache_dir must name a folder (tokenizers and encoded corpora are kept "
+            f"there), got {d.get('cache_dir')!r}"
+        )
     for key, least in DATA_COUNTS:
         if key in d and not is_count(d[key], least):
             raise TrainingError(f"data.{key} must be an integer >= {least}, got {d[key]!r}")

@@ -48,6 +48,7 @@ from .settings import (
     check_final,
     check_optimizer,
     check_schedule,
+    check_sections,
     check_seed,
     pick_device,
     resolve_precision,
@@ -76,11 +77,34 @@ TOKENIZER_KEYS = tuple(
 )
 
 
-# Optimizer group keys that choose how the update is computed, not what it computes.
-OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
-
-
 # -- the loop ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LogWindow:
+    """The updates since the last train_log.csv row: this rank's summed loss (a device
+    tensor, read only when the row is written) and target tokens, its batches' padding
+    fractions, and the training seconds (time spent evaluating paused). Checkpoints keep it,
+    so that a run resumed between two rows writes the same next row as one never stopped."""
+
+    loss: float | torch.Tensor = 0.0
+    tokens: int = 0
+    pad: float = 0.0
+    batches: int = 0
+    seconds: float = 0.0  # before running_since
+    running_since: float | None = None
+
+    def start(self) -> LogWindow:
+        self.running_since = time.perf_counter()
+        return self
+
+    def pause(self) -> None:
+        self.seconds = self.elapsed()
+        self.running_since = None
+
+    def elapsed(self) -> float:
+        running = 0.0 if self.running_since is None else time.perf_counter() - self.running_since
+        return self.seconds + running
+
+
 class SkipCounter:
     """NaN/inf updates counted on the device, so that no update waits for the GPU: how many
     since the last read, the tokens they held, and the longest run of them in a row."""
@@ -107,6 +131,7 @@ class SkipCounter:
 
 class Trainer:
     def __init__(self, cfg, run_dir: Path, dist: distributed.Dist | None = None):
+        check_sections(cfg)
         self.cfg, self.t = cfg, cfg.trainer
         check_schedule(self.t)
         check_final(self.t)
@@ -198,8 +223,11 @@ class Trainer:
         # bf16-weights with Adam/AdamW: one flat parameter, the fp32 buffer (precision.py)
         params = self.mixed.params_for(make_optimizer.func) if self.mixed else self.params
         self.optimizer = make_optimizer(params, **({"fused": True} if fused else {}))
+        # LambdaLR's argument is the count of updates done, so the next one is number done + 1
+        # (update 1 takes 1 / warmup of the peak, update ``warmup`` the peak)
+        factor = inverse_sqrt(self.t.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, inverse_sqrt(self.t.warmup_steps)
+            self.optimizer, lambda done: factor(done + 1)
         )
         specials = (self.pad_id, self.tgt_tok.bos_id, self.tgt_tok.eos_id)
         self.batcher = TokenBatcher(
@@ -251,6 +279,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_bleu, self.best_step, self.bad_evals = -1.0, 0, 0
         self.train_seconds, self.train_tokens = 0.0, 0
+        self.applied_lr = None  # the lr of the last update (train_log.csv)
+        self.window = LogWindow()  # the updates since the last train_log.csv row
         self.stop_signal = None  # set by the signal handler of this process
         self.agreed_signal = None  # the one every rank acts on (agree_to_stop)
         self.epoch_len = 0
@@ -337,20 +367,33 @@ class Trainer:
         state = self.optimizer.state_dict()
         return split_state(state, self.params) if self.flat_update() else state
 
-    def save_checkpoint(self, best: bool = False) -> None:
+    def save_checkpoint(self, best: bool = False, step_file: bool = True) -> None:
         """Write last.pt and keep it as step_N.pt too (a hard link), pruning step files to
         the newest ``trainer.keep_checkpoints``; ``best``: link it as best.pt as well.
-        Only rank 0 writes (the weights are the same on every rank)."""
+        ``step_file=False`` (a stop between evaluations): last.pt only, so that the step
+        files, which the final average takes, are those of the evaluations, as in a run
+        never stopped. Only rank 0 writes (the weights are the same on every rank)."""
         self.saved_step = self.step
+        window = self.saved_window()  # collective: before the other ranks return
         if not self.dist.is_main:
             return
         last = self.ckpt_dir / "last.pt"
-        checkpoint.save(last, self.state())
-        if self.t.keep_checkpoints > 0:
+        checkpoint.save(last, {**self.state(), "log_window": window})
+        if self.t.keep_checkpoints > 0 and step_file:
             checkpoint.link_or_copy(last, self.ckpt_dir / f"step_{self.step:08d}.pt")
             checkpoint.prune(self.ckpt_dir, self.t.keep_checkpoints)
         if best:
             checkpoint.link_or_copy(last, self.ckpt_dir / "best.pt")
+
+    def saved_window(self) -> dict:
+        """The train_log.csv window so far, as a checkpoint keeps it: loss and tokens of all
+        ranks (rank 0 takes them up on resume, the others start from none), the skipped
+        updates' tokens taken out first (and out of ``train_tokens``, which is saved too)."""
+        w = self.window
+        w.tokens -= self.check_skips()
+        loss, tokens = self.dist.sum([float(w.loss), w.tokens])
+        return {"loss": loss, "tokens": int(tokens), "pad": w.pad, "batches": w.batches,
+                "seconds": w.elapsed()}  # fmt: skip
 
     def resume(self) -> bool:
         """Continue from the newest loadable checkpoint (last.pt, else the step files, newest
@@ -378,10 +421,12 @@ class Trainer:
                 optim = merge_state(optim, self.params)
             except PrecisionError as e:
                 raise TrainingError(f"{path}: {e}") from e
-        # The update's implementation (fused, foreach, ...) is this run's choice, not the
-        # saved one: a fused step passes arguments an unfused one rejects.
+        # The group's settings are this run's (weight decay, betas, eps, ... as the warning
+        # of check_config says; the lr by restore_schedule), and so is the implementation of
+        # the update (fused, foreach, ...): a fused step passes arguments an unfused one
+        # rejects. Only the parameter indices are the checkpoint's.
         groups = [
-            {**saved, **{k: now[k] for k in OPTIMIZER_IMPLEMENTATION if k in now}}
+            {**saved, **{k: v for k, v in now.items() if k != "params"}}
             for saved, now in zip(optim["param_groups"], self.optimizer.param_groups)
         ]
         model.load_state_dict(ckpt["model"])
@@ -390,6 +435,8 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         for key, value in ckpt["progress"].items():
             setattr(self, key, value)
+        if "log_window" in ckpt and self.dist.is_main:  # (not in checkpoints before 2026-12)
+            self.window = LogWindow(**ckpt["log_window"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -422,7 +469,9 @@ class Trainer:
         now = flatten(with_full_attention(OmegaConf.to_container(self.cfg, resolve=True)))
         before = flatten(with_full_attention(saved))
         changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
-        for what, keys in [("model", ("model.",)), ("tokenizer", TOKENIZER_KEYS)]:
+        refused = [("model", ("model.",)), ("tokenizer", TOKENIZER_KEYS)]
+        refused.append(("optimizer", ("trainer.optimizer._target_",)))  # its state is another's
+        for what, keys in refused:
             fatal = [k for k in changed if k.startswith(keys)]
             if fatal:
                 k = fatal[0]
@@ -549,6 +598,7 @@ class Trainer:
             self.mixed.publish()
         if not finite:
             return None
+        self.applied_lr = self.optimizer.param_groups[0]["lr"]  # train_log.csv's, a float
         self.scheduler.step()
         self.train_tokens += int(ntok_all)
         return total, ntok
@@ -722,38 +772,32 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        stream, stop_reason = self.batches(), None
-        if self.step >= t.max_steps:  # a finished run started again: nothing left to train
-            stop_reason = f"already at trainer.max_steps={t.max_steps}"
+        max_seconds = t.max_time_minutes * 60 if t.max_time_minutes else float("inf")
+        stream, stop_reason = self.batches(), self.already_finished(max_seconds)
         if self.mixed:  # the fp32 weights may have been loaded from a checkpoint
             self.mixed.publish()
         self.model.train()
         self.compute_model.train()
-        window_loss, window_tok, window_pad, window_batches = 0.0, 0, 0.0, 0
-        window_start = time.perf_counter()
-        max_seconds = t.max_time_minutes * 60 if t.max_time_minutes else float("inf")
+        self.window.start()
         try:
             while stop_reason is None:
                 step_start = time.perf_counter()  # making the batches is training time too
-                micro = []
+                micro, w = [], self.window
                 for _ in range(t.accum_steps):
                     pos, batch = next(stream)
                     micro.append(batch)
-                    window_pad += self.batcher.padding_fraction(batch)
-                window_batches += len(micro)
+                    w.pad += self.batcher.padding_fraction(batch)
+                w.batches += len(micro)
                 result = self.train_step(micro)
                 self.batch_in_epoch = pos + 1
                 if result is not None:
                     self.nonfinite_in_a_row = 0
                     self.step += 1
-                    window_loss, window_tok = window_loss + result[0], window_tok + result[1]
+                    w.loss, w.tokens = w.loss + result[0], w.tokens + result[1]
                     if self.step % t.log_every == 0:
-                        window_tok -= self.check_skips()
-                        seconds = time.perf_counter() - window_start
-                        pad = window_pad / window_batches
-                        self.log_window(train_log, bar, window_loss, window_tok, pad, seconds)
-                        window_loss, window_tok, window_pad, window_batches = 0.0, 0, 0.0, 0
-                        window_start = time.perf_counter()
+                        w.tokens -= self.check_skips()
+                        self.log_window(train_log, bar, w)
+                        self.window = LogWindow().start()
                     self.train_seconds += time.perf_counter() - step_start
                     bar.update(1)
                 out_of_time = self.agree_to_stop(max_seconds)
@@ -761,16 +805,16 @@ class Trainer:
                     self.skipped_update()
                     stop_reason = self.signal_reason()
                     continue
-                evaluating = time.perf_counter()
+                self.window.pause()  # tokens/s of training only
                 stop_reason = self.maybe_evaluate(valid_log, out_of_time)
-                window_start += time.perf_counter() - evaluating  # tokens/s of training only
+                self.window.start()
                 stop_reason = self.signal_reason() or stop_reason
         finally:
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
-        if self.step != self.saved_step:
-            self.save_checkpoint()
+        if self.step != self.saved_step:  # stopped by a signal, between evaluations
+            self.save_checkpoint(step_file=False)
         self.debug.write(step=self.step, weights_sha256=self.weights_sha256())
         log.info("stopped at step %d: %s", self.step, stop_reason)
         (signum,) = self.dist.max([self.stop_signal or 0])  # also one caught after the loop
@@ -781,20 +825,36 @@ class Trainer:
             )
         return {"stop_reason": stop_reason}
 
-    def log_window(self, train_log, bar, loss_sum, ntok, pad, seconds) -> None:
+    def already_finished(self, max_seconds: float) -> str | None:
+        """Why a run started again from its checkpoint has nothing left to train under this
+        run's limits (raised limits train on), or None: it had stopped at a limit, or
+        patience had run out, as the run resumed from would stop now."""
+        t = self.t
+        epoch_len = len(self.batcher.epoch_batches(self.epoch))
+        if self.step >= t.max_steps:
+            return f"already at trainer.max_steps={t.max_steps}"
+        if self.epoch + (self.batch_in_epoch >= epoch_len) >= t.max_epochs:
+            return f"already trained trainer.max_epochs={t.max_epochs}"
+        if self.train_seconds >= max_seconds:
+            return f"already trained trainer.max_time_minutes={t.max_time_minutes}"
+        if t.patience and self.bad_evals >= t.patience:
+            return f"already no valid BLEU gain in {t.patience} evaluations"
+        return None
+
+    def log_window(self, train_log, bar, w: LogWindow) -> None:
         """One train_log.csv row for the last ``log_every`` updates: loss per target token
-        and tokens/s of all ranks together (training time only), ``pad`` the mean padding
+        and tokens/s of all ranks together (training time only), and the mean padding
         fraction of this rank's batches."""
-        loss_sum, ntok = self.dist.sum([float(loss_sum), ntok])  # float(): a host sync
+        loss_sum, ntok = self.dist.sum([float(w.loss), w.tokens])  # float(): a host sync
         if ntok <= 0:  # every update of the window was skipped (NaN/inf): no loss to show
             return
         row = {
             "step": self.step,
             "epoch": self.epoch,
             "loss": round(loss_sum / ntok, 4),
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_s": round(ntok / seconds),
-            "pad_frac": round(pad, 3),
+            "lr": self.applied_lr,  # of the window's last update
+            "tokens_per_s": round(ntok / w.elapsed()),
+            "pad_frac": round(w.pad / w.batches, 3),
         }
         train_log.write(row)
         bar.set_postfix(
@@ -831,7 +891,8 @@ class Trainer:
         t = self.t
         epochs_done = self.epoch + (self.batch_in_epoch >= self.epoch_len)
         at_end = self.step >= t.max_steps or epochs_done >= t.max_epochs or out_of_time
-        if not (self.step % t.eval_every == 0 or at_end):
+        bleu_now = self.step % t.bleu_every == 0 or at_end  # BLEU comes with a validation
+        if not (self.step % t.eval_every == 0 or bleu_now):
             return None
         loss, nll = self.valid_loss()
         row = {
@@ -844,7 +905,7 @@ class Trainer:
             "valid_bleu": "",
         }
         stop, improved = None, False
-        if self.step % t.bleu_every == 0 or at_end:
+        if bleu_now:
             score = self.valid_bleu()
             row["valid_bleu"] = round(score, 2)
             if score > self.best_bleu:
@@ -970,6 +1031,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def train(cfg) -> dict:
     """Train per ``cfg`` into ``cfg.run_dir``; returns the final metrics dict. Under
     torchrun, every process calls this; it joins and finally leaves the process group."""
+    check_sections(cfg)
     check_distributed(cfg.trainer)
     ctx = distributed.from_env()
     device = pick_device(cfg.device, ctx.local_rank if ctx.enabled else None)
