@@ -134,7 +134,7 @@ def ours(model, tok, opts):
     """Batch decoder: best hypothesis of each row, as (tokens, score)."""
 
     def fn(src, mask):
-        nbest = search(model, src, mask, tok.bos_id, tok.eos_id, opts)
+        nbest = search(model, src, mask, tok.bos_id, tok.eos_id, opts, pad_id=tok.pad_id)
         return [(h[0].tokens, h[0].score) for h in nbest]
 
     return fn

@@ -140,7 +140,9 @@ def test_sampled_tokens_lie_in_kept_set(top_k, top_p, monkeypatch):
     hyps = draw(rec, 1, temperature=3.0, top_k=top_k, top_p=top_p)
     for row, h in enumerate(hyps):
         for t, tok in enumerate(h[0].tokens):
-            kept = top_k_top_p(rec.logits[t][row : row + 1].log_softmax(-1) / 3.0, top_k, top_p)
+            logp = rec.logits[t][row : row + 1].log_softmax(-1)
+            logp[:, BOS] = float("-inf")  # never an output (search.unproducible)
+            kept = top_k_top_p(logp / 3.0, top_k, top_p)
             assert torch.isfinite(kept[0, tok]), (row, t, tok)
 
 

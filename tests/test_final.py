@@ -20,9 +20,11 @@ RUN = ["trainer.max_steps=9", "trainer.keep_checkpoints=3", "trainer.final.avera
        "trainer.final.length_penalties=[1.0,1.4]"]  # fmt: skip
 
 
-def decode_with(ckpt, lines, length_penalty, beam_size=5):
+def decode_with(ckpt, lines, length_penalty, beam_size=5, max_len_b=10):
     model, src_tok, tgt_tok, cfg = load_for_inference(ckpt, torch.device("cpu"))
-    _, decode = decode_setting(f"beam:beam_size={beam_size},length_penalty={length_penalty}")
+    _, decode = decode_setting(
+        f"beam:beam_size={beam_size},length_penalty={length_penalty},max_len_b={max_len_b}"
+    )
     ids = encode_sources(lines, src_tok, cfg["data"]["max_len"])
     nbest = translate_ids(model, ids, tgt_tok, decode, torch.device("cpu"))
     return tgt_tok.decode([hyps[0][0] if hyps else [] for hyps in nbest])
@@ -92,28 +94,30 @@ def test_the_chosen_weights_and_penalty_translate_test(
     """With validation scores rigged so that the last candidate (the average, length penalty
     1.4) wins, test2016.hyp and valid.hyp are exactly its translations."""
     real = rig_valid_scores(monkeypatch, winner=5)
-    metrics = train(compose(small_overrides + RUN))
+    metrics = train(compose(small_overrides + RUN + ["decode.max_len_b=3"]))  # not the default
     run = tmp_path / "run"
     assert metrics["final"]["checkpoint"] == "checkpoints/avg_last3.pt"
     assert metrics["final"]["length_penalty"] == 1.4
+    avg = run / "checkpoints" / "avg_last3.pt"
     for split in ("valid", "test2016"):
         sources = (corpus_root / "multi30k" / f"{split}.de").read_text("utf-8").splitlines()
-        expected = decode_with(run / "checkpoints" / "avg_last3.pt", sources, 1.4)
+        expected = decode_with(avg, sources, 1.4, max_len_b=3)
         assert (run / f"{split}.hyp").read_text("utf-8").splitlines() == expected, split
         refs = (corpus_root / "multi30k" / f"{split}.en").read_text("utf-8").splitlines()
         assert metrics[split]["bleu"] == round(real(expected, refs)[0], 2)
     # best.pt with its own penalty would have translated test otherwise.
-    assert decode_with(run / "checkpoints" / "best.pt", sources, 0.6) != expected
+    assert decode_with(run / "checkpoints" / "best.pt", sources, 0.6, max_len_b=3) != expected
 
-    # translate.py ckpt=RUN gives the run's test translations; a length penalty on the
-    # command line still wins.
+    # translate.py ckpt=RUN gives the run's test translations (with the run's max_len_b too:
+    # it took only the beam size and length penalty); a setting on the command line wins.
     src = corpus_root / "multi30k" / "test2016.de"
     as_run = [f"ckpt={run}", f"input={src}", "device=cpu"]
     assert translate(compose(as_run, name="translate"), overrides=as_run) == expected
-    mine = [*as_run, "decode.length_penalty=0.6"]
+    mine = [*as_run, "decode.length_penalty=0.6", "decode.max_len_b=10"]
     assert translate(compose(mine, name="translate"), overrides=mine) == decode_with(
-        run / "checkpoints" / "avg_last3.pt", sources, 0.6
+        avg, sources, 0.6
     )
+    assert decode_with(avg, sources, 1.4) != expected  # max_len_b=3 cuts some short
 
 
 def test_an_earlier_winner_is_loaded_again_for_test(
@@ -165,6 +169,8 @@ def test_without_candidates_nothing_is_chosen(compose, small_overrides, tmp_path
     assert metrics["final"] == {
         "checkpoint": "checkpoints/best.pt",
         "step": metrics["best_step"],
+        "beam_size": 1,  # decode=greedy
+        "length_penalty": 0.0,
         "chosen_on": None,
     }
     assert not list((tmp_path / "run" / "checkpoints").glob("avg_*.pt"))
@@ -208,6 +214,17 @@ def test_a_run_from_before_the_choice_translates_with_best_pt(tmp_path):
     decode = {"beam_size": 5, "length_penalty": 0.6}
     assert run_choice(run, decode, []) == run / "checkpoints" / "best.pt"
     assert decode == {"beam_size": 5, "length_penalty": 0.6}
+    # the run's other decoding settings too, unless given; none under decode=NAME
+    used = {"beam_size": 4, "length_penalty": 1.0, "max_len_b": 4, "min_len": 2}
+    final = {"checkpoint": "checkpoints/best.pt", "beam_size": 4, "length_penalty": 1.0}
+    (run / "metrics.json").write_text(json.dumps({"final": final, "decode": used}))
+    decode = {"beam_size": 5, "length_penalty": 0.6, "max_len_b": 10, "min_len": 0}
+    run_choice(run, decode, ["decode.min_len=1"])
+    assert decode == {"beam_size": 4, "length_penalty": 1.0, "max_len_b": 4, "min_len": 0}
+    greedy = {"beam_size": 1, "length_penalty": 0.0, "max_len_b": 10}
+    run_choice(run, greedy, ["decode=greedy"])
+    assert greedy == {"beam_size": 1, "length_penalty": 0.0, "max_len_b": 10}
+    decode = {"beam_size": 5, "length_penalty": 0.6}
     final = {"checkpoint": "checkpoints/avg_last5.pt", "beam_size": 10, "length_penalty": 1.4}
     (run / "metrics.json").write_text(json.dumps({"final": final}))
     assert run_choice(run, decode, []) == run / "checkpoints" / "avg_last5.pt"

@@ -269,3 +269,31 @@ def test_a_carriage_return_inside_a_line_is_reported(caplog):
     assert decode_lines(b"Ein Hund.\rZwei.\r\nDrei.\r\n", "old.txt") == ["Ein Hund. Zwei.", "Drei."]
     assert "old.txt: 1 line(s) with a carriage return inside" in caplog.text
     assert "old Mac line ends" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "drop,message",
+    [
+        ("tokenizer", "has no 'tokenizer' entry"),
+        ("model_kwargs", "has no 'model_kwargs' entry"),
+        ("config.data", "its config has no 'data' entry"),
+        ("tokenizer.tgt_sha256", "its tokenizer has no 'tgt_sha256' entry"),
+    ],
+)
+def test_a_checkpoint_missing_an_entry_is_one_clear_error(tiny_ckpt, tmp_path, drop, message):
+    """A KeyError traceback from deep in the loading before."""
+    from transformer import checkpoint
+
+    ckpt = checkpoint.load(tiny_ckpt)
+    *parents, key = drop.split(".")
+    node = ckpt
+    for p in parents:
+        node = node[p]
+    del node[key]
+    path = tiny_ckpt.parent / f"without_{drop}.pt"  # beside the run's tokenizer folder
+    try:
+        checkpoint.save(path, ckpt)
+        with pytest.raises(checkpoint.CheckpointError, match=f"without_{drop}.pt: {message}"):
+            load_for_inference(path, CPU)
+    finally:
+        path.unlink(missing_ok=True)

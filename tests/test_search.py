@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from tiny_models import BOS, EOS, make, sources
+from tiny_models import BOS, EOS, PAD, make, sources
 
-from transformer.search import Uncached, beam_search, greedy_search, sample_search
+from transformer.search import Uncached, beam_search, greedy_search, length_limits, sample_search
 from transformer.seq2seq import EncoderOut
 
 KINDS = ["transformer", "additive", "dot"]
@@ -135,7 +135,7 @@ def reference_beam(model, src_first, K, alpha, limit):
         for tokens, score in beams:
             logp = model.log_probs(src_first, tokens)
             for v, lp in enumerate(logp.tolist()):
-                if t + 1 >= limit and v != EOS:
+                if (t + 1 >= limit and v != EOS) or v == BOS:  # BOS is never an output
                     lp = float("-inf")
                 cands.append((score + lp, tokens, v))
         top = sorted(cands, key=lambda c: -c[0])[: 2 * K]
@@ -162,3 +162,34 @@ def test_beam_search_follows_the_finishing_rule_of_a_plain_reference(seed):
         expected = reference_beam(model, int(src[i, 0]), K, alpha, limit)
         assert [h.tokens for h in hyps] == [tokens for tokens, _ in expected], i
         assert [h.score for h in hyps] == pytest.approx([s for _, s in expected], abs=1e-5)
+
+
+def test_no_search_outputs_bos_or_pad_however_likely_the_model_makes_them():
+    """Samples took PAD or BOS mid-sentence (the tokenizer then dropped them from the text
+    unseen); now every search leaves them out, and scores stay the model's log-probs."""
+    model = Markov(0)
+    model.table[:, [PAD, BOS]] += 6.0  # the most likely tokens after any other
+    src = torch.arange(3, 12)[:, None].repeat(1, 2)
+    mask = torch.ones_like(src, dtype=torch.bool)
+    lim = dict(max_len_a=0.0, max_len_b=7, pad_id=PAD)
+    greedy = greedy_search(Uncached(model), src, mask, BOS, EOS, **lim)
+    beams = beam_search(Uncached(model), src, mask, BOS, EOS, beam_size=3, nbest=3, **lim)
+    gen = torch.Generator().manual_seed(0)
+    samples = sample_search(Uncached(model), src, mask, BOS, EOS, nbest=20, generator=gen, **lim)
+    hyps = greedy + [h for group in beams + samples for h in group]
+    assert len(hyps) == 9 * (1 + 3 + 20)
+    assert not any({PAD, BOS} & set(h.tokens) for h in hyps)
+    for i, h in enumerate(greedy):  # the sum of the model's own log-probabilities
+        steps = [model.log_probs(int(src[i, 0]), h.tokens[:t]) for t in range(len(h.tokens) + 1)]
+        total = sum(float(lp[v]) for lp, v in zip(steps, [*h.tokens, EOS]))
+        assert h.score == pytest.approx(total, abs=1e-5)
+    unbanned = greedy_search(Uncached(model), src, mask, BOS, EOS, max_len_a=0.0, max_len_b=7)
+    assert all(BOS not in h.tokens for h in unbanned)  # BOS always; PAD only where named
+    assert any(PAD in h.tokens for h in unbanned)  # the stub does make PAD likely
+
+
+def test_the_length_limit_is_a_times_the_source_length_plus_b_as_python_computes_it():
+    """float32 made 1.3 * 90 = 116.99999, floored to 116, and 2.1 * 30 = 62."""
+    for n, a, b in [(90, 1.3, 0), (30, 2.1, 0), (7, 1.5, 10), (200, 0.1, 1)]:
+        got = length_limits(None, torch.ones(1, n, dtype=torch.bool), a, b)
+        assert int(got) == int(a * n + b), (n, a, b)

@@ -260,6 +260,22 @@ def test_the_interactive_prompt_refuses_ref_and_output(compose, tiny_ckpt, tmp_p
             translate_cli.translate(cfg, overrides=[])
 
 
+def test_n_best_at_the_prompt_numbers_the_inputs_across_prompts(
+    compose, tiny_ckpt, monkeypatch, typed, capsys
+):
+    """INDEX restarted at 0 for every typed line, while the warnings counted on."""
+    import sys
+
+    from transformer import translate_cli
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    typed("Ein Hund.", "", "Zwei Kinder spielen.")
+    cfg = compose([f"ckpt={tiny_ckpt}", "decode.nbest=2", "device=cpu"], name="translate")
+    assert len(translate_cli.translate(cfg, overrides=[])) == 3
+    printed = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert [line.split("\t")[0] for line in printed] == ["0", "0", "1", "2", "2"]
+
+
 def test_an_error_message_that_introduces_its_reason_keeps_it():
     from transformer.cli import one_line
 

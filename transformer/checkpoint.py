@@ -164,6 +164,17 @@ def load(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
+def require(ckpt: dict, path: Path, keys: tuple[str, ...], what: str = "") -> None:
+    """Every one of ``keys`` is in ``ckpt`` (a loaded checkpoint, or a part of one named by
+    ``what``), else one CheckpointError naming the first missing (was a KeyError traceback)."""
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        where = f"its {what} " if what else ""
+        raise CheckpointError(
+            f"{path}: {where}has no {missing[0]!r} entry (not a complete checkpoint)"
+        )
+
+
 def load_latest(candidates: list[Path], map_location="cpu") -> tuple[Path, dict] | None:
     """The first of ``candidates`` (newest first) that loads; damaged ones are skipped with a
     warning naming them. None when there are no candidates; CheckpointError when every

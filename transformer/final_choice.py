@@ -121,7 +121,8 @@ class FinalChoice:
             self.last_weights = {k: v.detach().clone() for k, v in state.items()}
         if len(candidates) * len(settings) == 1:
             chosen = self.use_weights(candidates[0])
-            return {**chosen, "chosen_on": None}, settings[0], None
+            used = {k: settings[0][k] for k in ("beam_size", "length_penalty")}
+            return {**chosen, **used, "chosen_on": None}, settings[0], None
         split = tr.cfg.data.valid_split
         refs = tr.splits[split].tgt_text
         rows, win = [], None

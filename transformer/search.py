@@ -48,8 +48,9 @@ def length_limits(model, src_mask: torch.Tensor, a: float, b: int) -> torch.Tens
     """(B,) maximum output length (EOS included) per sentence: a * len(src) + b, at least 1,
     and at most the ``max_target_len`` of the model (its decoder's positions), if it has one."""
     cap = getattr(model, "max_target_len", None)
-    # clamped before the cast: a limit past int64 (max_len_a=1e30) would wrap to negative
-    limits = (a * src_mask.sum(1).float() + b).clamp(min=1, max=cap or 2**62)
+    # clamped before the cast: a limit past int64 (max_len_a=1e30) would wrap to negative;
+    # in float64: float32 rounds 1.3 * 90 to 116.99999 (Python's 117.0), one token short
+    limits = (a * src_mask.sum(1).double() + b).clamp(min=1, max=cap or 2**62)
     return limits.long()
 
 
@@ -74,6 +75,15 @@ def apply_length_rules(
         at_limit = t + 1 >= limits  # (N,)
         logp.masked_fill_(at_limit[:, None], NEG_INF)
         logp[:, eos_id] = torch.where(at_limit, eos_lp, logp[:, eos_id])
+
+
+def unproducible(bos_id: int, pad_id: int | None, device) -> torch.Tensor:
+    """The ids a search never outputs: BOS and PAD are inputs only. With label smoothing the
+    model gives them a little probability, and samples took them mid-sentence (7 in 1,000
+    samples of a small model), where the tokenizer dropped them from the text unseen and
+    the next steps were conditioned on them."""
+    ids = [bos_id] if pad_id is None or pad_id == bos_id else [bos_id, pad_id]
+    return torch.tensor(ids, device=device)
 
 
 def top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -106,7 +116,7 @@ def sampler(
     return choose
 
 
-def _one_path(model, enc: EncoderOut, limits, bos_id, eos_id, min_len, choose):
+def _one_path(model, enc: EncoderOut, limits, bos_id, eos_id, min_len, choose, pad_id=None):
     """One token per row per step, ``choose(logp (N, V)) -> (N,)``: greedy or sampling.
 
     Rows that have ended are dropped from the batch once they are a quarter of it.
@@ -121,9 +131,10 @@ def _one_path(model, enc: EncoderOut, limits, bos_id, eos_id, min_len, choose):
     history = torch.empty((N, 0), dtype=torch.long, device=dev)
     hyps: list[Hypothesis | None] = [None] * N
     min_limit = int(limits.min())
+    never = unproducible(bos_id, pad_id, dev)
     for t in range(int(limits.max())):
         logits, state = model.decode_step(tokens, enc, state)
-        logp = logits.float().log_softmax(-1)  # (n, V)
+        logp = logits.float().log_softmax(-1).index_fill_(1, never, NEG_INF)  # (n, V)
         apply_length_rules(logp, t, limits, min_limit, min_len, eos_id)
         nxt = choose(logp)
         scores += torch.where(ended, 0.0, logp.gather(1, nxt[:, None])[:, 0])
@@ -159,11 +170,14 @@ def greedy_search(
     max_len_a: float = 1.5,
     max_len_b: int = 10,
     min_len: int = 0,
+    pad_id: int | None = None,
 ) -> list[Hypothesis]:
-    """Pick the most probable token at every step, for a batch of sources (B, S)."""
+    """Pick the most probable token at every step, for a batch of sources (B, S). Every
+    search never outputs BOS, nor ``pad_id`` where given (``unproducible``)."""
     enc = model.encode(src, src_mask)
     limits = length_limits(model, src_mask, max_len_a, max_len_b)
-    return _one_path(model, enc, limits, bos_id, eos_id, min_len, lambda logp: logp.argmax(-1))
+    argmax = lambda logp: logp.argmax(-1)  # noqa: E731
+    return _one_path(model, enc, limits, bos_id, eos_id, min_len, argmax, pad_id)
 
 
 @torch.no_grad()
@@ -181,6 +195,7 @@ def sample_search(
     max_len_a: float = 1.5,
     max_len_b: int = 10,
     min_len: int = 0,
+    pad_id: int | None = None,
 ) -> list[list[Hypothesis]]:
     """Ancestral sampling: ``nbest`` independent samples per source, sorted by their model
     log-probability (summed, unnormalised), best first. Same ``generator`` state, same
@@ -196,7 +211,7 @@ def sample_search(
     enc = model.encode(src, src_mask).reorder(expand)
     limits = length_limits(model, src_mask, max_len_a, max_len_b)[expand]
     choose = sampler(temperature, top_k, top_p, generator)
-    flat = _one_path(model, enc, limits, bos_id, eos_id, min_len, choose)
+    flat = _one_path(model, enc, limits, bos_id, eos_id, min_len, choose, pad_id)
     groups = [flat[b * nbest : (b + 1) * nbest] for b in range(B)]
     return [sorted(g, key=lambda h: h.score, reverse=True) for g in groups]
 
@@ -232,6 +247,7 @@ def beam_search(
     max_len_b: int = 10,
     nbest: int = 1,
     min_len: int = 0,
+    pad_id: int | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search. Returns, per sentence, ``nbest`` hypotheses sorted best first.
 
@@ -253,9 +269,10 @@ def beam_search(
     sents = torch.arange(B)  # original index of each live sentence (host)
     done = torch.zeros(B, dtype=torch.bool)  # (n,) host: live sentence has K hypotheses
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    never = unproducible(bos_id, pad_id, dev)
     for t in range(int(limits.max())):
         logits, state = model.decode_step(tokens, enc, state)
-        logp = logits.float().log_softmax(-1)  # (n*K, V)
+        logp = logits.float().log_softmax(-1).index_fill_(1, never, NEG_INF)  # (n*K, V)
         n, V = len(sents), logp.shape[1]
         apply_length_rules(logp, t, limits, min_limit, min_len, eos_id)
         cand = logp.add_(scores.view(-1, 1)).view(n, K * V)  # in place: no second (n*K, V)

@@ -69,6 +69,8 @@ def inverse_sqrt(warmup: int):
 
 
 # -- what a resumed run must share with its checkpoint ------------------------------------
+TRAINING_KEYS = ("model", "config", "tokenizer", "optimizer", "scheduler", "scaler", "progress",
+                 "rng")  # fmt: skip
 # Settings that say which tokenizer a run has: a run resumes with the one in its run dir, so
 # changing them there is refused. (A changed sample size or character coverage only warns:
 # on a corpus smaller than the sample they give the same tokenizer.)
@@ -179,6 +181,7 @@ class Trainer:
             self.resume_from = checkpoint.load_latest(checkpoint.resume_candidates(self.ckpt_dir))
             if self.resume_from:
                 path, ckpt = self.resume_from
+                checkpoint.require(ckpt, path, TRAINING_KEYS)
                 self.check_config(path, ckpt["config"])
         if not self.dist.is_main:  # rank 0 trains (or finds) the tokenizer, the others reuse it
             self.dist.barrier()

@@ -90,13 +90,16 @@ def check_output(path: str) -> None:
         raise PermissionError(f"output={path}: the file exists and is not writable")
 
 
-def format_output(nbest: list[list], tgt_tok, k: int) -> tuple[list[str], list[str]]:
-    """(best translation per input, output lines: one per input, or TSV n-best lines)."""
+def format_output(
+    nbest: list[list], tgt_tok, k: int, first: int = 0
+) -> tuple[list[str], list[str]]:
+    """(best translation per input, output lines: one per input, or TSV n-best lines whose
+    INDEX counts the inputs from ``first``: at the prompt, the lines typed before)."""
     best = tgt_tok.decode([hyps[0][0] if hyps else [] for hyps in nbest])
     if k <= 1:
         return best, best
     lines = []
-    for i, hyps in enumerate(nbest):
+    for i, hyps in enumerate(nbest, start=first):
         if not hyps:
             lines.append(f"{i}\t0.0000\t")
             continue
@@ -128,8 +131,11 @@ def report_cut(model, ids: list[list[int]], nbest: list[list], opts, first_line:
 
 
 def run_choice(run: Path, decode, overrides: list[str]) -> Path:
-    """The checkpoint a finished run in ``run`` chose on valid; sets its beam size and length
-    penalty in ``decode`` unless ``overrides`` (the command line) set them."""
+    """The checkpoint a finished run in ``run`` chose on valid; sets in ``decode`` every
+    decoding setting its test set was translated with (metrics.json ``decode``: the chosen
+    beam size and length penalty, and the run's max_len_a, max_len_b, min_len, ...) that
+    ``overrides`` (the command line) did not set. ``decode=NAME`` there keeps that preset
+    whole."""
     metrics = run / "metrics.json"
     if not metrics.is_file():
         ckpts = run / "checkpoints"
@@ -144,19 +150,22 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
             f"ckpt={run} is a folder without metrics.json (the run has not finished); {hint}"
         )
     try:
-        final = json.loads(metrics.read_text()).get("final")
+        content = json.loads(metrics.read_text())
+        final, used = content.get("final"), content.get("decode")
     except (json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{metrics}: not a metrics file ({e})") from e
-    if final is not None and not isinstance(final, dict):
-        raise CheckpointError(f"{metrics}: its 'final' is not a mapping, got {final!r}")
+    for name, value in (("final", final), ("decode", used)):
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"{metrics}: its {name!r} is not a mapping, got {value!r}")
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    chosen = {k: final[k] for k in ("beam_size", "length_penalty") if k in (final or {})}
+    if "decode" not in given:  # decode=greedy|sample is a choice of its own: keep all of it
+        for key, value in {**(used or {}), **chosen}.items():
+            if key in decode and f"decode.{key}" not in given:
+                decode[key] = value
     if not final or not final.get("checkpoint"):  # a run from before the choice existed
         log.info("%s names no final choice: translating with best.pt", metrics)
         return run / "checkpoints" / "best.pt"
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    for key in ("beam_size", "length_penalty"):
-        # decode=greedy|sample on the command line is a choice of its own: keep all of it
-        if key in final and "decode" not in given and f"decode.{key}" not in given:
-            decode[key] = final[key]
     log.info(
         "%s: %s, beam %s, length penalty %s (chosen on %s)",
         run,
@@ -220,8 +229,8 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
 
             best = [hyps[0][0] if hyps else None for hyps in nbest]
             plot_translations(model, ids, best, src_tok, tgt_tok, cfg.attention_plot, seen[0])
-        seen[0] += len(lines)
-        return format_output(nbest, tgt_tok, cfg.decode.nbest)
+        first, seen[0] = seen[0], seen[0] + len(lines)
+        return format_output(nbest, tgt_tok, cfg.decode.nbest, first)
 
     if prompt:
         return interactive(run)

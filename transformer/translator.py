@@ -64,6 +64,11 @@ def trial_build(model_cfg) -> torch.nn.Module:
         return build_model(model_cfg, src_vocab_size=8, tgt_vocab_size=8, pad_id=0)
 
 
+# what translating needs of a checkpoint (training's own keys come on top)
+INFERENCE_KEYS = ("model", "model_kwargs", "config", "tokenizer")
+TOKENIZER_KEYS = ("src", "src_sha256", "tgt", "tgt_sha256")
+
+
 def load_tokenizers(ckpt: dict, ckpt_path: Path) -> tuple[Tokenizer, Tokenizer]:
     """The tokenizers a checkpoint names, relative to its run directory, hash-checked."""
     run_dir = ckpt_path.resolve().parent.parent
@@ -92,6 +97,9 @@ def load_for_inference(ckpt_path: str | Path, device: torch.device):
 
 def from_checkpoint(ckpt: dict, ckpt_path: Path, device: torch.device):
     """``load_for_inference`` of a checkpoint already read from ``ckpt_path``."""
+    checkpoint.require(ckpt, ckpt_path, INFERENCE_KEYS)
+    checkpoint.require(ckpt["config"], ckpt_path, ("model", "data"), "config")
+    checkpoint.require(ckpt["tokenizer"], ckpt_path, TOKENIZER_KEYS, "tokenizer")
     src_tok, tgt_tok = load_tokenizers(ckpt, ckpt_path)
     cfg = ckpt["config"]
     model = build_model(OmegaConf.create(cfg["model"]), **ckpt["model_kwargs"])
@@ -169,7 +177,7 @@ def check_decode(opts) -> None:
 
 
 def search(
-    model, src, src_mask, bos_id: int, eos_id: int, opts, generator=None
+    model, src, src_mask, bos_id: int, eos_id: int, opts, generator=None, pad_id=None
 ) -> list[list[Hypothesis]]:
     """Decode a batch src (B, S) as ``opts`` (complete decode options) say: sampling when
     ``opts.sample``, else greedy for beam_size 1, else beam search. Returns n-best lists."""
@@ -177,6 +185,7 @@ def search(
     common = dict(
         bos_id=bos_id,
         eos_id=eos_id,
+        pad_id=pad_id,
         min_len=opts.min_len,
         max_len_a=opts.max_len_a,
         max_len_b=opts.max_len_b,
@@ -234,7 +243,8 @@ def translate_ids(
         for row, i in enumerate(idx):
             src[row, : len(src_ids[i])] = torch.tensor(src_ids[i])
         src = src.to(device)
-        nbest = search(model, src, src != pad, tgt_tok.bos_id, tgt_tok.eos_id, opts, generator)
+        ids = dict(bos_id=tgt_tok.bos_id, eos_id=tgt_tok.eos_id, pad_id=pad)
+        nbest = search(model, src, src != pad, opts=opts, generator=generator, **ids)
         for row, i in enumerate(idx):
             results[i] = [(h.tokens, h.score) for h in nbest[row]]
         if progress is not None:
