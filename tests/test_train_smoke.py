@@ -18,7 +18,9 @@ from transformer.trainer import Trainer, TrainingError, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_train_resume_and_translate(compose, small_overrides, tmp_path, logged_steps):
+def test_train_resume_and_translate(
+    compose, small_overrides, tmp_path, logged_steps, read_csv, corpus_root
+):
     cfg = compose(small_overrides)
     metrics = train(cfg)
     run = tmp_path / "run"
@@ -38,6 +40,17 @@ def test_train_resume_and_translate(compose, small_overrides, tmp_path, logged_s
     assert "nrefs:1|case:mixed" in saved["test2016"]["bleu_signature"]
     n_test = len((run / "test2016.hyp").read_text("utf-8").splitlines())
     assert n_test == saved["test2016"]["sentences"]
+    # valid_log.csv's greedy BLEU comes with the hypotheses it was computed from
+    from transformer.metrics import bleu
+
+    signature = (run / "valid_greedy" / "signature.txt").read_text().strip()
+    assert "nrefs:1|case:mixed" in signature
+    refs = (corpus_root / "multi30k" / "valid.en").read_text("utf-8").splitlines()
+    scored = [(s, b) for s, b in read_csv(run / "valid_log.csv", "step", "valid_bleu") if b]
+    assert scored
+    for step, score in scored:
+        hyps = (run / "valid_greedy" / f"step_{int(step):08d}.hyp").read_text().splitlines()
+        assert round(bleu(hyps, refs)[0], 2) == float(score), step
 
     # Resume: a higher step limit continues from last.pt instead of starting over.
     resumed = train(compose(small_overrides + ["trainer.max_steps=9"]))

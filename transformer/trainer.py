@@ -527,6 +527,8 @@ class Trainer:
         return self.dist.unshard(self.dist.gather(hyps))
 
     def valid_bleu(self) -> float:
+        """Greedy BLEU on the validation split; its hypotheses are kept as
+        RUN/valid_greedy/step_N.hyp (and the sacreBLEU signature beside them)."""
         greedy = OmegaConf.create(
             {
                 "beam_size": 1,
@@ -536,7 +538,13 @@ class Trainer:
             }
         )
         hyps = self.translate(self.cfg.data.valid_split, greedy)
-        return bleu(hyps, self.splits[self.cfg.data.valid_split].tgt_text)[0]
+        score, signature = bleu(hyps, self.splits[self.cfg.data.valid_split].tgt_text)
+        if self.dist.is_main:  # the hypotheses behind valid_log.csv's figure, and how scored
+            folder = self.run_dir / "valid_greedy"
+            folder.mkdir(exist_ok=True)
+            (folder / f"step_{self.step:08d}.hyp").write_text("".join(h + "\n" for h in hyps))
+            (folder / "signature.txt").write_text(signature + "\n")
+        return score
 
     def autocast(self, training: bool = False):
         """Autocast of this precision: for validation and decoding (the fp32 model) bf16-weights
