@@ -88,12 +88,17 @@ def load_model(name: str, ckpt: str | None, device):
 
 
 def checkpoint_note(path: str) -> str:
-    """The test2016 BLEU its run recorded (metrics.json beside checkpoints/), if any."""
-    metrics = Path(path).resolve().parent.parent / "metrics.json"
-    if not metrics.is_file():
+    """The test2016 BLEU its run recorded (metrics.json beside checkpoints/), if any, with
+    the hypothesis file and signature it was computed from: commit that file with the table."""
+    run = Path(path).resolve().parent.parent
+    if not (run / "metrics.json").is_file():
         return "no metrics.json in its run directory"
-    m = json.loads(metrics.read_text())
-    return f"{m['steps']} training steps, test2016 BLEU {m['test2016']['bleu']} (beam)"
+    m = json.loads((run / "metrics.json").read_text())
+    test = m["test2016"]
+    return (
+        f"{m['steps']} training steps, test2016 BLEU {test['bleu']} (beam; hypotheses "
+        f"{run / 'test2016.hyp'}; {test.get('bleu_signature', 'no signature recorded')})"
+    )
 
 
 def make_batches(ids: list[list[int]], pad: int, max_tokens: int, device):

@@ -131,7 +131,7 @@ def test_fastest_sdpa_reads_the_eager_rows_of_ours_that_train_speed_writes(tmp_p
         models = {name: (None, {}) for name in tok_s}
         stats = dict(step_ms=1.0, peak_gib=0.0, seconds=1.0, faults=0, batches=[batch])
         measured = {name: {"tok_s": v, **stats} for name, v in tok_s.items()}
-        return train_speed.table_rows(models, measured, config, 4096, SIZE, 100, None)
+        return train_speed.table_rows(models, measured, config, 4096, SIZE, 100, 0, None)
 
     base = {"ours": 900.0, "marian": 5000.0, "ours/sdpa=math": 1500.0,
             "ours/sdpa=flash+efficient": 1200.0, "ours+compile/sdpa=cudnn": 9000.0,
@@ -210,13 +210,13 @@ def test_ours_with_bf16_weights_is_compared_with_marian_in_its_own_mode():
     tok_s = dict(zip(models, [100.0, 150.0, 200.0, 500.0]))
     stats = dict(step_ms=1.0, peak_gib=0.0, seconds=1.0, faults=0, batches=[batch])
     measured = {name: {"tok_s": v, **stats} for name, v in tok_s.items()}
-    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, None)
+    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, 0, None)
     ratios = {row.split(" | ")[2]: row.rstrip(" |").split(" | ")[-1] for row in rows}
     assert ratios["ours/bf16-weights"] == "1.50x"  # eager, against eager Marian
     assert ratios["ours/bf16-weights" + graphs] == "2.50x"  # not 5.00x against eager Marian
     # the first step's wall time (compiling, for the compiled rows) has its own column
     measured["marian" + graphs]["first_s"] = 61.25
-    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, None)
+    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, 0, None)
     first = {row.split(" | ")[2]: row.split(" | ")[7] for row in rows}
     assert first["marian" + graphs] == "61.2" and first["marian"] == "-"
 
@@ -237,7 +237,7 @@ def test_the_ratio_to_marian_shows_the_spread_of_its_rounds():
         "marian": {"tok_s": 100.0, "seconds": 6.0, "round_s": [1.5, 2.0, 2.5], **stats},
         "ours/unfused-loss": {"tok_s": 110.0, "seconds": 5.5, "round_s": [5.5], **stats},
     }
-    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, None)
+    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, 0, None)
     ratios = {row.split(" | ")[2]: row.rstrip(" |").split(" | ")[-1] for row in rows}
     assert ratios["ours"] == "1.20x (1.00-1.50)"
     assert ratios["ours/unfused-loss"] == "1.10x"  # rounds that do not pair up: no spread
@@ -295,3 +295,35 @@ def test_attention_kernels_packs_the_real_tokens_as_a_variable_length_kernel_tak
     # the check can fail: cross-attention with the target's lengths for the keys
     call.cu_k = call.cu_q
     assert bench.check(call, "varlen") > 0.05
+
+
+def test_mfu_counts_the_pairs_at_their_own_lengths_and_the_right_peak():
+    """MFU counted the padded shapes' FLOPs only; H100 PCIe was divided by the SXM peak."""
+    train_speed = load_bench("train_speed")
+    cfg, V, pad = SIZE, 100, 0
+    src = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])
+    tgt_in = torch.tensor([[1, 5, 6], [1, 0, 0]])
+    batch = SimpleNamespace(src=src, src_mask=src != pad, tgt_in=tgt_in)
+    per_pair = train_speed.train_flops(cfg, 1, 4, 3, V) + train_speed.train_flops(cfg, 1, 2, 1, V)
+    assert train_speed.real_flops(cfg, batch, pad, V) == per_pair
+    assert per_pair < train_speed.train_flops(cfg, 2, 4, 3, V)  # the padded shapes' count
+    full = SimpleNamespace(src=src[:1], src_mask=src[:1] != pad, tgt_in=tgt_in[:1])
+    assert train_speed.real_flops(cfg, full, pad, V) == train_speed.train_flops(cfg, 1, 4, 3, V)
+    peak = train_speed.peak_flops
+    assert peak("NVIDIA H100 80GB HBM3", "bf16") == peak("NVIDIA H200", "bf16") == 989e12
+    assert peak("NVIDIA H100 PCIe", "bf16") == 756e12 and peak("NVIDIA H100 NVL", "bf16") == 835e12
+    assert peak("NVIDIA H100 80GB HBM3", "fp32") is None and peak("NVIDIA A10", "bf16") is None
+
+
+def test_marian_is_timed_without_its_decoding_cache():
+    """HF's default use_cache=True copied every decoder layer's keys and values into a cache
+    at each training step (it is off only when labels are given)."""
+    train_speed = load_bench("train_speed")
+    model = train_speed.build_model("marian", SIZE, 50, 0, 1, 2).eval()
+    seen = []
+    model.model.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(out), with_kwargs=True
+    )
+    src = torch.randint(3, 50, (2, 5))
+    model(src, src != 0, torch.randint(3, 50, (2, 4)))
+    assert seen[0].past_key_values is None
