@@ -18,6 +18,7 @@ def fake_run(path, bleu):
             "bleu": bleu,
             "chrf": 50.0,
             "bleu_signature": "sig",
+            "chrf_signature": "chrf-sig",
             "decode_sentences_per_s": 3.0,
         },
     }
@@ -34,6 +35,7 @@ def test_table_and_plot(tmp_path, capsys):
     assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "compare.md").read_text()
     assert "| a | Transformer | 1.0 | 30.50 | 50.00 |" in md and "| b |" in md
+    assert "BLEU signature: `sig`; chrF signature: `chrf-sig`" in md  # both columns' own
     assert (tmp_path / "out" / "valid_bleu.png").stat().st_size > 1000
 
 

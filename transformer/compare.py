@@ -91,10 +91,11 @@ def table(runs: list[dict]) -> str:
             m.get("device", "?"),
         ]
         lines.append("| " + " | ".join(row) + " |")
-    signature = next(
-        (m[s]["bleu_signature"] for r in runs for s in splits if s in (m := r["metrics"])), ""
+    bleu_sig, chrf_sig = (
+        next((m[s][key] for r in runs for s in splits if key in (m := r["metrics"]).get(s, {})), "")
+        for key in ("bleu_signature", "chrf_signature")
     )
-    return "\n".join(lines) + f"\n\nBLEU signature: `{signature}`\n"
+    return "\n".join(lines) + f"\n\nBLEU signature: `{bleu_sig}`; chrF signature: `{chrf_sig}`\n"
 
 
 def plot(runs: list[dict], path: Path) -> None:
