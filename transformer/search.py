@@ -77,13 +77,13 @@ def apply_length_rules(
         logp[:, eos_id] = torch.where(at_limit, eos_lp, logp[:, eos_id])
 
 
-def unproducible(bos_id: int, pad_id: int | None, device) -> torch.Tensor:
+def unproducible(bos_id: int, pad_id: int | None, eos_id: int, device) -> torch.Tensor:
     """The ids a search never outputs: BOS and PAD are inputs only. With label smoothing the
     model gives them a little probability, and samples took them mid-sentence (7 in 1,000
     samples of a small model), where the tokenizer dropped them from the text unseen and
-    the next steps were conditioned on them."""
-    ids = [bos_id] if pad_id is None or pad_id == bos_id else [bos_id, pad_id]
-    return torch.tensor(ids, device=device)
+    the next steps were conditioned on them. (Never EOS, should a vocabulary share its id.)"""
+    ids = sorted({i for i in (bos_id, pad_id) if i is not None and i != eos_id})
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -131,7 +131,7 @@ def _one_path(model, enc: EncoderOut, limits, bos_id, eos_id, min_len, choose, p
     history = torch.empty((N, 0), dtype=torch.long, device=dev)
     hyps: list[Hypothesis | None] = [None] * N
     min_limit = int(limits.min())
-    never = unproducible(bos_id, pad_id, dev)
+    never = unproducible(bos_id, pad_id, eos_id, dev)
     for t in range(int(limits.max())):
         logits, state = model.decode_step(tokens, enc, state)
         logp = logits.float().log_softmax(-1).index_fill_(1, never, NEG_INF)  # (n, V)
@@ -269,7 +269,7 @@ def beam_search(
     sents = torch.arange(B)  # original index of each live sentence (host)
     done = torch.zeros(B, dtype=torch.bool)  # (n,) host: live sentence has K hypotheses
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    never = unproducible(bos_id, pad_id, dev)
+    never = unproducible(bos_id, pad_id, eos_id, dev)
     for t in range(int(limits.max())):
         logits, state = model.decode_step(tokens, enc, state)
         logp = logits.float().log_softmax(-1).index_fill_(1, never, NEG_INF)  # (n*K, V)

@@ -160,13 +160,15 @@ OPTIONAL_SECTIONS = ("data.hub_splits",)
 
 def check_sections(cfg) -> None:
     """Each of ``SECTIONS`` (and ``OPTIONAL_SECTIONS`` where given) is a group of settings."""
+    absent = object()
     for key in SECTIONS + OPTIONAL_SECTIONS:
-        value = OmegaConf.select(cfg, key, default=KeyError)
-        if value is KeyError and key in OPTIONAL_SECTIONS:
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is absent and key in OPTIONAL_SECTIONS:
             continue
         if not OmegaConf.is_dict(value):
+            got = "nothing (the key is missing)" if value is absent else repr(value)
             raise TrainingError(
-                f"{key} must be a group of settings, got {value!r}; set its keys one by one "
+                f"{key} must be a group of settings, got {got}; set its keys one by one "
                 f"({key}.NAME=VALUE)"
             )
 

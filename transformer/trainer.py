@@ -69,6 +69,7 @@ def inverse_sqrt(warmup: int):
 
 
 # -- what a resumed run must share with its checkpoint ------------------------------------
+# What resuming reads of a checkpoint: one missing is a clear error, not a KeyError
 TRAINING_KEYS = ("model", "config", "tokenizer", "optimizer", "scheduler", "scaler", "progress",
                  "rng")  # fmt: skip
 # Settings that say which tokenizer a run has: a run resumes with the one in its run dir, so
