@@ -318,6 +318,20 @@ def test_mfu_counts_the_pairs_at_their_own_lengths_and_the_right_peak():
 def test_marian_is_timed_without_its_decoding_cache():
     """HF's default use_cache=True copied every decoder layer's keys and values into a cache
     at each training step (it is off only when labels are given)."""
+    train_speed, given = load_bench("train_speed"), {}
+
+    class Recorder(torch.nn.Module):  # stands in for MarianMTModel
+        def forward(self, **kwargs):
+            given.update(kwargs)
+            return SimpleNamespace(logits=torch.zeros(1))
+
+    src = torch.tensor([[3, 4, 0]])
+    train_speed.MarianAdapter(Recorder())(src, src != 0, torch.tensor([[1, 5]]))
+    assert given["use_cache"] is False and given["attention_mask"].tolist() == [[1, 1, 0]]
+
+
+def test_the_real_marian_keeps_no_cache_in_the_benchmark():
+    pytest.importorskip("transformers")  # pip install -e .[bench]
     train_speed = load_bench("train_speed")
     model = train_speed.build_model("marian", SIZE, 50, 0, 1, 2).eval()
     seen = []
