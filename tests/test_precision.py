@@ -405,3 +405,9 @@ def test_fp16_trains_through_the_grad_scaler_and_skips_an_overflow(
     resumed = trainer_of(compose, small_overrides, tmp_path, "a", *NO_DROPOUT)
     resumed.resume()
     assert resumed.scaler.get_scale() == scale / 2
+    # a checkpoint of another precision saved its scaler off, empty: fp16 starts afresh
+    # (load_state_dict raised "The source state dict is empty")
+    ckpt = checkpoint.load(tmp_path / "a" / "checkpoints" / "last.pt")
+    checkpoint.save(tmp_path / "a" / "checkpoints" / "last.pt", {**ckpt, "scaler": {}})
+    again = trainer_of(compose, small_overrides, tmp_path, "a", *NO_DROPOUT)
+    assert again.resume() and again.scaler.get_scale() == scale

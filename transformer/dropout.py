@@ -7,6 +7,7 @@ costs 6.3 ns, one float draw per element. Here each 64-bit draw of torch's gener
 integer is at least ``round(p * 2**15)``: a Bernoulli mask whose drop probability is ``p``
 rounded to a multiple of 2**-15 (at most 1.5e-5 away), with the kept values scaled by the
 inverse of the rounded keep probability, so that the expected output is exactly the input
+in fp32 (in bf16 the scale itself rounds: 1.109375 for 1/0.9, as in torch's own dropout)
 (3.0 ns per element). The mask is a float tensor holding 0 or that scale, so the forward and
 the backward are one multiplication each (a float times a bool tensor is a slow path):
 dropout's forward + backward on 4,096 x 1,024 activations takes 18 ms, against 38 ms with the

@@ -436,14 +436,18 @@ class Trainer:
         model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict({**optim, "param_groups": groups})
         self.restore_schedule(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        else:  # saved by a run of another precision, whose scaler was off (its state empty)
+            log.info("%s: no loss scale saved (another precision): fp16 starts a fresh one", path)
         for key, value in ckpt["progress"].items():
             setattr(self, key, value)
         if "log_window" in ckpt and self.dist.is_main:  # (not in checkpoints before 2026-12)
             self.window = LogWindow(**ckpt["log_window"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            # one state per GPU the saving run saw: a machine with fewer takes the first ones
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][: torch.cuda.device_count()])
         self.reseed_rank()  # the checkpoint holds rank 0's generator state
         self.saved_step = self.step
         log.info(
