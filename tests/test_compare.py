@@ -39,6 +39,18 @@ def test_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "out" / "valid_bleu.png").stat().st_size > 1000
 
 
+def test_runs_with_other_test_splits_share_a_table(tmp_path, capsys):
+    """A run without test2016 (data.test_splits=[], or another test set) was a KeyError."""
+    a, b = fake_run(tmp_path / "a", 30.5), fake_run(tmp_path / "b", 28.25)
+    metrics = json.loads((b / "metrics.json").read_text())
+    metrics["test2017"] = metrics.pop("test2016")
+    (b / "metrics.json").write_text(json.dumps(metrics))
+    assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "| a | Transformer | 1.0 | 30.50 | 50.00 | - | - |" in md
+    assert "| b | Transformer | 1.0 | - | - | 28.25 | 50.00 |" in md
+
+
 def test_without_out_it_writes_under_the_ignored_outputs_folder(tmp_path, monkeypatch, capsys):
     run = fake_run(tmp_path / "a", 30.5)
     monkeypatch.chdir(tmp_path)

@@ -79,6 +79,12 @@ def test_what_would_fail_after_decoding_fails_first(tiny_ckpt, tmp_path, capsys,
     assert capsys.readouterr().err.startswith(f"error: --out {tmp_path}/file/x: Not a directory")
     assert main([str(tiny_ckpt), "--device", "tpu", "--out", str(out)]) == 1
     assert "not a device torch knows" in capsys.readouterr().err
+    # a bad value in a later setting, or a later checkpoint that is not there
+    assert main([str(tiny_ckpt), "--decode", "greedy", "beam:beam_size=0", "--out", str(out)]) == 1
+    assert "decode.beam_size must be an integer >= 1, got 0" in capsys.readouterr().err
+    gone = tmp_path / "gone.pt"
+    assert main([str(tiny_ckpt), str(gone), "--names", "a", "b", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: checkpoint not found: {gone}")
 
 
 def test_data_dir_names_the_corpus_to_score(tiny_ckpt, corpus_root, tmp_path):

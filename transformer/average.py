@@ -29,16 +29,21 @@ from .cli import one_line
 log = logging.getLogger(__name__)
 
 
+AVERAGED_KEYS = ("model", "model_kwargs", "config", "tokenizer", "progress")  # read of each
+
+
 def average(paths: list[Path]) -> dict:
     """A checkpoint whose float tensors are the mean of those in ``paths`` (accumulated in
     float64); integer buffers are taken from the first. ``paths[0]`` supplies the metadata."""
     if not paths:
         raise CheckpointError("no checkpoints to average")
     first = checkpoint.load(paths[0])
+    checkpoint.require(first, paths[0], AVERAGED_KEYS)
     sources = [{"file": str(paths[0]), "step": first["progress"]["step"]}]
     sums = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     for path in paths[1:]:
         ckpt = checkpoint.load(path)
+        checkpoint.require(ckpt, path, AVERAGED_KEYS)
         for key in ("model_kwargs", "tokenizer"):
             if ckpt[key] != first[key]:
                 raise CheckpointError(f"{path}: its {key} differs from {paths[0]}'s")

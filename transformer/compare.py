@@ -78,7 +78,7 @@ def table(runs: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         m = r["metrics"]
-        test = next((m[s] for s in splits if s.startswith("test")), {})
+        test = next((m[s] for s in splits if s.startswith("test") and s in m), {})
         row = [run_label(r), m["model"].rsplit(".", 1)[-1], f"{m['parameters'] / 1e6:.1f}"]
         for s in splits:
             row += [f"{m[s]['bleu']:.2f}", f"{m[s]['chrf']:.2f}"] if s in m else ["-", "-"]

@@ -30,7 +30,7 @@ from . import checkpoint
 from .cli import EXPECTED, one_line
 from .metrics import Scorer
 from .settings import pick_device
-from .translator import encode_sources, from_checkpoint, translate_ids
+from .translator import decode_options, encode_sources, from_checkpoint, translate_ids
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -54,6 +54,7 @@ def decode_setting(spec: str):
         if unknown:
             raise ValueError(f"--decode {spec}: no key {unknown[0]!r} (keys: {', '.join(keys)})")
         cfg = compose("translate", overrides=overrides + [f"decode.{p}" for p in pairs])
+    decode_options(cfg.decode)  # a bad value (beam_size=0) fails here, before any decoding
     tag = ".".join([name, *pairs])
     return tag, cfg.decode
 
@@ -166,6 +167,9 @@ def main(argv=None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out {args.out}: {e.strerror or e}") from e
+        missing = [c for c in args.ckpts if not c.is_file()]
+        if missing:  # not after the checkpoints before it were decoded
+            raise ValueError(f"checkpoint not found: {missing[0]}")
         for ckpt, name in zip(args.ckpts, names):
             rows += evaluate(ckpt, name, args.split, settings, args.out, device, args.data_dir)
     except (*EXPECTED, HydraException) as e:
