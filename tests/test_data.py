@@ -4,6 +4,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from transformer.data import (
     DataError,
@@ -102,6 +103,10 @@ def test_hub_path_on_a_local_parquet_dataset(tmp_path):
     assert ds["src"] == ["hallo"] and ds["tgt"] == ["hello"]
     with pytest.raises(DataError, match="no column 'fr'"):
         load_hub(str(d), None, "validation", "fr", "en")
+    # through load_split, without data.hub_splits (optional: the split keeps its name)
+    cfg = OmegaConf.create({"name": "x", "data_dir": None, "hub_name": str(t), "hub_config": None,
+                            "src_lang": "de", "tgt_lang": "en", "langs": ["de", "en"]})  # fmt: skip
+    assert load_split(cfg, "train")["src"] == ["hallo"]
 
 
 def fake_split(n=200, seed=0):

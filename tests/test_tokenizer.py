@@ -1,6 +1,14 @@
 import pytest
 
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, copy_into, train_or_load
+from transformer.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    copy_into,
+    private_name,
+    train_or_load,
+)
 
 TEXT = [
     "Zwei junge Männer spielen Fußball.",
@@ -27,6 +35,19 @@ def test_cache_is_reused_and_keyed_by_corpus(tmp_path):
     assert again.path == first.path and again.path.stat().st_mtime_ns == mtime
     other = train_or_load(TEXT[:-1], tmp_path, vocab_size=120)
     assert other.path != first.path
+
+
+def test_a_generator_of_sentences_is_hashed_and_trained_on(tmp_path):
+    """Hashing the text used a generator up, and SentencePiece then had nothing to train on."""
+    tok = train_or_load((t for t in TEXT), tmp_path, vocab_size=120)
+    assert tok.path == train_or_load(TEXT, tmp_path, vocab_size=120).path
+
+
+def test_temporary_names_differ_within_one_process(tmp_path):
+    """Two containers sharing a cache folder can both be PID 1: the pid alone named the same
+    temporary file and folder, and one run deleted or overwrote the other's."""
+    names = {private_name(tmp_path / "x.arrow") for _ in range(100)}
+    assert len(names) == 100 and all(n.parent == tmp_path for n in names)
 
 
 def test_every_setting_is_in_the_cache_key(tmp_path):

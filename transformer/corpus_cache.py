@@ -54,7 +54,9 @@ def stream_to_arrow(src_path: Path, tgt_path: Path, out: Path) -> None:
     import pyarrow as pa
 
     schema = pa.schema([("src", pa.string()), ("tgt", pa.string())])
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    from .tokenizer import private_name
+
+    tmp = private_name(out)
     src_it, tgt_it = iter_lines(src_path), iter_lines(tgt_path)
     n_src = n_tgt = 0
     try:
@@ -297,7 +299,7 @@ def encode_split(
     before its pages are released (``MappedPages``; 0 = never)."""
     from datasets import Features, List, Value, load_from_disk
 
-    from .tokenizer import file_sha256
+    from .tokenizer import file_sha256, private_name
 
     key = "|".join(
         [
@@ -319,9 +321,8 @@ def encode_split(
         if not filter_long:
             flag, text = Value("bool"), Value("string")
             features.update(src_long=flag, tgt_long=flag, src_text=text, tgt_text=text)
-        work = cache_dir / "encoded" / f"tmp-{key}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        work = private_name(cache_dir / "encoded" / f"tmp-{key}", "run")
+        work.mkdir(parents=True)  # this process's alone: a concurrent run works beside it
         try:
             workers = max(1, min(num_proc, len(ds) // 50_000))  # small splits: no workers
             ds = ds.map(

@@ -226,7 +226,7 @@ def load_split(data_cfg, split: str):
         return load_local(Path(data_cfg.data_dir) / data_cfg.name, split, src_lang, tgt_lang)
     if not data_cfg.hub_name:
         raise DataError(f"data.data_dir is unset and corpus {data_cfg.name} has no data.hub_name")
-    hub_split = data_cfg.hub_splits.get(split, split)
+    hub_split = (data_cfg.get("hub_splits") or {}).get(split, split)  # optional: names as ours
     return load_hub(
         data_cfg.hub_name,
         data_cfg.hub_config,

@@ -14,6 +14,7 @@ import io
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import sentencepiece as spm
@@ -21,6 +22,13 @@ import sentencepiece as spm
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPM_CHECK = re.compile(r"^[A-Z_]+: \S+\(\d+\) \[.*?\] ?")  # the location of its failed check
 LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # str.splitlines' set
+
+
+def private_name(path: Path, what: str = "tmp") -> Path:
+    """A name beside ``path`` that no other process picks: the process id alone is not
+    enough where two containers share a cache folder and each runs as PID 1 (one deleted
+    or overwrote the other's files mid-write)."""
+    return path.with_name(f"{path.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -83,6 +91,8 @@ def train_or_load(
     sentences (shuffled, from ``seed``). Returns the Tokenizer; ``tokenizer.path`` is the file.
     """
     h = hashlib.sha256()
+    if key is None and not callable(texts):
+        texts = list(texts)  # hashed, then trained on: a generator would be used up by the hash
     if key is not None:
         h.update(f"key:{key}\n".encode())
     else:
@@ -121,7 +131,7 @@ def train_or_load(
     except RuntimeError as e:  # "INTERNAL: src/trainer_interface.cc(638) [check] reason"
         reason = SPM_CHECK.sub("", str(e).strip()) or str(e)
         raise ValueError(f"SentencePiece cannot train {vocab_size} pieces: {reason}") from e
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = private_name(path)
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, path)  # atomic: concurrent runs never read a half-written model
     return Tokenizer(path)
