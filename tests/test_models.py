@@ -137,3 +137,24 @@ def test_the_pad_rows_start_at_zero_and_positions_end_at_max_positions():
     assert model.positions(x).shape == (1, 8, 16)  # exactly max_positions
     with pytest.raises(ValueError, match="9 positions exceeds model.max_positions=8"):
         model.positions(torch.zeros(1, 9, 16))
+
+
+def test_an_odd_model_width_builds_and_decodes_as_it_trains():
+    """The sinusoids had one cosine column fewer than frequencies at odd d_model: a shape
+    error from inside Hydra's instantiation instead of a model (d=9, 3 heads of 3 is valid)."""
+    import math
+
+    model = Transformer(50, 50, PAD, d_model=9, n_heads=3, d_ff=16, n_enc_layers=1,
+                        n_dec_layers=1, max_positions=16).eval()  # fmt: skip
+    pe = model.positions.pe
+    assert pe.shape == (16, 9)
+    assert pe[3, 8].item() == pytest.approx(math.sin(3 * 10000 ** (-8 / 9)))
+    assert pe[3, 7].item() == pytest.approx(math.cos(3 * 10000 ** (-6 / 9)))
+    src, mask, tgt = padded_batch()
+    with torch.no_grad():
+        full = model(src, mask, tgt)
+        enc = model.encode(src, mask)
+        state = model.init_state(enc)
+        for t in range(tgt.shape[1]):
+            step, state = model.decode_step(tgt[:, t], enc, state)
+            torch.testing.assert_close(step, full[:, t], atol=1e-5, rtol=1e-4)

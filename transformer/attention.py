@@ -264,7 +264,9 @@ class Additive(AttentionKind):
 
     def __init__(self, n_heads: int, d_head: int):
         super().__init__()
-        self.score = nn.Parameter(torch.randn(n_heads, d_head) * d_head**-0.5)  # (h, d) w_h
+        # (h, d) w_h; inside the Transformer, its reset_parameters re-draws it Xavier-uniform
+        # (as every matrix there), which the committed runs of this kind trained with
+        self.score = nn.Parameter(torch.randn(n_heads, d_head) * d_head**-0.5)
 
     def forward(self, q, k, v, mask=None, causal=False, dropout=0.0, need_weights=False):
         T_q, T_k = q.shape[2], k.shape[2]

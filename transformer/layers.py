@@ -42,7 +42,7 @@ class SinusoidalPositions(nn.Module):
         inv_freq = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
         pe = torch.zeros(max_positions, d_model)
         pe[:, 0::2] = torch.sin(pos * inv_freq)
-        pe[:, 1::2] = torch.cos(pos * inv_freq)
+        pe[:, 1::2] = torch.cos(pos * inv_freq[: d_model // 2])  # odd d: one cosine fewer
         self.register_buffer("pe", pe, persistent=False)  # (P, D)
 
     def forward(self, x: torch.Tensor, start: int = 0, index=None) -> torch.Tensor:
