@@ -153,101 +153,112 @@ def main() -> None:
         "",
     ]
     for mname in args.models.split(","):
-        torch.manual_seed(0)
-        base = mname.split("/")[0]
-        model = build_model(base, mcfg, V, pad, tok.bos_id, tok.eos_id).to(device)
-        fused = base == "ours" and (
-            args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
-        )  # as trainer.fused_loss
-        prec = "bf16-weights" if mname == "ours/bf16-weights" else precision
-        step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
-        batches = padded
-        if mname.startswith("ours/rows-"):  # FLOPs below: of the padded batches, as for all
-            width = int(mname.removeprefix("ours/rows-"))
-            batches = [pack_batch(b, pad, width).to(device) for b in host_batches]
-        for b in batches:  # warm-up, every shape once (compilation included)
-            step(b)
-        sync()
-        timed = batches[-args.steps :]
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            for b in timed:
+        try:
+            torch.manual_seed(0)
+            base = mname.split("/")[0]
+            model = build_model(base, mcfg, V, pad, tok.bos_id, tok.eos_id).to(device)
+            fused = base == "ours" and (
+                args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
+            )  # as trainer.fused_loss
+            prec = "bf16-weights" if mname == "ours/bf16-weights" else precision
+            step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
+            batches = padded
+            if mname.startswith("ours/rows-"):  # FLOPs below: of the padded batches, as for all
+                width = int(mname.removeprefix("ours/rows-"))
+                batches = [pack_batch(b, pad, width).to(device) for b in host_batches]
+            for b in batches:  # warm-up, every shape once (compilation included)
                 step(b)
             sync()
-            wall = (time.perf_counter() - t0) / len(timed)
-        events = prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-        # cuLaunchKernelEx launches cuBLASLt's matrix products (nvjet_*): 363 a step of
-        # Transformer-base, left out of the counts before 2026-12-03
-        launch_ops = (
-            "cudaLaunchKernel",
-            "cuLaunchKernel",
-            "cudaLaunchKernelExC",
-            "cuLaunchKernelEx",
-        )
-        launches = sum(e.count for e in events if e.key in launch_ops)
-        n = len(timed)
-        tokens = sum(int((b.tgt_out != pad).sum()) for b in timed) / n
-        lines += [
-            f"## {mname}",
-            "",
-            f"- wall per step: {1000 * wall:.1f} ms for {tokens:,.0f} target tokens "
-            "(profiled; the profiler adds host overhead)",
-            f"- output projection fused into the loss (`trainer.fused_loss`): {fused}; "
-            f"precision: {prec}",
-        ]
-        if cuda:
+            timed = batches[-args.steps :]
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                for b in timed:
+                    step(b)
+                sync()
+                wall = (time.perf_counter() - t0) / len(timed)
+            events = prof.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+            # cuLaunchKernelEx launches cuBLASLt's matrix products (nvjet_*): 363 a step of
+            # Transformer-base, left out of the counts before 2026-12-03
+            launch_ops = (
+                "cudaLaunchKernel",
+                "cuLaunchKernel",
+                "cudaLaunchKernelExC",
+                "cuLaunchKernelEx",
+            )
+            launches = sum(e.count for e in events if e.key in launch_ops)
+            n = len(timed)
+            tokens = sum(int((b.tgt_out != pad).sum()) for b in timed) / n
             lines += [
-                f"- GPU kernel time per step: {gpu_us / n / 1000:.1f} ms "
-                f"({100 * gpu_us / n / 1e6 / wall:.0f}% of wall: "
-                "the rest the GPU waits for the host)",
-                f"- kernel launches per step: {launches / n:.0f}",
-            ]
-        lines += ["", "Host time by operator (self CPU, per step):", ""]
-        cpu = sorted(
-            (e for e in events if e.device_type.name == "CPU"),
-            key=lambda e: e.self_cpu_time_total,
-            reverse=True,
-        )[: args.top]
-        lines += table(
-            [(e.key[:60], e.count // n, f"{e.self_cpu_time_total / n / 1000:.2f}") for e in cpu],
-            ["operator", "calls/step", "self CPU ms/step"],
-        )
-        if cuda:
-            counted = padded[-args.steps :]
-            parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in counted]
-            per_step = {k: sum(p[k] for p in parts) / n for k in ("linear", "attention")}
-            kernels = [
-                (e.key, e.count, e.self_device_time_total)
-                for e in events
-                if e.device_type.name == "CUDA"
-            ]
-            lines += [
+                f"## {mname}",
                 "",
-                "GPU time by kind of kernel (per step; TFLOP/s: the matrix FLOPs that "
-                "`bench/train_speed.py` counts for MFU, weights' products and attention's "
-                "apart, over those kernels' own time):",
-                "",
+                f"- wall per step: {1000 * wall:.1f} ms for {tokens:,.0f} target tokens "
+                "(profiled; the profiler adds host overhead)",
+                f"- output projection fused into the loss (`trainer.fused_loss`): {fused}; "
+                f"precision: {prec}",
             ]
-            lines += kinds_table(kernels, n, per_step)
-            lines += ["", "GPU time by kernel (per step):", ""]
-            gpu = sorted(
-                (e for e in events if e.device_type.name == "CUDA"),
-                key=lambda e: e.self_device_time_total,
+            if cuda:
+                lines += [
+                    f"- GPU kernel time per step: {gpu_us / n / 1000:.1f} ms "
+                    f"({100 * gpu_us / n / 1e6 / wall:.0f}% of wall: "
+                    "the rest the GPU waits for the host)",
+                    f"- kernel launches per step: {launches / n:.0f}",
+                ]
+            lines += ["", "Host time by operator (self CPU, per step):", ""]
+            cpu = sorted(
+                (e for e in events if e.device_type.name == "CPU"),
+                key=lambda e: e.self_cpu_time_total,
                 reverse=True,
             )[: args.top]
-            rows = [
-                (e.key[:70], e.count // n, f"{e.self_device_time_total / n / 1000:.2f}")
-                for e in gpu
-            ]
-            lines += table(rows, ["kernel", "calls/step", "GPU ms/step"])
-        lines.append("")
-        print("\n".join(lines[-40:]), flush=True)
-        save(args.out, lines, done=False)  # kept if a later model runs out of time
-        del model, step
-        if cuda:
-            torch.cuda.empty_cache()
+            lines += table(
+                [
+                    (e.key[:60], e.count // n, f"{e.self_cpu_time_total / n / 1000:.2f}")
+                    for e in cpu
+                ],
+                ["operator", "calls/step", "self CPU ms/step"],
+            )
+            if cuda:
+                counted = padded[-args.steps :]
+                parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in counted]
+                per_step = {k: sum(p[k] for p in parts) / n for k in ("linear", "attention")}
+                kernels = [
+                    (e.key, e.count, e.self_device_time_total)
+                    for e in events
+                    if e.device_type.name == "CUDA"
+                ]
+                lines += [
+                    "",
+                    "GPU time by kind of kernel (per step; TFLOP/s: the matrix FLOPs that "
+                    "`bench/train_speed.py` counts for MFU, weights' products and attention's "
+                    "apart, over those kernels' own time):",
+                    "",
+                ]
+                lines += kinds_table(kernels, n, per_step)
+                lines += ["", "GPU time by kernel (per step):", ""]
+                gpu = sorted(
+                    (e for e in events if e.device_type.name == "CUDA"),
+                    key=lambda e: e.self_device_time_total,
+                    reverse=True,
+                )[: args.top]
+                rows = [
+                    (e.key[:70], e.count // n, f"{e.self_device_time_total / n / 1000:.2f}")
+                    for e in gpu
+                ]
+                lines += table(rows, ["kernel", "calls/step", "GPU ms/step"])
+            lines.append("")
+            print("\n".join(lines[-40:]), flush=True)
+            save(args.out, lines, done=False)  # kept if a later model runs out of time
+            del model, step
+            if cuda:
+                torch.cuda.empty_cache()
+        except Exception as e:  # a compiler or kernel error: the other models still run
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"{mname}: failed: {type(e).__name__}: {first}", flush=True)
+            lines += [f"## {mname}", "", f"- failed: {type(e).__name__}: {first}", ""]
+            save(args.out, lines, done=False)
+            if cuda:
+                torch.cuda.empty_cache()
     save(args.out, lines, done=True)
     print("\n".join(lines))
 

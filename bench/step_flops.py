@@ -58,29 +58,32 @@ def main() -> None:
         "",
         f"- command: `python bench/step_flops.py {' '.join(sys.argv[1:])}`",
         f"- batches: `bench/train_speed.py`'s (real Multi30k de->en training batches, "
-        f"length-bucketed; epoch 0, seed 1), the {args.steps} after its {args.warmup} "
-        "warm-up batches; averages per step",
+        f"length-bucketed; epoch 0, seed 1), up to {args.steps} after its {args.warmup} "
+        "warm-up batches (as many as epoch 0 has: the timed steps); averages per step",
         "- TFLOP: matrix products, forward x 3 (`train_speed.flops_by_part`), on the padded "
         "batch shapes and on the sentence pairs at their own lengths (what MFU counts)",
         f"- step for {100 * args.mfu:.0f}% MFU: the longest step that reaches it at "
         f"{peak / 1e12:.0f} TFLOP/s (dense bf16, H100/H200 SXM): on the pairs' own FLOPs, and "
         "on the padded shapes' (MFU (padded))",
         "",
-        "| config | max tokens | sentences | src tokens per row, padded | per sentence | "
-        "TFLOP padded: weights | attention | TFLOP own lengths: weights | attention | "
+        "| config | max tokens | timed steps | sentences | src tokens per row, padded | "
+        "per sentence | TFLOP padded: weights | attention | TFLOP own lengths: weights | "
+        "attention | "
         f"step ms for {100 * args.mfu:.0f}% MFU | (padded) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cname in args.configs.split(","):
         cfg = CONFIGS[cname]
         for max_tokens in map(int, args.max_tokens.split(",")):
             batches, tok = load_batches(max_tokens, args.warmup + args.steps)
-            s = summary(cfg, batches[args.warmup :], tok.pad_id, len(tok))
+            timed = batches[args.warmup :]  # fewer than --steps where an epoch has fewer
+            s = summary(cfg, timed, tok.pad_id, len(tok))
             real = s["real_linear"] + s["real_attention"]
             padded = s["padded_linear"] + s["padded_attention"]
             ms = [1e3 * tflop * 1e12 / (args.mfu * peak) for tflop in (real, padded)]
             lines.append(
-                f"| {cname} | {max_tokens} | {s['sentences']:,.0f} | {s['src_padded']:.1f} | "
+                f"| {cname} | {max_tokens} | {len(timed)} | {s['sentences']:,.0f} | "
+                f"{s['src_padded']:.1f} | "
                 f"{s['src_real']:.1f} | {s['padded_linear']:.3f} | {s['padded_attention']:.4f} | "
                 f"{s['real_linear']:.3f} | {s['real_attention']:.4f} | {ms[0]:.1f} | "
                 f"{ms[1]:.1f} |"

@@ -455,10 +455,17 @@ def main() -> None:
         "page faults | first step s | MFU | MFU (padded) | ours / Marian (same mode) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    table_at = len(lines) - 3  # notes about a config's batches go before the table
     for cname in args.configs.split(","):
         mcfg = CONFIGS[cname]
         for max_tokens in map(int, args.max_tokens.split(",")):
             batches, _ = load_batches(max_tokens, args.warmup + args.steps)
+            if len(batches) < args.warmup + args.steps:  # an epoch of fewer, larger batches
+                timed = max(0, len(batches) - args.warmup)
+                note = (f"- {cname} at {max_tokens} tokens: epoch 0 has {len(batches)} batches, "
+                        f"so {timed} timed steps, not {args.steps}")  # fmt: skip
+                lines.insert(table_at, note)
+                table_at += 1
             torch.manual_seed(0)
             ids = (V, pad, tok.bos_id, tok.eos_id)
             ours = lambda: build_model("ours", mcfg, *ids)  # noqa: B023, E731
@@ -536,6 +543,14 @@ def main() -> None:
                     print(f"{cname} {max_tokens} {mname}: out of memory: {e}", flush=True)
                     del model
                     torch.cuda.empty_cache()
+                    continue
+                except Exception as e:  # a compiler or kernel error: the other models still run
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    print(f"{cname} {max_tokens} {mname}: failed: {type(e).__name__}: {first}",
+                          flush=True)  # fmt: skip
+                    del model
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     continue
                 finally:
                     use_sdpa_backends(None)

@@ -44,7 +44,11 @@ set -u
 source scripts/gpu_env.sh
 mkdir -p "$OUT" results/bench results/attention/gpu
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
-step() { echo "== $(date +%T) $*"; timeout "$@"; echo "== rc $?"; }
+# Each step: at most $1 seconds (then SIGKILL 10 s after SIGTERM: a process stuck in a
+# driver call would outlive the call's limit), and the tables so far packed into $OUT after
+# it, as $OUT is what comes back (the repo does not) even when the call is cut short
+pack() { tar czf "$OUT/bench.tar.gz" results/bench results/attention/gpu; }
+step() { echo "== $(date +%T) $*"; timeout -k 10 "$@"; echo "== rc $?"; pack; }
 case "${1:-speed}" in
 next)
   deadline=$(($(date +%s) + ${BUDGET_S:-540}))
@@ -123,4 +127,4 @@ eager)
   ;;
 *) echo "usage: bash scripts/gpu_bench.sh next|speed|compile|graphs|eager"; exit 2 ;;
 esac
-tar czf "$OUT/bench.tar.gz" results/bench results/attention/gpu
+pack

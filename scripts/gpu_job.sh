@@ -37,7 +37,7 @@ while [ $# -ge 2 ]; do
   names+=("$name")
   # shellcheck disable=SC2086
   echo "python3 train.py $overrides" > runs/$name.cmd
-  OMP_NUM_THREADS=${RUN_THREADS:-2} timeout "${RUN_TIMEOUT:-$(left 150)}" \
+  OMP_NUM_THREADS=${RUN_THREADS:-2} timeout -k 10 "${RUN_TIMEOUT:-$(left 150)}" \
     python3 train.py $overrides trainer.progress_bar=false hydra.run.dir=runs/$name \
     > runs/$name.log 2>&1 &
   pids+=($!)
@@ -62,7 +62,7 @@ score_run() {  # NAME: best.pt of one run on test2016 with each setting in $DECO
 if [ "${EVALUATE:-1}" = 1 ]; then
   pids=()
   for name in "${names[@]}"; do
-    (export -f score_run; timeout "$(left 30)" bash -c "score_run $name") &
+    (export -f score_run; timeout -k 10 "$(left 30)" bash -c "score_run $name") &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
