@@ -90,6 +90,19 @@ def kinds_table(kernels, n: int, flops: dict[str, float]) -> list[str]:
     return table(rows, ["kind", "kernels/step", "GPU ms/step", "share", "TFLOP/s"])
 
 
+def top_table(events, device: str, n: int, top: int, width: int, what: str) -> list[str]:
+    """The ``top`` events of ``device`` (CPU or CUDA) by self time, per step over ``n`` steps."""
+    attr = "self_cpu_time_total" if device == "CPU" else "self_device_time_total"
+    chosen = sorted(
+        (e for e in events if e.device_type.name == device),
+        key=lambda e: getattr(e, attr),
+        reverse=True,
+    )[:top]
+    rows = [(e.key[:width], e.count // n, f"{getattr(e, attr) / n / 1000:.2f}") for e in chosen]
+    unit = "self CPU ms/step" if device == "CPU" else "GPU ms/step"
+    return table(rows, [what, "calls/step", unit])
+
+
 def table(rows, header):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -206,18 +219,7 @@ def main() -> None:
                     f"- kernel launches per step: {launches / n:.0f}",
                 ]
             lines += ["", "Host time by operator (self CPU, per step):", ""]
-            cpu = sorted(
-                (e for e in events if e.device_type.name == "CPU"),
-                key=lambda e: e.self_cpu_time_total,
-                reverse=True,
-            )[: args.top]
-            lines += table(
-                [
-                    (e.key[:60], e.count // n, f"{e.self_cpu_time_total / n / 1000:.2f}")
-                    for e in cpu
-                ],
-                ["operator", "calls/step", "self CPU ms/step"],
-            )
+            lines += top_table(events, "CPU", n, args.top, 60, "operator")
             if cuda:
                 counted = padded[-args.steps :]
                 parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in counted]
@@ -236,16 +238,7 @@ def main() -> None:
                 ]
                 lines += kinds_table(kernels, n, per_step)
                 lines += ["", "GPU time by kernel (per step):", ""]
-                gpu = sorted(
-                    (e for e in events if e.device_type.name == "CUDA"),
-                    key=lambda e: e.self_device_time_total,
-                    reverse=True,
-                )[: args.top]
-                rows = [
-                    (e.key[:70], e.count // n, f"{e.self_device_time_total / n / 1000:.2f}")
-                    for e in gpu
-                ]
-                lines += table(rows, ["kernel", "calls/step", "GPU ms/step"])
+                lines += top_table(events, "CUDA", n, args.top, 70, "kernel")
             lines.append("")
             print("\n".join(lines[-40:]), flush=True)
             save(args.out, lines, done=False)  # kept if a later model runs out of time

@@ -7,7 +7,7 @@ time a given MFU needs. Analytic: no device, no model.
 The batches are ``train_speed.load_batches``' (the first ``--warmup`` are its warm-up, the
 next ``--steps`` the timed ones). FLOPs are ``train_speed.flops_by_part`` (matrix products,
 forward x 3): on the padded batch shapes, as the kernels compute them, and on the pairs at
-their own lengths (``real_flops``), which MFU counts.
+their own lengths (``real_flops_by_part``), which MFU counts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import CONFIGS, PEAK_BF16, flops_by_part, load_batches  # noqa: E402
+from train_speed import (  # noqa: E402
+    CONFIGS,
+    PEAK_BF16,
+    flops_by_part,
+    load_batches,
+    real_flops_by_part,
+)
 
 
 def mean(xs) -> float:
@@ -29,11 +35,7 @@ def summary(cfg: dict, batches, pad: int, vocab: int) -> dict[str, float]:
     """Per timed step on average: sentences, source tokens per padded row and per sentence,
     and TFLOP (padded shapes: linear, attention; the pairs' own lengths: linear, attention)."""
     padded = [flops_by_part(cfg, *b.src.shape, b.tgt_in.shape[1], vocab) for b in batches]
-    real = []
-    for b in batches:
-        lens = zip(b.src_mask.sum(1).tolist(), (b.tgt_in != pad).sum(1).tolist())
-        parts = [flops_by_part(cfg, 1, s, t, vocab) for s, t in lens]
-        real.append({k: sum(p[k] for p in parts) for k in ("linear", "attention")})
+    real = [real_flops_by_part(cfg, b, pad, vocab) for b in batches]
     return {
         "sentences": mean([b.src.shape[0] for b in batches]),
         "src_padded": mean([b.src.shape[1] for b in batches]),

@@ -147,12 +147,18 @@ def train_flops(cfg: dict, B: int, S: int, T: int, vocab: int) -> float:
     return sum(flops_by_part(cfg, B, S, T, vocab).values())
 
 
-def real_flops(cfg: dict, batch, pad: int, vocab: int) -> float:
-    """``train_flops`` of a batch's sentence pairs at their own lengths, without padding: the
-    model FLOPs of MFU as usually defined (the padded shapes' count is ``train_flops``)."""
+def real_flops_by_part(cfg: dict, batch, pad: int, vocab: int) -> dict[str, float]:
+    """``flops_by_part`` of a batch's sentence pairs at their own lengths, without padding."""
     src_lens = batch.src_mask.sum(1).tolist()
     tgt_lens = (batch.tgt_in != pad).sum(1).tolist()  # BOS + y: as many as y + EOS
-    return sum(train_flops(cfg, 1, s, t, vocab) for s, t in zip(src_lens, tgt_lens))
+    parts = [flops_by_part(cfg, 1, s, t, vocab) for s, t in zip(src_lens, tgt_lens)]
+    return {k: sum(p[k] for p in parts) for k in ("linear", "attention")}
+
+
+def real_flops(cfg: dict, batch, pad: int, vocab: int) -> float:
+    """``train_flops`` of a batch's sentence pairs at their own lengths: the model FLOPs of
+    MFU as usually defined (the padded shapes' count is ``train_flops``)."""
+    return sum(real_flops_by_part(cfg, batch, pad, vocab).values())
 
 
 def make_step(model, pad, device, precision, compile=None, fused_loss=False):
