@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformer import dropout  # noqa: E402
 from transformer.attention import use_sdpa_backends  # noqa: E402
+from transformer.compiling import compile_dynamic  # noqa: E402
 from transformer.data import TokenBatcher  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
@@ -181,8 +182,8 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     dtype = torch.bfloat16 if precision == "bf16" else None
     net, token_loss = plain, sequence_loss
     if compile:  # as the trainer: the model, and apart from it the unfused loss
-        net = torch.compile(plain, dynamic=True, mode=compile)
-        token_loss = torch.compile(sequence_loss, dynamic=True, mode=compile)
+        net = compile_dynamic(plain, compile)
+        token_loss = compile_dynamic(sequence_loss, compile)
 
     def loss_of(src, src_mask, tgt_in, tgt_out, rows):
         packed = {} if rows is None else {"rows": rows}  # packed rows: ours only

@@ -9,6 +9,7 @@ import torch
 from tiny_models import PAD, V, sources
 
 from transformer import checkpoint, dropout
+from transformer.compiling import compile_dynamic
 from transformer.loss import projected_loss, sequence_loss
 from transformer.packing import pack_batch
 from transformer.seq2seq import Batch
@@ -75,12 +76,15 @@ def count_mask_draws(monkeypatch) -> list:
 
 def model_with_dropout():
     """A 1+2-layer Transformer in training mode with every dropout on, and a batch for it
-    (source, source mask, target input, target output)."""
+    (source, source mask, target input, target output). The target is a copy of the
+    source, not a view of it: like collated batches, no two inputs share storage
+    (transformer/compiling.py)."""
     torch.manual_seed(0)
     drop = dict(dropout=0.1, attn_dropout=0.1, act_dropout=0.1)
     model = Transformer(V, V, PAD, 32, 4, 64, 1, 2, **drop).train()
     src, mask = sources()
-    return model, (src, mask, src[:, :5], src[:, 1:6])
+    tgt = src.clone()
+    return model, (src, mask, tgt[:, :5], tgt[:, 1:6])
 
 
 def test_the_training_forward_and_the_loss_trace_without_graph_breaks(monkeypatch):
@@ -128,6 +132,52 @@ def test_the_forward_on_packed_rows_traces_without_graph_breaks():
     assert (forward.graph_count, forward.graph_break_count) == (1, 0), forward.break_reasons
 
 
+def test_one_compiled_graph_serves_batches_of_every_shape():
+    """B, S and T are three symbols of one graph: a first batch with B == S == T, then
+    batches with S != T, S a multiple of 16 and not, one graph each for the model and the
+    loss (traced through AOTAutograd, forward and backward, without inductor's code
+    generation). With torch's duck sizing and the key mask padded to rows of 16, the model
+    compiled three graphs for these batches, as a run on an H100 did for its first
+    (transformer/compiling.py)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(str(torch._guards.CompileContext.current_compile_id()))
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    model, _ = model_with_dropout()
+    net = compile_dynamic(model, backend=counting)
+    loss_of = compile_dynamic(sequence_loss, backend=counting)
+    g = torch.Generator().manual_seed(0)
+    for B, S, T in [(9, 9, 9), (8, 10, 12), (5, 16, 16), (7, 17, 19), (6, 8, 24), (3, 32, 5)]:
+        src = torch.randint(3, V, (B, S), generator=g)
+        src[0, S // 2 :] = PAD
+        tgt = torch.randint(3, V, (B, T + 1), generator=g)
+        loss_of(net(src, src != PAD, tgt[:, :-1]), tgt[:, 1:], PAD, 0.1).backward()
+        assert graphs == ["0/0", "1/0"], (B, S, T)  # frame/compile: one compile of each
+
+
+@pytest.mark.parametrize("rows", [None, 16])
+def test_the_trainers_batches_share_no_storage_between_model_inputs(
+    compose, small_overrides, tmp_path, rows
+):
+    """Compiled with duck sizing off, a model whose inputs were views of one tensor failed
+    inside torch (transformer/compiling.py): the trainer's batches, padded or in packed
+    rows, hand the model inputs that share no storage."""
+    trainer = Trainer(compose(small_overrides), tmp_path / "run")
+    for idx in trainer.batcher.epoch_batches(0)[:3]:
+        b = trainer.batcher.batch(idx)
+        inputs = [b.src, b.src_mask, b.tgt_in]
+        if rows:
+            b = pack_batch(b, trainer.pad_id, rows)
+            inputs = [b.src, b.src_mask, b.tgt_in, *b.rows.tensors()]
+        storages = {t.untyped_storage().data_ptr() for t in inputs}
+        assert len(storages) == len(inputs)
+
+
 def test_the_mask_operator_passes_torchs_operator_checks():
     """torch.library.opcheck: schema, autograd registration, the tracing stand-in against the
     real mask (shape, dtype, strides: a transposed input once had its strides where the real
@@ -154,7 +204,7 @@ def test_compiled_training_draws_each_cpu_dropout_mask_once(monkeypatch):
 
     eager = step(model)
     assert len(eager) == 13
-    assert step(torch.compile(model, dynamic=True)) == eager
+    assert step(compile_dynamic(model)) == eager
 
 
 def test_unknown_compile_mode_names_the_key(compose, small_overrides, tmp_path):

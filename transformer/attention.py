@@ -58,9 +58,12 @@ def key_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     elements into one whose rows do: kernel launches in every attention layer of a step
     whose time on a GPU is mostly launches. Made once per forward pass, here, and laid out
     with rows 16 elements apart (a view of a (B, 1, 1, S rounded up to 16) buffer), every
-    layer takes it as it is. ``ScaledDot`` accepts it wherever it accepts a bool mask."""
+    layer takes it as it is. ``ScaledDot`` accepts it wherever it accepts a bool mask.
+    Under torch.compile the rows are S apart: the compiler lays out the mask for the kernel
+    itself, and traced, the padded view made it compile one graph for S a multiple of 16
+    and another for the rest (transformer/compiling.py)."""
     B, S = mask.shape[0], mask.shape[-1]
-    row = -(-S // 16) * 16
+    row = S if torch.compiler.is_compiling() else -(-S // 16) * 16
     bias = torch.full((B, 1, 1, row), float("-inf"), dtype=dtype, device=mask.device)
     return bias[..., :S].masked_fill_(mask, 0.0)
 

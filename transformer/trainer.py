@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .attention import SDPA_KINDS, attention_config, stacked_from, use_sdpa_backends
+from .compiling import compile_dynamic
 from .data import TokenBatcher
 from .final_choice import FinalChoice, final_settings
 from .host_memory import reuse_freed_memory
@@ -277,7 +278,7 @@ class Trainer:
         # fused loss always runs eagerly (loss.py).
         self.sequence_loss = sequence_loss
         if self.t.compile and not self.fused_loss:
-            self.sequence_loss = torch.compile(sequence_loss, dynamic=True, mode=self.compile_mode)
+            self.sequence_loss = compile_dynamic(sequence_loss, self.compile_mode)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         # Training position; restored by resume.
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -295,14 +296,14 @@ class Trainer:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DistributedDataParallel under torchrun, then torch.compile when
         ``trainer.compile`` (compiling the DDP module lets its graph break at gradient
-        buckets so all-reduce overlaps the backward pass). ``dynamic=True``: token batches
+        buckets so all-reduce overlaps the backward pass). ``compile_dynamic``: token batches
         change shape at every step and must not recompile each time. ``trainer.compile_mode``
         is torch.compile's ``mode``; ``reduce-overhead`` replays the forward and backward as
         CUDA graphs, one recorded per batch shape (see ``batch_shapes``)."""
         if self.dist.enabled:
             model = distributed.wrap_ddp(model, self.device)
         if self.t.compile:
-            model = torch.compile(model, dynamic=True, mode=self.compile_mode)
+            model = compile_dynamic(model, self.compile_mode)
         return model
 
     @property
