@@ -212,6 +212,30 @@ def test_unwrap_sees_through_ddp_and_compile_in_either_order():
         dist.destroy_process_group()
 
 
+def test_ranks_draw_their_own_dropout_masks(compose, small_overrides, tmp_path):
+    """Rank 0 keeps the random stream of a single process; another rank reseeds from
+    (seed, rank, step), so its dropout masks differ from rank 0's, change with the step it
+    starts at and are the same when it resumes at that step. (The two-process tests train
+    without dropout, to compare weights, so they cannot see this.)"""
+    trainer = Trainer(compose(small_overrides), tmp_path / "run")
+    x = torch.ones(1000)
+
+    def mask(rank: int, step: int) -> torch.Tensor:
+        torch.manual_seed(0)  # the stream every rank starts from
+        trainer.dist, trainer.step = Dist(rank, 2), step
+        trainer.reseed_rank()
+        return torch.nn.functional.dropout(x, 0.5) > 0
+
+    single = mask(0, 0)
+    torch.manual_seed(0)
+    assert torch.equal(single, torch.nn.functional.dropout(x, 0.5) > 0)
+    assert torch.equal(mask(0, 7), single)  # rank 0: the single-process stream
+    other = mask(1, 0)
+    assert not torch.equal(other, single)
+    assert not torch.equal(mask(1, 7), other)
+    assert torch.equal(mask(1, 7), mask(1, 7))
+
+
 def test_unshard_inverts_shard_for_uneven_shards():
     items = list(range(7))
     for world_size in (1, 2, 3):

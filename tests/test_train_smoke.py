@@ -1,5 +1,7 @@
 """End to end on a few hundred Multi30k pairs: train, resume, translate, bad input."""
 
+import copy
+import csv
 import json
 import math
 import os
@@ -393,15 +395,80 @@ def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
     assert not (tmp_path / "cache").exists()  # refused before reading the corpus
 
 
+def sgd_without_dropout(extra=()) -> list[str]:
+    """Overrides for updates that can be computed by hand: plain SGD, no dropout, no
+    clipping (Adam's first steps move a weight by +-lr whatever its gradient's size)."""
+    return ["model.dropout=0", "model.attn_dropout=0", "model.act_dropout=0",
+            "trainer.optimizer._target_=torch.optim.SGD", "trainer.optimizer.lr=0.5",
+            "~trainer.optimizer.betas", "~trainer.optimizer.eps", "trainer.clip_norm=1e9",
+            "trainer.final.average_last=0", "data.test_splits=[]", *extra]  # fmt: skip
+
+
+def smoothed_sums(model, batches, pad: int, eps: float) -> tuple[torch.Tensor, ...]:
+    """(label-smoothed loss, NLL, target tokens) summed over ``batches``, in float64 from
+    the log-probabilities: per token (1 - eps) * -log p(y) + eps * mean over the vocabulary
+    of -log p(v)."""
+    loss = nll = torch.zeros((), dtype=torch.float64)
+    ntok = 0
+    for b in batches:
+        logp = model(b.src, b.src_mask, b.tgt_in).double().log_softmax(-1)
+        real = b.tgt_out != pad
+        token_nll = -logp.gather(-1, b.tgt_out[..., None])[..., 0][real]
+        uniform = -logp.mean(-1)[real]
+        loss = loss + ((1 - eps) * token_nll + eps * uniform).sum()
+        nll, ntok = nll + token_nll.sum(), ntok + int(real.sum())
+    return loss, nll, ntok
+
+
+def test_an_update_follows_the_gradient_of_the_loss_per_target_token(
+    compose, small_overrides, tmp_path
+):
+    """Two micro-batches make one update of w - lr * grad(summed loss / target tokens of
+    both), computed here by hand. Adam hid a wrong divisor: with every other test still
+    passing, only an fp16 test failed when the loss was left undivided."""
+    cfg = compose(small_overrides + sgd_without_dropout(["trainer.accum_steps=2"]))
+    trainer = Trainer(cfg, tmp_path / "run")
+    batches = [trainer.batcher.batch(i) for i in trainer.batcher.epoch_batches(0)[:2]]
+    reference = copy.deepcopy(trainer.model)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    loss, _, ntok = smoothed_sums(reference, batches, trainer.pad_id, cfg.trainer.label_smoothing)
+    (loss / ntok).backward()
+    expected = {n: p.detach() - lr * p.grad for n, p in reference.named_parameters()}
+    assert trainer.train_step(batches) is not None
+    assert trainer.applied_lr == lr
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], atol=1e-6, rtol=1e-4)
+
+
+def test_the_validation_loss_and_nll_are_per_target_token(compose, small_overrides, tmp_path):
+    """valid_log.csv's valid_loss is the label-smoothed loss and valid_nll the NLL, each
+    summed over the validation set and divided by its target tokens, and valid_ppl is
+    exp(valid_nll): computed here in float64 for the weights the run ended with."""
+    run = tmp_path / "run"
+    cfg = compose(small_overrides + sgd_without_dropout([f"run_dir={run}", "trainer.max_steps=2"]))
+    trainer = Trainer(cfg, run)
+    trainer.run()
+    with open(run / "valid_log.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert int(last["step"]) == 2
+    batcher = trainer.valid_batcher
+    with torch.no_grad():
+        loss, nll, ntok = smoothed_sums(
+            trainer.model.eval(), [batcher.batch(i) for i in batcher.epoch_batches(0)],
+            trainer.pad_id, cfg.trainer.label_smoothing,
+        )  # fmt: skip
+    assert float(last["valid_loss"]) == pytest.approx(float(loss / ntok), abs=1e-4)
+    assert float(last["valid_nll"]) == pytest.approx(float(nll / ntok), abs=1e-4)
+    assert float(last["valid_ppl"]) == pytest.approx(math.exp(float(nll / ntok)), abs=0.01)
+    assert abs(float(loss - nll)) / ntok > 1e-3  # the two are told apart
+
+
 def test_packed_rows_train_as_padded_batches(compose, small_overrides, tmp_path):
     """trainer.packed_rows lays each batch out several pairs to a row: without dropout, the
     same updates as the padded batches, to rounding (the loss is the same sum). Plain SGD
     with a large step: Adam's first steps move a weight by +-lr whatever the size of its
     gradient, so a rounding difference in a gradient near 0 flips a whole step."""
-    no_dropout = ["model.dropout=0", "model.attn_dropout=0", "model.act_dropout=0",
-                  "trainer.max_steps=3", "trainer.final.average_last=0", "data.test_splits=[]",
-                  "trainer.optimizer._target_=torch.optim.SGD", "trainer.optimizer.lr=0.5",
-                  "~trainer.optimizer.betas", "~trainer.optimizer.eps"]  # fmt: skip
+    no_dropout = sgd_without_dropout(["trainer.max_steps=3"])
     weights = []
     for width in (0, 64):
         run = tmp_path / f"run{width}"
