@@ -9,6 +9,8 @@ ifneq ($(wildcard $(SHARED_DATA)/multi30k),)
 export MT_DATA_DIR ?= $(SHARED_DATA)
 endif
 RUN ?= outputs/multi30k-de-en/transformer/make-train
+# more settings for make train's train.py, e.g. ARGS="trainer.max_time_minutes=60"
+ARGS ?=
 # The torch that .venv gets first (pip requirement words): the pinned release by default;
 # e.g. TORCH="torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130" for a CUDA build
 TORCH ?= torch==2.13.0
@@ -25,7 +27,7 @@ TORCH ?= torch==2.13.0
 venv: .venv/installed
 
 train: venv
-	$(PY) train.py model=transformer data=multi30k data.src_lang=de data.tgt_lang=en decode=beam hydra.run.dir=$(RUN)
+	$(PY) train.py model=transformer data=multi30k data.src_lang=de data.tgt_lang=en decode=beam hydra.run.dir=$(RUN) $(ARGS)
 	printf 'Zwei Hunde spielen im Schnee.\nEine Frau mit einem roten Hut fährt Fahrrad.\nEin kleines Mädchen lacht.\n' \
 	  | $(PY) translate.py ckpt=$(RUN)
 

@@ -10,26 +10,28 @@ from omegaconf import DictConfig
 from transformer.cli import (
     check_added_keys,
     friendly_errors,
-    unparsable_override,
+    override_error,
+    run_dir_is_hydras,
     unwritable_run_dir,
 )
 from transformer.trainer import train
 
 CONF = Path(__file__).parent / "conf"
+# a model's and an optimizer's keyword arguments and decoding (checked where they are used:
+# an unknown one fails before the data is read), and named splits
+OPEN_UNDER = ("model", "decode", "trainer.optimizer", "data.hub_splits")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    # a model's and an optimizer's keyword arguments and decoding (checked where they are
-    # used: an unknown one fails before the data is read), and named splits
-    open_under = ("model", "decode", "trainer.optimizer", "data.hub_splits")
     overrides = HydraConfig.get().overrides.task
-    check_added_keys(overrides, CONF, "train", open_under)
+    check_added_keys(overrides, CONF, "train", OPEN_UNDER)
     train(cfg)
 
 
 if __name__ == "__main__":
-    if reason := unparsable_override(sys.argv[1:], CONF) or unwritable_run_dir(sys.argv[1:]):
+    sys.argv[1:] = argv = run_dir_is_hydras(sys.argv[1:])
+    if reason := override_error(argv, CONF, "train", OPEN_UNDER) or unwritable_run_dir(argv):
         sys.exit(f"error: {reason}")
     main()

@@ -11,22 +11,22 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from transformer.cli import check_added_keys, friendly_errors, unparsable_override
+from transformer.cli import check_added_keys, friendly_errors, override_error
 from transformer.translate_cli import translate
 
 CONF = Path(__file__).parent / "conf"
+OPEN_UNDER = ("decode",)  # checked by decode_options, which names the key
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="translate")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
-    open_under = ("decode",)  # checked by decode_options, which names the key
     overrides = HydraConfig.get().overrides.task
-    check_added_keys(overrides, CONF, "translate", open_under)
+    check_added_keys(overrides, CONF, "translate", OPEN_UNDER)
     translate(cfg)
 
 
 if __name__ == "__main__":
-    if reason := unparsable_override(sys.argv[1:], CONF):
+    if reason := override_error(sys.argv[1:], CONF, "translate", OPEN_UNDER):
         sys.exit(f"error: {reason}")
     main()

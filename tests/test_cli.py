@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from transformer.cli import friendly_errors, unparsable_override
+from transformer.cli import friendly_errors, override_error, run_dir_is_hydras, unwritable_run_dir
 
 
 def fails_with(error):
@@ -59,6 +59,10 @@ def test_a_bug_keeps_its_traceback_and_ctrl_c_is_status_130(capsys):
     with pytest.raises(SystemExit) as stop:
         fails_with(KeyboardInterrupt())()
     assert stop.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(SystemExit) as stop:  # the trainer's, as README quotes it
+        fails_with(KeyboardInterrupt("interrupted at step 4; last.pt saved in R"))()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted at step 4; last.pt saved in R\n"
 
 
 def test_the_entry_points_start_without_importing_the_compiler():
@@ -77,21 +81,67 @@ def test_the_entry_points_start_without_importing_the_compiler():
 
 def test_an_override_hydra_cannot_parse_is_named():
     """Hydra printed only the text it stopped at: "missing EQUAL at '<EOF>'"."""
-    assert unparsable_override(["a=1", "trainer.lr"]).startswith("trainer.lr: missing EQUAL")
-    assert unparsable_override(["x=(", "y=1"]).startswith("x=(: extraneous input '('")
+    assert override_error(["a=1", "trainer.lr"]).startswith("trainer.lr: missing EQUAL")
+    assert override_error(["x=(", "y=1"]).startswith("x=(: extraneous input '('")
     # flags, their values, sweeps, deletions, quoted and interpolated values all parse
     good = ["--cfg", "job", "-cn", "train", "--info", "defaults", "-m", "trainer.lr=1e-3,2e-3",
             "~data.max_len", "+x='a b'", "run_dir=${hydra:runtime.cwd}/r",
             "--info", "y=[1,2]"]  # fmt: skip
-    assert unparsable_override(good) is None
-    assert unparsable_override(["--info", "z=[1,"]).startswith("z=[1,: ")
+    assert override_error(good) is None
+    assert override_error(["--info", "z=[1,"]).startswith("z=[1,: ")
 
 
 def test_a_config_group_set_to_null_is_named_with_its_options():
     """Hydra raised "Config group override must be a string or a list. Got NoneType" from
     deep inside, as a traceback."""
     conf = Path(__file__).resolve().parent.parent / "conf"
-    assert unparsable_override(["trainer=null"], conf) == (
+    assert override_error(["trainer=null"], conf) == (
         "trainer=null: trainer is a config group: name one of ['debug', 'default']"
     )
-    assert unparsable_override(["~trainer", "trainer.final=null", "x=null"], conf) is None
+    assert override_error(["~trainer", "trainer.final=null", "x=null"], conf) is None
+
+
+def test_an_unknown_option_or_setting_is_named_before_hydra_composes():
+    """Hydra's messages for a misspelt key (without +) or an option a config group lacks
+    were 6-12 lines, and for the key it advised a + that then added a setting nothing reads."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    train = ("model", "decode", "trainer.optimizer", "data.hub_splits")  # train.py's OPEN_UNDER
+    assert override_error(["model=foo"], conf) == (
+        "model=foo: model has no option 'foo': name one of ['rnn', 'transformer']"
+    )
+    assert override_error(["-m", "model=transformer,rnn2"], conf).startswith(
+        "model=transformer,rnn2: model has no option 'rnn2'"
+    )
+    assert override_error(["trainer.max_step=20"], conf, "train", train) == (
+        "trainer.max_step=20: trainer.max_step is not a setting (did you mean "
+        "trainer.max_steps? --cfg job prints every setting)"
+    )
+    assert override_error(["model.dmodel=3"], conf, "train", train) == (
+        "model.dmodel=3: model.dmodel is not a setting (did you mean model.d_model? "
+        "+model.dmodel=3 adds a keyword argument; --cfg job prints every setting)"
+    )
+    assert "did you mean input?" in override_error(["inptu=a"], conf, "translate", ("decode",))
+    assert override_error(["~data.foo"], conf, "train").startswith("~data.foo: data.foo is not")
+    # settings, other options' settings, additions (check_added_keys'), Hydra's, group paths
+    fine = ["-m", "model=transformer,rnn", "data=wmt14", "trainer.max_steps=3",
+            "model.hidden_size=8", "+trainer.optimizer.amsgrad=true", "++x=1", "~data.max_len",
+            "hydra.job.chdir=false", "trainer/model@trainer=rnn", "decode=greedy"]  # fmt: skip
+    assert override_error(fine, conf, "train", train) is None
+
+
+def test_run_dir_takes_hydras_files_along():
+    """run_dir=X put checkpoints and logs in X but train.log and .hydra/ in a new folder
+    under outputs/: it now also sets hydra.run.dir, unless given or in a sweep."""
+    assert run_dir_is_hydras(["a=1", "run_dir=/r"]) == ["a=1", "run_dir=/r", "hydra.run.dir=/r"]
+    for kept in (["run_dir=/r", "hydra.run.dir=/h"], ["-m", "run_dir=/r"], ["a=1"],
+                 ["run_dir=${hydra:runtime.cwd}/r"]):  # fmt: skip
+        assert run_dir_is_hydras(kept) == kept
+
+
+def test_a_run_dir_the_file_system_refuses_is_named(tmp_path):
+    """os.access lets root through where the file system will not (/proc): Hydra's mkdir
+    then failed as a traceback."""
+    assert unwritable_run_dir(["hydra.run.dir=/proc/nope/run"]).startswith(
+        "hydra.run.dir=/proc/nope/run: cannot create"
+    )
+    assert unwritable_run_dir([f"hydra.run.dir={tmp_path}/new/run"]) is None

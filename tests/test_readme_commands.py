@@ -6,6 +6,8 @@ this keeps the examples a user copies from going stale when a key moves."""
 import itertools
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,13 @@ def test_readme_command_composes(compose, name, overrides):
     decode_options(cfg.decode)
     if name == "train" and cfg.model._target_.endswith("Transformer"):
         attention_config(OmegaConf.to_container(cfg.model.attention, resolve=True))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_train_passes_args_to_train_py():
+    """README: `make train ARGS="trainer.max_time_minutes=60"`; make took the setting as
+    one of its own variables and trained without it (make -n prints, runs nothing)."""
+    out = subprocess.run(["make", "-n", "train", "ARGS=trainer.max_time_minutes=60"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    (line,) = [x for x in out.splitlines() if " train.py " in x]
+    assert line.endswith(" trainer.max_time_minutes=60"), line

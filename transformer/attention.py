@@ -558,6 +558,12 @@ class AttentionConfig:
 
 def attention_config(options: Mapping | None = None) -> AttentionConfig:
     """Validate a ``model.attention`` mapping of plain values; every error names its key."""
+    if options is not None and not isinstance(options, Mapping):  # the RNN's is a name
+        raise ValueError(
+            f"model.attention={options!r}: the Transformer's attention is a group of "
+            "settings; name its kind with model.attention.kind=NAME (or .encoder, .decoder, "
+            ".cross)"
+        )
     values = dict(options or {})
     names = [f.name for f in fields(AttentionConfig)]
     for key in values:

@@ -77,7 +77,7 @@ def check_added_keys(overrides, conf_dir: Path, config_name: str, open_under=())
     known, groups = setting_keys(conf_dir, config_name)
     for override in overrides:
         if not override.startswith("+"):
-            continue  # Hydra refuses an unknown key given without a +
+            continue  # without a +: override_error, before Hydra composes the config
         key = override.split("=", 1)[0].lstrip("+")
         if "/" in key or "@" in key or key in groups or key.split(".")[0] == "hydra":
             continue
@@ -97,13 +97,23 @@ VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn",
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
-def unparsable_override(argv: list[str], conf: Path | None = None) -> str | None:
-    """Why an override in ``argv`` breaks Hydra's override grammar (``trainer.lr=[1,``, a
-    key without ``=``), naming it, or None. Hydra's own message names only the text it
-    stopped at (``no viable alternative at input '[1,'``), not the argument or its key.
-    With ``conf``, the config folder, a config group set to null (``trainer=null``, a
-    traceback from inside Hydra) is named too, with the group's options."""
+def override_error(
+    argv: list[str], conf: Path | None = None, config_name: str | None = None, open_under=()
+) -> str | None:
+    """Why an override in ``argv`` cannot work, naming it, or None. Hydra's own messages
+    for these are several lines, or a traceback, and name the text it stopped at rather
+    than the argument:
+
+    - the override grammar (``trainer.lr=[1,``, a key without ``=``);
+    - with ``conf``, the config folder: a config group set to null (``trainer=null``, a
+      traceback from inside Hydra) or to an option it does not have (``model=foo``),
+      named with the group's options;
+    - with ``config_name`` too: a key set or deleted without a ``+`` that is no setting
+      (``trainer.max_step=20``), with the nearest setting's name. Keys added with a ``+``
+      are ``check_added_keys``'s; for a key under ``open_under`` (a model's or an
+      optimizer's keyword arguments) the message also says that a ``+`` adds it."""
     parser, i = OverridesParser.create(), 0
+    known, groups = setting_keys(conf, config_name) if conf and config_name else (None, set())
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg.startswith("-"):  # a flag, and the value it takes
@@ -117,11 +127,31 @@ def unparsable_override(argv: list[str], conf: Path | None = None) -> str | None
                 f"{arg}: {one_line(e)} (overrides are key=value; quote a value with spaces or "
                 "brackets: https://hydra.cc/docs/advanced/override_grammar/basic/)"
             )
-        group = conf / override.key_or_group if conf is not None else None
-        if group is not None and group.is_dir() and override.value() is None:
-            if not override.is_delete():
-                options = sorted(p.stem for p in group.glob("*.yaml"))
-                return f"{arg}: {override.key_or_group} is a config group: name one of {options}"
+        key = override.key_or_group
+        group = conf / key if conf is not None and "@" not in key else None
+        if group is not None and group.is_dir() and not override.is_delete():
+            options = sorted(p.stem for p in group.glob("*.yaml"))
+            chosen = (
+                list(override.sweep_string_iterator())
+                if override.is_sweep_override()
+                else [override.value()]
+            )
+            for value in chosen:
+                if value is None:
+                    return f"{arg}: {key} is a config group: name one of {options}"
+                if isinstance(value, str) and not (group / f"{value}.yaml").is_file():
+                    return f"{arg}: {key} has no option {value!r}: name one of {options}"
+            continue
+        plain = not (override.is_add() or override.is_force_add())
+        if known is None or not plain or "/" in key or key in groups or key in known:
+            continue
+        if key.split(".")[0] == "hydra":
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        if not override.is_delete() and any(key.startswith(f"{p}.") for p in open_under):
+            hint += f"+{arg} adds a keyword argument; "  # a model's or an optimizer's own
+        return f"{arg}: {key} is not a setting ({hint}--cfg job prints every setting)"
     return None
 
 
@@ -140,7 +170,24 @@ def unwritable_run_dir(argv: list[str]) -> str | None:
         return f"hydra.run.dir={given[-1]}: {folder} is a file, not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):
         return f"hydra.run.dir={given[-1]}: cannot create folders in {folder}"
+    try:  # what Hydra does next; os.access lets root through where the file system will not
+        Path(given[-1]).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"hydra.run.dir={given[-1]}: cannot create it: {e.strerror}"
     return None
+
+
+def run_dir_is_hydras(argv: list[str]) -> list[str]:
+    """``argv`` with ``hydra.run.dir=X`` added for a ``run_dir=X`` given without one, so
+    that Hydra's own files (train.log, .hydra/) go to the run folder too and not to a new
+    folder under outputs/. Not for a sweep (-m: one run_dir for every job would be shared)
+    or a value with an interpolation."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
+    if not given or "${" in given[-1] or {"-m", "--multirun"} & set(argv):
+        return argv
+    if any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    return [*argv, f"hydra.run.dir={given[-1]}"]
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:
@@ -162,7 +209,8 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt as e:
-            print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+            # the trainer's says "interrupted at step N; ..." itself
+            print(str(e) or "interrupted", file=sys.stderr)
             sys.exit(130)
         except (*EXPECTED, OSError) as e:
             refused_write = isinstance(e, OSError) and e.errno in WRITE_ERRNOS

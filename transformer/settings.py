@@ -7,6 +7,7 @@ print it as one line (``cli.py``).
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -264,17 +265,45 @@ def check_final(t) -> None:
 
 
 def check_optimizer(t) -> None:
-    """``trainer.optimizer`` built once for a stand-in parameter, so that a class that does
-    not exist or a value it refuses (a negative lr, one beta) fails now, naming the group,
-    not once the data is read and the model built."""
+    """``trainer.optimizer`` built once, as the trainer builds it (fused where the class
+    offers it), for a stand-in parameter, and stepped once: a class that does not exist, a
+    value of the wrong type (``amsgrad=yes``, one beta) or one it refuses (a negative lr)
+    fails now, naming the setting, not once the data is read and the model built (a
+    wrongly typed flag failed only inside the first fused update, as a traceback)."""
     target = t.optimizer.get("_target_")
     try:
-        instantiate(t.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+        make = instantiate(t.optimizer)
     except InstantiationException as e:
         reason = e.__cause__ if e.__cause__ is not None else e
         raise TrainingError(f"trainer.optimizer: {target}: {reason}") from e
-    except (ValueError, TypeError, IndexError) as e:
+    parameters = inspect.signature(make.func).parameters
+    for key, value in make.keywords.items():
+        default = parameters[key].default if key in parameters else None
+        if why := wrong_type(value, default):
+            raise TrainingError(f"trainer.optimizer.{key} must be {why}, got {value!r}")
+    stand_in = torch.nn.Parameter(torch.zeros(1))
+    try:
+        optimizer = make([stand_in], **({"fused": True} if "fused" in parameters else {}))
+        stand_in.grad = torch.zeros(1)
+        optimizer.step()
+    except (ValueError, TypeError, IndexError, RuntimeError) as e:
         raise TrainingError(f"trainer.optimizer ({target}): {e}") from e
+
+
+def wrong_type(value, default) -> str | None:
+    """What a value must be that is not of its keyword's default's type (true or false, a
+    number, a list of as many numbers as the default tuple), or None. Keywords without a
+    default of those types (None, a tensor) are the optimizer's to check."""
+    if isinstance(default, bool):
+        return None if is_flag(value) else "true or false"
+    if is_number(default):
+        return None if is_number(value) else "a number"
+    if isinstance(default, tuple) and all(is_number(d) for d in default):
+        fits = isinstance(value, (list, tuple)) and len(value) == len(default)
+        if fits and all(is_number(v) for v in value):
+            return None
+        return f"a list of {len(default)} numbers"
+    return None
 
 
 def check_seed(seed) -> None:
