@@ -1,17 +1,20 @@
 import json
 
-from transformer.compare import main
+from transformer.compare import load_run, main
 
 
 def fake_run(path, bleu):
+    """A finished run whose every figure differs from the others (test BLEU ``bleu``,
+    best valid BLEU ``bleu - 3``, steps 10, best step 5, ...), so that a table column
+    showing the wrong one is told apart."""
     path.mkdir()
     metrics = {
         "model": "transformer.transformer_model.Transformer",
         "parameters": 1_000_000,
         "steps": 10,
         "best_step": 5,
-        "best_valid_bleu": bleu,
-        "train_seconds": 12.0,
+        "best_valid_bleu": bleu - 3,
+        "train_seconds": 754.0,
         "train_tokens_per_s": 1000,
         "device": "cpu",
         "test2016": {
@@ -25,7 +28,7 @@ def fake_run(path, bleu):
     (path / "metrics.json").write_text(json.dumps(metrics))
     (path / "valid_log.csv").write_text(
         "step,epoch,train_seconds,valid_loss,valid_nll,valid_ppl,valid_bleu\n"
-        f"5,0,6.0,3.0,2.9,18.2,{bleu}\n10,0,12.0,2.9,2.8,16.4,\n"
+        f"5,0,6.0,3.0,2.9,18.2,{bleu - 3}\n10,0,12.0,2.9,2.8,16.4,\n"
     )
     return path
 
@@ -34,9 +37,13 @@ def test_table_and_plot(tmp_path, capsys):
     a, b = fake_run(tmp_path / "a", 30.5), fake_run(tmp_path / "b", 28.25)
     assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "compare.md").read_text()
-    assert "| a | Transformer | 1.0 | 30.50 | 50.00 |" in md and "| b |" in md
+    # run, model, params, test BLEU, chrF, train s, tok/s, decode sent/s, best step and BLEU
+    assert "| a | Transformer | 1.0 | 30.50 | 50.00 | 754 | 1000 | 3.0 | 5 | 27.50 | cpu |" in md
+    assert "| b | Transformer | 1.0 | 28.25 | 50.00 | 754 | 1000 | 3.0 | 5 | 25.25 | cpu |" in md
     assert "BLEU signature: `sig`; chrF signature: `chrf-sig`" in md  # both columns' own
     assert (tmp_path / "out" / "valid_bleu.png").stat().st_size > 1000
+    # the plotted curve: (training seconds, greedy valid BLEU) of the rows that have one
+    assert load_run(a)["curve"] == [(6.0, 27.5)]
 
 
 def test_runs_with_other_test_splits_share_a_table(tmp_path, capsys):
@@ -47,8 +54,8 @@ def test_runs_with_other_test_splits_share_a_table(tmp_path, capsys):
     (b / "metrics.json").write_text(json.dumps(metrics))
     assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "compare.md").read_text()
-    assert "| a | Transformer | 1.0 | 30.50 | 50.00 | - | - |" in md
-    assert "| b | Transformer | 1.0 | - | - | 28.25 | 50.00 |" in md
+    assert "| a | Transformer | 1.0 | 30.50 | 50.00 | - | - | 754 | 1000 | 3.0 | 5 | 27.50 |" in md
+    assert "| b | Transformer | 1.0 | - | - | 28.25 | 50.00 | 754 | 1000 | 3.0 | 5 | 25.25 |" in md
 
 
 def test_without_out_it_writes_under_the_ignored_outputs_folder(tmp_path, monkeypatch, capsys):

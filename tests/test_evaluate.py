@@ -1,12 +1,18 @@
 """python -m transformer.evaluate: hypotheses on disk, scores recomputable from them."""
 
 import json
+from pathlib import Path
 
 import pytest
 import sacrebleu
+import torch
+from omegaconf import OmegaConf
 
 from transformer import checkpoint
 from transformer.evaluate import decode_setting, default_names, main
+from transformer.translator import load_for_inference, translate_lines
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, monkeypatch):
@@ -39,6 +45,19 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, m
         if r["seconds"] >= 0.05:  # seconds are rounded to 0.01
             assert r["sentences_per_s"] == pytest.approx(len(lines) / r["seconds"], rel=0.15)
     assert hyps["greedy"] == hyps["beam.beam_size=1"]
+    # each file is its own setting's: beam 3's equals translating the split directly with
+    # conf/decode/greedy.yaml at beam 3 (every file was greedy's when evaluate decoded all
+    # with the first setting, and the test still passed)
+    model, src_tok, tgt_tok, cfg = load_for_inference(tiny_ckpt, torch.device("cpu"))
+    beam3 = OmegaConf.merge(
+        OmegaConf.load(ROOT / "conf" / "decode" / "greedy.yaml"),
+        {"beam_size": 3, "length_penalty": 1.0},
+    )
+    sources = (corpus_root / "multi30k" / "valid.de").read_text("utf-8").splitlines()
+    direct = translate_lines(model, sources, src_tok, tgt_tok, beam3, torch.device("cpu"),
+                             cfg["data"]["max_len"])  # fmt: skip
+    assert hyps["beam.beam_size=3.length_penalty=1.0"].splitlines() == direct
+    assert direct != hyps["greedy"].splitlines()  # the two settings are told apart
     step = rows[0]["step"]
     assert step in (3, 6)  # best.pt of the 6-step run
     assert (

@@ -47,3 +47,17 @@ def test_bad_setting_names_the_key(compose, small_overrides, tmp_path):
     cfg = compose([*small_overrides, "trainer.cpu_malloc_reuse=sometimes"])
     with pytest.raises(TrainingError, match=r"trainer\.cpu_malloc_reuse must be true or false"):
         Trainer(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_the_trainer_applies_the_setting_on_the_cpu(
+    compose, small_overrides, tmp_path, monkeypatch, reuse
+):
+    """The trainer calls ``reuse_freed_memory`` on the CPU when the setting is on, and not
+    when it is off (a trainer that never called it passed the tests above)."""
+    from transformer import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "reuse_freed_memory", lambda: calls.append(1) or True)
+    Trainer(compose([*small_overrides, f"trainer.cpu_malloc_reuse={reuse}"]), tmp_path / "r")
+    assert calls == ([1] if reuse else [])

@@ -93,10 +93,18 @@ def test_sizes_and_dropouts_out_of_range_name_their_key(kwargs, message):
 
 
 def test_no_encoder_layer_attends_to_the_embeddings():
+    """With no encoder layer the memory is the source's scaled embeddings plus positions,
+    through the final norm, and the translation depends on the source."""
+    torch.manual_seed(0)
     model = Transformer(40, 40, PAD, d_model=16, n_heads=2, d_ff=32, n_enc_layers=0).eval()
     src = torch.tensor([[5, 6, 7]])
-    logits = model(src, src != PAD, torch.tensor([[1, 8]]))
+    enc = model.encode(src, src != PAD)
+    torch.testing.assert_close(enc.memory, model.enc_norm(model.positions(model.src_embed(src))))
+    tgt_in = torch.tensor([[1, 8]])
+    logits = model(src, src != PAD, tgt_in)
     assert logits.shape == (1, 2, 40) and torch.isfinite(logits).all()
+    other = torch.tensor([[9, 10, 11]])
+    assert not torch.allclose(model(other, other != PAD, tgt_in), logits)
 
 
 def test_layer_formulas_written_out():

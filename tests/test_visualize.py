@@ -148,6 +148,35 @@ def test_plot_files_per_layer_head_overview_and_rnn_alignment(tmp_path):
     assert sorted(p.name for p in rnn[0].iterdir()) == ["alignment.png", "sentence.txt"]
 
 
+def test_each_picture_draws_its_own_layer_and_head(tmp_path, monkeypatch):
+    """Every heatmap shows its layer's and head's weights, output tokens as rows and source
+    tokens as columns: the image each one draws, read back from matplotlib. (The other
+    tests check files and pixels; a transposed matrix or every head drawing head 0 passed.)"""
+    drawn, draw = [], visualize._draw
+
+    def spy(ax, weights, src_labels, tgt_labels, title, small=False):
+        im = draw(ax, weights, src_labels, tgt_labels, title, small)
+        drawn.append((title, im.get_array().data.copy(), list(src_labels), list(tgt_labels)))
+        return im
+
+    monkeypatch.setattr(visualize, "_draw", spy)
+    weights = torch.rand(2, 3, 2, 4, generator=torch.Generator().manual_seed(0))  # L h T S
+    src, tgt = ["a", "b", "c", "</s>"], ["x", "</s>"]
+    visualize.save_sentence(tmp_path, weights, src, tgt)
+    expected = {}
+    for layer in range(2):
+        for head in range(3):
+            expected[f"cross-attention, layer {layer}, head {head}"] = weights[layer, head]
+    overview = [w for layer in weights for w in layer]  # "head i" of layer 0, then layer 1
+    assert len(drawn) == 12 and [t for t, *_ in drawn].count("head 0") == 2
+    for title, image, src_labels, tgt_labels in drawn:
+        want = expected[title] if title in expected else overview.pop(0)
+        assert image.shape == (len(tgt_labels), len(src_labels)) == (2, 4)
+        torch.testing.assert_close(torch.from_numpy(image), want)
+        assert (src_labels, tgt_labels) == (src, tgt)
+    assert not overview
+
+
 @pytest.fixture()
 def cli_model(corpus_root, tmp_path, monkeypatch):
     """translate.py's checkpoint replaced by a small random Transformer; its tokenizer."""
