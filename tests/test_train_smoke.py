@@ -121,7 +121,8 @@ def test_bad_config_is_one_clear_line(small_overrides, tmp_path, override, messa
         # Hydra's messages were 11-12 lines ("Could not find 'model/nope'", its search path)
         ("model=nope", "error: model=nope: model has no option 'nope': name one of ['rnn', "),
         ("data=nope", "error: data=nope: data has no option 'nope': name one of ['iwslt2017', "),
-        ("run_dir={tmp}/a_file/run", "a_file/run is not writable"),
+        # run_dir= sets hydra.run.dir too (Hydra's files go with the run), checked first
+        ("run_dir={tmp}/a_file/run", "hydra.run.dir={tmp}/a_file/run: {tmp}/a_file is a file"),
         # Hydra makes it before the task runs: a NotADirectoryError traceback from inside it
         ("hydra.run.dir={tmp}/a_file/run", "hydra.run.dir={tmp}/a_file/run: {tmp}/a_file is a "),
         # Hydra's words named neither the argument nor its key
