@@ -137,6 +137,13 @@ def test_unknown_name_or_unwritable_run_dir_is_clear(small_overrides, tmp_path, 
     assert message.format(tmp=tmp_path) in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_run_dir_that_cannot_be_made_is_named(compose, small_overrides, tmp_path):
+    """A run_dir from the config (or a sweep's, which the command line's check skips)."""
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(TrainingError, match="a_file/run is not writable: Not a directory"):
+        train(compose([*small_overrides, f"run_dir={tmp_path}/a_file/run"]))
+
+
 @pytest.mark.parametrize(
     "damage,message",
     [
