@@ -78,8 +78,15 @@ def test_gpu_job_trains_chooses_on_valid_and_scores_every_run(corpus_root, tmp_p
         assert cells[6].endswith(f"beam 5, lp {m['final']['length_penalty']}")
         assert float(cells[8]) == pytest.approx(m["test2016"]["bleu"], abs=0.005)
     with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:
-        names = tar.getnames()
-    assert "runs/tf/metrics.json" in names and not any(n.endswith(".pt") for n in names)
+        names = set(tar.getnames())
+    assert not any(n.endswith(".pt") for n in names)
+    # what a result folder is made of, for each run (the archive is all a GPU session keeps)
+    for run in ("tf", "rnn"):
+        kept = ["metrics.json", "valid.hyp", "test2016.hyp", "train_log.csv", "valid_log.csv",
+                "train.log", ".hydra/config.yaml"]  # fmt: skip
+        wanted = {f"runs/{run}/{name}" for name in kept}
+        wanted |= {f"runs/{run}.log", f"runs/{run}.cmd", f"runs/evaluate-{run}/results.json"}
+        assert wanted <= names, sorted(wanted - names)
 
 
 def runs_table(cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -493,14 +493,17 @@ def test_training_stops_after_patience_evaluations_without_a_bleu_gain(
         "trainer.eval_every=2",
         "trainer.bleu_every=2",
     )
-    monkeypatch.setattr(trainer, "valid_bleu", lambda: 10.0)  # never better than the first
+    # BLEU at steps 2, 4, ...: a gain at 2, none at 4, a gain at 6 (which starts the count
+    # again: a run that kept counting stopped at 8), none at 8 and 10
+    scores = iter([10.0, 9.0, 11.0, 10.0, 9.0])
+    monkeypatch.setattr(trainer, "valid_bleu", lambda: next(scores))
     assert trainer.run() == {"stop_reason": "no valid BLEU gain in 2 evaluations"}
-    assert trainer.step == 6 and trainer.best_step == 2  # BLEU at 2 (a gain), 4 and 6
+    assert trainer.step == 10 and trainer.best_step == 6
     best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
-    assert best["progress"]["step"] == 2
+    assert best["progress"]["step"] == 6
     trainer.cfg.trainer.final.average_last = 0  # (no average to score)
     metrics = trainer.finish()
-    assert (metrics["steps"], metrics["best_step"], metrics["best_valid_bleu"]) == (6, 2, 10.0)
+    assert (metrics["steps"], metrics["best_step"], metrics["best_valid_bleu"]) == (10, 6, 11.0)
 
 
 def test_the_last_evaluation_scores_bleu_whatever_bleu_every(
@@ -561,6 +564,30 @@ def test_the_time_limit_stops_training_and_scores_the_last_weights(
     assert trainer.run() == {"stop_reason": "time limit"}
     ((step, bleu),) = read_csv(tmp_path / "run" / "valid_log.csv", "step", "valid_bleu")
     assert trainer.step == 1 and step == "1" and bleu != ""
+
+
+def test_the_time_limit_is_in_minutes_of_training(compose, small_overrides, tmp_path, monkeypatch):
+    """max_time_minutes=1 with every update taking 25 s more: 50 s after two updates trains
+    on, 75 s after three stops (a limit of 1e-9 minutes, the test above, stops after the
+    first update whatever the unit)."""
+    trainer = make_trainer(
+        compose,
+        small_overrides,
+        tmp_path,
+        "trainer.max_time_minutes=1",
+        "trainer.max_steps=100",
+        "trainer.eval_every=100",
+        "trainer.bleu_every=100",
+    )
+    step = trainer.train_step
+
+    def slow_step(micro_batches):
+        trainer.train_seconds += 25.0  # the update's own time is added after it
+        return step(micro_batches)
+
+    monkeypatch.setattr(trainer, "train_step", slow_step)
+    assert trainer.run() == {"stop_reason": "time limit"}
+    assert trainer.step == 3
 
 
 def test_pad_frac_averages_every_micro_batch_of_the_window(

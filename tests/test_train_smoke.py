@@ -40,6 +40,21 @@ def test_train_resume_and_translate(
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())
     assert "nrefs:1|case:mixed" in saved["test2016"]["bleu_signature"]
+    # the run's figures: epochs and speed from the training position, the tokens trained
+    # counted here from the batches (6 updates of one micro-batch each, epoch after epoch)
+    progress = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["progress"]
+    assert (saved["steps"], saved["epochs"]) == (progress["step"], progress["epoch"])
+    trainer = Trainer(compose(small_overrides + ["trainer.resume=false", f"run_dir={tmp_path}/x"]),
+                      tmp_path / "x")  # fmt: skip
+    plan = [i for e in range(progress["epoch"] + 1) for i in trainer.batcher.epoch_batches(e)]
+    assert len(plan) >= 6 and progress["epoch"] == 1  # epoch 0 holds 4 batches
+    plan = plan[:6]
+    tokens = sum(int((trainer.batcher.batch(i).tgt_out != trainer.pad_id).sum()) for i in plan)
+    assert progress["train_tokens"] == tokens
+    assert saved["train_seconds"] == round(progress["train_seconds"], 1) > 0
+    assert saved["train_tokens_per_s"] == round(tokens / progress["train_seconds"])
+    seconds = [float(s) for (s,) in read_csv(run / "valid_log.csv", "train_seconds")]
+    assert 0 < seconds[0] <= seconds[-1] <= saved["train_seconds"] and len(seconds) == 2
     n_test = len((run / "test2016.hyp").read_text("utf-8").splitlines())
     assert n_test == saved["test2016"]["sentences"]
     # valid_log.csv's greedy BLEU comes with the hypotheses it was computed from
@@ -612,13 +627,21 @@ def test_tokens_per_s_leaves_out_validation_time(compose, small_overrides, monke
 
     def logged(self, train_log, bar, window):
         seconds[self.step] = window.elapsed()  # the time tokens_per_s divides by
+        tokens[self.step] = window.tokens
         return log_window(self, train_log, bar, window)
 
+    tokens = {}
     monkeypatch.setattr(Trainer, "maybe_evaluate", slow_evaluation)
     monkeypatch.setattr(Trainer, "log_window", logged)
-    train(compose(small_overrides))
+    cfg = compose(small_overrides)
+    train(cfg)
     assert sorted(seconds) == [2, 4, 6]
     assert seconds[4] < 3.0, seconds  # steps 3-4, without the 3 s of validation after step 3
+    # the row divides the window's tokens by its seconds (read just before the row is made)
+    with open(Path(cfg.run_dir) / "train_log.csv") as f:
+        written = {int(r["step"]): int(r["tokens_per_s"]) for r in csv.DictReader(f)}
+    for step in (2, 4, 6):
+        assert written[step] == pytest.approx(tokens[step] / seconds[step], rel=0.05), step
 
 
 def test_the_trial_build_imports_the_models_module_off_the_meta_device(tmp_path, monkeypatch):
