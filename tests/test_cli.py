@@ -125,7 +125,8 @@ def test_an_unknown_option_or_setting_is_named_before_hydra_composes():
     # settings, other options' settings, additions (check_added_keys'), Hydra's, group paths
     fine = ["-m", "model=transformer,rnn", "data=wmt14", "trainer.max_steps=3",
             "model.hidden_size=8", "+trainer.optimizer.amsgrad=true", "++x=1", "~data.max_len",
-            "hydra.job.chdir=false", "trainer/model@trainer=rnn", "decode=greedy"]  # fmt: skip
+            "hydra.job.chdir=false", "trainer/model@trainer=rnn", "decode=greedy",
+            "model=glob(*)", "data=${oc.env:DATA}"]  # fmt: skip
     assert override_error(fine, conf, "train", train) is None
 
 

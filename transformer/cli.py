@@ -131,16 +131,20 @@ def override_error(
         group = conf / key if conf is not None and "@" not in key else None
         if group is not None and group.is_dir() and not override.is_delete():
             options = sorted(p.stem for p in group.glob("*.yaml"))
-            chosen = (
-                list(override.sweep_string_iterator())
-                if override.is_sweep_override()
-                else [override.value()]
-            )
+            try:
+                chosen = (
+                    list(override.sweep_string_iterator())
+                    if override.is_sweep_override()
+                    else [override.value()]
+                )
+            except HydraException:  # glob(...): Hydra expands it against the folder itself
+                continue
             for value in chosen:
                 if value is None:
                     return f"{arg}: {key} is a config group: name one of {options}"
-                if isinstance(value, str) and not (group / f"{value}.yaml").is_file():
-                    return f"{arg}: {key} has no option {value!r}: name one of {options}"
+                if isinstance(value, str) and "${" not in value:
+                    if not (group / f"{value}.yaml").is_file():
+                        return f"{arg}: {key} has no option {value!r}: name one of {options}"
             continue
         plain = not (override.is_add() or override.is_force_add())
         if known is None or not plain or "/" in key or key in groups or key in known:

@@ -45,6 +45,9 @@ def compile_dynamic(fn, mode: str = "default", **options):
     function this project compiles wants them so."""
     import torch.fx.experimental._config as shape_config
 
-    shape_config.use_duck_shape = False
-    torch._dynamo.config.specialize_float = True
+    # (private settings, and older torch releases may lack them: then its defaults stand)
+    if hasattr(shape_config, "use_duck_shape"):
+        shape_config.use_duck_shape = False
+    if hasattr(torch._dynamo.config, "specialize_float"):
+        torch._dynamo.config.specialize_float = True
     return torch.compile(fn, dynamic=True, mode=mode, **options)

@@ -265,11 +265,12 @@ def check_final(t) -> None:
 
 
 def check_optimizer(t) -> None:
-    """``trainer.optimizer`` built once, as the trainer builds it (fused where the class
-    offers it), for a stand-in parameter, and stepped once: a class that does not exist, a
-    value of the wrong type (``amsgrad=yes``, one beta) or one it refuses (a negative lr)
-    fails now, naming the setting, not once the data is read and the model built (a
-    wrongly typed flag failed only inside the first fused update, as a traceback)."""
+    """``trainer.optimizer``'s values checked against the types of its keywords' defaults,
+    then the optimizer built once for a stand-in parameter and stepped once: a class that
+    does not exist, a value of the wrong type (``amsgrad=yes``, one beta) or one it
+    refuses (a negative lr) fails now, naming the setting, not once the data is read and
+    the model built (a wrongly typed flag failed only inside the trainer's first fused
+    update, as a traceback; the stand-in is not fused, as a CPU may not offer it)."""
     target = t.optimizer.get("_target_")
     try:
         make = instantiate(t.optimizer)
@@ -283,7 +284,7 @@ def check_optimizer(t) -> None:
             raise TrainingError(f"trainer.optimizer.{key} must be {why}, got {value!r}")
     stand_in = torch.nn.Parameter(torch.zeros(1))
     try:
-        optimizer = make([stand_in], **({"fused": True} if "fused" in parameters else {}))
+        optimizer = make([stand_in])
         stand_in.grad = torch.zeros(1)
         optimizer.step()
     except (ValueError, TypeError, IndexError, RuntimeError) as e:
