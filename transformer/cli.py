@@ -79,16 +79,26 @@ def check_added_keys(overrides, conf_dir: Path, config_name: str, open_under=())
         if not override.startswith("+"):
             continue  # without a +: override_error, before Hydra composes the config
         key = override.split("=", 1)[0].lstrip("+")
-        if "/" in key or "@" in key or key in groups or key.split(".")[0] == "hydra":
+        if hydras_to_check(key, groups):
             continue
         if key in known or any(key == p or key.startswith(f"{p}.") for p in open_under):
             continue
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
         raise ValueError(
-            f"{override}: {key} is not a setting, so nothing would read it ({hint}--cfg job "
-            "prints every setting)"
+            f"{override}: {key} is not a setting, so nothing would read it "
+            f"({nearest(key, known)}--cfg job prints every setting)"
         )
+
+
+def hydras_to_check(key: str, groups: set[str]) -> bool:
+    """Whether Hydra itself checks the override of ``key``: a config group (by name, path
+    or package) or one of Hydra's own settings."""
+    return "/" in key or "@" in key or key in groups or key.split(".")[0] == "hydra"
+
+
+def nearest(key: str, known: set[str]) -> str:
+    """ "did you mean X? " for the setting nearest to ``key``, or nothing."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"did you mean {close[0]}? " if close else ""
 
 
 # Hydra's command-line flags that take the next argument as their value (--info's is optional)
@@ -128,7 +138,7 @@ def override_error(
                 "brackets: https://hydra.cc/docs/advanced/override_grammar/basic/)"
             )
         key = override.key_or_group
-        group = conf / key if conf is not None and "@" not in key else None
+        group = conf / key if conf is not None else None  # a package (@) is not in the key
         if group is not None and group.is_dir() and not override.is_delete():
             options = sorted(p.stem for p in group.glob("*.yaml"))
             try:
@@ -147,12 +157,9 @@ def override_error(
                         return f"{arg}: {key} has no option {value!r}: name one of {options}"
             continue
         plain = not (override.is_add() or override.is_force_add())
-        if known is None or not plain or "/" in key or key in groups or key in known:
+        if known is None or not plain or hydras_to_check(key, groups) or key in known:
             continue
-        if key.split(".")[0] == "hydra":
-            continue
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
+        hint = nearest(key, known)
         if not override.is_delete() and any(key.startswith(f"{p}.") for p in open_under):
             hint += f"+{arg} adds a keyword argument; "  # a model's or an optimizer's own
         return f"{arg}: {key} is not a setting ({hint}--cfg job prints every setting)"
@@ -164,21 +171,30 @@ def unwritable_run_dir(argv: list[str]) -> str | None:
     path, a folder without write permission), or None. Hydra creates it before the task runs,
     so its error was a traceback from inside Hydra; a value with an interpolation is left
     to Hydra."""
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
-    if not given or "${" in given[-1] or {"-m", "--multirun"} & set(argv):
+    given = single_run_value(argv, "hydra.run.dir")
+    if given is None:
         return None
-    folder = Path(given[-1]).absolute()
+    folder = Path(given).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        return f"hydra.run.dir={given[-1]}: {folder} is a file, not a folder"
+        return f"hydra.run.dir={given}: {folder} is a file, not a folder"
     if not os.access(folder, os.W_OK | os.X_OK):
-        return f"hydra.run.dir={given[-1]}: cannot create folders in {folder}"
+        return f"hydra.run.dir={given}: cannot create folders in {folder}"
     try:  # what Hydra does next; os.access lets root through where the file system will not
-        Path(given[-1]).mkdir(parents=True, exist_ok=True)
+        Path(given).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return f"hydra.run.dir={given[-1]}: cannot create it: {e.strerror}"
+        return f"hydra.run.dir={given}: cannot create it: {e.strerror}"
     return None
+
+
+def single_run_value(argv: list[str], key: str) -> str | None:
+    """The last ``key=`` value in ``argv``; None when not given, when it holds an
+    interpolation (Hydra's to resolve), or in a sweep (-m: each job's own)."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")]
+    if not given or "${" in given[-1] or {"-m", "--multirun"} & set(argv):
+        return None
+    return given[-1]
 
 
 def run_dir_is_hydras(argv: list[str]) -> list[str]:
@@ -186,12 +202,10 @@ def run_dir_is_hydras(argv: list[str]) -> list[str]:
     that Hydra's own files (train.log, .hydra/) go to the run folder too and not to a new
     folder under outputs/. Not for a sweep (-m: one run_dir for every job would be shared)
     or a value with an interpolation."""
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
-    if not given or "${" in given[-1] or {"-m", "--multirun"} & set(argv):
+    given = single_run_value(argv, "run_dir")
+    if given is None or any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
-    if any(a.startswith("hydra.run.dir=") for a in argv):
-        return argv
-    return [*argv, f"hydra.run.dir={given[-1]}"]
+    return [*argv, f"hydra.run.dir={given}"]
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:
