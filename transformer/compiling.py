@@ -13,9 +13,7 @@ graphs in its first steps: results/gpu/h100-compile/recompiles.log):
   float attributes (dropout rates, layer norm's eps, nn.Embedding's norm_type) as
   symbols, then finds it must fix their values and traces the whole model a second time
   before compiling it. ``compile_dynamic`` fixes them when first traced
-  (``specialize_float``); none changes during training. On this project's CPU the first
-  compile of a 1+2-layer model took 62.7 s before, 45.5 and 50.0 s after (inductor, its
-  caches off).
+  (``specialize_float``); none changes during training.
 - **The padded key mask.** In eager mode ``attention.key_bias`` lays out its rows 16
   elements apart for the memory-efficient SDPA kernel. Traced, that layout made the graph
   specialise on whether S is a multiple of 16 (contiguous or not). Under compilation
