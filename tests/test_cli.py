@@ -130,6 +130,31 @@ def test_an_unknown_option_or_setting_is_named_before_hydra_composes():
     assert override_error(fine, conf, "train", train) is None
 
 
+def test_a_setting_of_another_option_is_named_with_the_option_that_has_it():
+    """model.hidden_size=3 with the Transformer (a key only model=rnn has) got Hydra's
+    6-line block advising a + that then fails inside the model; a sweep composes the
+    default option first, so it fails there even when every swept option has the key."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    train = ("model", "decode", "trainer.optimizer", "data.hub_splits")  # train.py's OPEN_UNDER
+    assert override_error(["model.hidden_size=3"], conf, "train", train) == (
+        "model.hidden_size=3: model.hidden_size is a setting of model=rnn only, not of "
+        "model=transformer (--cfg job prints every setting)"
+    )
+    assert override_error(["model.d_model=8", "model=rnn"], conf, "train", train).startswith(
+        "model.d_model=8: model.d_model is a setting of model=transformer only, not of model=rnn"
+    )
+    swept = override_error(["-m", "model=rnn,rnn", "model.hidden_size=3"], conf, "train", train)
+    assert "not of model=transformer, which this sweep composes" in swept
+    # decode/sample.yaml takes greedy.yaml's keys in, and translate.py has a decode group too
+    assert override_error(["decode.top_p=0.5"], conf, "translate", ("decode",)) is None
+    assert override_error(["decode=greedy", "decode.beam_size=2"], conf, "train", train) is None
+    fine = [["model=rnn", "model.hidden_size=3"], ["-m", "model=rnn", "model.hidden_size=3"],
+            ["trainer.optimizer.lr=1e-3", "model=rnn"], ["model=glob(*)", "model.hidden_size=3"],
+            ["model=${oc.env:M}", "model.hidden_size=3"]]  # fmt: skip
+    for argv in fine:
+        assert override_error(argv, conf, "train", train) is None, argv
+
+
 def test_run_dir_takes_hydras_files_along():
     """run_dir=X put checkpoints and logs in X but train.log and .hydra/ in a new folder
     under outputs/: it now also sets hydra.run.dir, unless given or in a sweep."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import errno
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -38,33 +39,101 @@ EXPECTED = (
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def setting_keys(conf_dir: Path, config_name: str) -> tuple[set[str], set[str]]:
-    """(every setting's dotted key in the config ``config_name`` and in every option of the
-    groups its defaults list names, the group names). Read from the YAML files themselves,
-    not the composed config, so that a key only another option has (a data set's own
-    setting) counts as known."""
-    top = OmegaConf.load(conf_dir / f"{config_name}.yaml")
-    groups = set()
+def group_entries(conf_dir: Path, config_name: str) -> list[tuple[str, str, str]]:
+    """(group path, package, default option) of each config group that the defaults list of
+    the config ``config_name`` names: ``trainer/model@trainer: ${model}`` is
+    ``("trainer/model", "trainer", "${model}")``."""
+    entries = []
+    top = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{config_name}.yaml"))
     for entry in top.get("defaults", []):
-        if OmegaConf.is_dict(entry):
-            (name,) = entry.keys()
+        if isinstance(entry, dict):
+            ((name, option),) = entry.items()
             if not name.startswith("override "):
-                groups.add(name.split("/")[0].split("@")[0].removeprefix("optional "))
+                path, _, package = name.removeprefix("optional ").partition("@")
+                entries.append((path, package or path.replace("/", "."), str(option)))
+    return entries
+
+
+def yaml_keys(node: dict, prefix: str = "") -> set[str]:
+    """The dotted key of every setting in a loaded YAML config (not its defaults list)."""
     keys = set()
+    for key, value in node.items():
+        if key not in ("defaults", "hydra"):
+            keys.add(f"{prefix}{key}")
+            if isinstance(value, dict):
+                keys |= yaml_keys(value, f"{prefix}{key}.")
+    return keys
 
-    def add(prefix: str, node) -> None:
-        for key, value in node.items():
-            if key not in ("defaults", "hydra"):
-                keys.add(f"{prefix}{key}")
-                if isinstance(value, dict):
-                    add(f"{prefix}{key}.", value)
 
-    add("", OmegaConf.to_container(top))
-    for group in groups:
-        keys.add(group)
-        for path in sorted((conf_dir / group).rglob("*.yaml")):
-            add(f"{group}.", OmegaConf.to_container(OmegaConf.load(path)) or {})
-    return keys, groups
+def option_keys(group_dir: Path, option: str, seen: tuple = ()) -> set[str]:
+    """The settings of a config group's option, with those of the options of the same group
+    that its defaults list takes in (decode/beam.yaml builds on greedy.yaml)."""
+    node = OmegaConf.to_container(OmegaConf.load(group_dir / f"{option}.yaml")) or {}
+    keys = yaml_keys(node)
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str) and entry not in (*seen, option):
+            if (group_dir / f"{entry}.yaml").is_file():
+                keys |= option_keys(group_dir, entry, (*seen, option))
+    return keys
+
+
+def setting_keys(conf_dir: Path, config_name: str) -> tuple[dict[str, set[str]], set[str]]:
+    """({every setting's dotted key in the config ``config_name`` and in every option of the
+    groups its defaults list names: the options that have it, as ``group/path=option``, or
+    "" for the config itself}, the group names). Read from the YAML files themselves, not
+    the composed config, so that a key only another option has (a data set's own setting)
+    counts as known and can be named with the options that have it."""
+    known = {key: {""} for key in yaml_keys(OmegaConf.to_container(OmegaConf.load(
+        conf_dir / f"{config_name}.yaml")))}  # fmt: skip
+    groups = set()
+    for path, package, _ in group_entries(conf_dir, config_name):
+        groups.add(path.split("/")[0])
+        known.setdefault(package, set()).add("")
+        for file in sorted((conf_dir / path).glob("*.yaml")):
+            for key in option_keys(conf_dir / path, file.stem):
+                known.setdefault(f"{package}.{key}", set()).add(f"{path}={file.stem}")
+    return known, groups
+
+
+def chosen_options(argv: list[str], conf_dir: Path, config_name: str) -> dict | None:
+    """{group path: the options that a run with ``argv`` composes; for a sweep, the
+    default (which Hydra composes first, to set the sweep up) and each swept one}, or None
+    where that is not plain to see: an option chosen by glob, or through an interpolation
+    that names no group."""
+    chosen = {path: [option] for path, _, option in group_entries(conf_dir, config_name)}
+    parser = OverridesParser.create()
+    for arg in argv:
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # a flag or a flag's value; override_error names a bad override
+        path = override.key_or_group
+        if path in chosen and not override.is_delete():
+            if not override.is_sweep_override():
+                chosen[path] = [str(override.value())]
+                continue
+            try:  # a sweep (-m) first composes the default, then each option
+                swept = [str(v) for v in override.sweep_string_iterator()]
+            except HydraException:  # glob(...)
+                return None
+            chosen[path] = list(dict.fromkeys(chosen[path] + swept))
+    for path, options in chosen.items():  # trainer/model@trainer: ${model}
+        if len(options) == 1 and options[0].startswith("${") and options[0].endswith("}"):
+            chosen[path] = chosen.get(options[0][2:-1], options)
+    if any("${" in option for options in chosen.values() for option in options):
+        return None
+    return chosen
+
+
+def option_missing(owners: set[str], chosen: dict[str, list[str]]) -> str | None:
+    """A choice of options (``model=transformer``) that a run composes and none of the
+    ``owners`` of a setting is in, or None."""
+    paths = sorted({owner.split("=")[0] for owner in owners})
+    for choice in itertools.product(*(chosen.get(path, []) for path in paths)):
+        picked = [f"{path}={option}" for path, option in zip(paths, choice)]
+        if not owners.intersection(picked):
+            return " and ".join(picked)
+    return None
 
 
 def check_added_keys(overrides, conf_dir: Path, config_name: str, open_under=()) -> None:
@@ -104,6 +173,8 @@ def nearest(key: str, known: set[str]) -> str:
 # Hydra's command-line flags that take the next argument as their value (--info's is optional)
 VALUE_FLAGS = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn",
                "--config-name", "-cd", "--config-dir", "--experimental-rerun"}  # fmt: skip
+MULTIRUN = {"-m", "--multirun"}
+SWEEP_NOTE = ", which this sweep composes (Hydra composes the defaults first)"
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 
 
@@ -121,9 +192,12 @@ def override_error(
     - with ``config_name`` too: a key set or deleted without a ``+`` that is no setting
       (``trainer.max_step=20``), with the nearest setting's name. Keys added with a ``+``
       are ``check_added_keys``'s; for a key under ``open_under`` (a model's or an
-      optimizer's keyword arguments) the message also says that a ``+`` adds it."""
+      optimizer's keyword arguments) the message also says that a ``+`` adds it. A key that
+      only other options have (``model.hidden_size`` with ``model=transformer``) is named
+      with the options that have it."""
     parser, i = OverridesParser.create(), 0
     known, groups = setting_keys(conf, config_name) if conf and config_name else (None, set())
+    composed = chosen_options(argv, conf, config_name) if known is not None else None
     while i < len(argv):
         arg, i = argv[i], i + 1
         if arg.startswith("-"):  # a flag, and the value it takes
@@ -157,7 +231,18 @@ def override_error(
                         return f"{arg}: {key} has no option {value!r}: name one of {options}"
             continue
         plain = not (override.is_add() or override.is_force_add())
-        if known is None or not plain or hydras_to_check(key, groups) or key in known:
+        if known is None or not plain or hydras_to_check(key, groups):
+            continue
+        if key in known:
+            owners = known[key]
+            if "" in owners or composed is None:
+                continue
+            if missing := option_missing(owners, composed):
+                return (
+                    f"{arg}: {key} is a setting of {' and '.join(sorted(owners))} only, not "
+                    f"of {missing}{SWEEP_NOTE * bool(MULTIRUN.intersection(argv))} (--cfg "
+                    "job prints every setting)"
+                )
             continue
         hint = nearest(key, known)
         if not override.is_delete() and any(key.startswith(f"{p}.") for p in open_under):
