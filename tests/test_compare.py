@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from transformer.compare import load_run, main
 
 
@@ -86,7 +88,9 @@ def test_a_damaged_run_folder_is_a_clear_error(tmp_path, capsys):
     fake_run(fake, 1.0)
     (fake / "valid_log.csv").write_text("step,train_seconds,valid_bleu\n5,six,30\n")
     assert main([str(fake)]) == 1
-    assert "b/valid_log.csv line 2: no number" in capsys.readouterr().err
+    assert "b/valid_log.csv line 2: train_seconds must be a number, got 'six'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
@@ -94,3 +98,50 @@ def test_an_out_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main([str(run), "--out", str(tmp_path / "file" / "cmp")]) == 1
     assert capsys.readouterr().err == f"error: --out {tmp_path}/file/cmp: Not a directory\n"
+
+
+HEADER = "step,epoch,train_seconds,valid_loss,valid_nll,valid_ppl,valid_bleu\n"
+ROW = "5,0,6.0,3.0,2.9,18.2,27.5\n"
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        # the last row cut short: a partial line, or a whole one missing only its line end
+        (HEADER + ROW + "10,0,12", " line 3: 3 fields, the header names 7"),
+        (HEADER + ROW + "10,0,12.0,2.9,2.8,16.4,2", " line 3: cut short"),
+        # a header that lost a column: every value would be read under its neighbour's name
+        (HEADER.replace("epoch,", "") + ROW, " line 2: 7 fields, the header names 6"),
+        (HEADER.replace("valid_bleu", "valid_b") + ROW, " line 1: the header has no valid_bleu"),
+        ("", ": empty, not even the header"),
+        (HEADER + ROW.replace("27.5", "27.5x"), " line 2: valid_bleu must be a number"),
+        (HEADER + ROW.replace("6.0", "nan"), " line 2: train_seconds must be a number"),
+    ],
+    ids=["partial-row", "no-line-end", "header-lost-a-column", "no-bleu-column", "empty",
+         "bleu-not-a-number", "seconds-nan"],
+)  # fmt: skip
+def test_a_damaged_valid_log_is_one_line_naming_file_and_line(tmp_path, capsys, text, error):
+    """Most of these runs were left out of the plot, or plotted from the wrong columns, and
+    the command exited 0."""
+    run = fake_run(tmp_path / "a", 30.5)
+    (run / "valid_log.csv").write_text(text)
+    assert main([str(run), "--out", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr()
+    assert out.err.startswith(f"error: {run}/valid_log.csv{error}"), out.err
+    assert out.err.count("\n") == 1
+    assert out.out == "" and not (tmp_path / "out").exists()
+
+
+def test_a_run_that_never_validated_is_a_warning_not_a_silent_gap(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "a", 30.5), fake_run(tmp_path / "b", 28.25)
+    (b / "valid_log.csv").write_text(HEADER)  # the header the trainer writes first
+    assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr()
+    assert (
+        out.err
+        == f"warning: {b}/valid_log.csv: no validation BLEU logged, so no curve in the plot\n"
+    )
+    assert "| b | Transformer |" in out.out  # its table row stands
+    # the trainer's own lines end in \r\n; a checkout may have made them \n: both are whole
+    (a / "valid_log.csv").write_text((HEADER + ROW).replace("\n", "\r\n"))
+    assert load_run(a)["curve"] == [(6.0, 27.5)]

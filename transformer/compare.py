@@ -12,15 +12,11 @@ decoding sentences/s, best validation step) and writes it to ``OUT/compare.md`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
-
-class RunError(ValueError):
-    pass
-
+from .run_files import RunError, read_valid_curve
 
 # what the table reads of every run's metrics.json
 TABLE_KEYS = ("model", "parameters", "train_seconds", "train_tokens_per_s", "best_step",
@@ -43,18 +39,7 @@ def load_run(path: Path) -> dict:
     missing = [k for k in TABLE_KEYS if k not in metrics]
     if missing:
         raise RunError(f"{path / 'metrics.json'}: no {', '.join(missing)}")
-    curve = []
-    with open(path / "valid_log.csv") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                if row["valid_bleu"]:
-                    curve.append((float(row["train_seconds"]), float(row["valid_bleu"])))
-            except (KeyError, TypeError, ValueError) as e:
-                raise RunError(
-                    f"{path / 'valid_log.csv'} line {line}: no number in "
-                    f"train_seconds/valid_bleu ({e!r})"
-                ) from e
-    return {"path": path, "metrics": metrics, "curve": curve}
+    return {"path": path, "metrics": metrics, "curve": read_valid_curve(path)}
 
 
 def run_label(run: dict) -> str:
@@ -127,6 +112,13 @@ def main(argv=None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for run in runs:  # a run that never validated: its table row stands, its curve cannot
+        if not run["curve"]:
+            print(
+                f"warning: {run['path'] / 'valid_log.csv'}: no validation BLEU logged, "
+                "so no curve in the plot",
+                file=sys.stderr,
+            )
     md = table(runs)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
