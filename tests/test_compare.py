@@ -145,3 +145,26 @@ def test_a_run_that_never_validated_is_a_warning_not_a_silent_gap(tmp_path, caps
     # the trainer's own lines end in \r\n; a checkout may have made them \n: both are whole
     (a / "valid_log.csv").write_text((HEADER + ROW).replace("\n", "\r\n"))
     assert load_run(a)["curve"] == [(6.0, 27.5)]
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"train_seconds": "12"}, 'train_seconds must be a number, got "12"'),
+        ({"best_step": None}, "best_step must be an integer, got null"),
+        ({"parameters": True}, "parameters must be an integer, got true"),
+        ({"model": 5}, "model must be text, got 5"),
+        ({"device": ["cpu"]}, 'device must be text, got ["cpu"]'),
+        ({"test2016": {"bleu": "30.5", "chrf": 5.0}}, 'test2016.bleu must be a number, got "30.5"'),
+        ({"test2016": {"bleu": 30.5}}, "no test2016.chrf"),
+        ({"test2016": {"bleu": 30.5, "chrf": 5.0, "decode_sentences_per_s": None}},
+         "test2016.decode_sentences_per_s must be a number, got null"),
+    ],
+)  # fmt: skip
+def test_a_wrongly_typed_metric_is_one_line_naming_file_and_key(tmp_path, capsys, change, error):
+    """Each of these was a traceback (a format code for a str, None / 1e6, ...)."""
+    run = fake_run(tmp_path / "a", 30.5)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, **change}))
+    assert main([str(run), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: {run}/metrics.json: {error}\n"

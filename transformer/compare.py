@@ -12,33 +12,33 @@ decoding sentences/s, best validation step) and writes it to ``OUT/compare.md`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .run_files import RunError, read_valid_curve
+from .run_files import RunError, check, read_metrics, read_valid_curve
 
-# what the table reads of every run's metrics.json
-TABLE_KEYS = ("model", "parameters", "train_seconds", "train_tokens_per_s", "best_step",
-              "best_valid_bleu")  # fmt: skip
+# what the table reads of every run's metrics.json, and of each split's scores in it
+TABLE_KEYS = {"model": "text", "parameters": "integer", "train_seconds": "number",
+              "train_tokens_per_s": "number", "best_step": "integer",
+              "best_valid_bleu": "number"}  # fmt: skip
+SPLIT_KEYS = {"bleu": "number", "chrf": "number"}
+SPLIT_OPTIONAL = {"bleu_signature": "text", "chrf_signature": "text",
+                  "decode_sentences_per_s": "number"}  # fmt: skip
 
 
 def load_run(path: Path) -> dict:
-    """Metrics and validation curve of one run directory; RunError names what is missing."""
+    """Metrics and validation curve of one run directory; RunError names what is missing
+    or of the wrong kind (``run_files.py``)."""
     if not path.is_dir():
         raise RunError(f"{path}: not a directory")
     for name in ("metrics.json", "valid_log.csv"):
         if not (path / name).is_file():
             raise RunError(f"{path}: no {name} (is the run finished?)")
-    try:
-        metrics = json.loads((path / "metrics.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{path / 'metrics.json'}: not JSON ({e})") from e
-    if not isinstance(metrics, dict):
-        raise RunError(f"{path / 'metrics.json'}: not a metrics file (no object at the top)")
-    missing = [k for k in TABLE_KEYS if k not in metrics]
-    if missing:
-        raise RunError(f"{path / 'metrics.json'}: no {', '.join(missing)}")
+    metrics = read_metrics(path)
+    check(metrics, path / "metrics.json", TABLE_KEYS, {"device": "text"})
+    for key, value in metrics.items():  # a split's scores: an object with BLEU or chrF
+        if isinstance(value, dict) and ("bleu" in value or "chrf" in value):
+            check(value, path / "metrics.json", SPLIT_KEYS, SPLIT_OPTIONAL, prefix=f"{key}.")
     return {"path": path, "metrics": metrics, "curve": read_valid_curve(path)}
 
 

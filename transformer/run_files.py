@@ -10,12 +10,66 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
+
+from .values import is_integer, is_number
 
 
 class RunError(ValueError):
     pass
+
+
+# what a key of metrics.json may hold: (test, the words an error uses)
+KINDS = {
+    "number": (is_number, "a number"),
+    "integer": (is_integer, "an integer"),
+    "text": (lambda v: isinstance(v, str), "text"),
+    "text or null": (lambda v: v is None or isinstance(v, str), "text or null"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def read_metrics(run: Path) -> dict:
+    """The JSON object in ``run/metrics.json``; RunError when it is missing, unreadable, not
+    JSON or not an object."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        raise RunError(f"{run}: no metrics.json (is the run finished?)")
+    try:
+        metrics = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: not JSON ({e})") from e
+    except OSError as e:
+        raise RunError(f"{path}: {e.strerror or e}") from e
+    if not isinstance(metrics, dict):
+        raise RunError(f"{path}: not a metrics file (no object at the top)")
+    return metrics
+
+
+def shown(value) -> str:
+    """``value`` as JSON spells it (so "12" shows its quotes, None shows null), cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check(
+    tree: dict, path: Path, required: dict, optional: dict | None = None, prefix: str = ""
+) -> dict:
+    """``tree`` (``path``'s metrics, or the part of them under ``prefix``) holds every key
+    of ``required`` and a value of the kind (``KINDS``) each names, and so does each key of
+    ``optional`` it holds; RunError names the missing keys, or the key, the kind expected
+    and the value found. Returns ``tree``."""
+    missing = [prefix + key for key in required if key not in tree]
+    if missing:
+        raise RunError(f"{path}: no {', '.join(missing)}")
+    for key, kind in {**required, **(optional or {})}.items():
+        test, words = KINDS[kind]
+        if key in tree and not test(tree[key]):
+            raise RunError(f"{path}: {prefix}{key} must be {words}, got {shown(tree[key])}")
+    return tree
 
 
 # the columns of valid_log.csv a curve is drawn from (the trainer writes more)
