@@ -94,10 +94,10 @@ def runs_table(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True)
 
 
-def test_runs_table_names_folders_without_metrics_and_reads_older_runs(tmp_path):
-    # A run from before trainer.final.beam_sizes: its beam size is only under "decode".
-    old = tmp_path / "old"
-    old.mkdir()
+def table_run(path: Path, **changes) -> Path:
+    """A run folder with a metrics.json from before trainer.final.beam_sizes (its beam size
+    is only under "decode"), with ``changes`` to its top-level keys."""
+    path.mkdir()
     final = {
         "checkpoint": "checkpoints/avg_last5.pt",
         "length_penalty": 1.4,
@@ -109,7 +109,12 @@ def test_runs_table_names_folders_without_metrics_and_reads_older_runs(tmp_path)
         "best_valid_bleu": 40.94, "decode": {"beam_size": 7}, "final": final,
         "valid": scores, "test2016": {**scores, "bleu": 41.13},
     }  # fmt: skip
-    (old / "metrics.json").write_text(json.dumps(metrics))
+    (path / "metrics.json").write_text(json.dumps({**metrics, **changes}))
+    return path
+
+
+def test_runs_table_names_folders_without_metrics_and_reads_older_runs(tmp_path):
+    table_run(tmp_path / "old")
     done = runs_table(tmp_path, "--final", "old")
     assert done.returncode == 0, done.stderr
     cells = [c.strip() for c in done.stdout.splitlines()[2].strip("|").split("|")]
@@ -119,6 +124,69 @@ def test_runs_table_names_folders_without_metrics_and_reads_older_runs(tmp_path)
     done = runs_table(tmp_path, "old", "unfinished")
     assert done.returncode != 0 and "no metrics.json in: unfinished" in done.stderr
     assert done.stdout == ""
+
+
+def test_runs_table_help_is_help_and_a_bad_command_line_exits_2(tmp_path):
+    done = runs_table(tmp_path, "--help")  # was read as a run folder named --help
+    assert done.returncode == 0 and done.stdout.startswith("usage: runs_table.py")
+    assert "--final" in done.stdout and done.stderr == ""
+    for args in ([], ["--last", "run"]):
+        done = runs_table(tmp_path, *args)
+        assert done.returncode == 2 and "usage: runs_table.py" in done.stderr, args
+        assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "error, change",
+    [
+        ('train_seconds must be a number, got "12"', {"train_seconds": "12"}),
+        ("steps must be an integer, got null", {"steps": None}),
+        ("best_valid_bleu must be a number, got null", {"best_valid_bleu": None}),
+        ("steps must be an integer, got 4374.0", {"steps": 4374.0}),
+        ("no test2016.bleu_signature", {"test2016": {"bleu": 41.0, "chrf": 60.0}}),
+        ('test2016.bleu must be a number, got "41"',
+         {"test2016": {"bleu": "41", "chrf": 60.0, "bleu_signature": "s"}}),
+        ("valid must be an object, got [42.0]", {"valid": [42.0]}),
+        ("no final.length_penalty",
+         {"final": {"checkpoint": None, "candidates": [{"valid_bleu": 1.0}]}}),
+        ("final.checkpoint must be text or null, got 3",
+         {"final": {"checkpoint": 3, "length_penalty": 1.0, "candidates": [{}]}}),
+        ("final.candidates[0] must be an object, got 41.9",
+         {"final": {"checkpoint": None, "length_penalty": 1.0, "candidates": [41.9]}}),
+        ("no final.candidates[0].valid_bleu",
+         {"final": {"checkpoint": None, "length_penalty": 1.0, "candidates": [{}]}}),
+        ('decode.beam_size must be an integer, got "5"', {"decode": {"beam_size": "5"}}),
+        ("decode must be an object, got null", {"decode": None}),
+    ],
+)  # fmt: skip
+def test_runs_table_checks_every_run_before_printing_a_line(tmp_path, error, change):
+    """Each of these was a traceback after the rows before it had been printed."""
+    table_run(tmp_path / "good")
+    table_run(tmp_path / "bad", **change)
+    done = runs_table(tmp_path, "--final", "good", "bad")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"error: bad/metrics.json: {error}\n"
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_runs_table_names_a_metrics_file_that_is_no_json_object(tmp_path, text):
+    table_run(tmp_path / "bad")
+    (tmp_path / "bad" / "metrics.json").write_text(text)
+    done = runs_table(tmp_path, "bad")
+    assert done.returncode == 1 and done.stdout == "" and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("error: bad/metrics.json: not ")
+
+
+def test_runs_table_shows_a_run_without_valid_or_test2016_scores(tmp_path):
+    # data.test_splits=[] (or another test set): no test2016, and so no signature of its own
+    metrics = json.loads((table_run(tmp_path / "a") / "metrics.json").read_text())
+    bare = {k: v for k, v in metrics.items() if k not in ("valid", "test2016")}
+    (table_run(tmp_path / "b") / "metrics.json").write_text(json.dumps(bare))
+    done = runs_table(tmp_path, "a", "b")
+    assert done.returncode == 0, done.stderr
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()]
+    assert rows[2][5:] == ["42.46", "41.13", "60.00"] and rows[3][5:] == ["-", "-", "-"]
+    assert done.stdout.endswith("\nBLEU signature: `sig`\n")
 
 
 def load_bench(name: str):

@@ -72,6 +72,16 @@ def check(
     return tree
 
 
+def check_part(
+    metrics: dict, path: Path, key: str, required: dict, optional: dict | None = None
+) -> dict:
+    """``metrics[key]``, an object, checked as ``check`` does; {} when there is none."""
+    if key not in metrics:
+        return {}
+    check(metrics, path, {}, {key: "object"})
+    return check(metrics[key], path, required, optional, prefix=f"{key}.")
+
+
 # the columns of valid_log.csv a curve is drawn from (the trainer writes more)
 CURVE_COLUMNS = ("train_seconds", "valid_bleu")
 
