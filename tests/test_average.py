@@ -1,5 +1,8 @@
 """python -m transformer.average: the mean of the last N step checkpoints, usable by translate."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from conftest import train_tiny
@@ -70,6 +73,67 @@ def test_checkpoints_with_other_tokenizers_are_not_averaged(run, capsys):
     inputs = [str(run / "checkpoints" / name) for name in ("last.pt", "other.pt")]
     assert main([*inputs, "--out", str(run / "checkpoints" / "avg.pt")]) == 1
     assert "its tokenizer differs" in capsys.readouterr().err
+
+
+def test_the_average_carries_the_newest_inputs_progress(run):
+    """Whatever the order given, the step that evaluate and the final choice report is the
+    newest input's (it was the first file's), and every input is listed with its step."""
+    by_step = {
+        checkpoint.load(p)["progress"]["step"]: p
+        for p in checkpoint.step_checkpoints(run / "checkpoints")
+    }
+    avg = average([by_step[3], by_step[9], by_step[6]])
+    newest = checkpoint.load(by_step[9])
+    assert avg["progress"] == newest["progress"] and avg["config"] == newest["config"]
+    assert avg["averaged_from"] == [{"file": str(by_step[s]), "step": s} for s in (3, 9, 6)]
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("last.pt", "the trainer writes its own checkpoints as last.pt"),
+        ("best.pt", "the trainer writes its own checkpoints as best.pt"),
+        ("step_00000012.pt", "the trainer writes its own checkpoints as step_00000012.pt"),
+        ("step_00000006.pt", "the trainer writes its own checkpoints as step_00000006.pt"),
+        ("mine.pt", "--out {ckpts}/mine.pt is the input {ckpts}/step_00000003.pt"),  # a link
+        ("", "--out {ckpts} is a folder"),
+    ],
+)
+def test_out_replaces_no_input_and_no_file_of_the_trainer(run, capsys, out, message):
+    """An average has no optimizer state: over last.pt or a step file a resume would fail,
+    over an input (by any name: a hard link too) its weights would be lost."""
+    ckpts = run / "checkpoints"
+    (ckpts / "mine.pt").unlink(missing_ok=True)
+    os.link(ckpts / "step_00000003.pt", ckpts / "mine.pt")
+    target = ckpts / out
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpts.iterdir()}
+    inputs = [str(ckpts / "step_00000006.pt"), str(ckpts / "step_00000003.pt")]
+    assert main([*inputs, "--out", str(target)]) == 1
+    assert message.format(ckpts=ckpts) in capsys.readouterr().err
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpts.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (["step_00000003.pt", "step_00000003.pt"], "{0} and {1} are the same checkpoint file"),
+        (["last.pt", "step_00000009.pt"], "{0} and {1} are the same checkpoint file"),  # links
+        (["copy.pt", "step_00000009.pt"], "{0} and {1} are both step 9 of one run"),
+        (["step_00000003.pt", "avg_last3.pt"], "{1} is an average of 3 checkpoints"),
+    ],
+)
+def test_each_checkpoint_counts_once(run, capsys, inputs, message):
+    """A checkpoint given twice, by the same name, by a hard link (last.pt is the newest
+    step_N.pt) or as a copy, would weigh double; an average's inputs would weigh again."""
+    ckpts = run / "checkpoints"
+    assert os.path.samefile(ckpts / "last.pt", ckpts / "step_00000009.pt")
+    (ckpts / "twice.pt").unlink(missing_ok=True)
+    shutil.copy(ckpts / "step_00000009.pt", ckpts / "copy.pt")
+    checkpoint.save(ckpts / "avg_last3.pt", average(checkpoint.step_checkpoints(ckpts)))
+    paths = [str(ckpts / name) for name in inputs]
+    assert main([*paths, "--out", str(ckpts / "twice.pt")]) == 1
+    assert message.format(*paths) in capsys.readouterr().err
+    assert not (ckpts / "twice.pt").exists()
 
 
 @pytest.mark.parametrize(
