@@ -136,17 +136,24 @@ def test_each_checkpoint_counts_once(run, capsys, inputs, message):
     assert not (ckpts / "twice.pt").exists()
 
 
+def test_a_checkpoints_folder_points_to_its_run(run, capsys):
+    assert main([str(run / "checkpoints")]) == 1
+    err = capsys.readouterr().err
+    assert f"{run / 'checkpoints'} is a checkpoints/ folder; give its run folder {run}" in err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["{missing}"], "no such run directory or checkpoint file: {missing}"),
         (["{here}", "--last", "0"], "--last must be at least 1, got 0"),
+        (["{here}", "{up}", "--out", "{here}/a.pt"], "folders among several inputs: {here}, {up}"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, capsys, args, message):
     """A missing input is named (it was reported as a missing --out); --last below 1 was
-    'no checkpoints to average'."""
-    fill = {"missing": str(tmp_path / "nope"), "here": str(tmp_path)}
+    'no checkpoints to average'; several run folders were 'checkpoint not found'."""
+    fill = {"missing": str(tmp_path / "nope"), "here": str(tmp_path), "up": str(tmp_path.parent)}
     with pytest.raises(SystemExit):
         main([a.format(**fill) for a in args])
     assert message.format(**fill) in capsys.readouterr().err

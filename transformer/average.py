@@ -113,6 +113,10 @@ def newest_steps(run_dir: Path, n: int) -> list[Path]:
     """The ``n`` newest step checkpoints of a run, newest first; an error names what is there."""
     ckpt_dir = run_dir / "checkpoints"
     if not ckpt_dir.is_dir():
+        if checkpoint.step_checkpoints(run_dir) or (run_dir / "last.pt").is_file():
+            raise CheckpointError(
+                f"{run_dir} is a checkpoints/ folder; give its run folder {run_dir.parent}"
+            )
         raise CheckpointError(f"{run_dir} has no checkpoints/ folder")
     found = checkpoint.step_checkpoints(ckpt_dir)
     if len(found) < n:
@@ -149,9 +153,12 @@ def main(argv=None) -> int:
     missing = [str(x) for x in args.inputs if not x.exists()]
     if missing:
         p.error(f"no such run directory or checkpoint file: {', '.join(missing)}")
+    folders = [str(x) for x in args.inputs if x.is_dir()]
+    if folders and len(args.inputs) > 1:
+        p.error(f"folders among several inputs: {', '.join(folders)} (give one run folder)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if len(args.inputs) == 1 and args.inputs[0].is_dir():
+        if folders:
             run_dir = args.inputs[0]
             paths = newest_steps(run_dir, args.last)
             out = args.out or run_dir / "checkpoints" / f"avg_last{args.last}.pt"
