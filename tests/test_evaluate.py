@@ -24,7 +24,9 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, m
     specs = ["greedy", "beam:beam_size=1", "beam:beam_size=3,length_penalty=1.0"]
     argv = [str(tiny_ckpt), "--names", "tiny", "--split", "valid", "--out", str(out)]
     assert main([*argv, "--data-dir", str(corpus_root), "--decode", *specs]) == 0
-    assert reads == [tiny_ckpt]  # the checkpoint is read once, for its weights and its step
+    # read twice: checked before any decoding (a damaged later checkpoint fails before the
+    # earlier ones are decoded), then once for its weights and its step
+    assert reads == [tiny_ckpt, tiny_ckpt]
     rows = json.loads((out / "results.json").read_text())
     assert [r["decode"] for r in rows] == [
         "greedy",
@@ -104,6 +106,63 @@ def test_what_would_fail_after_decoding_fails_first(tiny_ckpt, tmp_path, capsys,
     gone = tmp_path / "gone.pt"
     assert main([str(tiny_ckpt), str(gone), "--names", "a", "b", "--out", str(out)]) == 1
     assert capsys.readouterr().err.startswith(f"error: checkpoint not found: {gone}")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{ckpt}", "{tmp}/cut.pt", "--names", "a", "b"], "{tmp}/cut.pt: unreadable or truncated"),
+    ],
+)
+def test_bad_paths_are_named_before_any_decoding(
+    tiny_ckpt, tmp_path, capsys, monkeypatch, args, message
+):
+    """A truncated later checkpoint failed after the earlier ones were decoded."""
+    from transformer import evaluate as module
+
+    monkeypatch.setattr(module, "translate_ids", lambda *a, **k: pytest.fail("decoded"))
+    (tmp_path / "cut.pt").write_bytes(tiny_ckpt.read_bytes()[:100_000])
+    (tmp_path / "file").write_text("")
+    fill = {"run": tiny_ckpt.parent.parent, "ckpt": tiny_ckpt, "tmp": tmp_path}
+    argv = [a.format(**fill) for a in args]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert main([*argv, "--split", "valid", "--decode", "greedy"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {message.format(**fill)}")
+    assert not list(tmp_path.rglob("*.hyp"))
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failure_midway_leaves_no_stale_results(
+    tiny_ckpt, corpus_root, tmp_path, capsys, monkeypatch, fail_at
+):
+    """results.json and README.md list exactly the hypotheses written so far: those of an
+    earlier evaluation into the same --out were left claiming the new files' scores."""
+    from transformer import evaluate as module
+
+    calls, translate_ids = [], module.translate_ids
+
+    def translate_or_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("out of memory")
+        return translate_ids(*args, **kwargs)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('[{"name": "a", "bleu": 99.0}]')
+    (out / "README.md").write_text("| a | 9 | greedy | 99.00 |")
+    monkeypatch.setattr(module, "translate_ids", translate_or_fail)
+    argv = [str(tiny_ckpt), str(tiny_ckpt), "--names", "a", "b", "--split", "valid"]
+    argv += ["--decode", "greedy", "--data-dir", str(corpus_root), "--out", str(out)]
+    assert main(argv) == 1
+    assert "out of memory" in capsys.readouterr().err
+    if fail_at == 1:
+        assert not (out / "results.json").exists() and not (out / "README.md").exists()
+    else:
+        (row,) = json.loads((out / "results.json").read_text())
+        assert row["name"] == "a" and (out / row["hypotheses"]).is_file()
+        assert "99.00" not in (out / "README.md").read_text()
 
 
 def test_data_dir_names_the_corpus_to_score(tiny_ckpt, corpus_root, tmp_path):

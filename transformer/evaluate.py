@@ -10,21 +10,29 @@ For each checkpoint and setting, the best translation of every line of ``--split
 chrF and lowercased BLEU with their sacreBLEU signatures, decoding time and the command.
 OUT defaults to ``outputs/evaluate`` (ignored by git; pass ``--out results/...`` to keep them).
 Use it on ``valid`` to pick a beam size or length penalty, then report ``test2016`` once.
+
+Whatever would fail after some decoding fails before any: every setting is composed and
+every checkpoint is read whole, its model and tokenizers built on the CPU and its split
+found. The results of an earlier evaluation into OUT are removed before decoding starts,
+and results.json and README.md are rewritten after each setting, so after a failure midway
+they list exactly the hypotheses written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint
 from .cli import EXPECTED, one_line
@@ -59,21 +67,39 @@ def decode_setting(spec: str):
     return tag, cfg.decode
 
 
-def evaluate(ckpt, name, split, settings, out: Path, device, data_dir=None) -> list[dict]:
-    """Decode ``split`` with each (tag, decode config) of ``settings`` (``decode_setting``);
-    write hypotheses; rows of scores."""
-    saved = checkpoint.load(ckpt)
-    model, src_tok, tgt_tok, cfg = from_checkpoint(saved, Path(ckpt), device)
-    step = saved.get("progress", {}).get("step")
+def corpus(cfg: dict, data_dir) -> DictConfig:
+    """The data config of ``cfg`` (a checkpoint's), with ``--data-dir`` for its folder."""
     data_cfg = OmegaConf.create(cfg["data"])
     if data_dir:
         data_cfg.data_dir = str(data_dir)
+    return data_cfg
+
+
+def check_checkpoint(ckpt: Path, split: str, data_dir) -> None:
+    """Fail now what would fail only once the checkpoints before ``ckpt`` were decoded: it is
+    a whole checkpoint whose model and tokenizers build (on the CPU, then dropped), and its
+    corpus has ``split``."""
+    saved = checkpoint.load(ckpt)
+    from_checkpoint(saved, ckpt, torch.device("cpu"))
+    data_cfg = corpus(saved["config"], data_dir)
+    from .data import load_split  # datasets is imported only here
+
+    load_split(data_cfg, split)
+
+
+def evaluate(ckpt, name, split, settings, out: Path, device, data_dir=None) -> Iterator[dict]:
+    """Decode ``split`` with each (tag, decode config) of ``settings`` (``decode_setting``);
+    write hypotheses; yield a row of scores after each."""
+    saved = checkpoint.load(ckpt)
+    model, src_tok, tgt_tok, cfg = from_checkpoint(saved, Path(ckpt), device)
+    step = saved.get("progress", {}).get("step")
+    del saved
+    data_cfg = corpus(cfg, data_dir)
     from .data import load_split  # datasets is imported only here
 
     ds = load_split(data_cfg, split)
     sources, scorer = list(ds["src"]), Scorer(list(ds["tgt"]))
     ids = encode_sources(sources, src_tok, data_cfg.max_len)
-    rows = []
     for tag, decode_cfg in settings:
         start = time.perf_counter()
         nbest = translate_ids(model, ids, tgt_tok, decode_cfg, device)
@@ -84,24 +110,32 @@ def evaluate(ckpt, name, split, settings, out: Path, device, data_dir=None) -> l
         hyp_path = out / name / f"{split}.{tag}.hyp"
         hyp_path.parent.mkdir(parents=True, exist_ok=True)
         hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        rows.append(
-            {
-                "name": name,
-                "checkpoint": str(ckpt),
-                "step": step,
-                "data": data_cfg.name,
-                "src_lang": data_cfg.src_lang,
-                "tgt_lang": data_cfg.tgt_lang,
-                "split": split,
-                "decode": tag,
-                "decode_config": OmegaConf.to_container(decode_cfg, resolve=True),
-                "hypotheses": str(hyp_path.relative_to(out)),  # beside results.json
-                "seconds": round(seconds, 2),
-                "sentences_per_s": round(len(hyps) / seconds, 1),
-                **scorer.score_all(hyps),
-            }
-        )
-    return rows
+        yield {
+            "name": name,
+            "checkpoint": str(ckpt),
+            "step": step,
+            "data": data_cfg.name,
+            "src_lang": data_cfg.src_lang,
+            "tgt_lang": data_cfg.tgt_lang,
+            "split": split,
+            "decode": tag,
+            "decode_config": OmegaConf.to_container(decode_cfg, resolve=True),
+            "hypotheses": str(hyp_path.relative_to(out)),  # beside results.json
+            "seconds": round(seconds, 2),
+            "sentences_per_s": round(len(hyps) / seconds, 1),
+            **scorer.score_all(hyps),
+        }
+
+
+def write_results(out: Path, rows: list[dict], command: str, device) -> None:
+    """``out``/results.json and README.md for ``rows``, each replaced atomically."""
+    for name, text in (
+        ("results.json", json.dumps(rows, indent=2) + "\n"),
+        ("README.md", markdown(rows, command, device)),
+    ):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
 
 
 def markdown(rows: list[dict], command: str, device) -> str:
@@ -158,26 +192,28 @@ def main(argv=None) -> int:
     names = args.names or default_names(args.ckpts)
     if len(names) != len(args.ckpts) or len(set(names)) != len(names):
         p.error("--names needs one distinct label per checkpoint")
+    command = shlex.join(["python", "-m", "transformer.evaluate", *(argv or sys.argv[1:])])
     rows = []
     try:
         device = pick_device(args.device)
-        # what would fail after some decoding (a later --decode, an unwritable --out) fails first
+        # what would fail after some decoding (a later --decode or checkpoint, an unwritable
+        # --out, a missing corpus) fails first
         settings = [decode_setting(spec) for spec in args.decode]
+        for ckpt in args.ckpts:
+            check_checkpoint(ckpt, args.split, args.data_dir)
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out {args.out}: {e.strerror or e}") from e
-        missing = [c for c in args.ckpts if not c.is_file()]
-        if missing:  # not after the checkpoints before it were decoded
-            raise ValueError(f"checkpoint not found: {missing[0]}")
+        for old in ("results.json", "README.md"):  # never beside new hypotheses
+            (args.out / old).unlink(missing_ok=True)
         for ckpt, name in zip(args.ckpts, names):
-            rows += evaluate(ckpt, name, args.split, settings, args.out, device, args.data_dir)
+            for row in evaluate(ckpt, name, args.split, settings, args.out, device, args.data_dir):
+                rows.append(row)
+                write_results(args.out, rows, command, device)  # a later failure keeps these
     except (*EXPECTED, HydraException) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
-    command = shlex.join(["python", "-m", "transformer.evaluate", *(argv or sys.argv[1:])])
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "README.md").write_text(markdown(rows, command, device))
     print((args.out / "README.md").read_text())
     return 0
 
