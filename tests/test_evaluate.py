@@ -74,9 +74,12 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, m
         ("nope", "no conf/decode/nope.yaml"),
         ("beam:beam_size", "'beam_size' is not KEY=VALUE"),
         ("beam:beamsize=3", r"no key 'beamsize' \(keys: beam_size, length_penalty, "),
+        ("beam:length_penalty=[1", r"^--decode beam:length_penalty=\[1: no viable alternative"),
+        ("beam:beam_size=0", r"^--decode beam:beam_size=0: decode.beam_size must be an integer"),
     ],
 )
 def test_bad_decode_setting_is_named(spec, message):
+    """Hydra's parser error named neither --decode nor the setting."""
     with pytest.raises(ValueError, match=message):
         decode_setting(spec)
 
@@ -111,13 +114,19 @@ def test_what_would_fail_after_decoding_fails_first(tiny_ckpt, tmp_path, capsys,
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["{run}"], "{run} is a folder, not a checkpoint file (did you mean {ckpt}?)"),
         (["{ckpt}", "{tmp}/cut.pt", "--names", "a", "b"], "{tmp}/cut.pt: unreadable or truncated"),
+        (["{ckpt}", "--data-dir", "{tmp}/nope"], "--data-dir {tmp}/nope: no such folder"),
+        (["{ckpt}", "--data-dir", "{tmp}"], "--data-dir {tmp} has no multi30k/ folder"),
+        (["{ckpt}", "--out", "{tmp}/file"], "--out {tmp}/file names a file, not a folder"),
     ],
 )
 def test_bad_paths_are_named_before_any_decoding(
     tiny_ckpt, tmp_path, capsys, monkeypatch, args, message
 ):
-    """A truncated later checkpoint failed after the earlier ones were decoded."""
+    """A run folder given as the checkpoint was 'checkpoint not found'; a truncated later
+    checkpoint failed after the earlier ones were decoded; a missing --data-dir said to set
+    MT_DATA_DIR; an --out naming a file said only 'File exists'."""
     from transformer import evaluate as module
 
     monkeypatch.setattr(module, "translate_ids", lambda *a, **k: pytest.fail("decoded"))

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint
 from .cli import EXPECTED, one_line
@@ -61,8 +62,11 @@ def decode_setting(spec: str):
         unknown = [k for k in (p.split("=", 1)[0] for p in pairs) if k not in keys]
         if unknown:
             raise ValueError(f"--decode {spec}: no key {unknown[0]!r} (keys: {', '.join(keys)})")
-        cfg = compose("translate", overrides=overrides + [f"decode.{p}" for p in pairs])
-    decode_options(cfg.decode)  # a bad value (beam_size=0) fails here, before any decoding
+        try:  # Hydra's parser names neither the option nor the spec ("no viable alternative")
+            cfg = compose("translate", overrides=overrides + [f"decode.{p}" for p in pairs])
+            decode_options(cfg.decode)  # a bad value (beam_size=0) fails here, before decoding
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            raise ValueError(f"--decode {spec}: {one_line(e)}") from e
     tag = ".".join([name, *pairs])
     return tag, cfg.decode
 
@@ -79,9 +83,17 @@ def check_checkpoint(ckpt: Path, split: str, data_dir) -> None:
     """Fail now what would fail only once the checkpoints before ``ckpt`` were decoded: it is
     a whole checkpoint whose model and tokenizers build (on the CPU, then dropped), and its
     corpus has ``split``."""
+    if ckpt.is_dir():
+        best = [b for b in (ckpt / "checkpoints" / "best.pt", ckpt / "best.pt") if b.is_file()]
+        hint = f" (did you mean {best[0]}?)" if best else ""
+        raise ValueError(f"{ckpt} is a folder, not a checkpoint file{hint}")
     saved = checkpoint.load(ckpt)
     from_checkpoint(saved, ckpt, torch.device("cpu"))
     data_cfg = corpus(saved["config"], data_dir)
+    if data_dir and not (Path(data_dir) / data_cfg.name).is_dir():
+        raise ValueError(
+            f"--data-dir {data_dir} has no {data_cfg.name}/ folder, the corpus of {ckpt}"
+        )
     from .data import load_split  # datasets is imported only here
 
     load_split(data_cfg, split)
@@ -199,6 +211,10 @@ def main(argv=None) -> int:
         # what would fail after some decoding (a later --decode or checkpoint, an unwritable
         # --out, a missing corpus) fails first
         settings = [decode_setting(spec) for spec in args.decode]
+        if args.data_dir and not Path(args.data_dir).is_dir():
+            raise ValueError(f"--data-dir {args.data_dir}: no such folder")
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} names a file, not a folder")
         for ckpt in args.ckpts:
             check_checkpoint(ckpt, args.split, args.data_dir)
         try:
