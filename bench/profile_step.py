@@ -31,13 +31,14 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments  # noqa: E402
 from train_speed import (  # noqa: E402
     CONFIGS,
     add_malloc_option,
     apply_malloc,
     build_model,
     flops_by_part,
-    load_batches,
+    load_checked,
     make_step,
     save,
 )
@@ -103,23 +104,44 @@ def top_table(events, device: str, n: int, top: int, width: int, what: str) -> l
     return table(rows, [what, "calls/step", unit])
 
 
+MODELS = ("ours", "marian", "ours/bf16-weights")  # and ours/rows-W
+ROWS = "ours/rows-"
+
+
+def model_names(text: str) -> list[str]:
+    """``--models``: comma-separated, each of ``MODELS`` or ours/rows-W (W >= 1). Another
+    name was profiled as Marian (or, ours/bf16-weight, as plain ours) under that name."""
+    chosen = arguments.items(text)
+    for name in chosen:
+        width = name.removeprefix(ROWS)
+        if name in MODELS or (width != name and width.isascii() and width.isdigit()
+                              and int(width) >= 1):  # fmt: skip
+            continue
+        raise arguments.Invalid(
+            f"unknown model {name!r}; use {', '.join(MODELS)} or {ROWS}W (W a width >= 1)"
+        )
+    return chosen
+
+
 def table(rows, header):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return out
 
 
-def main() -> None:
+def make_parser() -> argparse.ArgumentParser:
+    """The options; each value is checked as it is parsed (bench/arguments.py)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="transformer-base", choices=list(CONFIGS))
-    ap.add_argument("--max-tokens", type=int, default=25000)
+    ap.add_argument("--max-tokens", type=arguments.count(1), default=25000)
     ap.add_argument(
         "--models",
+        type=model_names,
         default="ours,marian",
         help="of ours, marian, ours/bf16-weights, ours/rows-W (the batches in packed rows of "
         "W slots: trainer.packed_rows=W)",
     )
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=arguments.count(1), default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each")
     ap.add_argument(
         "--compile-mode",
@@ -128,15 +150,27 @@ def main() -> None:
         help="torch.compile's mode with --compile (trainer.compile_mode)",
     )
     ap.add_argument(
-        "--sdpa", default="", help="only these SDPA kernels, e.g. efficient or cudnn+math"
+        "--sdpa",
+        type=arguments.sdpa_setting,
+        default="",
+        help="only these SDPA kernels, e.g. efficient or cudnn+math (of "
+        "flash, efficient, cudnn, math)",
     )
     ap.add_argument("--fused-loss", choices=["auto", "true", "false"], default="auto")
-    ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--top", type=arguments.count(1), default=12)
+    ap.add_argument(
+        "--device", type=arguments.device, default="auto", help="auto, cpu, cuda or cuda:N"
+    )
     add_malloc_option(ap)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    device = torch.device(args.device)
+    ap.add_argument("--out", type=arguments.out_file, help="the report's file (not a folder)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = make_parser()
+    args = ap.parse_args(argv)
+    device = args.device
+    host_batches, tok = load_checked(ap, args.max_tokens, 4 + args.steps)
     cuda = device.type == "cuda"
     precision = "bf16" if cuda else "fp32"
     sync = torch.cuda.synchronize if cuda else lambda: None
@@ -150,8 +184,8 @@ def main() -> None:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
     mcfg = CONFIGS[args.config]
+    given = sys.argv[1:] if argv is None else argv
     sdpa = use_sdpa_backends(args.sdpa.split("+") if args.sdpa else None)
-    host_batches, tok = load_batches(args.max_tokens, 4 + args.steps)
     padded = [b.to(device) for b in host_batches]
     V, pad = len(tok), tok.pad_id
     lines = [
@@ -162,10 +196,10 @@ def main() -> None:
         f"{args.compile and args.compile_mode}; "
         f"SDPA kernels allowed: {', '.join(sdpa)}"
         + ("" if cuda else f"; glibc malloc keeps freed memory for reuse: {reuse}"),
-        f"- command: `python bench/profile_step.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/profile_step.py {' '.join(given)}`",
         "",
     ]
-    for mname in args.models.split(","):
+    for mname in args.models:
         try:
             torch.manual_seed(0)
             base = mname.split("/")[0]
@@ -176,8 +210,8 @@ def main() -> None:
             prec = "bf16-weights" if mname == "ours/bf16-weights" else precision
             step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
             batches = padded
-            if mname.startswith("ours/rows-"):  # FLOPs below: of the padded batches, as for all
-                width = int(mname.removeprefix("ours/rows-"))
+            if mname.startswith(ROWS):  # FLOPs below: of the padded batches, as for all
+                width = int(mname.removeprefix(ROWS))
                 batches = [pack_batch(b, pad, width).to(device) for b in host_batches]
             for b in batches:  # warm-up, every shape once (compilation included)
                 step(b)

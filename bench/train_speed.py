@@ -27,11 +27,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import arguments  # noqa: E402
 
 from transformer import dropout  # noqa: E402
+from transformer.attention import KINDS as ATTENTION_KINDS  # noqa: E402
 from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.compiling import compile_dynamic  # noqa: E402
-from transformer.data import TokenBatcher  # noqa: E402
+from transformer.data import DataError, TokenBatcher  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
 from transformer.packing import pack_batch  # noqa: E402
@@ -120,11 +124,14 @@ class MarianAdapter(torch.nn.Module):
 def build_model(
     name: str, cfg: dict, vocab: int, pad: int, bos: int, eos: int, dropout: dict = DROPOUT
 ):
-    """Our Transformer ("ours") or HF Marian (any other name) of the layout ``cfg`` with the
-    benchmarks' dropout (or ``dropout``) and random weights, behind our forward signature."""
+    """Our Transformer ("ours") or HF Marian ("marian") of the layout ``cfg`` with the
+    benchmarks' dropout (or ``dropout``) and random weights, behind our forward signature.
+    Another name is an error: it built Marian, timed under the name it was given."""
     if name == "ours":
         return Transformer(vocab, vocab, pad, **cfg, **dropout)
-    return MarianAdapter(marian(cfg, vocab, pad, bos, eos, dropout))
+    if name == "marian":
+        return MarianAdapter(marian(cfg, vocab, pad, bos, eos, dropout))
+    raise ValueError(f"unknown model {name!r}: ours or marian")
 
 
 def flops_by_part(cfg: dict, B: int, S: int, T: int, vocab: int) -> dict[str, float]:
@@ -309,14 +316,36 @@ class Timing:
         }
 
 
-def main() -> None:
+def load_checked(ap: argparse.ArgumentParser, max_tokens: int, n: int):
+    """``load_batches``, with a token budget below the longest training example as ``ap``'s
+    usage error (before any timing), not a traceback."""
+    try:
+        return load_batches(max_tokens, n)
+    except DataError as e:
+        ap.error(f"--max-tokens {max_tokens}: {e}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The options; each value is checked as it is parsed (bench/arguments.py)."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--max-tokens", default="4096,8192,25000")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument(
+        "--device", type=arguments.device, default="auto", help="auto, cpu, cuda or cuda:N"
+    )
+    ap.add_argument(
+        "--configs",
+        type=arguments.names(CONFIGS),
+        default=",".join(CONFIGS),
+        help=f"comma-separated, of {', '.join(CONFIGS)}",
+    )
+    ap.add_argument("--max-tokens", type=arguments.counts(1), default="4096,8192,25000")
+    ap.add_argument("--steps", type=arguments.count(1), default=30)
+    ap.add_argument("--warmup", type=arguments.count(0), default=5)
+    ap.add_argument(
+        "--precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="on a GPU: bf16 autocast or fp32 (the CPU runs fp32)",
+    )
     ap.add_argument("--rnn", action="store_true", help="also time the Bahdanau RNN")
     ap.add_argument(
         "--compile", action="store_true", help="also time both through torch.compile(dynamic=True)"
@@ -335,6 +364,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--kinds",
+        type=arguments.names(ATTENTION_KINDS, empty=True),
         default="",
         help="also time ours with these model.attention.kind values (comma-separated)",
     )
@@ -358,6 +388,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--packed-rows",
+        type=arguments.counts(1, empty=True),
         default="",
         help="also time ours on the same batches laid out several pairs to a row of W slots "
         "(comma-separated widths; transformer/packing.py): eager with torch's SDPA kernels, "
@@ -365,6 +396,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--sdpa",
+        type=arguments.sdpa_settings,
         default="",
         help="also time ours and Marian with only these SDPA kernels allowed (comma-separated "
         "settings, each one or more of flash, efficient, cudnn, math joined by +; "
@@ -372,36 +404,47 @@ def main() -> None:
     )
     ap.add_argument(
         "--rounds",
-        type=int,
+        type=arguments.count(1),
         default=1,
         help="CPU: time the models of a batch size in this many alternating rounds of "
         "steps/rounds steps each (all models stay built), so that load drift hits all alike",
     )
     add_malloc_option(ap)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    if args.rounds < 1 or (args.rounds > 1 and args.device != "cpu"):
+    ap.add_argument("--out", type=arguments.out_file, help="the table's file (not a folder)")
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``ap``'s options, and those that go together checked (not yet against the data)."""
+    args = ap.parse_args(argv)
+    if args.rounds > 1 and args.device.type != "cpu":
         ap.error("--rounds must be 1, or more on the CPU (on a GPU peak memory is per model)")
-    device = torch.device(args.device)
+    if args.rounds > args.steps:  # a round of no steps: a ratio divided by 0 after timing
+        ap.error(f"--rounds {args.rounds} is more than --steps {args.steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = make_parser()
+    args = parse_args(ap, argv)
+    device = args.device
     precision = args.precision if device.type == "cuda" else "fp32"
     fused = args.fused_loss == "true" or (args.fused_loss == "auto" and device.type == "cpu")
-    sdpa_settings = [x for x in args.sdpa.split(",") if x]
-    packed_widths = [int(w) for w in args.packed_rows.split(",") if w]
-    for sdpa in sdpa_settings:
-        use_sdpa_backends(sdpa.split("+"))  # an unknown name fails here, before any timing
-    use_sdpa_backends(None)
+    sdpa_settings, packed_widths = args.sdpa, args.packed_rows
+    for max_tokens in args.max_tokens:  # each budget against the data, before any timing
+        _, tok = load_checked(ap, max_tokens, 0)
     reuse = apply_malloc(args.malloc, device)
 
-    _, tok = load_batches(1024, 0)
     V, pad = len(tok), tok.pad_id
     name = machine(device)
     peak = peak_flops(name, precision)
+    given = sys.argv[1:] if argv is None else argv
     lines = [
         f"# Training throughput: ours vs HF Marian ({name})",
         "",
         f"- device: {name}; torch {torch.__version__}; precision {precision}; "
         f"{os.cpu_count()} CPU threads",
-        f"- command: `python bench/train_speed.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/train_speed.py {' '.join(given)}`",
         "- batches: real Multi30k de->en training batches, length-bucketed; "
         f"{args.steps} timed steps each, after {args.warmup} warm-up steps plus one untimed "
         "pass over the timed batches (first use of a shape is kernel start-up cost); "
@@ -463,9 +506,9 @@ def main() -> None:
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     table_at = len(lines) - 3  # notes about a config's batches go before the table
-    for cname in args.configs.split(","):
+    for cname in args.configs:
         mcfg = CONFIGS[cname]
-        for max_tokens in map(int, args.max_tokens.split(",")):
+        for max_tokens in args.max_tokens:
             batches, _ = load_batches(max_tokens, args.warmup + args.steps)
             if len(batches) < args.warmup + args.steps:  # an epoch of fewer, larger batches
                 timed = max(0, len(batches) - args.warmup)
@@ -521,7 +564,7 @@ def main() -> None:
                 models["ours/bf16-weights"] = (ours, bf16w)
             if args.rnn and cname == "multi30k-default":
                 models["rnn"] = (lambda: BahdanauRNN(V, V, pad), {})
-            for kind in filter(None, args.kinds.split(",")):
+            for kind in args.kinds:
                 if kind != "scaled_dot":
                     models[f"ours/{kind}"] = (
                         lambda k=kind, c=mcfg: Transformer(
