@@ -25,6 +25,11 @@ from transformer.settings import TrainingError, pick_device  # noqa: E402
 Invalid = argparse.ArgumentTypeError
 
 
+def given(argv: list[str] | None) -> str:
+    """The options as given (``main(argv)``, else the command line), for a table's header."""
+    return " ".join(sys.argv[1:] if argv is None else argv)
+
+
 def count(least: int) -> Callable[[str], int]:
     """An integer of at least ``least``."""
 
@@ -35,6 +40,22 @@ def count(least: int) -> Callable[[str], int]:
             raise Invalid(f"not an integer: {text!r}") from None
         if value < least:
             raise Invalid(f"must be an integer >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+def number(above: float, at_most: float | None = None) -> Callable[[str], float]:
+    """A number greater than ``above`` (and at most ``at_most``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise Invalid(f"not a number: {text!r}") from None
+        if not (value > above and (at_most is None or value <= at_most)):  # NaN fails too
+            upper = "" if at_most is None else f" and <= {at_most:g}"
+            raise Invalid(f"must be a number > {above:g}{upper}, got {text}")
         return value
 
     return parse
@@ -110,26 +131,41 @@ def device(text: str) -> torch.device:
     except TrainingError as e:
         raise Invalid(str(e)) from None
     if chosen.type not in ("cpu", "cuda"):
-        raise Invalid(f"{text!r}: the benchmarks run on cpu or cuda")
+        raise Invalid(f"device={text}: the benchmarks run on cpu or cuda")
     if chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        raise Invalid(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise Invalid(f"device={text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return chosen
 
 
-def out_file(text: str) -> Path:
-    """A file the table can be written to (its missing folders are made when it is): not a
-    folder, and below the nearest folder that exists, one this process can write in."""
-    path = Path(text)
-    if path.is_dir():
-        raise Invalid(f"{text} is a folder; name the file to write the table to")
+def writable_below(path: Path, text: str) -> None:
+    """The nearest folder above ``path`` that exists is a folder this process can write in
+    (``path``'s missing folders are made when it is written), and ``path``, if it is there,
+    can be written."""
     there = next(p for p in path.absolute().parents if p.exists())
     if not there.is_dir():
         raise Invalid(f"{text}: {there} is a file, not a folder")
     try:  # a probe, as the process's rights (root's too) and read-only mounts decide
-        if path.exists():
+        if path.exists() and not path.is_dir():
             open(path, "a").close()  # appends nothing: the file is left as it was
         else:
-            tempfile.TemporaryFile(dir=there).close()
+            tempfile.TemporaryFile(dir=path if path.is_dir() else there).close()
     except OSError as e:
         raise Invalid(f"cannot write {text}: {e.strerror}") from None
-    return path
+
+
+def out_path(folder: bool) -> Callable[[str], Path]:
+    """Where a file (or, where ``folder``, a folder) of results can be written: not the
+    other kind of thing, and writable (``writable_below``)."""
+    want, other = ("folder", "file") if folder else ("file", "folder")
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if path.exists() and path.is_dir() != folder:
+            raise Invalid(f"{text} is a {other}; name the {want} to write the results to")
+        writable_below(path, text)
+        return path
+
+    return parse
+
+
+out_file, out_folder = out_path(folder=False), out_path(folder=True)

@@ -38,6 +38,9 @@ from matplotlib.ticker import NullLocator
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from arguments import count, device, number, out_folder  # noqa: E402
 
 from transformer import attention as A  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
@@ -454,14 +457,16 @@ def length_section(length, cross, time_title: str, time_fmt: str) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="results/attention")
+    p.add_argument("--out", type=out_folder, default="results/attention")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--budget-s", type=float, default=20.0, help="stop a kind's n sweep")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="cpu", help="cuda: only claim (3), in bf16, on the GPU")
+    p.add_argument("--repeats", type=count(1), default=9)
+    p.add_argument("--budget-s", type=number(0), default=20.0, help="stop a kind's n sweep")
+    p.add_argument("--threads", type=count(0), default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--device", type=device, default="cpu", help="cuda: only claim (3), in bf16, on the GPU"
+    )
     args = p.parse_args(argv)
-    if args.device != "cpu":
+    if args.device.type != "cpu":
         return main_gpu(args, sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -506,7 +511,7 @@ def main_gpu(args, args_given) -> None:
     """Claim (3) on a GPU: the same kinds and lengths, bf16, CUDA-synchronised times, peak
     memory from the CUDA caching allocator."""
     global DEVICE, DTYPE
-    DEVICE, DTYPE = torch.device(args.device), torch.bfloat16
+    DEVICE, DTYPE = args.device, torch.bfloat16
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lengths = [128 * 2**i for i in range(7)] if not args.quick else [128, 256, 512]

@@ -59,7 +59,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import CONFIGS, load_batches, machine, save  # noqa: E402
+import arguments  # noqa: E402
+from train_speed import CONFIGS, load_checked, machine, save  # noqa: E402
 
 from transformer.attention import key_bias, padding_mask  # noqa: E402
 from transformer.packing import pack_lengths, segment_bias  # noqa: E402
@@ -95,6 +96,20 @@ def rows_method(method: str) -> tuple[int, str] | None:
     if len(parts) == 3 and parts[0] == "rows" and parts[1].isdigit() and parts[2] in SDPA:
         return int(parts[1]), parts[2]
     return None
+
+
+def method_names(text: str) -> list[str]:
+    """``--methods``: comma-separated, each of ``METHODS`` or rows W KERNEL (W >= 1, a kernel
+    of ``SDPA``); another name failed after the methods listed before it were timed."""
+    chosen = arguments.items(text)
+    for method in chosen:
+        rows = rows_method(method)
+        if method not in METHODS and not (rows and rows[0] >= 1):
+            raise arguments.Invalid(
+                f"unknown method {method!r}; use {', '.join(METHODS)}, or rows W KERNEL "
+                f"(W >= 1; KERNEL one of {', '.join(SDPA)})"
+            )
+    return chosen
 
 
 def packing(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -324,31 +339,33 @@ def mean_ms(calls: list[Call], method: str, dropout: float, repeats: int, device
     return statistics.mean(1000 * time_call(c, method, dropout, repeats, device) for c in calls)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=arguments.device, default="auto")
     ap.add_argument("--config", default="transformer-base", choices=list(CONFIGS))
-    ap.add_argument("--max-tokens", type=int, default=25000)
-    ap.add_argument("--batches", type=int, default=4, help="the first N batches of epoch 0")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    device = torch.device(args.device)
+    ap.add_argument("--max-tokens", type=arguments.count(1), default=25000)
+    ap.add_argument(
+        "--batches", type=arguments.count(1), default=4, help="the first N batches of epoch 0"
+    )
+    ap.add_argument("--repeats", type=arguments.count(1), default=10)
+    ap.add_argument("--methods", type=method_names, default=",".join(METHODS))
+    ap.add_argument("--out", type=arguments.out_file)
+    args = ap.parse_args(argv)
+    device = args.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = CONFIGS[args.config]
     h, d = cfg["n_heads"], cfg["d_model"] // cfg["n_heads"]
     layers = {"encoder self": cfg["n_enc_layers"], "decoder self": cfg["n_dec_layers"],
               "cross": cfg["n_dec_layers"]}  # fmt: skip
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    batches, tok = load_batches(args.max_tokens, args.batches)
+    methods = args.methods
+    batches, tok = load_checked(ap, args.max_tokens, args.batches)
     shapes = ", ".join(f"{tuple(b.src.shape)}->{tuple(b.tgt_in.shape)}" for b in batches)
     real = sum(int(b.src_mask.sum()) for b in batches) / sum(b.src.numel() for b in batches)
     lines = [
         f"# Attention kernels on Multi30k batches ({machine(device)})",
         "",
         f"- device: {machine(device)}; torch {torch.__version__}; {str(dtype).split('.')[-1]}",
-        f"- command: `python {' '.join(sys.argv)}`",
+        f"- command: `python bench/attention_kernels.py {arguments.given(argv)}`",
         f"- config {args.config} ({h} heads of {d}; {layers['encoder self']}+"
         f"{layers['cross']} layers); max tokens {args.max_tokens}; the first {len(batches)} "
         f"batches of epoch 0, (B, S)->(B, T): {shapes}; {100 * real:.0f}% of the source "

@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments  # noqa: E402
 from train_speed import machine, save  # noqa: E402
 
-from transformer.data import TokenBatcher, collate  # noqa: E402
+from transformer.data import DataError, TokenBatcher, collate  # noqa: E402
 from transformer.seq2seq import Batch  # noqa: E402
 
 
@@ -58,19 +59,25 @@ def load_split():
     return splits["train"], (tok.pad_id, tok.bos_id, tok.eos_id)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--max-tokens", type=int, nargs="+", default=[4096, 8192, 25000])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    ap.add_argument("--max-tokens", type=arguments.count(1), nargs="+", default=[4096, 8192, 25000])
+    ap.add_argument("--rounds", type=arguments.count(1), default=5)
+    ap.add_argument("--out", type=arguments.out_file)
+    args = ap.parse_args(argv)
     split, specials = load_split()
+    batchers = {}
+    for max_tokens in args.max_tokens:  # a budget below the longest example: before timing
+        try:
+            batchers[max_tokens] = TokenBatcher(split, max_tokens, 1, specials)
+        except DataError as e:
+            ap.error(f"--max-tokens {max_tokens}: {e}")
     ways = {"collate": collate, "one example at a time": one_by_one}
     lines = [
         f"# Host time of making a training batch ({machine(torch.device('cpu'))})",
         "",
         f"- torch {torch.__version__}, numpy {np.__version__}; command: "
-        f"`python bench/collate_time.py {' '.join(sys.argv[1:])}`",
+        f"`python bench/collate_time.py {arguments.given(argv)}`",
         f"- Multi30k de->en training split from the encoded cache "
         f"({split.table['src_ids'].num_chunks} Arrow chunks, {len(split):,} examples); the "
         "batches of epoch 0 (seed 1) at each token budget, every one made each round",
@@ -80,8 +87,7 @@ def main() -> None:
         "| max tokens | batches | examples per batch (median) | way | ms per batch |",
         "|---:|---:|---:|---|---:|",
     ]
-    for max_tokens in args.max_tokens:
-        batcher = TokenBatcher(split, max_tokens, 1, specials)
+    for max_tokens, batcher in batchers.items():
         plan = batcher.epoch_batches(0)
         for idx in plan:
             a, b = collate(split, idx, *specials), one_by_one(split, idx, *specials)

@@ -241,15 +241,27 @@ def throughput(data_dir: Path, cache_dir: Path, run_dir: Path, steps: int) -> di
     return out | {k: v for k, v in r.items() if k.startswith("peak_")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import arguments  # here, not above: the child processes measure their memory
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "data-scale")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/data-scale"))
-    ap.add_argument("--steps", type=int, default=50, help="steps for the tokens/s comparison")
-    ap.add_argument("--num-proc", type=int, help="data.num_proc for every run (default: config)")
+    sizes = [100_000, 1_000_000, 5_000_000]
+    ap.add_argument("--sizes", type=arguments.count(1), nargs="+", default=sizes)
+    ap.add_argument("--out", type=arguments.out_folder, default=ROOT / "results" / "data-scale")
+    ap.add_argument("--work", type=arguments.out_folder, default=Path("/tmp/data-scale"))
+    ap.add_argument(
+        "--steps",
+        type=arguments.count(2),
+        default=50,
+        help="steps for the tokens/s comparison (the first log window is left out)",
+    )
+    ap.add_argument(
+        "--num-proc", type=arguments.count(1), help="data.num_proc for every run (default: config)"
+    )
     ap.add_argument("--no-throughput", action="store_true", help="skip the tokens/s comparison")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.given = arguments.given(argv)
     if args.num_proc:
         EXTRA.append(f"data.num_proc={args.num_proc}")
     rows = []
@@ -319,7 +331,7 @@ def write_results(out: Path, rows: list[dict], reading: list[dict], tps: dict, a
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "command": "python bench/data_scale.py " + " ".join(sys.argv[1:]),
+        "command": f"python bench/data_scale.py {args.given}".rstrip(),
     }
     (out / "data_scale.json").write_text(
         json.dumps({"meta": meta, "sizes": rows, "reading": reading, "tokens_per_s": tps}, indent=2)

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import arguments  # noqa: E402
 from train_speed import machine, marian  # noqa: E402
 
 from transformer.data import load_split, plan_batches  # noqa: E402
@@ -259,17 +260,17 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", help="trained Transformer checkpoint (else random weights)")
     ap.add_argument("--rnn-ckpt", help="trained RNN checkpoint (else random weights)")
-    ap.add_argument("--models", default="transformer,rnn")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--limit", type=int, help="only the first N test sentences")
+    ap.add_argument("--models", type=arguments.names(MODELS), default="transformer,rnn")
+    ap.add_argument("--device", type=arguments.device, default="auto")
+    ap.add_argument("--threads", type=arguments.count(1), default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--limit", type=arguments.count(1), help="only the first N test sentences")
     ap.add_argument(
         "--length",
-        type=int,
+        type=arguments.count(1),
         help="forced length L for the Marian comparison "
         "(default: mean reference length in subwords)",
     )
@@ -281,17 +282,18 @@ def main() -> None:
         help="also time the cached searches of this git commit's transformer/ package "
         "(needs --ckpt / --rnn-ckpt; CPU)",
     )
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    ap.add_argument("--out", type=arguments.out_file)
+    args = ap.parse_args(argv)
+    args.given = arguments.given(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     load_before = uptime()
     decode = {
         s: decode_options(compose([f"decode={d}", "run_dir=/tmp/decode-bench"]).decode)
         for s, d in (("greedy", "greedy"), ("beam 5", "beam"))
     }
     table, marian_table, profiles, found, before = [], [], [], {}, []
-    for name in args.models.split(","):
+    for name in args.models:
         model, tok, ids, mcfg, what = load_model(name, getattr(args, MODELS[name]), device)
         ids = ids[: args.limit]
         batches = make_batches(ids, tok.pad_id, decode["greedy"].max_tokens, device)
@@ -396,7 +398,7 @@ def bar(ok: bool) -> str:
 
 def setup_lines(args, device, decode, found, loads) -> list[str]:
     """The report's header: machine, software, command, load, data, configs, models."""
-    cmd = " ".join(["python bench/decode_speed.py", *sys.argv[1:]])
+    cmd = f"python bench/decode_speed.py {args.given}".rstrip()
     beam, greedy = decode["beam 5"], decode["greedy"]
     lines = [
         f"# Decoding speed: cached vs uncached, ours vs HF Marian ({machine(device)})",
@@ -417,7 +419,7 @@ def setup_lines(args, device, decode, found, loads) -> list[str]:
         "- tokens/s: tokens of the best hypothesis per sentence, EOS included; one timed pass "
         "after a 4-sentence warm-up",
     ]
-    for name in args.models.split(","):
+    for name in args.models:
         f = found[name]
         lines.append(
             f"- {name}: {f['what']}; {f['params'] / 1e6:.2f}M parameters; {f['n']} sentences"
@@ -467,7 +469,7 @@ def report(args, device, decode, found, tables, profiles, loads) -> str:
             "",
         ]
     lines += ["## Bars", ""]
-    for name in args.models.split(","):
+    for name in args.models:
         c = found[name]["cache"]["beam 5"]
         ok = c["speedup"] >= 3.0 and c["same"] == c["n"]
         lines.append(

@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import arguments  # noqa: E402
 
 from transformer.dropout import dropout, keep_mask  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
@@ -59,11 +62,11 @@ def median_ms(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    ap.add_argument("--reps", type=arguments.count(1), default=20)
+    ap.add_argument("--out", type=arguments.out_file)
+    args = ap.parse_args(argv)
     reuse = reuse_freed_memory()  # as the trainer on the CPU
     lines = [
         "# CPU dropout masks: torch's, a float draw per element, ours",
@@ -71,7 +74,7 @@ def main() -> None:
         f"- device: CPU {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads; torch {torch.__version__}; fp32; p = {P}; "
         f"glibc malloc keeps freed memory (trainer.cpu_malloc_reuse): {reuse}",
-        f"- command: `python bench/dropout_masks.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/dropout_masks.py {arguments.given(argv)}`",
         f"- median of {args.reps} calls, ms",
         "",
         "| shape | way | mask ms | ns / element | forward + backward ms |",
@@ -94,6 +97,7 @@ def main() -> None:
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     print(text)
 

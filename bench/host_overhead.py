@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments  # noqa: E402
 from train_speed import (  # noqa: E402
     CONFIGS,
     DROPOUT,
@@ -158,14 +159,16 @@ def time_steps(cfg: dict, rounds: int, steps: int) -> dict[str, float]:
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per model and round")
-    ap.add_argument("--top", type=int, default=8, help="operators listed per model")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    ap.add_argument("--configs", type=arguments.names(CONFIGS), default=",".join(CONFIGS))
+    ap.add_argument("--rounds", type=arguments.count(1), default=10)
+    ap.add_argument(
+        "--steps", type=arguments.count(1), default=20, help="timed steps per model and round"
+    )
+    ap.add_argument("--top", type=arguments.count(1), default=8, help="operators listed per model")
+    ap.add_argument("--out", type=arguments.out_file)
+    args = ap.parse_args(argv)
     dropout.RAND_MASK_ON_CPU = False  # F.dropout in ours too, as on a GPU (Marian's dropout)
     lines = [
         f"# Host overhead of a training step ({platform.processor() or 'cpu'}, "
@@ -173,7 +176,7 @@ def main() -> None:
         "",
         f"- torch {torch.__version__}; bf16 autocast on the CPU; dropout 0.3/0.1/0.1 (torch's "
         "CPU dropout); fused AdamW; label-smoothed CE, not fused with the projection",
-        f"- command: `python bench/host_overhead.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/host_overhead.py {arguments.given(argv)}`",
         "- ops/step: computing operators dispatched in one step (not views or bare "
         "allocations; on a GPU each is a kernel launch at least), at the config's width on a "
         "2 x 5-token batch; casts: those of them that are `aten::_to_copy`",
@@ -199,7 +202,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     tops = []
-    for cname in args.configs.split(","):
+    for cname in args.configs:
         cfg = CONFIGS[cname]
         counts = count_ops(cfg, vocab=8000)
         with gpu_dropout():

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import load_batches, machine, save  # noqa: E402
+import arguments  # noqa: E402
+from train_speed import load_checked, machine, save  # noqa: E402
 
 from transformer.packing import OPEN_ROWS, pack_batch  # noqa: E402
 
@@ -37,27 +38,33 @@ def real_share(batches, pad: int) -> float:
     return tokens / sum(b.src.numel() + b.tgt_out.numel() for b in batches)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--max-tokens", default="4096,25000")
-    ap.add_argument("--widths", default="64,128,256")
-    ap.add_argument("--batches", type=int, default=40, help="the first N batches of epoch 0")
-    ap.add_argument("--repeats", type=int, default=5, help="timed packings of each batch")
+    ap.add_argument("--max-tokens", type=arguments.counts(1), default="4096,25000")
+    ap.add_argument("--widths", type=arguments.counts(1), default="64,128,256")
+    ap.add_argument(
+        "--batches", type=arguments.count(1), default=40, help="the first N batches of epoch 0"
+    )
+    ap.add_argument(
+        "--repeats", type=arguments.count(1), default=5, help="timed packings of each batch"
+    )
     ap.add_argument(
         "--open-rows",
+        type=arguments.counts(0),
         default=f"1,{OPEN_ROWS},0",
         help="the rows a pair may join: the last N started (0: any)",
     )
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    widths = [int(w) for w in args.widths.split(",")]
-    open_rows = [int(n) for n in args.open_rows.split(",")]
+    ap.add_argument("--out", type=arguments.out_file)
+    args = ap.parse_args(argv)
+    widths, open_rows = args.widths, args.open_rows
+    for max_tokens in args.max_tokens:  # a budget below the longest example: before timing
+        load_checked(ap, max_tokens, 0)
     lines = [
         f"# Packed rows on Multi30k batches ({machine(torch.device('cpu'))})",
         "",
         f"- torch {torch.__version__}; the first {args.batches} de->en training batches of "
         "epoch 0, length-bucketed as the trainer cuts them",
-        f"- command: `python bench/packed_fill.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/packed_fill.py {arguments.given(argv)}`",
         "- real: tokens over positions, sources and targets together; host ms: "
         f"`pack_batch` per batch, median of {args.repeats} x the batches",
         "",
@@ -65,8 +72,8 @@ def main() -> None:
         "host ms per batch |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
-    for max_tokens in map(int, args.max_tokens.split(",")):
-        batches, tok = load_batches(max_tokens, args.batches)
+    for max_tokens in args.max_tokens:
+        batches, tok = load_checked(ap, max_tokens, args.batches)
         pad = tok.pad_id
         pairs = statistics.mean(len(b.src) for b in batches)
         lines.append(

@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> None:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
     mcfg = CONFIGS[args.config]
-    given = sys.argv[1:] if argv is None else argv
     sdpa = use_sdpa_backends(args.sdpa.split("+") if args.sdpa else None)
     padded = [b.to(device) for b in host_batches]
     V, pad = len(tok), tok.pad_id
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.compile and args.compile_mode}; "
         f"SDPA kernels allowed: {', '.join(sdpa)}"
         + ("" if cuda else f"; glibc malloc keeps freed memory for reuse: {reuse}"),
-        f"- command: `python bench/profile_step.py {' '.join(given)}`",
+        f"- command: `python bench/profile_step.py {arguments.given(argv)}`",
         "",
     ]
     for mname in args.models:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments  # noqa: E402
 from train_speed import (  # noqa: E402
     CONFIGS,
     PEAK_BF16,
     flops_by_part,
-    load_batches,
+    load_checked,
     real_flops_by_part,
 )
 
@@ -45,20 +46,22 @@ def summary(cfg: dict, batches, pad: int, vocab: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="transformer-base")
-    ap.add_argument("--max-tokens", default="4096,8192,25000")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--mfu", type=float, default=0.35)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    ap.add_argument("--configs", type=arguments.names(CONFIGS), default="transformer-base")
+    ap.add_argument("--max-tokens", type=arguments.counts(1), default="4096,8192,25000")
+    ap.add_argument("--warmup", type=arguments.count(0), default=3)
+    ap.add_argument("--steps", type=arguments.count(1), default=20)
+    ap.add_argument("--mfu", type=arguments.number(0, 1), default=0.35, help="in (0, 1]")
+    ap.add_argument("--out", type=arguments.out_file)
+    args = ap.parse_args(argv)
+    for max_tokens in args.max_tokens:  # a budget below the longest example: a usage error
+        load_checked(ap, max_tokens, 0)
     peak = PEAK_BF16["H100"]
     lines = [
         "# Model FLOPs of a training step on the benchmark's batches",
         "",
-        f"- command: `python bench/step_flops.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/step_flops.py {arguments.given(argv)}`",
         f"- batches: `bench/train_speed.py`'s (real Multi30k de->en training batches, "
         f"length-bucketed; epoch 0, seed 1), up to {args.steps} after its {args.warmup} "
         "warm-up batches (as many as epoch 0 has: the timed steps); averages per step",
@@ -74,10 +77,10 @@ def main() -> None:
         f"step ms for {100 * args.mfu:.0f}% MFU | (padded) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for cname in args.configs.split(","):
+    for cname in args.configs:
         cfg = CONFIGS[cname]
-        for max_tokens in map(int, args.max_tokens.split(",")):
-            batches, tok = load_batches(max_tokens, args.warmup + args.steps)
+        for max_tokens in args.max_tokens:
+            batches, tok = load_checked(ap, max_tokens, args.warmup + args.steps)
             timed = batches[args.warmup :]  # fewer than --steps where an epoch has fewer
             s = summary(cfg, timed, tok.pad_id, len(tok))
             real = s["real_linear"] + s["real_attention"]
@@ -92,6 +95,7 @@ def main() -> None:
             )
     text = "\n".join(lines) + "\n"
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     print(text)
 

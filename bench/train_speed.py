@@ -438,13 +438,12 @@ def main(argv: list[str] | None = None) -> None:
     V, pad = len(tok), tok.pad_id
     name = machine(device)
     peak = peak_flops(name, precision)
-    given = sys.argv[1:] if argv is None else argv
     lines = [
         f"# Training throughput: ours vs HF Marian ({name})",
         "",
         f"- device: {name}; torch {torch.__version__}; precision {precision}; "
         f"{os.cpu_count()} CPU threads",
-        f"- command: `python bench/train_speed.py {' '.join(given)}`",
+        f"- command: `python bench/train_speed.py {arguments.given(argv)}`",
         "- batches: real Multi30k de->en training batches, length-bucketed; "
         f"{args.steps} timed steps each, after {args.warmup} warm-up steps plus one untimed "
         "pass over the timed batches (first use of a shape is kernel start-up cost); "

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arguments  # noqa: E402
 from host_overhead import build, tiny_batch  # noqa: E402
 from train_speed import CONFIGS, machine, save  # noqa: E402
 
@@ -89,19 +90,21 @@ def ways(model, mixed):
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--calls", type=int, default=40, help="timed calls per way and round")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    ap.add_argument("--configs", type=arguments.names(CONFIGS), default=",".join(CONFIGS))
+    ap.add_argument("--rounds", type=arguments.count(1), default=5)
+    ap.add_argument(
+        "--calls", type=arguments.count(1), default=40, help="timed calls per way and round"
+    )
+    ap.add_argument("--out", type=arguments.out_file)
+    args = ap.parse_args(argv)
     lines = [
         f"# Host time of the update after the backward pass ({machine(torch.device('cpu'))}, "
         f"{torch.get_num_threads()} threads)",
         "",
         f"- torch {torch.__version__}; command: `python bench/update_time.py "
-        f"{' '.join(sys.argv[1:])}`",
+        f"{arguments.given(argv)}`",
         "- our Transformer at each config's depth, width 32 (d_ff 64, vocabulary 64), "
         "`trainer.precision=bf16-weights` (transformer/precision.py); before each timed call "
         "a forward and backward pass on a 2 x 5-token batch (and for clipping, the gather "
@@ -114,7 +117,7 @@ def main() -> None:
         "|---|---|---:|",
     ]
     batch = tiny_batch(64)
-    for cname in args.configs.split(","):
+    for cname in args.configs:
         model = build("ours", CONFIGS[cname] | {"d_model": 32, "d_ff": 64}, 64)
         mixed = Bf16Weights(model)
         net = mixed.compute.train()

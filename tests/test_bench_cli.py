@@ -7,16 +7,22 @@ import os
 import re
 import shlex
 import subprocess
+import tempfile
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from test_gpu_scripts import ROOT, load_bench
 
+from transformer import dropout
 from transformer.data import DataError
 
-# What reads data, builds, measures or changes the process: a script that reaches one of
-# these has started its work before rejecting the value.
-WORK = ("load_batches", "load_checked", "build_model", "make_step", "apply_malloc")
+# What reads data, builds, measures or changes the process in one bench script or another:
+# a script that reaches one of these has started its work before rejecting the value.
+WORK = ("load_batches", "load_checked", "build_model", "make_step", "apply_malloc", "load_split",
+        "count_ops", "time_steps", "build", "reuse_freed_memory", "median_ms", "load_model",
+        "uptime", "compose", "default_overhead", "main_gpu", "make_corpus", "watch")  # fmt: skip
 
 
 def refuse(*args, **kwargs):
@@ -42,81 +48,127 @@ def usage_error(capsys, module, args: str) -> str:
     return err[-1].split(": error: ", 1)[1]
 
 
-# (options, what the error says) for both scripts
-BOTH = [
-    ("--steps 0", "argument --steps: must be an integer >= 1, got 0"),
-    ("--max-tokens 0", "argument --max-tokens: must be an integer >= 1, got 0"),
-    ("--max-tokens abc", "argument --max-tokens: not an integer: 'abc'"),
-    ("--device gpu", "argument --device: device=gpu: not a device torch knows"),
-    ("--device cuda:99", "argument --device: "),
-    ("--device meta", "argument --device: device=meta: not a device to run on"),
-    (
-        "--sdpa flsh",
-        "argument --sdpa: unknown SDPA kernel 'flsh'; use flash, efficient, cudnn, "
-        "math, several joined by +",
-    ),
-    ("--sdpa cudnn+eff", "argument --sdpa: unknown SDPA kernel 'eff' in 'cudnn+eff'"),
-]
+# Options that count something, by script: at least 1 (0 is an error), or at least 0
+AT_LEAST_ONE = {
+    "train_speed": "--steps --max-tokens --packed-rows --rounds",
+    "profile_step": "--steps --max-tokens --top",
+    "attention_kernels": "--repeats --batches --max-tokens",
+    "collate_time": "--rounds --max-tokens",
+    "dropout_masks": "--reps",
+    "host_overhead": "--steps --rounds --top",
+    "packed_fill": "--batches --repeats --widths --max-tokens",
+    "step_flops": "--steps --max-tokens",
+    "update_time": "--calls --rounds",
+    "decode_speed": "--threads --limit --length",
+    "attention_claims": "--repeats",
+    "data_scale": "--num-proc --sizes",
+}
+AT_LEAST_ZERO = {"train_speed": "--warmup", "step_flops": "--warmup",
+                 "packed_fill": "--open-rows", "attention_claims": "--threads"}  # fmt: skip
+WITH_DEVICE = ("train_speed", "profile_step", "attention_kernels", "decode_speed",
+               "attention_claims")  # fmt: skip
+WITH_OUT_FILE = ("train_speed", "profile_step", "attention_kernels", "collate_time",
+                 "dropout_masks", "host_overhead", "packed_fill", "step_flops", "update_time",
+                 "decode_speed")  # fmt: skip
+SDPA = "use flash, efficient, cudnn, math, several joined by +"
+CASES = [
+    *[(script, f"{option} 0", f"argument {option}: must be an integer >= 1, got 0")
+      for script, options in AT_LEAST_ONE.items() for option in options.split()],
+    *[(script, f"{option} -1", f"argument {option}: must be an integer >= 0, got -1")
+      for script, options in AT_LEAST_ZERO.items() for option in options.split()],
+    *[(script, "--device gpu", "argument --device: device=gpu: not a device torch knows")
+      for script in WITH_DEVICE],
+    *[(script, "--out {folder}",
+       "argument --out: {folder} is a folder; name the file to write the results to")
+      for script in WITH_OUT_FILE],
+    *[(script, f"{option} {{file}}",
+       f"argument {option}: {{file}} is a file; name the folder to write the results to")
+      for script, option in [("attention_claims", "--out"), ("data_scale", "--out"),
+                             ("data_scale", "--work")]],
+    *[(script, args, said) for script in ("train_speed", "profile_step") for args, said in [
+        ("--max-tokens abc", "argument --max-tokens: not an integer: 'abc'"),
+        ("--device cuda:99", "argument --device: device=cuda:99"),
+        ("--device meta", "argument --device: device=meta: not a device to run on"),
+        ("--sdpa flsh", f"argument --sdpa: unknown SDPA kernel 'flsh'; {SDPA}"),
+        ("--sdpa cudnn+eff", "argument --sdpa: unknown SDPA kernel 'eff' in 'cudnn+eff'"),
+    ]],
+]  # fmt: skip
 if not torch.cuda.is_available():
-    BOTH.append(
-        ("--device cuda", "argument --device: device=cuda requested but CUDA is not available")
-    )
-TRAIN_SPEED = [
-    (
-        "--configs transformer-bsae",
-        "argument --configs: unknown 'transformer-bsae'; valid: multi30k-default, transformer-base",
-    ),
-    ("--configs multi30k-default,", "argument --configs: a blank value in 'multi30k-default,'"),
-    ("--configs multi30k-default,multi30k-default", "multi30k-default given more than once"),
-    ("--max-tokens 4096,abc", "argument --max-tokens: not an integer: 'abc' in '4096,abc'"),
-    ("--max-tokens 4096,-1", "argument --max-tokens: must be an integer >= 1, got -1 in"),
-    ("--warmup -1", "argument --warmup: must be an integer >= 0, got -1"),
-    ("--packed-rows abc", "argument --packed-rows: not an integer: 'abc'"),
-    ("--packed-rows 128,0", "argument --packed-rows: must be an integer >= 1, got 0 in '128,0'"),
-    ("--sdpa efficient,,math", "argument --sdpa: a blank value in 'efficient,,math'"),
-    ("--kinds dot,additve", "argument --kinds: unknown 'additve'; valid: scaled_dot, dot,"),
-    ("--precision fp16", "argument --precision: invalid choice: 'fp16'"),
-    ("--rounds 0", "argument --rounds: must be an integer >= 1, got 0"),
-    ("--device cpu --rounds 3 --steps 2", "--rounds 3 is more than --steps 2"),
-]
-PROFILE_STEP = [
-    (
-        "--models ours,marain",
-        "argument --models: unknown model 'marain'; use ours, marian, "
-        "ours/bf16-weights or ours/rows-W (W a width >= 1)",
-    ),
-    ("--models ours/bf16-weight", "argument --models: unknown model 'ours/bf16-weight'"),
-    ("--models ours/rows-0", "argument --models: unknown model 'ours/rows-0'"),
-    ("--models ours/rows-wide", "argument --models: unknown model 'ours/rows-wide'"),
-    ("--models ours,,marian", "argument --models: a blank value in 'ours,,marian'"),
-    ("--top 0", "argument --top: must be an integer >= 1, got 0"),
+    said = "argument --device: device=cuda requested but CUDA is not available"
+    CASES += [(script, "--device cuda", said) for script in WITH_DEVICE]
+# script | options | what the error says (a line ending in a backslash goes on)
+CASES += [
+    tuple(cell.strip() for cell in case.split(" | "))
+    for case in """
+train_speed | --configs transformer-bsae | argument --configs: unknown 'transformer-bsae'; valid: \
+multi30k-default, transformer-base
+train_speed | --configs multi30k-default, | a blank value in 'multi30k-default,'
+train_speed | --configs multi30k-default,multi30k-default | multi30k-default given more than once
+train_speed | --max-tokens 4096,abc | argument --max-tokens: not an integer: 'abc' in '4096,abc'
+train_speed | --packed-rows abc | argument --packed-rows: not an integer: 'abc'
+train_speed | --packed-rows 128,0 | --packed-rows: must be an integer >= 1, got 0 in '128,0'
+train_speed | --sdpa efficient,,math | argument --sdpa: a blank value in 'efficient,,math'
+train_speed | --kinds dot,additve | argument --kinds: unknown 'additve'; valid: scaled_dot, dot,
+train_speed | --precision fp16 | argument --precision: invalid choice: 'fp16'
+train_speed | --device cpu --rounds 3 --steps 2 | --rounds 3 is more than --steps 2
+profile_step | --models ours,marain | argument --models: unknown model 'marain'; use ours, \
+marian, ours/bf16-weights or ours/rows-W (W a width >= 1)
+profile_step | --models ours/bf16-weight | argument --models: unknown model 'ours/bf16-weight'
+profile_step | --models ours/rows-0 | argument --models: unknown model 'ours/rows-0'
+profile_step | --models ours/rows-wide | argument --models: unknown model 'ours/rows-wide'
+profile_step | --models ours,,marian | argument --models: a blank value in 'ours,,marian'
+attention_kernels | --methods 'cudnn,rows 0 math' | argument --methods: unknown method \
+'rows 0 math'; use cudnn, efficient, flash, math, nested flash
+attention_kernels | --methods cudnn,flsh | argument --methods: unknown method 'flsh'
+host_overhead | --configs base | argument --configs: unknown 'base'; valid: multi30k-default
+packed_fill | --max-tokens 4096,x | argument --max-tokens: not an integer: 'x' in '4096,x'
+step_flops | --configs transformer-big | argument --configs: unknown 'transformer-big'
+step_flops | --mfu 0 | argument --mfu: must be a number > 0 and <= 1, got 0
+step_flops | --mfu 35 | argument --mfu: must be a number > 0 and <= 1, got 35
+step_flops | --mfu nan | argument --mfu: must be a number > 0 and <= 1, got nan
+update_time | --configs base | argument --configs: unknown 'base'
+decode_speed | --models transformer,rnns | argument --models: unknown 'rnns'; valid: \
+transformer, rnn
+attention_claims | --budget-s 0 | argument --budget-s: must be a number > 0, got 0
+data_scale | --steps 1 | argument --steps: must be an integer >= 2, got 1
+""".strip().splitlines()
 ]
 
 
-@pytest.mark.parametrize(
-    "script, args, said",
-    [("train_speed", *case) for case in BOTH + TRAIN_SPEED]
-    + [("profile_step", *case) for case in BOTH + PROFILE_STEP],
-)
-def test_a_bad_option_is_a_usage_error_before_any_work(monkeypatch, capsys, script, args, said):
-    assert said in usage_error(capsys, guarded(monkeypatch, script), args)
+@pytest.mark.parametrize("script, args, said", CASES)
+def test_a_bad_option_is_a_usage_error_before_any_work(
+    monkeypatch, capsys, tmp_path, script, args, said
+):
+    """Counts of 0 gave empty tables (or profiled the warm-up batches), unknown names were
+    measured as something else or failed after the names before them were measured, an
+    --out that was a folder (a file, for a folder of results) failed once the results were
+    written. {folder} in a case is a folder, {file} a file."""
+    where = {"folder": tmp_path, "file": tmp_path / "table.md"}
+    where["file"].write_text("")
+    module = guarded(monkeypatch, script)
+    assert said.format(**where) in usage_error(capsys, module, args.format(**where))
 
 
 @pytest.mark.parametrize("script", ["train_speed", "profile_step"])
-def test_an_out_that_cannot_take_the_table_is_a_usage_error_before_any_work(
+def test_an_out_that_cannot_be_written_is_a_usage_error_before_any_work(
     monkeypatch, capsys, tmp_path, script
 ):
-    """--out naming a folder failed only after the first model was measured."""
+    """An --out below a file, or in a folder this process may not write in, failed only
+    after the first model was measured."""
     module = guarded(monkeypatch, script)
-    said = usage_error(capsys, module, f"--out {tmp_path}")
-    assert said == f"argument --out: {tmp_path} is a folder; name the file to write the table to"
     (tmp_path / "table.md").write_text("")
-    said = usage_error(capsys, module, f"--out {tmp_path}/table.md/new/x.md")
-    assert said.endswith(f"{tmp_path / 'table.md'} is a file, not a folder")
-    if os.geteuid() != 0:  # root writes in a read-only folder
-        (tmp_path / "locked").mkdir(mode=0o500)
-        said = usage_error(capsys, module, f"--out {tmp_path}/locked/sub/x.md")
-        assert said == f"argument --out: cannot write {tmp_path}/locked/sub/x.md: Permission denied"
+    below = f"{tmp_path}/table.md/new/x.md"
+    said = usage_error(capsys, module, f"--out {below}")
+    assert said == f"argument --out: {below}: {tmp_path}/table.md is a file, not a folder"
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root may write there: the probe's file is refused instead
+
+        def refused(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    said = usage_error(capsys, module, f"--out {tmp_path}/locked/sub/x.md")
+    assert said == f"argument --out: cannot write {tmp_path}/locked/sub/x.md: Permission denied"
 
 
 @pytest.mark.parametrize("script", ["train_speed", "profile_step"])
@@ -133,9 +185,21 @@ def test_a_token_budget_below_the_longest_example_is_a_usage_error_before_any_wo
         return refuse() if n else ([], None)
 
     monkeypatch.setitem(module.load_checked.__globals__, "load_batches", batches)
-    said = usage_error(capsys, module, "--max-tokens " + ("4096,50" if script == "train_speed"
-                                                          else "50"))  # fmt: skip
+    budgets = {"train_speed": "4096,50", "profile_step": "50"}[script]
+    said = usage_error(capsys, module, f"--max-tokens {budgets}")
     assert said == "--max-tokens 50: data.max_tokens=50 is smaller than the longest example"
+
+
+def test_collate_time_checks_each_token_budget_against_the_data_before_timing(monkeypatch, capsys):
+    module = guarded(monkeypatch, "collate_time")
+    split = SimpleNamespace(src_lens=np.array([20, 55]), tgt_lens=np.array([40, 30]))
+    monkeypatch.setattr(module, "load_split", lambda: (split, (0, 1, 2)))
+    monkeypatch.setattr(module, "collate", refuse)
+    said = usage_error(capsys, module, "--max-tokens 4096 50")
+    assert said == (
+        "--max-tokens 50: data.max_tokens=50 is smaller than the longest example (56 tokens); "
+        "raise it or lower data.max_len"
+    )
 
 
 def test_the_benchmarks_build_only_the_models_they_know():
@@ -146,9 +210,9 @@ def test_the_benchmarks_build_only_the_models_they_know():
 
 
 def documented_commands(tmp_path) -> list[list[str]]:
-    """Every train_speed.py and profile_step.py command of scripts/gpu_bench.sh (each mode
-    run with python3 and nvidia-smi stubbed: the stub records its arguments) and of the
-    Markdown files (README.md, the committed results' headers)."""
+    """Every bench script's command in scripts/gpu_bench.sh (each mode run with python3 and
+    nvidia-smi stubbed: the stub records its arguments) and in the Markdown files (README.md,
+    the committed results' headers), but fastest_sdpa.py's (no options)."""
     work, stubs, calls = tmp_path / "work", tmp_path / "stubs", tmp_path / "calls"
     for folder in (work, stubs):
         folder.mkdir()
@@ -163,25 +227,26 @@ def documented_commands(tmp_path) -> list[list[str]]:
         subprocess.run(["bash", "scripts/gpu_bench.sh", mode], cwd=work, env=env,
                        check=True, capture_output=True)  # fmt: skip
     commands = [line.split("\x1f") for line in calls.read_text().splitlines()]
-    pattern = re.compile(r"python3? (bench/(?:train_speed|profile_step)\.py(?: [^`|\n]*)?)")
+    pattern = re.compile(r"python3? (bench/[a-z_]+\.py(?: [^`|\n]*)?)")
     for md in [ROOT / "README.md", *sorted((ROOT / "results").rglob("*.md"))]:
         commands += [shlex.split(m) for m in pattern.findall(md.read_text(encoding="utf-8"))]
-    return [c for c in commands if c[0] in ("bench/train_speed.py", "bench/profile_step.py")]
+    return [c for c in commands if c[0].startswith("bench/") and c[0] != "bench/fastest_sdpa.py"]
 
 
-def test_the_documented_command_lines_still_parse(tmp_path):
+def test_the_documented_command_lines_still_reach_the_work(monkeypatch, tmp_path):
+    """The stricter options still take every command line the GPU job runs and the committed
+    results were made with."""
     commands = documented_commands(tmp_path)
-    scripts = {name: load_bench(name) for name in ("train_speed", "profile_step")}
-    assert {c[0] for c in commands} == {"bench/train_speed.py", "bench/profile_step.py"}
-    assert len(commands) > 15
-    out = str(tmp_path / "table.md")
-    for command in commands:
-        args = command[1:]
-        args = [out if a.endswith(".md") and "--out" in args[i - 1 : i] else a
-                for i, a in enumerate(args)]  # fmt: skip
-        if "--device" not in args:  # auto: a GPU here would refuse --rounds of a CPU run
+    assert len(commands) > 30 and len({c[0] for c in commands}) == 12
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # decode_speed, claims
+    monkeypatch.setattr(dropout, "RAND_MASK_ON_CPU", dropout.RAND_MASK_ON_CPU)  # host_overhead
+    for i, command in enumerate(commands):
+        script, args = command[0].removeprefix("bench/").removesuffix(".py"), command[1:]
+        if "--out" in args:  # the results' own files and folders stay as they are
+            args[args.index("--out") + 1] = str(tmp_path / f"out{i}" / "result")
+        if "--rounds" in args and "--device" not in args:  # a CPU run's: a GPU here refuses it
             args += ["--device", "cpu"]
-        module = scripts[command[0].removeprefix("bench/").removesuffix(".py")]
-        ap = module.make_parser()
-        got = module.parse_args(ap, args) if hasattr(module, "parse_args") else ap.parse_args(args)
-        assert got.steps >= 1, command
+        if "cuda" in args and not torch.cuda.is_available():
+            continue
+        with pytest.raises(AssertionError, match="started its work"):
+            guarded(monkeypatch, script).main(args)
