@@ -143,6 +143,10 @@ def test_a_setting_of_another_option_is_named_with_the_option_that_has_it():
     assert override_error(["model.d_model=8", "model=rnn"], conf, "train", train).startswith(
         "model.d_model=8: model.d_model is a setting of model=transformer only, not of model=rnn"
     )
+    # an option the group lacks is named as such, even after a key of the default option
+    assert override_error(["model.d_model=3", "model=nope"], conf, "train", train).startswith(
+        "model=nope: model has no option 'nope'"
+    )
     swept = override_error(["-m", "model=rnn,rnn", "model.hidden_size=3"], conf, "train", train)
     assert "not of model=transformer, which this sweep composes" in swept
     # decode/sample.yaml takes greedy.yaml's keys in, and translate.py has a decode group too

@@ -110,13 +110,16 @@ def chosen_options(argv: list[str], conf_dir: Path, config_name: str) -> dict | 
         path = override.key_or_group
         if path in chosen and not override.is_delete():
             if not override.is_sweep_override():
-                chosen[path] = [str(override.value())]
-                continue
-            try:  # a sweep (-m) first composes the default, then each option
-                swept = [str(v) for v in override.sweep_string_iterator()]
-            except HydraException:  # glob(...)
-                return None
-            chosen[path] = list(dict.fromkeys(chosen[path] + swept))
+                given = [str(override.value())]
+            else:
+                try:  # a sweep (-m) first composes the default, then each option
+                    given = [str(v) for v in override.sweep_string_iterator()]
+                except HydraException:  # glob(...)
+                    return None
+            if any(not (conf_dir / path / f"{o}.yaml").is_file() for o in given):
+                return None  # no such option: override_error names it, whatever the order
+            chosen[path] = given if not override.is_sweep_override() else list(
+                dict.fromkeys(chosen[path] + given))  # fmt: skip
     for path, options in chosen.items():  # trainer/model@trainer: ${model}
         if len(options) == 1 and options[0].startswith("${") and options[0].endswith("}"):
             chosen[path] = chosen.get(options[0][2:-1], options)
