@@ -46,8 +46,15 @@ from .values import as_path_text
 log = logging.getLogger(__name__)
 
 
-# what the command line names as paths (input=2024 reaches the code as a number)
-PATH_KEYS = ("ckpt", "input", "output", "ref", "attention_plot")
+# what the command line names as paths (input=2024 reaches the code as a number), and what
+# to give instead of an empty value (``input=$SRC`` with SRC unset)
+PATH_KEYS = {
+    "ckpt": "name a run folder or a checkpoint file",
+    "input": "name a file, or - for stdin, or leave input out",
+    "output": "name a file, or - for stdout, or leave output out",
+    "ref": "name the reference file, or leave ref out",
+    "attention_plot": "name a folder, or leave attention_plot out",
+}
 
 
 def read_input(path: str | None, key: str = "input") -> list[str]:
@@ -179,8 +186,10 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
 
 def translate(cfg, overrides: list[str] | None = None) -> list[str]:
     """``overrides``: the command line's (default: Hydra's, when it is running)."""
-    for key in PATH_KEYS:
+    for key, instead in PATH_KEYS.items():
         as_path_text(cfg, key, key)
+        if cfg[key] is not None and not cfg[key].strip():  # read stdin, wrote stdout, ...
+            raise ValueError(f"{key}={cfg[key]} is empty: {instead}")
     for key in ("input", "output"):  # "-": stdin and stdout, as for most tools
         if cfg[key] == "-":
             cfg[key] = None
