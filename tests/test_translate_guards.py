@@ -7,6 +7,9 @@ No model is trained: ``load_for_inference`` is replaced, so each test takes a fr
 second.
 """
 
+import os
+from types import SimpleNamespace
+
 import pytest
 
 from transformer import translate_cli
@@ -42,3 +45,30 @@ def test_an_empty_path_is_refused_naming_its_key(run, key):
     nothing, ckpt= looked for a run in the working directory: each without a word."""
     with pytest.raises(ValueError, match=f"^{key}= is empty: name "):
         run(f"{key}=")
+
+
+def test_output_may_not_be_a_file_translating_reads(run, tmp_path):
+    """output= the reference replaced it with the hypotheses after scoring; output= the
+    checkpoint destroyed the model; a hard link to the input was not seen as the input."""
+    (tmp_path / "ref.txt").write_text("A dog.\nTwo cats.\n", "utf-8")
+    os.link(tmp_path / "in.txt", tmp_path / "linked.txt")
+    for output, what in [
+        ("ref.txt", "reference file"),
+        ("model.pt", "checkpoint"),
+        ("linked.txt", "input file"),
+    ]:
+        with pytest.raises(ValueError, match=f"{output} is the {what}: it would be overwritten"):
+            run(f"ref={tmp_path / 'ref.txt'}", f"output={tmp_path / output}")
+    with pytest.raises(Loaded):  # a new file, or one translating does not read, is fine
+        run(f"ref={tmp_path / 'ref.txt'}", f"output={tmp_path / 'out.txt'}")
+
+
+def test_output_may_not_be_the_tokenizer(run, tmp_path, monkeypatch):
+    """The tokenizer is known once the checkpoint is read: refused then, before translating."""
+    spm = tmp_path / "spm.model"
+    spm.write_bytes(b"")
+    tok = SimpleNamespace(path=spm)
+    loaded = (SimpleNamespace(), tok, tok, {"data": {"max_len": 10}})
+    monkeypatch.setattr(translate_cli, "load_for_inference", lambda *a: loaded)
+    with pytest.raises(ValueError, match="spm.model is the source tokenizer: it would be"):
+        run(f"output={spm}")

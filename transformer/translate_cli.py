@@ -97,6 +97,18 @@ def check_output(path: str) -> None:
         raise PermissionError(f"output={path}: the file exists and is not writable")
 
 
+def check_not_read(path: str, read: dict[str, str | Path | None]) -> None:
+    """``output=`` is none of the files translating reads (``read``: what each is called, the
+    file or None): writing it would destroy a checkpoint or tokenizer, or replace a reference
+    with the hypotheses. Another name of the same file (a hard or symbolic link) counts."""
+    out = Path(path)
+    if not out.exists():
+        return
+    for what, other in read.items():
+        if other is not None and Path(other).exists() and os.path.samefile(out, other):
+            raise ValueError(f"output={path} is the {what}: it would be overwritten")
+
+
 def format_output(
     nbest: list[list], tgt_tok, k: int, first: int = 0
 ) -> tuple[list[str], list[str]]:
@@ -216,8 +228,8 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
             )
         if cfg.output:
             check_output(cfg.output)
-            if cfg.input and Path(cfg.output).resolve() == Path(cfg.input).resolve():
-                raise ValueError(f"output={cfg.output} is the input file: it would be overwritten")
+            read = {"input file": cfg.input, "reference file": cfg.ref, "checkpoint": ckpt}
+            check_not_read(cfg.output, read)
     if cfg.attention_plot:
         try:
             Path(cfg.attention_plot).mkdir(parents=True, exist_ok=True)
@@ -225,6 +237,9 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
             raise DataError(f"attention_plot={cfg.attention_plot}: {e.strerror or e}") from e
     opts = decode_options(cfg.decode)  # a bad setting fails before the model is loaded
     model, src_tok, tgt_tok, train_cfg = load_for_inference(ckpt, device)
+    if cfg.output and not prompt:
+        tokenizers = {"source tokenizer": src_tok.path, "target tokenizer": tgt_tok.path}
+        check_not_read(cfg.output, tokenizers)
     max_len = train_cfg["data"]["max_len"]
 
     seen = [0]  # inputs so far: the index of the next picture folder
