@@ -72,3 +72,10 @@ def test_output_may_not_be_the_tokenizer(run, tmp_path, monkeypatch):
     monkeypatch.setattr(translate_cli, "load_for_inference", lambda *a: loaded)
     with pytest.raises(ValueError, match="spm.model is the source tokenizer: it would be"):
         run(f"output={spm}")
+
+
+def test_scoring_an_empty_input_is_one_clear_error(run, tmp_path):
+    """An empty input and reference reached sacreBLEU: an IndexError traceback."""
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.txt and ref=.*empty.txt are empty: nothing to"):
+        run(f"input={tmp_path / 'empty.txt'}", f"ref={tmp_path / 'empty.txt'}")

@@ -226,6 +226,10 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
                 f"ref={cfg.ref} has {len(refs)} lines but input={cfg.input or '(stdin)'} has "
                 f"{len(lines)}: one reference per input line"
             )
+        if refs is not None and not lines:  # sacreBLEU's IndexError on no sentences at all
+            raise ValueError(
+                f"input={cfg.input or '(stdin)'} and ref={cfg.ref} are empty: nothing to score"
+            )
         if cfg.output:
             check_output(cfg.output)
             read = {"input file": cfg.input, "reference file": cfg.ref, "checkpoint": ckpt}
