@@ -7,12 +7,14 @@ No model is trained: ``load_for_inference`` is replaced, so each test takes a fr
 second.
 """
 
+import json
 import os
 from types import SimpleNamespace
 
 import pytest
 
 from transformer import translate_cli
+from transformer.checkpoint import CheckpointError
 
 
 class Loaded(Exception):
@@ -79,3 +81,20 @@ def test_scoring_an_empty_input_is_one_clear_error(run, tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.txt and ref=.*empty.txt are empty: nothing to"):
         run(f"input={tmp_path / 'empty.txt'}", f"ref={tmp_path / 'empty.txt'}")
+
+
+def test_a_folder_that_is_no_run_says_what_to_give(run, tmp_path):
+    """ckpt=RUN/checkpoints was called an unfinished run whose RUN/checkpoints/checkpoints
+    held no checkpoint; a folder of something else, the same."""
+    ckpts = tmp_path / "r" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "best.pt").write_bytes(b"")
+    (tmp_path / "r" / "metrics.json").write_text(json.dumps({"final": {}}))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"folder of checkpoints: name one, e.g. ckpt={ckpts}/best.pt \(or the run folder",
+    ):
+        run(f"ckpt={ckpts}")
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(CheckpointError, match="with neither metrics.json nor checkpoints/, not"):
+        run(f"ckpt={tmp_path / 'tokenizer'}")

@@ -149,6 +149,38 @@ def report_cut(model, ids: list[list[int]], nbest: list[list], opts, first_line:
         )  # fmt: skip
 
 
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The checkpoints a folder holds, the ones to suggest first: best.pt, last.pt, the
+    step files newest first, then any other (an average)."""
+    found = [folder / n for n in ("best.pt", "last.pt") if (folder / n).is_file()]
+    found += checkpoint.step_checkpoints(folder)
+    return found + sorted(p for p in folder.glob("*.pt") if p not in found and p.is_file())
+
+
+def no_run_choice(folder: Path) -> str:
+    """Why ``ckpt=folder``, which has no metrics.json, names no finished run, and what to
+    give instead: a file of a checkpoints/ folder itself, or of an unfinished run's."""
+    if here := checkpoints_in(folder):  # RUN/checkpoints: it holds the files themselves
+        parent = folder.resolve().parent
+        run = f" (or the run folder, ckpt={parent})" if (parent / "metrics.json").is_file() else ""
+        return f"ckpt={folder} is a folder of checkpoints: name one, e.g. ckpt={here[0]}{run}"
+    ckpts = folder / "checkpoints"
+    if not ckpts.is_dir():
+        return (
+            f"ckpt={folder} is a folder with neither metrics.json nor checkpoints/, not a "
+            "run folder: name a run folder or a checkpoint file"
+        )
+    if found := checkpoints_in(ckpts):
+        return (
+            f"ckpt={folder} is a folder without metrics.json (the run has not finished); "
+            f"name a checkpoint file instead, e.g. ckpt={found[0]}"
+        )
+    return (
+        f"ckpt={folder} is a folder without metrics.json (the run has not finished), and "
+        f"{ckpts} holds no checkpoint yet"
+    )
+
+
 def run_choice(run: Path, decode, overrides: list[str]) -> Path:
     """The checkpoint a finished run in ``run`` chose on valid; sets in ``decode`` every
     decoding setting its test set was translated with (metrics.json ``decode``: the chosen
@@ -157,17 +189,7 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
     whole."""
     metrics = run / "metrics.json"
     if not metrics.is_file():
-        ckpts = run / "checkpoints"
-        found = [ckpts / n for n in ("best.pt", "last.pt") if (ckpts / n).is_file()]
-        found += checkpoint.step_checkpoints(ckpts) if ckpts.is_dir() else []
-        hint = (
-            f"name a checkpoint file instead, e.g. ckpt={found[0]}"
-            if found
-            else f"and {ckpts} holds no checkpoint: is it a run folder?"
-        )
-        raise CheckpointError(
-            f"ckpt={run} is a folder without metrics.json (the run has not finished); {hint}"
-        )
+        raise CheckpointError(no_run_choice(run))
     try:
         content = json.loads(metrics.read_text())
         final, used = content.get("final"), content.get("decode")
