@@ -98,3 +98,16 @@ def test_a_folder_that_is_no_run_says_what_to_give(run, tmp_path):
     (tmp_path / "tokenizer").mkdir()
     with pytest.raises(CheckpointError, match="with neither metrics.json nor checkpoints/, not"):
         run(f"ckpt={tmp_path / 'tokenizer'}")
+
+
+def test_a_picture_folder_of_an_earlier_translation_is_refused(run, tmp_path):
+    """Its pictures stayed beside the new ones (a line blank now, or past the new input's
+    end), numbered as if they were of this input."""
+    plots = tmp_path / "plots"
+    (plots / "0002").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"holds the pictures of an earlier translation \(0002\)"):
+        run(f"attention_plot={plots}")
+    (plots / "0002").rmdir()
+    (plots / "2024_notes").mkdir()  # anything else in it is no picture of ours
+    with pytest.raises(Loaded):
+        run(f"attention_plot={plots}")

@@ -109,6 +109,25 @@ def check_not_read(path: str, read: dict[str, str | Path | None]) -> None:
             raise ValueError(f"output={path} is the {what}: it would be overwritten")
 
 
+def make_plot_folder(path: str) -> None:
+    """Create the ``attention_plot=`` folder; one that holds the pictures of an earlier
+    translation is refused: where this one has fewer lines, or a blank line, the earlier
+    pictures would stay beside the new ones, numbered as if they were this input's."""
+    folder = Path(path)
+    ours = folder.glob("[0-9][0-9][0-9][0-9]*")  # {INDEX:04d}/, as plot_translations names them
+    earlier = [p.name for p in ours if p.name.isdigit() and p.is_dir()]
+    if earlier:
+        raise ValueError(
+            f"attention_plot={path} holds the pictures of an earlier translation "
+            f"({', '.join(sorted(earlier)[:3])}{', ...' * (len(earlier) > 3)}): they would "
+            "mix with these; name a new or empty folder"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"attention_plot={path}: {e.strerror or e}") from e
+
+
 def format_output(
     nbest: list[list], tgt_tok, k: int, first: int = 0
 ) -> tuple[list[str], list[str]]:
@@ -257,10 +276,7 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
             read = {"input file": cfg.input, "reference file": cfg.ref, "checkpoint": ckpt}
             check_not_read(cfg.output, read)
     if cfg.attention_plot:
-        try:
-            Path(cfg.attention_plot).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"attention_plot={cfg.attention_plot}: {e.strerror or e}") from e
+        make_plot_folder(cfg.attention_plot)
     opts = decode_options(cfg.decode)  # a bad setting fails before the model is loaded
     model, src_tok, tgt_tok, train_cfg = load_for_inference(ckpt, device)
     if cfg.output and not prompt:
