@@ -111,3 +111,15 @@ def test_a_picture_folder_of_an_earlier_translation_is_refused(run, tmp_path):
     (plots / "2024_notes").mkdir()  # anything else in it is no picture of ours
     with pytest.raises(Loaded):
         run(f"attention_plot={plots}")
+
+
+def test_output_may_not_be_where_the_pictures_go(run, tmp_path):
+    """output= the attention_plot= folder (or a sentence folder in it) translated every
+    line, drew the pictures, then failed to write the translations: Is a directory."""
+    plots = tmp_path / "plots"
+    for output in (plots, plots / "0001"):  # the folder still to be made; a sentence folder
+        with pytest.raises(ValueError, match="is where attention_plot=.* puts its pictures"):
+            run(f"output={output}", f"attention_plot={plots}")
+        plots.mkdir(exist_ok=True)
+    with pytest.raises(Loaded):  # a file beside the sentence folders is fine
+        run(f"output={plots / 'out.txt'}", f"attention_plot={plots}")

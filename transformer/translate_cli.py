@@ -109,6 +109,16 @@ def check_not_read(path: str, read: dict[str, str | Path | None]) -> None:
             raise ValueError(f"output={path} is the {what}: it would be overwritten")
 
 
+def check_not_pictures(output: str, plots: str) -> None:
+    """``output=`` is neither the ``attention_plot=`` folder nor one of its sentence folders,
+    which are made while translating: the translations would then fail to be written."""
+    out, folder = Path(output).resolve(), Path(plots).resolve()
+    if out == folder or (out.is_relative_to(folder) and out.relative_to(folder).parts[0].isdigit()):
+        raise ValueError(
+            f"output={output} is where attention_plot={plots} puts its pictures: name another file"
+        )
+
+
 def make_plot_folder(path: str) -> None:
     """Create the ``attention_plot=`` folder; one that holds the pictures of an earlier
     translation is refused: where this one has fewer lines, or a blank line, the earlier
@@ -272,6 +282,8 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
                 f"input={cfg.input or '(stdin)'} and ref={cfg.ref} are empty: nothing to score"
             )
         if cfg.output:
+            if cfg.attention_plot:
+                check_not_pictures(cfg.output, cfg.attention_plot)
             check_output(cfg.output)
             read = {"input file": cfg.input, "reference file": cfg.ref, "checkpoint": ckpt}
             check_not_read(cfg.output, read)
