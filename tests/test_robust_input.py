@@ -234,6 +234,29 @@ def test_output_that_cannot_be_written_is_named(tmp_path, monkeypatch):
         translate_cli.check_output(str(out))
 
 
+def test_a_failed_output_write_leaves_the_earlier_file_whole(tmp_path):
+    """A write cut short (disk full; here a file size limit) left the earlier output=
+    truncated to what fitted. The write now goes beside the file and is renamed over it;
+    a link's target is what is replaced, and the link stays a link."""
+    out, link = tmp_path / "out.txt", tmp_path / "link.txt"
+    out.write_text("old\n")
+    link.symlink_to(out)
+    script = (
+        "import resource, signal; from transformer import translate_cli\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        f"translate_cli.write_output({str(link)!r}, 'neu\\n' * 5000)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode != 0 and "output=" in run.stderr and "File too large" in run.stderr
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "link.txt", "out.txt"]  # fmt: skip
+    from transformer import translate_cli
+
+    translate_cli.write_output(str(link), "neu\n")
+    assert link.is_symlink() and out.read_text() == "neu\n"
+
+
 def test_translations_at_the_length_limit_are_reported(tiny, compose, tmp_path, caplog):
     """A hypothesis that reaches a * len(src) + b ends in a forced EOS: maybe cut short."""
     from transformer.translate_cli import report_cut

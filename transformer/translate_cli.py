@@ -22,6 +22,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,13 +77,27 @@ def read_input(path: str | None, key: str = "input") -> list[str]:
 
 def write_output(path: str, text: str) -> None:
     """``text`` into ``path`` (gzipped if it ends in .gz); a failed write (disk full, no
-    permission) names ``output=``."""
+    permission) names ``output=``. A regular file (or a new one) is written beside itself
+    and then renamed over, so a failed write leaves an earlier file whole; a link's target
+    is what is replaced, and a device or pipe (``/dev/stdout``) is written directly."""
     data = text.encode("utf-8")
+    data = gzip.compress(data, mtime=0) if path.endswith(".gz") else data
+    target = Path(path).resolve()
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
-        with open(path, "wb") as f:
-            f.write(gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
+        if target.exists() and not target.is_file():
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if target.exists():
+            shutil.copymode(target, tmp)
+        os.replace(tmp, target)
     except OSError as e:
         raise DataError(f"output={path}: {e.strerror or e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_output(path: str) -> None:
