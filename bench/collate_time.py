@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     batchers = {}
     for max_tokens in args.max_tokens:  # a budget below the longest example: before timing
         try:
-            batchers[max_tokens] = TokenBatcher(split, max_tokens, 1, specials)
+            batchers[max_tokens] = TokenBatcher(
+                split, max_tokens, 1, specials, budget="--max-tokens"
+            )
         except DataError as e:
-            ap.error(f"--max-tokens {max_tokens}: {e}")
+            ap.error(str(e))
     ways = {"collate": collate, "one example at a time": one_by_one}
     lines = [
         f"# Host time of making a training batch ({machine(torch.device('cpu'))})",

@@ -230,7 +230,8 @@ def load_batches(max_tokens: int, n: int):
     with initialize_config_dir(version_base="1.3", config_dir=conf):
         cfg = compose("train", overrides=["run_dir=/tmp/bench-run", "data.test_splits=[]"])
     splits, _, tok, _ = prepare_data(cfg, Path("/tmp/bench-run"))
-    batcher = TokenBatcher(splits["train"], max_tokens, 1, (tok.pad_id, tok.bos_id, tok.eos_id))
+    specials = (tok.pad_id, tok.bos_id, tok.eos_id)
+    batcher = TokenBatcher(splits["train"], max_tokens, 1, specials, budget="--max-tokens")
     return [batcher.batch(i) for i in batcher.epoch_batches(0)[:n]], tok
 
 
@@ -322,7 +323,7 @@ def load_checked(ap: argparse.ArgumentParser, max_tokens: int, n: int):
     try:
         return load_batches(max_tokens, n)
     except DataError as e:
-        ap.error(f"--max-tokens {max_tokens}: {e}")
+        ap.error(str(e))
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -229,3 +229,16 @@ def test_halves_split_a_batch_along_its_sentences(rows, sizes):
     for field in ("src", "src_mask", "tgt_in", "tgt_out"):
         joined = torch.cat([getattr(h, field) for h in halves])
         assert torch.equal(joined, getattr(batch, field)), field
+
+
+def test_a_budget_below_the_longest_example_names_the_setting_to_change():
+    """The trainer's message names data.max_tokens and data.max_len; a benchmark's, its own
+    option only (it has no data.max_len)."""
+    from types import SimpleNamespace
+
+    split = SimpleNamespace(src_lens=np.array([20, 55]), tgt_lens=np.array([40, 30]))
+    with pytest.raises(DataError, match=r"^data.max_tokens=50 is smaller than the longest "
+                       r"example \(56 tokens\); raise it or lower data.max_len$"):  # fmt: skip
+        TokenBatcher(split, 50, 1, (0, 1, 2))
+    with pytest.raises(DataError, match=r"^--max-tokens=50 .* \(56 tokens\); raise it$"):
+        TokenBatcher(split, 50, 1, (0, 1, 2), budget="--max-tokens")

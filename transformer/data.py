@@ -437,6 +437,7 @@ class TokenBatcher:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        budget: str = "data.max_tokens",  # what an error calls max_tokens
     ):
         self.split, self.max_tokens, self.seed, self.shuffle = split, max_tokens, seed, shuffle
         self.pad_id, self.bos_id, self.eos_id = special_ids
@@ -446,8 +447,8 @@ class TokenBatcher:
         longest = int(self.lengths.max())
         if longest > max_tokens:
             raise DataError(
-                f"data.max_tokens={max_tokens} is smaller than the longest "
-                f"example ({longest} tokens); raise it or lower data.max_len"
+                f"{budget}={max_tokens} is smaller than the longest example ({longest} "
+                f"tokens); raise it{' or lower data.max_len' * budget.startswith('data.')}"
             )
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
