@@ -324,3 +324,17 @@ def test_a_checkpoint_missing_an_entry_is_one_clear_error(tiny_ckpt, tmp_path, d
             load_for_inference(path, CPU)
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_the_progress_bar_counts_what_is_decoded(tiny, compose, tmp_path, capsys):
+    """The bar's total counted non-blank lines, but a line of characters the tokenizer
+    normalises away (a zero-width space) has no subwords and is never decoded: the bar
+    stopped at 2/3."""
+    _, _, src_tok, _, _ = tiny
+    assert src_tok.encode("\u200b") == []  # nothing to decode in this line
+    (tmp_path / "in.txt").write_text("Ein Hund.\n\u200b\nZwei Männer.\n", "utf-8")
+    capsys.readouterr()
+    best = translate_with(compose, f"ckpt={tiny[0]}", f"input={tmp_path / 'in.txt'}")
+    assert len(best) == 3 and best[1] == ""
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert " 2/2 " in bar, bar

@@ -313,9 +313,11 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
 
     seen = [0]  # inputs so far: the index of the next picture folder
 
-    def run(lines, progress=None):
+    def run(lines, bar=None):
         ids = encode_sources(lines, src_tok, max_len)
-        nbest = translate_ids(model, ids, tgt_tok, cfg.decode, device, progress)
+        if bar is not None:  # what is decoded: lines with subwords (a line of spaces has none)
+            bar.reset(total=sum(1 for s in ids if s))
+        nbest = translate_ids(model, ids, tgt_tok, cfg.decode, device, bar and bar.update)
         report_cut(model, ids, nbest, opts, first_line=seen[0] + 1)
         if cfg.attention_plot:
             from .visualize import plot_translations  # matplotlib only when asked for
@@ -327,14 +329,8 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
 
     if prompt:
         return interactive(run)
-    with tqdm(
-        total=sum(1 for line in lines if line.strip()),
-        unit="sent",
-        file=sys.stderr,
-        disable=cfg.input is None,
-        dynamic_ncols=True,
-    ) as bar:
-        best, out_lines = run(lines, bar.update)
+    with tqdm(unit="sent", file=sys.stderr, disable=cfg.input is None, dynamic_ncols=True) as bar:
+        best, out_lines = run(lines, bar)
     out = "".join(line + "\n" for line in out_lines)
     if cfg.output:
         write_output(cfg.output, out)
