@@ -209,7 +209,9 @@ def test_a_run_from_before_the_choice_translates_with_best_pt(tmp_path):
     from transformer.translate_cli import run_choice
 
     run = tmp_path / "old"
-    run.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("best.pt", "avg_last5.pt", "step_6.pt"):
+        (run / "checkpoints" / name).touch()
     (run / "metrics.json").write_text(json.dumps({"steps": 6, "decode": {"beam_size": 5}}))
     decode = {"beam_size": 5, "length_penalty": 0.6}
     assert run_choice(run, decode, []) == run / "checkpoints" / "best.pt"
@@ -236,6 +238,19 @@ def test_a_run_from_before_the_choice_translates_with_best_pt(tmp_path):
         decode = {"beam_size": 3, "length_penalty": 0.6}  # Hydra's prefixes name the same key
         run_choice(run, decode, [given])
         assert decode == {"beam_size": 3, "length_penalty": 1.4}, given
+    # the chosen file deleted since: said, with the file that chose it and one still there
+    (run / "checkpoints" / "avg_last5.pt").unlink()
+    with pytest.raises(CheckpointError, match=(
+        rf"^ckpt={run}: {run}/checkpoints/avg_last5.pt is gone, and {run}/metrics.json chose "
+        rf"it on valid \(final.checkpoint\); name another, e.g. ckpt={run}/checkpoints/best.pt$"
+    )):  # fmt: skip
+        run_choice(run, decode, [])
+    (run / "metrics.json").write_text("{}")
+    (run / "checkpoints" / "best.pt").unlink()
+    with pytest.raises(
+        CheckpointError, match="best.pt is gone, .* names no final choice; .*step_6"
+    ):
+        run_choice(run, decode, [])
     (run / "metrics.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a metrics file"):
         run_choice(run, decode, [])

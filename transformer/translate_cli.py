@@ -249,17 +249,23 @@ def run_choice(run: Path, decode, overrides: list[str]) -> Path:
             if key in decode and f"decode.{key}" not in given:
                 decode[key] = value
     if not final or not final.get("checkpoint"):  # a run from before the choice existed
+        chosen_file, why = run / "checkpoints" / "best.pt", "names no final choice"
         log.info("%s names no final choice: translating with best.pt", metrics)
-        return run / "checkpoints" / "best.pt"
-    log.info(
-        "%s: %s, beam %s, length penalty %s (chosen on %s)",
-        run,
-        final["checkpoint"],
-        decode["beam_size"],
-        decode["length_penalty"],
-        final.get("chosen_on") or "no candidates",
-    )
-    return run / final["checkpoint"]
+    else:
+        chosen_file, why = run / final["checkpoint"], "chose it on valid (final.checkpoint)"
+        log.info(
+            "%s: %s, beam %s, length penalty %s (chosen on %s)",
+            run,
+            final["checkpoint"],
+            decode["beam_size"],
+            decode["length_penalty"],
+            final.get("chosen_on") or "no candidates",
+        )
+    if not chosen_file.is_file():  # deleted since, e.g. to save disk
+        others = checkpoints_in(run / "checkpoints") if (run / "checkpoints").is_dir() else []
+        hint = f"; name another, e.g. ckpt={others[0]}" if others else ""
+        raise CheckpointError(f"ckpt={run}: {chosen_file} is gone, and {metrics} {why}{hint}")
+    return chosen_file
 
 
 def translate(cfg, overrides: list[str] | None = None) -> list[str]:
