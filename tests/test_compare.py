@@ -168,3 +168,16 @@ def test_a_wrongly_typed_metric_is_one_line_naming_file_and_key(tmp_path, capsys
     (run / "metrics.json").write_text(json.dumps({**metrics, **change}))
     assert main([str(run), "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == f"error: {run}/metrics.json: {error}\n"
+
+
+def test_scores_that_are_no_object_in_one_run_are_named(tmp_path, capsys):
+    """ "test2016": "41" beside a run with test2016 scores was a TypeError traceback (and
+    alone, a column dropped without a word)."""
+    a, b = fake_run(tmp_path / "a", 30.5), fake_run(tmp_path / "b", 31.5)
+    metrics = json.loads((b / "metrics.json").read_text())
+    (b / "metrics.json").write_text(json.dumps({**metrics, "test2016": "41"}))
+    assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {b}/metrics.json: test2016 must be an object of scores, as in "
+        f'{a}/metrics.json, got "41"\n'
+    )

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .run_files import RunError, check, read_metrics, read_valid_curve
+from .run_files import RunError, check, read_metrics, read_valid_curve, shown
 
 # what the table reads of every run's metrics.json, and of each split's scores in it
 TABLE_KEYS = {"model": "text", "parameters": "integer", "train_seconds": "number",
@@ -42,14 +42,31 @@ def load_run(path: Path) -> dict:
     return {"path": path, "metrics": metrics, "curve": read_valid_curve(path)}
 
 
+def scored_splits(runs: list[dict]) -> list[str]:
+    """The splits some run has scores of (an object with BLEU); RunError for a run whose
+    value under such a name is no object (a hand-edited ``"test2016": 41``), which the
+    table would otherwise show as no scores, or fail on."""
+    splits = {}
+    for r in runs:
+        for key, value in r["metrics"].items():
+            if isinstance(value, dict) and "bleu" in value:
+                splits.setdefault(key, r["path"] / "metrics.json")
+    for r in runs:
+        for key, where in splits.items():
+            if key in r["metrics"] and not isinstance(r["metrics"][key], dict):
+                raise RunError(
+                    f"{r['path'] / 'metrics.json'}: {key} must be an object of scores, as in "
+                    f"{where}, got {shown(r['metrics'][key])}"
+                )
+    return sorted(splits)
+
+
 def run_label(run: dict) -> str:
     return run["path"].name
 
 
 def table(runs: list[dict]) -> str:
-    splits = sorted(
-        {k for r in runs for k, v in r["metrics"].items() if isinstance(v, dict) and "bleu" in v}
-    )
+    splits = scored_splits(runs)
     header = ["run", "model", "params (M)"]
     header += [f"{s} {m}" for s in splits for m in ("BLEU", "chrF")]
     header += [
@@ -109,6 +126,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         runs = [load_run(p) for p in args.runs]
+        scored_splits(runs)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
