@@ -1,11 +1,13 @@
 import gzip
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from transformer.corpus_cache import open_split
 from transformer.data import (
     DataError,
     EncodedSplit,
@@ -64,6 +66,20 @@ def test_missing_directory_and_language_are_clear_errors(tmp_path, compose):
     cfg = compose([f"data.data_dir={tmp_path}", "data.src_lang=xx", "run_dir=/tmp/unused"])
     with pytest.raises(DataError, match="data.src_lang='xx'"):
         load_split(cfg.data, "train")
+
+
+def test_a_corpus_file_of_another_suffix_or_folder_is_named(tmp_path, compose):
+    """train.de.xz was reported as "no file train.de[.gz] (languages found: de, en)", and a
+    data.data_dir that is the corpus's own folder as "set MT_DATA_DIR or data.data_dir"."""
+    write(tmp_path / "train.de.xz", ["not read"])
+    write(tmp_path / "train.en", ["a"])
+    with pytest.raises(DataError, match=r"no file train.de\[.gz\] in .*, only train.de.xz: "):
+        load_local(tmp_path, "train", "de", "en")
+    cfg = compose([f"data.data_dir={tmp_path}", "run_dir=/tmp/unused"])
+    hint = f"{tmp_path} holds train.* itself: set data.data_dir={tmp_path.parent} data.name="
+    for load in (load_split, lambda d, s: open_split(d, s, tmp_path / "cache")):
+        with pytest.raises(DataError, match=f"not found: {tmp_path}/multi30k: .*{re.escape(hint)}"):
+            load(cfg.data, "train")
 
 
 def test_a_damaged_gzip_file_is_a_clear_error(tmp_path):

@@ -32,7 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, EncodedSplit, check_langs, find_file, iter_lines, load_split
+from .data import (
+    DataError,
+    EncodedSplit,
+    check_langs,
+    find_file,
+    iter_lines,
+    load_split,
+    missing_directory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +97,7 @@ def open_split(d, split: str, cache_dir: Path):
     check_langs(d)
     directory = Path(d.data_dir) / d.name
     if not directory.is_dir():
-        raise DataError(f"data directory not found: {directory} (set MT_DATA_DIR or data.data_dir)")
+        raise missing_directory(directory, split)
     paths = find_file(directory, split, d.src_lang), find_file(directory, split, d.tgt_lang)
     fingerprint = file_stamp(paths)
 

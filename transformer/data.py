@@ -40,11 +40,31 @@ def find_file(directory: Path, split: str, lang: str) -> Path:
         log.warning("both %s and %s exist: reading %s", files[0], files[1].name, files[0].name)
     if files:
         return files[0]
+    # Another suffix (.xz, .bz2, .txt) is no file of ours: name it, not its language as found
+    unread = sorted(p.name for p in directory.glob(f"{split}.{lang}.*"))
+    if unread:
+        raise DataError(
+            f"no file {split}.{lang}[.gz] in {directory}, only {', '.join(unread)}: "
+            f"corpora are read as plain text or .gz, so decompress it (or gzip it)"
+        )
     found = sorted({p.name.split(".")[1] for p in directory.glob(f"{split}.*") if "." in p.name})
     raise DataError(
         f"no file {split}.{lang}[.gz] in {directory} "
         f"(languages found for split '{split}': {', '.join(found) or 'none'})"
     )
+
+
+def missing_directory(directory: Path, split: str) -> DataError:
+    """The corpus folder ``data.data_dir/data.name`` is not there; where ``data.data_dir``
+    itself holds the files (the corpus's own folder given as the root), say so."""
+    hint = " (set MT_DATA_DIR or data.data_dir)"
+    if any(directory.parent.glob(f"{split}.*")):
+        hint = (
+            f": files are read from data.data_dir/data.name/{{split}}.{{lang}}, and "
+            f"{directory.parent} holds {split}.* itself: set data.data_dir="
+            f"{directory.parent.parent} data.name={directory.parent.name}"
+        )
+    return DataError(f"data directory not found: {directory}{hint}")
 
 
 # C0 controls except tab and newline, DEL, C1 controls, and the Unicode line/paragraph
@@ -152,7 +172,7 @@ def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):
     from datasets.table import InMemoryTable
 
     if not directory.is_dir():
-        raise DataError(f"data directory not found: {directory} (set MT_DATA_DIR or data.data_dir)")
+        raise missing_directory(directory, split)
     src_path, tgt_path = (
         find_file(directory, split, src_lang),
         find_file(directory, split, tgt_lang),
