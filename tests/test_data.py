@@ -13,6 +13,7 @@ from transformer.data import (
     EncodedSplit,
     TokenBatcher,
     collate,
+    iter_lines,
     load_hub,
     load_local,
     load_split,
@@ -90,6 +91,15 @@ def test_a_damaged_gzip_file_is_a_clear_error(tmp_path):
     (tmp_path / "train.de.gz").write_bytes(whole[:-10])  # cut short
     with pytest.raises(DataError, match="train.de.gz: not a readable gzip file .*ended"):
         read_lines(tmp_path / "train.de.gz")
+
+
+def test_a_gzipped_file_without_its_suffix_is_named(tmp_path):
+    """It read as lines of U+FFFD, and the error was its other side's line count."""
+    (tmp_path / "train.de").write_bytes(gzip.compress(b"eins\nzwei\n"))
+    said = f"{tmp_path}/train.de is gzip-compressed: name it train.de.gz"
+    for read in (read_lines, lambda path: list(iter_lines(path))):
+        with pytest.raises(DataError, match=re.escape(said)):
+            read(tmp_path / "train.de")
 
 
 def test_invalid_utf8_is_replaced_not_dropped(tmp_path, caplog):

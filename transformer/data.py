@@ -125,8 +125,20 @@ def decode_lines(raw: bytes, source) -> list[str]:
     return out
 
 
+GZIP_MAGIC = b"\x1f\x8b"  # never the start of UTF-8 text: a unit separator, then no character
+
+
 def open_binary(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    """``path`` opened for reading bytes, gunzipped if it ends in .gz. A gzipped file without
+    the suffix is an error: read as text it made lines of U+FFFD, or a line count mismatch
+    with its other side that said nothing of compression."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    f = open(path, "rb")
+    if f.peek(2)[:2] == GZIP_MAGIC:
+        f.close()
+        raise DataError(f"{path} is gzip-compressed: name it {path.name}.gz (or gunzip it)")
+    return f
 
 
 # What reading a damaged .gz raises: not gzip at all, cut short, or corrupt inside.
