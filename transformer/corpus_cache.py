@@ -261,31 +261,76 @@ def encode_batch(
     return out
 
 
-def log_counts(name: str, counts: dict, max_len: int) -> None:
+def first_line(mask: np.ndarray) -> int | None:
+    """The 1-based line (row of the split) of the first True in ``mask``, None if none."""
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def dropped_pairs(src: np.ndarray, tgt: np.ndarray, max_len: int) -> tuple[dict, np.ndarray]:
+    """(counts, keep) of a training split's pairs: those with an empty side or a side longer
+    than ``max_len`` are dropped; counts name how many of each and the first line of each."""
+    empty = (src == 0) | (tgt == 0)
+    long = ~empty & ((src > max_len) | (tgt > max_len))
+    keep = ~(empty | long)
+    counts = {"pairs": int(keep.sum()), "dropped": int((~keep).sum()), "empty": int(empty.sum())}
+    counts.update(first_empty=first_line(empty), first_long=first_line(long))
+    return counts, keep
+
+
+def describe_drops(counts: dict, max_len: int) -> str:
+    """What was dropped, as in "N with an empty side, first at line i; M longer than
+    data.max_len=L tokens, first at line j" (caches written before the first lines were
+    counted have none to name)."""
+    parts = []
+    for n, what, first in (
+        (counts["empty"], "with an empty side", counts.get("first_empty")),
+        (counts["dropped"] - counts["empty"], f"longer than data.max_len={max_len} tokens",
+         counts.get("first_long")),
+    ):  # fmt: skip
+        parts.append(f"{n} {what}" + (f", first at line {first}" if first else ""))
+    return "; ".join(parts)
+
+
+def log_counts(name: str, counts: dict, max_len: int, lengths=None) -> None:
+    """Log what encoding dropped (training) or cut (evaluation): a warning when it changed
+    any pair. ``lengths``: an evaluation split's (source, target) lengths, whose empty lines
+    (kept, so that hypotheses stay aligned) are reported too."""
     if "dropped" in counts:
-        log.info(
-            "%s: %d pairs, dropped %d (%d with an empty side, %d longer than "
-            "data.max_len=%d tokens)",
+        level = logging.WARNING if counts["dropped"] else logging.INFO
+        log.log(
+            level,
+            "%s: %d pairs, dropped %d (%s)",
             name,
             counts["pairs"],
             counts["dropped"],
-            counts["empty"],
-            counts["dropped"] - counts["empty"],
-            max_len,
+            describe_drops(counts, max_len),
         )
-    else:
-        for key, what in (("truncated", "source"), ("tgt_truncated", "target")):
-            if counts.get(key):
-                log.warning(
-                    "%s: %d %s sentence(s) longer than %d tokens truncated%s",
-                    name,
-                    counts[key],
-                    what,
-                    max_len,
-                    " for the validation loss (BLEU scores the whole text)"
-                    if what == "target"
-                    else "",
-                )
+        return
+    for key, what in (("truncated", "source"), ("tgt_truncated", "target")):
+        if counts.get(key):
+            log.warning(
+                "%s: %d %s sentence(s) longer than %d tokens truncated%s",
+                name,
+                counts[key],
+                what,
+                max_len,
+                " for the validation loss (BLEU scores the whole text)" if what == "target" else "",
+            )
+    if lengths is None:
+        return
+    for side_lens, what in zip(lengths, ("source", "reference")):
+        empty = np.asarray(side_lens) == 0
+        if empty.any() and not (what == "reference" and empty.all()):  # that one: below
+            log.warning(
+                "%s: %d of %d %s line(s) empty (first: line %d), kept so that hypotheses "
+                "stay line-aligned with the references",
+                name,
+                int(empty.sum()),
+                len(empty),
+                what,
+                first_line(empty),
+            )
 
 
 def encode_split(
@@ -354,15 +399,11 @@ def encode_split(
             mapped = EncodedSplit(ds.data.table)  # the map's output: no row selection yet
             src, tgt = mapped.src_lens, mapped.tgt_lens
             if filter_long:
-                keep = (src > 0) & (src <= max_len) & (tgt > 0) & (tgt <= max_len)
-                counts = {
-                    "pairs": int(keep.sum()),
-                    "dropped": int((~keep).sum()),
-                    "empty": int(((src == 0) | (tgt == 0)).sum()),
-                }
+                counts, keep = dropped_pairs(src, tgt, max_len)
                 if counts["pairs"] == 0:
                     raise DataError(
-                        f"{name}: no sentence pairs left after filtering (data.max_len={max_len})"
+                        f"{name}: no sentence pairs left: all {counts['dropped']} dropped, "
+                        f"{describe_drops(counts, max_len)}"
                     )
                 if counts["dropped"]:
                     ds = ds.select(np.flatnonzero(keep))
@@ -388,7 +429,7 @@ def encode_split(
         lengths = tuple(np.load(final / "lengths.npy"))
     except (OSError, ValueError) as e:  # pyarrow's and json's errors are one or the other
         raise damaged_cache(final, e) from e
-    log_counts(name, counts, max_len)
+    log_counts(name, counts, max_len, None if filter_long else lengths)
     if filter_long:
         return EncodedSplit(
             ds.data.table, lengths=lengths, pages=MappedPages(final, mapped_budget_mb)
