@@ -135,6 +135,27 @@ def test_hub_path_on_a_local_parquet_dataset(tmp_path):
     assert load_split(cfg, "train")["src"] == ["hallo"]
 
 
+def test_a_hub_dataset_out_of_reach_says_how_to_train_without_it(monkeypatch):
+    """Offline (as the tests are), the error was datasets' "Couldn't reach 'wmt/wmt14' on the
+    Hub (OfflineModeIsEnabled)" alone; with the network down, the same after ~25 s of
+    retries, without a word of local files or of HF_HUB_OFFLINE."""
+    import datasets
+
+    local = "train on local files instead: data.data_dir=DIR reads DIR/<data.name>/"
+    with pytest.raises(DataError) as e:
+        load_hub("wmt/wmt14", "de-en", "train", "en", "de")
+    assert "HF_HUB_OFFLINE is set and the dataset is not in the Hugging Face cache" in str(e.value)
+    assert local in str(e.value)
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wmt/wmt14' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(DataError, match=f"{local}.*HF_HUB_OFFLINE=1 fails at once"):
+        load_hub("wmt/wmt14", "de-en", "train", "en", "de")
+
+
 def fake_split(n=200, seed=0):
     rng = np.random.default_rng(seed)
     src = [rng.integers(4, 50, rng.integers(1, 30)).astype(np.int32) for _ in range(n)]

@@ -203,6 +203,22 @@ def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):
     return Dataset(InMemoryTable.from_pydict({"src": src, "tgt": tgt}), fingerprint=fingerprint)
 
 
+def unreachable(name: str, split: str, err: Exception) -> DataError:
+    """A Hub dataset out of reach and not in HF's cache (HF_HOME): what to do instead."""
+    from datasets import config
+
+    said = f"could not load Hub dataset {name!r} split {split!r}: {err}; "
+    if config.HF_HUB_OFFLINE:
+        said += "HF_HUB_OFFLINE is set and the dataset is not in the Hugging Face cache; "
+    said += (
+        "train on local files instead: data.data_dir=DIR reads "
+        "DIR/<data.name>/{split}.{lang}[.gz], or data.hub_name=a local dataset folder"
+    )
+    if not config.HF_HUB_OFFLINE:
+        said += " (without network, HF_HUB_OFFLINE=1 fails at once instead of after retries)"
+    return DataError(said)
+
+
 def load_hub(
     name: str,
     config: str | None,
@@ -224,7 +240,9 @@ def load_hub(
 
     try:
         ds = load_dataset(name, config, split=split, revision=revision, data_dir=data_dir)
-    except Exception as e:  # network, missing split, unknown name: one clear line
+    except ConnectionError as e:  # not in HF's cache, and offline or no network
+        raise unreachable(name, split, e) from e
+    except Exception as e:  # missing split, unknown name: one clear line
         raise DataError(f"could not load Hub dataset {name!r} split {split!r}: {e}") from e
     prefix = ""
     if "translation" in ds.column_names:
