@@ -93,13 +93,22 @@ def test_a_damaged_gzip_file_is_a_clear_error(tmp_path):
         read_lines(tmp_path / "train.de.gz")
 
 
-def test_a_gzipped_file_without_its_suffix_is_named(tmp_path):
-    """It read as lines of U+FFFD, and the error was its other side's line count."""
-    (tmp_path / "train.de").write_bytes(gzip.compress(b"eins\nzwei\n"))
-    said = f"{tmp_path}/train.de is gzip-compressed: name it train.de.gz"
+@pytest.mark.parametrize(
+    "name, data, said",
+    [
+        ("train.de", gzip.compress(b"eins\nzwei\n"), "is gzip-compressed: name it train.de.gz"),
+        ("train.de", "eins\nzwei\n".encode("utf-16"), "is UTF-16 text (it starts with a UTF-16"),
+        ("train.de.gz", gzip.compress("\ufeffeins\n".encode("utf-16-be")), "is UTF-16 text"),
+    ],
+    ids=["gzip", "utf-16", "utf-16-be.gz"],
+)
+def test_gzip_without_its_suffix_and_utf16_are_named(tmp_path, name, data, said):
+    """Read as UTF-8 text, both made lines of U+FFFD and control characters, reported only
+    as repairs or as the other side's line count."""
+    (tmp_path / name).write_bytes(data)
     for read in (read_lines, lambda path: list(iter_lines(path))):
-        with pytest.raises(DataError, match=re.escape(said)):
-            read(tmp_path / "train.de")
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / name} {said}")):
+            read(tmp_path / name)
 
 
 def test_invalid_utf8_is_replaced_not_dropped(tmp_path, caplog):

@@ -125,24 +125,33 @@ def decode_lines(raw: bytes, source) -> list[str]:
     return out
 
 
+# What reading a damaged .gz raises: not gzip at all, cut short, or corrupt inside.
+BAD_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
 GZIP_MAGIC = b"\x1f\x8b"  # never the start of UTF-8 text: a unit separator, then no character
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # little and big endian; neither starts UTF-8 text
 
 
 def open_binary(path: Path):
     """``path`` opened for reading bytes, gunzipped if it ends in .gz. A gzipped file without
-    the suffix is an error: read as text it made lines of U+FFFD, or a line count mismatch
-    with its other side that said nothing of compression."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rb")
-    f = open(path, "rb")
-    if f.peek(2)[:2] == GZIP_MAGIC:
+    the suffix is an error, and so is UTF-16 text (a byte-order mark tells): read as UTF-8,
+    either made lines of U+FFFD and control characters, reported only as repairs or as a
+    line count mismatch with the other side."""
+    f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    try:
+        head = f.peek(2)[:2]
+    except BAD_GZIP:  # not gzip at all: the caller names the file
+        f.close()
+        raise
+    if head == GZIP_MAGIC and path.suffix != ".gz":
         f.close()
         raise DataError(f"{path} is gzip-compressed: name it {path.name}.gz (or gunzip it)")
+    if head in UTF16_BOMS:
+        f.close()
+        raise DataError(
+            f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark): convert it to "
+            f"UTF-8, e.g. iconv -f UTF-16 -t UTF-8"
+        )
     return f
-
-
-# What reading a damaged .gz raises: not gzip at all, cut short, or corrupt inside.
-BAD_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def bad_gzip(path: Path | str, lines_read: int | None, err: Exception) -> DataError:
