@@ -196,3 +196,18 @@ def test_names_default_to_the_run_and_must_be_distinct(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit) as stop:
         main([str(tiny_ckpt), str(tiny_ckpt), "--names", "x", "x", "--out", str(tmp_path)])
     assert stop.value.code == 2
+
+
+def test_a_null_in_a_hub_split_is_an_empty_line(tiny_ckpt, tmp_path, monkeypatch):
+    """Training reads a Hub null as an empty side; evaluate crashed on it ('NoneType' object
+    has no attribute 'strip')."""
+    from datasets import Dataset
+
+    import transformer.data
+
+    pairs = Dataset.from_dict({"src": ["ein hund", None], "tgt": [None, "a dog"]})
+    monkeypatch.setattr(transformer.data, "load_split", lambda data_cfg, split: pairs)
+    out = tmp_path / "eval"
+    assert main([str(tiny_ckpt), "--names", "t", "--decode", "greedy", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["sentences"] == 2 and len((out / row["hypotheses"]).read_text().splitlines()) == 2

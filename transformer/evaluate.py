@@ -110,7 +110,9 @@ def evaluate(ckpt, name, split, settings, out: Path, device, data_dir=None) -> I
     from .data import load_split  # datasets is imported only here
 
     ds = load_split(data_cfg, split)
-    sources, scorer = list(ds["src"]), Scorer(list(ds["tgt"]))
+    # A null in a Hub dataset is an empty line, as training reads it (it crashed here)
+    sources, refs = (["" if t is None else t for t in ds[side]] for side in ("src", "tgt"))
+    scorer = Scorer(refs)
     ids = encode_sources(sources, src_tok, data_cfg.max_len)
     for tag, decode_cfg in settings:
         start = time.perf_counter()
