@@ -23,6 +23,7 @@ from transformer.trainer import (
     Trainer,
     TrainingError,
     inverse_sqrt,
+    run_lock,
     train,
 )
 
@@ -153,6 +154,21 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(
     assert metrics["steps"] == 9
     # the lost step-6 row was dropped and written again
     assert logged_steps(tmp_path / "run" / "valid_log.csv") == [3, 6, 9]
+
+
+def test_a_second_run_in_a_run_dir_in_use_is_refused(compose, small_overrides, tmp_path):
+    """Two runs in one folder (the same command started twice) each wrote every log row,
+    checkpoint and best.pt over the other's; the second now stops before any work."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_lock(run):  # as a run in another process holds it
+        with pytest.raises(
+            TrainingError, match=r"run_dir=.* is in use by another training run \(pid \d+"
+        ):
+            train(compose(small_overrides))
+    assert sorted(p.name for p in run.iterdir()) == [".train.lock"]  # no config.yaml, no data
+    with run_lock(run):  # released when its holder ends
+        pass
 
 
 def test_resume_refuses_another_model(compose, small_overrides):

@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
+import fcntl
 import inspect
 import json
 import logging
 import math
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -1045,6 +1048,44 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir`` (``RUN/.train.lock``, an flock, which the
+    system releases when the process ends, even by kill -9) while training in it; a
+    TrainingError when another process holds it. Two runs in one folder resumed from the
+    same checkpoint, or both started afresh, and each wrote every log row, checkpoint,
+    best.pt and metrics.json over the other's (their step files mixing in the final
+    average). A filesystem without locks is warned about, and the run goes on unlocked."""
+    path = run_dir / ".train.lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = None
+    except OSError as e:
+        busy = e
+    if busy is not None and busy.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+        f.close()  # e.g. ENOLCK, EOPNOTSUPP: no locks on this filesystem
+        log.warning("cannot lock %s (%s): nothing stops a second run in it", path, busy)
+        yield
+        return
+    if busy is not None:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise TrainingError(
+            f"run_dir={run_dir} is in use by another training run ({owner}); wait for it "
+            "to end, or use another run_dir"
+        )
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock; the file stays (removing it would race a new run)
+
+
 def train(cfg) -> dict:
     """Train per ``cfg`` into ``cfg.run_dir``; returns the final metrics dict. Under
     torchrun, every process calls this; it joins and finally leaves the process group."""
@@ -1066,10 +1107,19 @@ def train(cfg) -> dict:
                 raise TrainingError(f"run_dir={run_dir} is not writable: {e.strerror or e}") from e
             if not os.access(run_dir, os.W_OK | os.X_OK):
                 raise TrainingError(f"run_dir={run_dir} is not writable: permission denied")
-        trainer = Trainer(cfg, run_dir, ctx)
-        if ctx.is_main:  # not before: a refused resume leaves the run's own config.yaml
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        trainer.run()
-        return trainer.finish()
+        with contextlib.ExitStack() as held:
+            busy = None
+            if ctx.is_main:  # one lock for the run: rank 0's; every rank stops alike
+                try:
+                    held.enter_context(run_lock(run_dir))
+                except TrainingError as e:
+                    busy = str(e)
+            if busy := ctx.broadcast(busy):
+                raise TrainingError(busy)
+            trainer = Trainer(cfg, run_dir, ctx)
+            if ctx.is_main:  # not before: a refused resume leaves the run's own config.yaml
+                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            trainer.run()
+            return trainer.finish()
     finally:
         distributed.shutdown(ctx)
