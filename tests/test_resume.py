@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from transformer import checkpoint
 from transformer.attention import stacked_from
+from transformer.final_choice import FinalChoice
 from transformer.run_data import prepare_data
 from transformer.trainer import (
     SkipCounter,
@@ -175,6 +176,22 @@ def test_resume_refuses_another_model(compose, small_overrides):
     train(compose(small_overrides))
     with pytest.raises(TrainingError, match="holds another model"):
         train(compose(small_overrides + ["model.d_model=64", "trainer.max_steps=9"]))
+
+
+def test_keep_checkpoints_lowered_on_resume_leaves_no_older_step_file_to_average(
+    compose, small_overrides, tmp_path
+):
+    """keep_checkpoints=0 wrote no step file and pruned none: the step files from before the
+    resume stayed, and the final average took them (steps 3-6 of a run ended at 12)."""
+    make_trainer(compose, small_overrides, tmp_path).run()  # step files 3 and 6
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert len(checkpoint.step_checkpoints(ckpts)) == 2
+    again = make_trainer(
+        compose, small_overrides, tmp_path, "trainer.keep_checkpoints=0", "trainer.max_steps=9"
+    )
+    again.run()
+    assert checkpoint.step_checkpoints(ckpts) == []
+    assert FinalChoice(again).candidates() == [ckpts / "best.pt"]  # no average
 
 
 def test_the_schedule_warms_up_linearly_then_decays_as_the_inverse_square_root():

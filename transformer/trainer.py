@@ -387,8 +387,11 @@ class Trainer:
             return
         last = self.ckpt_dir / "last.pt"
         checkpoint.save(last, {**self.state(), "log_window": window})
-        if self.t.keep_checkpoints > 0 and step_file:
-            checkpoint.link_or_copy(last, self.ckpt_dir / f"step_{self.step:08d}.pt")
+        if step_file:
+            if self.t.keep_checkpoints > 0:
+                checkpoint.link_or_copy(last, self.ckpt_dir / f"step_{self.step:08d}.pt")
+            # with 0 too: a run resumed with keep_checkpoints=0 kept its earlier step files,
+            # and its final average took them, however old
             checkpoint.prune(self.ckpt_dir, self.t.keep_checkpoints)
         if best:
             checkpoint.link_or_copy(last, self.ckpt_dir / "best.pt")
