@@ -157,6 +157,27 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(
     assert logged_steps(tmp_path / "run" / "valid_log.csv") == [3, 6, 9]
 
 
+def test_a_resume_from_an_older_step_file_mends_best_pt_and_drops_the_damaged_ones(
+    compose, small_overrides, tmp_path, monkeypatch, caplog
+):
+    """BLEU best at step 4, where last.pt, step_4.pt and best.pt are one file: damaged,
+    the resume from step 3 left best.pt damaged, and with no later gain the final choice
+    failed on it after all training (and again at every rerun)."""
+    scores = iter([1.0, 0.0, 0.0, 2.0])  # steps 1, 2, 3, 4
+    monkeypatch.setattr(Trainer, "valid_bleu", lambda self: next(scores))
+    schedule = ["trainer.max_steps=4", "trainer.eval_every=1", "trainer.bleu_every=1",
+                "trainer.patience=0"]  # fmt: skip
+    make_trainer(compose, small_overrides, tmp_path, *schedule).run()
+    ckpts = tmp_path / "run" / "checkpoints"
+    with open(ckpts / "last.pt", "r+b") as f:
+        f.truncate(1000)
+    again = make_trainer(compose, small_overrides, tmp_path, *schedule)
+    assert again.resume() and (again.step, again.best_step) == (3, 1)
+    assert checkpoint.load(ckpts / "best.pt")["progress"]["step"] == 1
+    assert [p.name for p in checkpoint.step_checkpoints(ckpts)][0] == "step_00000003.pt"
+    assert "step_00000001.pt linked as best.pt" in caplog.text
+
+
 def test_a_second_run_in_a_run_dir_in_use_is_refused(compose, small_overrides, tmp_path):
     """Two runs in one folder (the same command started twice) each wrote every log row,
     checkpoint and best.pt over the other's; the second now stops before any work."""

@@ -457,6 +457,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][: torch.cuda.device_count()])
         self.reseed_rank()  # the checkpoint holds rank 0's generator state
         self.saved_step = self.step
+        if self.dist.is_main:
+            self.match_files_to(path)
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -465,6 +467,44 @@ class Trainer:
             self.batch_in_epoch,
         )
         return True
+
+    def match_files_to(self, path: Path) -> None:
+        """Make best.pt and the step files those of the run resumed from ``path``. A kill
+        between writing last.pt and linking it as best.pt left an older best.pt; a resume
+        from an older step file (last.pt damaged) left the newer step files, which failed
+        to load, and a best.pt that may be one of them (the final choice then failed on it
+        after all training) or from the steps lost: ``best_step``'s checkpoint is linked
+        as best.pt again, or best.pt is removed (the final translations then use the last
+        weights, unless a later BLEU gain writes it)."""
+        best = self.ckpt_dir / "best.pt"
+        if self.best_step == self.step > 0:  # (0: no BLEU yet, a stop before the first)
+            checkpoint.link_or_copy(path, best)
+        if path.name == "last.pt":
+            return
+        for newer in checkpoint.step_checkpoints(self.ckpt_dir):  # tried first, and failed
+            if int(checkpoint.STEP_PATTERN.match(newer.name)[1]) > self.step:
+                log.warning("%s: newer than the checkpoint resumed from, damaged: removed", newer)
+                newer.unlink()
+        if self.best_step == self.step > 0 or not best.is_file():
+            return
+        try:
+            good = checkpoint.load(best)["progress"]["step"] == self.best_step
+        except (checkpoint.CheckpointError, KeyError, TypeError):
+            good = False
+        if good:
+            return
+        kept = self.ckpt_dir / f"step_{self.best_step:08d}.pt"
+        if kept.is_file():
+            checkpoint.link_or_copy(kept, best)
+            log.warning("best.pt is not step %d's, the resumed run's best: %s linked as best.pt",
+                        self.best_step, kept.name)  # fmt: skip
+        else:
+            best.unlink()
+            log.warning(
+                "best.pt is not step %d's, the resumed run's best, nor is that step kept: "
+                "best.pt removed (a later BLEU gain writes it again)",
+                self.best_step,
+            )
 
     def restore_schedule(self, saved: dict) -> None:
         """Load the saved scheduler state (its step) with this run's peak lr, into the
