@@ -215,6 +215,17 @@ def test_keep_checkpoints_lowered_on_resume_leaves_no_older_step_file_to_average
     assert FinalChoice(again).candidates() == [ckpts / "best.pt"]  # no average
 
 
+def test_a_batch_order_changed_mid_epoch_on_resume_says_what_it_does(
+    compose, small_overrides, tmp_path, caplog
+):
+    """A changed seed or data.max_tokens was one warning among others, "takes effect": the
+    saved position within the epoch then points into another order (pairs twice or never)."""
+    make_trainer(compose, small_overrides, tmp_path).run()  # 6 steps: epoch 1, 2 batches in
+    with caplog.at_level(logging.WARNING):
+        make_trainer(compose, small_overrides, tmp_path, "seed=7", "data.max_tokens=900")
+    assert "data.max_tokens, seed changed in the middle of epoch 1 (2 batches done)" in caplog.text
+
+
 def test_the_schedule_warms_up_linearly_then_decays_as_the_inverse_square_root():
     factor = inverse_sqrt(1000)  # Vaswani et al. 2017, eq. 3, scaled to peak 1 at warmup
     assert [factor(s) for s in (0, 1, 500, 1000, 4000, 16000)] == pytest.approx(

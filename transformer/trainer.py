@@ -84,6 +84,11 @@ TOKENIZER_KEYS = tuple(
 )
 
 
+# Settings that make an epoch's batches (its shuffle, its cut into batches, the pairs kept):
+# the saved position within an epoch means another batch under another value
+ORDER_KEYS = ("seed", "data.max_tokens", "data.max_len", "data.train_split")
+
+
 # -- the loop ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class LogWindow:
@@ -187,7 +192,7 @@ class Trainer:
             if self.resume_from:
                 path, ckpt = self.resume_from
                 checkpoint.require(ckpt, path, TRAINING_KEYS)
-                self.check_config(path, ckpt["config"])
+                self.check_config(path, ckpt["config"], ckpt["progress"])
         if not self.dist.is_main:  # rank 0 trains (or finds) the tokenizer, the others reuse it
             self.dist.barrier()
         self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(
@@ -518,9 +523,10 @@ class Trainer:
             group.update(initial_lr=peak, lr=lr)
         self.scheduler.load_state_dict({**saved, "base_lrs": peaks, "_last_lr": lrs})
 
-    def check_config(self, path: Path, saved: dict) -> None:
+    def check_config(self, path: Path, saved: dict, progress: dict) -> None:
         """Refuse to resume with another model or tokenizer settings; warn about any other
-        changed setting."""
+        changed setting, and say what a changed batch order does to an epoch resumed
+        midway (``progress``: the checkpoint's)."""
         now = flatten(with_full_attention(OmegaConf.to_container(self.cfg, resolve=True)))
         before = flatten(with_full_attention(saved))
         changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
@@ -537,6 +543,17 @@ class Trainer:
         for k in changed:
             log.warning(
                 "resuming with a changed setting: %s=%r (was %r)", k, now.get(k), before.get(k)
+            )
+        reordered = [k for k in changed if k in ORDER_KEYS]
+        if reordered and progress["batch_in_epoch"] > 0:
+            log.warning(
+                "%s changed in the middle of epoch %d (%d batches done): the resumed position "
+                "is taken in another batch order, so until epoch %d some training pairs come "
+                "twice and others not at all; resume at an epoch's end, or keep the setting",
+                ", ".join(reordered),
+                progress["epoch"],
+                progress["batch_in_epoch"],
+                progress["epoch"] + 1,
             )
 
     # -- evaluation -----------------------------------------------------------------------
