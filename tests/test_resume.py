@@ -301,6 +301,16 @@ def test_a_run_stopped_at_a_limit_and_started_again_trains_no_further(
     assert more.step > first.step
 
 
+def test_a_max_steps_lowered_below_the_step_resumed_says_the_run_is_past_it(
+    compose, small_overrides, tmp_path
+):
+    """It said "already at trainer.max_steps=3" of a run at step 6."""
+    make_trainer(compose, small_overrides, tmp_path).run()
+    again = make_trainer(compose, small_overrides, tmp_path, "trainer.max_steps=3")
+    stop = again.run()["stop_reason"]
+    assert stop == "already at step 6, past trainer.max_steps=3" and again.step == 6
+
+
 def test_a_peak_lr_changed_on_resume_applies_from_the_resumed_step(
     compose, small_overrides, tmp_path, caplog, read_csv
 ):

@@ -911,7 +911,9 @@ class Trainer:
         patience had run out, as the run resumed from would stop now."""
         t = self.t
         epoch_len = len(self.batcher.epoch_batches(self.epoch))
-        if self.step >= t.max_steps:
+        if self.step > t.max_steps:  # lowered since: the steps past it are not undone
+            return f"already at step {self.step}, past trainer.max_steps={t.max_steps}"
+        if self.step == t.max_steps:
             return f"already at trainer.max_steps={t.max_steps}"
         if self.epoch + (self.batch_in_epoch >= epoch_len) >= t.max_epochs:
             return f"already trained trainer.max_epochs={t.max_epochs}"
