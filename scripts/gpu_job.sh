@@ -68,4 +68,4 @@ if [ "${EVALUATE:-1}" = 1 ]; then
   for p in "${pids[@]}"; do wait "$p"; done
   cat runs/evaluate-*/README.md 2>/dev/null | grep '^| '
 fi
-tar czf "$OUT/runs.tar.gz" --exclude='*.pt' runs
+tar czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude=.train.lock runs
