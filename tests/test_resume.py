@@ -311,6 +311,25 @@ def test_a_max_steps_lowered_below_the_step_resumed_says_the_run_is_past_it(
     assert stop == "already at step 6, past trainer.max_steps=3" and again.step == 6
 
 
+def test_a_finished_run_trained_on_sets_its_old_results_aside(
+    compose, small_overrides, tmp_path, caplog
+):
+    """Its metrics.json stayed while it trained on, read by compare, runs_table.py and
+    translate.py ckpt=RUN as the result of weights trained further (for good, if it was
+    killed before the new one). Started again with nothing left to train, it keeps it."""
+    make_trainer(compose, small_overrides, tmp_path).run()
+    old = tmp_path / "run" / "metrics.json"
+    old.write_text('{"steps": 6}\n')  # what finish() wrote
+    make_trainer(compose, small_overrides, tmp_path).run()  # already at max_steps
+    assert old.read_text() == '{"steps": 6}\n'
+    with caplog.at_level(logging.WARNING, logger="transformer.trainer"):
+        more = make_trainer(compose, small_overrides, tmp_path, "trainer.max_steps=8")
+        more.run()
+    assert more.step == 8 and not old.exists()
+    assert (tmp_path / "run" / "metrics.previous.json").read_text() == '{"steps": 6}\n'
+    assert "renamed metrics.previous.json: training goes on from step 6" in caplog.text
+
+
 def test_a_peak_lr_changed_on_resume_applies_from_the_resumed_step(
     compose, small_overrides, tmp_path, caplog, read_csv
 ):

@@ -854,6 +854,8 @@ class Trainer:
         )
         max_seconds = t.max_time_minutes * 60 if t.max_time_minutes else float("inf")
         stream, stop_reason = self.batches(), self.already_finished(max_seconds)
+        if resumed and stop_reason is None:
+            self.set_aside_results()
         if self.mixed:  # the fp32 weights may have been loaded from a checkpoint
             self.mixed.publish()
         self.model.train()
@@ -904,6 +906,21 @@ class Trainer:
                 f"{self.ckpt_dir}; run the same command to resume"
             )
         return {"stop_reason": stop_reason}
+
+    def set_aside_results(self) -> None:
+        """A finished run trained on (its limits raised): its metrics.json, read as the
+        run's result by compare, runs_table.py and ``translate.py ckpt=RUN``, would stand
+        for weights trained further until the new one is written at the end, and for good
+        if this run is killed first. It is renamed metrics.previous.json (kept, not lost)."""
+        old = self.run_dir / "metrics.json"
+        if self.dist.is_main and old.is_file():
+            old.replace(self.run_dir / "metrics.previous.json")
+            log.warning(
+                "%s: the finished run's results, renamed metrics.previous.json: training "
+                "goes on from step %d, and a new metrics.json is written at the end",
+                old,
+                self.step,
+            )
 
     def already_finished(self, max_seconds: float) -> str | None:
         """Why a run started again from its checkpoint has nothing left to train under this
@@ -1050,8 +1067,10 @@ class Trainer:
                 scores["chrf"],
                 scores["bleu_signature"],
             )
-        if self.dist.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if self.dist.is_main:  # whole or not at all: what compare and translate.py read
+            tmp = self.run_dir / ".metrics.json.tmp"
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+            tmp.replace(self.run_dir / "metrics.json")
         return metrics
 
 
