@@ -397,3 +397,20 @@ def test_a_damaged_cache_entry_names_itself_and_how_to_mend_it(tokenizers, tmp_p
         encode_split(**args)
     shutil.rmtree(entry)  # what the message says to do
     assert len(encode_split(**args)) == 1  # the pair with an empty target is dropped
+
+
+def test_a_new_cache_version_reads_the_corpus_again(
+    compose, small_overrides, tmp_path, monkeypatch
+):
+    """The raw text cache was keyed by the files' path, size and mtime only: a version
+    bumped for a change in how lines are read (their repairs) rebuilt the encoded cache
+    from the old raw text."""
+    from transformer import corpus_cache
+
+    cfg = compose([*small_overrides, f"data.cache_dir={tmp_path / 'cache'}"])
+    prepare_data(cfg, tmp_path / "run1")
+    before = sorted((tmp_path / "cache" / "raw").glob("*.arrow"))
+    monkeypatch.setattr(corpus_cache, "CACHE_VERSION", corpus_cache.CACHE_VERSION + 1)
+    prepare_data(cfg, tmp_path / "run2")
+    after = sorted((tmp_path / "cache" / "raw").glob("*.arrow"))
+    assert len(before) == 3 and len(after) == 6  # train, valid, test2016 read again

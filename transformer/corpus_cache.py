@@ -4,7 +4,8 @@ Three steps, each cached under ``data.cache_dir`` and keyed so that a changed in
 setting makes a new entry instead of reusing a stale one:
 
   raw/      local text files streamed line by line into an Arrow file (memory-mapped), keyed
-            by the files' path, size and mtime; Hub datasets are already Arrow in HF's cache.
+            by the files' path, size and mtime and the cache version; Hub datasets are
+            already Arrow in HF's cache.
   (spm/)    the SentencePiece model, trained on a bounded random sample (``sample_sentences``).
   encoded/  subword ids from ``Dataset.map(batched=True, num_proc=data.num_proc)``, keyed by
             the corpus fingerprint, direction, split, filters and both tokenizers' sha256,
@@ -49,8 +50,10 @@ RECORD_ROWS = 100_000  # rows per Arrow record batch of raw text
 
 
 def file_stamp(paths) -> str:
-    """A fingerprint of files from path, size and mtime (no reading)."""
-    stamp = "|".join(
+    """A fingerprint of files from path, size and mtime (no reading), and of the cache
+    version: the raw text cache is keyed by it alone, and the text read from the same files
+    changes with the reading (its line repairs) as much as with the files."""
+    stamp = f"v{CACHE_VERSION}|" + "|".join(
         f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in map(Path, paths)
     )
     return hashlib.sha256(stamp.encode()).hexdigest()[:16]
