@@ -153,6 +153,16 @@ def writable_below(path: Path, text: str) -> None:
         raise Invalid(f"cannot write {text}: {e.strerror}") from None
 
 
+def in_file(text: str) -> str:
+    """A file there is to read (a checkpoint): not missing, not a folder."""
+    path = Path(text)
+    if not path.exists():
+        raise Invalid(f"{text}: no such file")
+    if not path.is_file():
+        raise Invalid(f"{text} is a folder; name a file in it")
+    return text
+
+
 def out_path(folder: bool) -> Callable[[str], Path]:
     """Where a file (or, where ``folder``, a folder) of results can be written: not the
     other kind of thing, and writable (``writable_below``)."""

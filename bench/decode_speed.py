@@ -262,8 +262,14 @@ def uptime() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", help="trained Transformer checkpoint (else random weights)")
-    ap.add_argument("--rnn-ckpt", help="trained RNN checkpoint (else random weights)")
+    ap.add_argument(
+        "--ckpt",
+        type=arguments.in_file,
+        help="trained Transformer checkpoint (else random weights)",
+    )
+    ap.add_argument(
+        "--rnn-ckpt", type=arguments.in_file, help="trained RNN checkpoint (else random weights)"
+    )
     ap.add_argument("--models", type=arguments.names(MODELS), default="transformer,rnn")
     ap.add_argument("--device", type=arguments.device, default="auto")
     ap.add_argument("--threads", type=arguments.count(1), default=len(os.sched_getaffinity(0)))
@@ -284,6 +290,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", type=arguments.out_file)
     args = ap.parse_args(argv)
+    if args.baseline:  # both found only after the first model was timed
+        if not any(getattr(args, MODELS[name]) for name in args.models):
+            ap.error("--baseline needs --ckpt or --rnn-ckpt of a model in --models")
+        commit = f"{args.baseline}^{{commit}}"
+        known = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", commit],
+            capture_output=True,
+        )
+        if known.returncode:
+            ap.error(f"--baseline {args.baseline}: no such commit in {ROOT}")
     args.given = arguments.given(argv)
     torch.set_num_threads(args.threads)
     device = args.device

@@ -129,6 +129,11 @@ step_flops | --mfu nan | argument --mfu: must be a number > 0 and <= 1, got nan
 update_time | --configs base | argument --configs: unknown 'base'
 decode_speed | --models transformer,rnns | argument --models: unknown 'rnns'; valid: \
 transformer, rnn
+decode_speed | --ckpt {folder} | argument --ckpt: {folder} is a folder; name a file in it
+decode_speed | --rnn-ckpt {folder}/nope.pt | argument --rnn-ckpt: {folder}/nope.pt: no such file
+decode_speed | --baseline HEAD | --baseline needs --ckpt or --rnn-ckpt of a model in --models
+decode_speed | --models rnn --ckpt {file} --baseline HEAD | --baseline needs --ckpt or --rnn-ckpt
+decode_speed | --ckpt {file} --baseline no-such-ref | --baseline no-such-ref: no such commit in
 attention_claims | --budget-s 0 | argument --budget-s: must be a number > 0, got 0
 data_scale | --steps 1 | argument --steps: must be an integer >= 2, got 1
 """.strip().splitlines()
@@ -241,6 +246,10 @@ def test_the_documented_command_lines_still_reach_the_work(monkeypatch, tmp_path
         script, args = command[0].removeprefix("bench/").removesuffix(".py"), command[1:]
         if "--out" in args:  # the results' own files and folders stay as they are
             args[args.index("--out") + 1] = str(tmp_path / f"out{i}" / "result")
+        for option in ("--ckpt", "--rnn-ckpt"):  # a trained run's, not in a checkout
+            if option in args:
+                (tmp_path / f"ckpt{i}{option}").touch()
+                args[args.index(option) + 1] = str(tmp_path / f"ckpt{i}{option}")
         if "--rounds" in args and "--device" not in args:  # a CPU run's: a GPU here refuses it
             args += ["--device", "cpu"]
         if "cuda" in args and not torch.cuda.is_available():
