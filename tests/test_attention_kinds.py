@@ -277,6 +277,14 @@ def test_padding_does_not_change_outputs_for_pattern_kinds():
         ({"widow": 3}, "model.attention.widow is not an option"),
         ({"sparse_pattern": "dense"}, "model.attention.sparse_pattern='dense'"),
         ({"window": 0}, "model.attention.window must be a positive integer"),
+        # a bool is an int to Python: true was window 1 and failed in the first forward
+        ({"window": True}, "model.attention.window must be a positive integer, got True"),
+        # both patterns are full attention at stride 1, and the fixed one at summary = stride
+        ({"kind": "sparse", "stride": 1}, "model.attention.stride=1 makes sparse attention full"),
+        (
+            {"kind": "sparse", "sparse_pattern": "fixed", "stride": 4, "summary": 4},
+            "model.attention.summary=4 must be below model.attention.stride=4",
+        ),
     ],
 )
 def test_bad_attention_options_are_clear_errors(options, message):

@@ -585,11 +585,23 @@ def attention_config(options: Mapping | None = None) -> AttentionConfig:
             f"{SPARSE_PATTERNS}"
         )
     for key in ("window", "stride", "chunk", "summary"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
-            raise ValueError(f"model.attention.{key} must be a positive integer")
-    if cfg.summary > cfg.stride:
+        value = getattr(cfg, key)
+        # a bool is an int to Python: window=true passed as 1 and failed in the first forward
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.attention.{key} must be a positive integer, got {value!r}")
+    # Both patterns let every query see every key at stride 1 (strided: every key is a
+    # multiple of 1 away; fixed: every key is a summary key), and the fixed one at c = l:
+    # full attention at a sparse price, with nothing to say so
+    if cfg.stride < 2:
         raise ValueError(
-            f"model.attention.summary={cfg.summary} exceeds model.attention.stride={cfg.stride}"
+            f"model.attention.stride={cfg.stride} makes sparse attention full attention: "
+            "use 2 or more (or the kind scaled_dot)"
+        )
+    if cfg.summary >= cfg.stride:
+        raise ValueError(
+            f"model.attention.summary={cfg.summary} must be below "
+            f"model.attention.stride={cfg.stride}: with every position of a block a summary "
+            "position, the fixed pattern is full attention"
         )
     return cfg
 
