@@ -297,3 +297,22 @@ def test_kind_sets_both_self_attentions_and_cross_stays():
     assert isinstance(model.encoder[0].self_attn.kind, A.Linear)
     assert isinstance(model.decoder[0].self_attn.kind, A.Linear)
     assert isinstance(model.decoder[0].cross_attn.kind, A.ScaledDot)
+
+
+def test_settings_no_role_reads_are_named_and_the_rest_pass():
+    def ignored(**options):
+        return A.ignored_options(A.attention_config(options))
+
+    assert ignored() == []
+    assert ignored(kind="local", window=3) == []
+    assert ignored(kind="sparse", sparse_pattern="fixed", stride=4, summary=2) == []
+    assert ignored(decoder="linear", chunk=5) == []  # the causal prefix sums have chunks
+    assert ignored(kind="local", window=8, stride=8) == []  # the defaults say nothing
+    assert [m.split(" is ")[0] for m in ignored(window=3, stride=4, chunk=5)] == [
+        "model.attention.window=3", "model.attention.stride=4", "model.attention.chunk=5"
+    ]  # fmt: skip
+    assert ignored(kind="sparse", summary=2)[0].startswith("model.attention.summary=2 is for")
+    assert ignored(encoder="linear", cross="linear", chunk=5)  # neither is causal
+    assert ignored(kind="linear", encoder="local", decoder="sparse")[0].startswith(
+        "model.attention.kind=linear sets no role"
+    )

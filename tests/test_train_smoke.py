@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -532,6 +533,44 @@ def test_model_settings_fail_before_the_data_is_read(
     with pytest.raises(ValueError, match=message):
         train(compose(small_overrides + [override]))
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.attention.window=4"], "model.attention.window=4 is for local attention, "
+         "which no role uses (encoder=scaled_dot, decoder=scaled_dot, cross=scaled_dot)"),
+        (["model.attention.kind=local", "model.attention.stride=4"],
+         "model.attention.stride=4 is for sparse attention"),
+        (["model.attention.kind=sparse", "model.attention.summary=2"],
+         "model.attention.summary=2 is for the fixed sparse pattern"),
+        # an encoder's linear attention is not causal: it has no chunks
+        (["model.attention.encoder=linear", "model.attention.chunk=16"],
+         "model.attention.chunk=16 is for linear decoder self-attention"),
+        (["model.attention.kind=linear", "model.attention.encoder=local",
+          "model.attention.decoder=sparse"], "model.attention.kind=linear sets no role"),
+    ],
+)  # fmt: skip
+def test_attention_settings_no_role_reads_fail_before_the_data_is_read(
+    compose, small_overrides, tmp_path, overrides, message
+):
+    """A window without local attention (and the like) trained full attention, silently."""
+    with pytest.raises(TrainingError, match=re.escape(message)):
+        train(compose(small_overrides + overrides))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_run_trained_with_an_unread_attention_setting_resumes(
+    compose, small_overrides, monkeypatch
+):
+    """Refused for a new run; one that trained with it before it was refused resumes."""
+    from transformer import trainer
+
+    overrides = small_overrides + ["model.attention.window=4"]
+    monkeypatch.setattr(trainer, "ignored_options", lambda cfg: [])
+    train(compose(overrides + ["trainer.max_steps=3"]))
+    monkeypatch.undo()
+    assert train(compose(overrides))["steps"] == 6
 
 
 def test_torchrun_settings_fail_before_the_process_group_is_joined(

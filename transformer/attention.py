@@ -606,6 +606,40 @@ def attention_config(options: Mapping | None = None) -> AttentionConfig:
     return cfg
 
 
+def ignored_options(cfg: AttentionConfig) -> list[str]:
+    """Why each setting of ``cfg`` moved from its default means nothing here, naming its
+    key: a pattern size that no role's kind reads (a window without local attention, a
+    stride without sparse attention, a summary without the fixed pattern, a chunk without
+    a linear decoder self-attention: only its causal prefix sums have chunks), or a
+    ``kind`` that both self-attention roles override. Empty when every setting counts.
+    Training refuses these (trainer.py); a model built from a checkpoint does not."""
+    roles = {"encoder": cfg.encoder, "decoder": cfg.decoder, "cross": cfg.cross}
+    kinds = ", ".join(f"{role}={kind}" for role, kind in roles.items())
+    sparse = "sparse" in roles.values()
+    readers = {  # key: (read here, what reads it, the setting that makes it read)
+        "window": ("local" in roles.values(), "local attention", "kind=local"),
+        "sparse_pattern": (sparse, "sparse attention", "kind=sparse"),
+        "stride": (sparse, "sparse attention", "kind=sparse"),
+        "summary": (
+            sparse and cfg.sparse_pattern == "fixed", "the fixed sparse pattern",
+            "sparse_pattern=fixed",
+        ),
+        "chunk": (cfg.decoder == "linear", "linear decoder self-attention", "decoder=linear"),
+    }  # fmt: skip
+    default, found = AttentionConfig(), []
+    if cfg.kind != default.kind and cfg.kind not in (cfg.encoder, cfg.decoder):
+        found.append(
+            f"model.attention.kind={cfg.kind} sets no role ({kinds} are given): leave it out"
+        )
+    for key, (read, reader, setting) in readers.items():
+        if not read and getattr(cfg, key) != getattr(default, key):
+            found.append(
+                f"model.attention.{key}={getattr(cfg, key)} is for {reader}, which no role "
+                f"uses ({kinds}): leave it out, or set model.attention.{setting}"
+            )
+    return found
+
+
 def make_kind(name: str, n_heads: int, d_head: int, cfg: AttentionConfig) -> AttentionKind:
     """The ``AttentionKind`` called ``name`` (one of ``KINDS``), sized by ``cfg``."""
     builders = {

@@ -33,7 +33,14 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .attention import SDPA_KINDS, attention_config, stacked_from, use_sdpa_backends
+from .attention import (
+    SDPA_KINDS,
+    AttentionConfig,
+    attention_config,
+    ignored_options,
+    stacked_from,
+    use_sdpa_backends,
+)
 from .compiling import compile_dynamic
 from .data import TokenBatcher
 from .final_choice import FinalChoice, final_settings
@@ -193,6 +200,12 @@ class Trainer:
                 path, ckpt = self.resume_from
                 checkpoint.require(ckpt, path, TRAINING_KEYS)
                 self.check_config(path, ckpt["config"], ckpt["progress"])
+        # A setting no attention role reads (model.attention.window without local
+        # attention, ...) trained as if it were not there; a run that already trained so
+        # resumes as it was
+        ignored = ignored_options(getattr(trial, "attention_options", None) or AttentionConfig())
+        if ignored and self.resume_from is None:
+            raise TrainingError("; ".join(ignored))
         if not self.dist.is_main:  # rank 0 trains (or finds) the tokenizer, the others reuse it
             self.dist.barrier()
         self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(

@@ -94,6 +94,7 @@ class Transformer(Seq2Seq):
         self.n_heads = n_heads
         pre = norm == "pre"
         att = attention_config(attention)
+        self.attention_options = att  # the trainer refuses settings no role reads
         # The roles given a key mask that take it as an additive mask made once per pass
         self.bias_roles = {
             role for role in ("encoder", "cross") if getattr(att, role) in SDPA_KINDS
