@@ -148,6 +148,25 @@ def test_plot_files_per_layer_head_overview_and_rnn_alignment(tmp_path):
     assert sorted(p.name for p in rnn[0].iterdir()) == ["alignment.png", "sentence.txt"]
 
 
+def test_one_head_one_layer_transformer_is_drawn_as_cross_attention(tmp_path, monkeypatch):
+    """A single matrix was taken for the RNN's: alignment.png, titled "alignment"."""
+    titles, draw = [], visualize._draw
+
+    def spy(ax, weights, src_labels, tgt_labels, title, small=False):
+        titles.append(title)
+        return draw(ax, weights, src_labels, tgt_labels, title, small)
+
+    monkeypatch.setattr(visualize, "_draw", spy)
+    torch.manual_seed(0)
+    model = Transformer(V, V, PAD, d_model=16, n_heads=1, d_ff=32, n_enc_layers=1,
+                        n_dec_layers=1, attention={"cross": "linear"}).eval()  # fmt: skip
+    tok = TinyTok()
+    (out,) = plot_translations(model, [[5, 6, EOS]], [[7]], tok, tok, tmp_path)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["layer0_head0.png", "layer0_heads.png", "sentence.txt"]
+    assert titles[0] == "cross-attention (linear), layer 0, head 0"
+
+
 def test_each_picture_draws_its_own_layer_and_head(tmp_path, monkeypatch):
     """Every heatmap shows its layer's and head's weights, output tokens as rows and source
     tokens as columns: the image each one draws, read back from matplotlib. (The other
@@ -225,10 +244,10 @@ def test_interactive_plots_number_the_inputs_across_prompts(
     shapes = []
     save = visualize.save_sentence
 
-    def spy(directory, weights, src_labels, tgt_labels):
+    def spy(directory, weights, src_labels, tgt_labels, label):
         shapes.append((tuple(weights.shape[-2:]), len(tgt_labels), len(src_labels)))
         assert tgt_labels[-1] == cli_model.sp.id_to_piece(cli_model.eos_id)
-        return save(directory, weights, src_labels, tgt_labels)
+        return save(directory, weights, src_labels, tgt_labels, label)
 
     monkeypatch.setattr(visualize, "save_sentence", spy)
     overrides = ["ckpt=unused.pt", f"attention_plot={tmp_path / 'plots'}", "device=cpu"]

@@ -3,6 +3,10 @@
 What is drawn is the attention the model paid while producing its output: for the
 Transformer the cross-attention weights of every decoder layer and head (Vaswani et al.
 2017, Section 3.2), for the RNN the alignment a_ij of Bahdanau et al. 2014 (their Figure 3).
+Whatever the kind, a row holds the weights its output mixed the values with: for linear
+attention, which never forms them to compute, phi(q_i) . phi(k_j) normalised over the row
+(its quadratic form, Katharopoulos et al. 2020, eq. 4), not a softmax. The title names the
+kind. Only cross-attention is drawn: a local or sparse self-attention pattern is not.
 Rows are output tokens (the row of token t holds the weights of the step that produced it,
 the last row those of the step that produced EOS), columns are source subwords.
 
@@ -91,15 +95,18 @@ def save_overview(path, weights, src_labels, tgt_labels, title: str) -> Path:
     return Path(path)
 
 
-def save_sentence(directory, weights, src_labels, tgt_labels) -> list[Path]:
+def save_sentence(
+    directory, weights, src_labels, tgt_labels, label: str | None = "cross-attention"
+) -> list[Path]:
     """The pictures of one sentence, weights (L, h, T, S), into ``directory``:
-    ``alignment.png`` for a single matrix (the RNN), else ``layer{l}_head{i}.png`` for every
-    layer and head plus ``layer{l}_heads.png``, all heads of layer l in one picture."""
+    ``layer{l}_head{i}.png`` for every layer and head plus ``layer{l}_heads.png``, all heads
+    of layer l in one picture, titled with ``label``; ``label=None``: the RNN's alignment,
+    one matrix, ``alignment.png``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = weights.float().cpu().numpy()
     L, h = weights.shape[:2]
-    if L * h == 1:
+    if label is None:
         path = directory / "alignment.png"
         return [save_heatmap(path, weights[0, 0], src_labels, tgt_labels, "alignment (attention)")]
     paths = []
@@ -111,7 +118,7 @@ def save_sentence(directory, weights, src_labels, tgt_labels) -> list[Path]:
                     weights[layer, head],
                     src_labels,
                     tgt_labels,
-                    f"cross-attention, layer {layer}, head {head}",
+                    f"{label}, layer {layer}, head {head}",
                 )
             )
         paths.append(
@@ -120,10 +127,20 @@ def save_sentence(directory, weights, src_labels, tgt_labels) -> list[Path]:
                 weights[layer],
                 src_labels,
                 tgt_labels,
-                f"cross-attention, layer {layer}, all {h} heads",
+                f"{label}, layer {layer}, all {h} heads",
             )
         )
     return paths
+
+
+def picture_label(model) -> str | None:
+    """The title of ``model``'s pictures: its cross-attention and kind (a Transformer with
+    one layer and one head has one matrix too, and is no alignment), or None for the RNN's
+    alignment."""
+    if not hasattr(model, "cross_attention_modules"):
+        return None
+    options = getattr(model, "attention_options", None)
+    return "cross-attention" + (f" ({options.cross})" if options is not None else "")
 
 
 def plot_translations(model, src_ids, outputs, src_tok, tgt_tok, out_dir, start: int = 0):
@@ -135,7 +152,7 @@ def plot_translations(model, src_ids, outputs, src_tok, tgt_tok, out_dir, start:
     :return: the directories written
     """
     device = next(model.parameters()).device
-    written = []
+    label, written = picture_label(model), []
     for i, (src, out) in enumerate(zip(src_ids, outputs)):
         if not src or out is None:
             continue
@@ -145,7 +162,7 @@ def plot_translations(model, src_ids, outputs, src_tok, tgt_tok, out_dir, start:
         directory = Path(out_dir) / f"{start + i:04d}"
         src_labels = src_tok.pieces(src)
         tgt_labels = tgt_tok.pieces([*out, tgt_tok.eos_id])
-        save_sentence(directory, weights[0], src_labels, tgt_labels)
+        save_sentence(directory, weights[0], src_labels, tgt_labels, label)
         text = f"source: {src_tok.decode([src])[0]}\noutput: {tgt_tok.decode([out])[0]}\n"
         (directory / "sentence.txt").write_text(text, encoding="utf-8")
         written.append(directory)
