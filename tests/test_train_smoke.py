@@ -561,16 +561,20 @@ def test_attention_settings_no_role_reads_fail_before_the_data_is_read(
 
 
 def test_a_run_trained_with_an_unread_attention_setting_resumes(
-    compose, small_overrides, monkeypatch
+    compose, small_overrides, tmp_path, monkeypatch
 ):
     """Refused for a new run; one that trained with it before it was refused resumes."""
     from transformer import trainer
 
-    overrides = small_overrides + ["model.attention.window=4"]
+    cfg = compose(small_overrides + ["model.attention.window=4", "trainer.max_steps=3"])
     monkeypatch.setattr(trainer, "ignored_options", lambda cfg: [])
-    train(compose(overrides + ["trainer.max_steps=3"]))
+    (tmp_path / "old").mkdir()
+    trainer.Trainer(cfg, tmp_path / "old").run()
     monkeypatch.undo()
-    assert train(compose(overrides))["steps"] == 6
+    assert trainer.Trainer(cfg, tmp_path / "old").resume_from is not None
+    (tmp_path / "new").mkdir()
+    with pytest.raises(TrainingError, match="model.attention.window=4 is for local attention"):
+        trainer.Trainer(cfg, tmp_path / "new")
 
 
 def test_torchrun_settings_fail_before_the_process_group_is_joined(
