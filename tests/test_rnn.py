@@ -158,3 +158,78 @@ def test_the_decoder_starts_from_the_backward_state_at_the_first_token():
     enc = model.encode(src, src_mask)
     H = model.hidden_size
     torch.testing.assert_close(enc.extra["summary"], enc.memory[:, 0, H:])
+
+
+def gru_cell64(cell, x, h):
+    """torch.nn.GRUCell written out (Cho et al. 2014): gates r, z, candidate n."""
+    w_ih, w_hh = cell.weight_ih.double(), cell.weight_hh.double()
+    b_ih, b_hh = cell.bias_ih.double(), cell.bias_hh.double()
+    i_r, i_z, i_n = (x @ w_ih.T + b_ih).chunk(3, -1)
+    h_r, h_z, h_n = (h @ w_hh.T + b_hh).chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def rnnsearch64(model, enc, tgt_in):
+    """Teacher-forced logits (B, T, V) of the RNNsearch decoder, in float64 from the module
+    docstring's equations (Bahdanau et al. 2014, Appendix A), one sentence position at a
+    time, given the encoder's annotations h_j: s_0 = tanh(W_s h_1<-) for every layer; the
+    top s_{i-1} scores every h_j (additive v^T tanh(W s + U h_j + b), or s^T (P h_j + b));
+    softmax over real tokens; c_i = sum_j a_ij h_j; the cells take [E y_{i-1}; c_i], layer
+    l its own s^l_{i-1}; t_i = maxout_2(L_o [s_i; c_i; E y_{i-1}]); logits W_o t_i + b_o."""
+    p = {n: t.double() for n, t in model.state_dict().items()}  # tied weights under each name
+    H, L = model.hidden_size, model.dec_layers
+    memory, mask = enc.memory.double(), enc.src_mask  # (B, S, 2H), (B, S)
+    B = memory.shape[0]
+    h1_back = memory[:, 0, H:]  # the backward GRU's state at the first token
+    s = list(torch.tanh(h1_back @ p["bridge.weight"].T + p["bridge.bias"]).view(B, L, H).unbind(1))
+    keys = memory @ p["attention.key_proj.weight"].T
+    if "attention.key_proj.bias" in p:
+        keys = keys + p["attention.key_proj.bias"]
+    out = []
+    for i in range(tgt_in.shape[1]):
+        emb = p["tgt_embed.weight"][tgt_in[:, i]]  # (B, E)
+        if model.attention.kind == "additive":
+            w_s = s[-1] @ p["attention.query_proj.weight"].T  # (B, H)
+            e = torch.tanh(w_s[:, None] + keys) @ p["attention.score_proj.weight"][0]  # (B, S)
+        else:
+            e = (keys * s[-1][:, None]).sum(-1)
+        a = e.masked_fill(~mask, float("-inf")).softmax(-1)
+        c = (a[:, :, None] * memory).sum(1)  # (B, 2H)
+        x = torch.cat([emb, c], -1)
+        for layer, cell in enumerate(model.decoder):
+            s[layer] = x = gru_cell64(cell, x, s[layer])
+        t = torch.cat([s[-1], c, emb], -1) @ p["readout.weight"].T + p["readout.bias"]
+        t = torch.maximum(t[:, 0::2], t[:, 1::2])  # maxout over adjacent pairs
+        out.append(t @ p["out_proj.weight"].T + p["out_proj.bias"])
+    return torch.stack(out, 1)
+
+
+def test_forward_follows_the_rnnsearch_equations_written_out(model):
+    """The other tests compare one path of the model with another; this pins the decoder's
+    formulas: which state attends, each layer's own recurrent state, the tanh bridge, the
+    query in the additive score, the context as input, the maxout readout."""
+    src, src_mask, tgt_in = make_batch(extra_pad=1)
+    with torch.no_grad():
+        enc = model.encode(src, src_mask)
+        expected = rnnsearch64(model, enc, tgt_in)
+        got = model.decode_prefix(tgt_in, enc)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+def test_dropout_on_every_site_the_docstring_names_in_training_only():
+    """Dropout on the source and target embeddings, the encoder states, between decoder
+    layers and on the deep output: one call per site per pass (the between-layer one per
+    step), each at the model's rate; none acts in eval mode (the test above)."""
+    from transformer.dropout import Dropout
+
+    model = make_model("additive", dec_layers=3).train()
+    src, src_mask, tgt_in = make_batch()
+    rates = []
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.register_forward_hook(lambda mod, args, out: rates.append(mod.p))
+    model(src, src_mask, tgt_in)
+    T, L = tgt_in.shape[1], model.dec_layers
+    assert rates == [0.3] * (3 + T * (L - 1) + 1)
