@@ -161,3 +161,38 @@ def test_an_odd_model_width_has_one_sine_more_than_cosines():
     assert pe.shape == (16, 9)
     assert pe[3, 8].item() == pytest.approx(math.sin(3 * 10000 ** (-8 / 9)))
     assert pe[3, 7].item() == pytest.approx(math.cos(3 * 10000 ** (-6 / 9)))
+
+
+def test_dropout_sits_where_the_paper_puts_it_and_acts_in_training_only(monkeypatch):
+    """Vaswani et al. 2017, Section 5.4: dropout on each sublayer's output before the residual
+    sum, and on the embeddings plus positions of both stacks; here also on the attention
+    weights (attn_dropout, SDPA's dropout_p) and after the feed-forward activation
+    (act_dropout). In eval mode the model is exactly the dropout-free one."""
+    import transformer.attention as A
+    from transformer.dropout import Dropout
+
+    src, src_mask, tgt = padded_batch()
+    args = dict(d_model=32, n_heads=4, d_ff=64, n_enc_layers=2, n_dec_layers=2)
+    torch.manual_seed(0)
+    plain = Transformer(50, 50, PAD, **args, dropout=0.0).eval()
+    torch.manual_seed(0)
+    model = Transformer(50, 50, PAD, **args, dropout=0.3, attn_dropout=0.2, act_dropout=0.1)
+    sites, attn = [], []
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.register_forward_hook(lambda mod, a, out: sites.append(mod.p if mod.training else 0))
+    sdpa = A.F.scaled_dot_product_attention
+
+    def spy(*a, dropout_p=0.0, **kw):
+        attn.append(dropout_p)
+        return sdpa(*a, dropout_p=dropout_p, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    got = model.eval()(src, src_mask, tgt)
+    assert set(attn) == {0.0}
+    torch.testing.assert_close(got, plain(src, src_mask, tgt), atol=0, rtol=0)
+    sites.clear(), attn.clear()
+    model.train()(src, src_mask, tgt)
+    # embeddings of both stacks; 2 sublayers per encoder layer, 3 per decoder layer
+    assert sorted(sites) == [0.1] * 4 + [0.3] * (2 + 2 * 2 + 3 * 2)
+    assert attn == [0.2] * (2 + 2 * 2)  # every self- and cross-attention
