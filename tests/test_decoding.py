@@ -341,3 +341,16 @@ def test_only_lines_over_max_len_are_truncated_and_named(caplog):
     ids = encode_sources(["a b c", "a b c d", "", "a"], Words(), max_len=3)
     assert ids == [[5, 5, 5, 2], [5, 5, 5, 2], [], [5, 2]]
     assert "1 input line(s) longer than 3 subwords truncated (line 2)" in caplog.text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_of_n_samples_is_drawn_for_its_own_source(kind):
+    """With top_k=1 every sample is the greedy translation: all ``nbest`` samples of a
+    source, not samples of other sources grouped under it."""
+    model = make(kind)
+    src, mask = sources()
+    greedy = greedy_search(model, src, mask, BOS, EOS)
+    assert len({round(h.score, 3) for h in greedy}) == len(greedy)  # sources tell apart
+    for g, hyps in zip(greedy, draw(model, 0, top_k=1, nbest=3)):
+        assert [h.tokens for h in hyps] == [g.tokens] * 3
+        assert [h.score for h in hyps] == pytest.approx([g.score] * 3, abs=1e-5)
