@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import BOS, EOS, PAD, make, sources
+from tiny_models import BOS, EOS, PAD, V, make, sources
 
 from transformer.search import Uncached, beam_search, greedy_search, length_limits, sample_search
 from transformer.seq2seq import EncoderOut
+from transformer.transformer_model import Transformer
 
 KINDS = ["transformer", "additive", "dot"]
 
@@ -193,3 +194,13 @@ def test_the_length_limit_is_a_times_the_source_length_plus_b_as_python_computes
     for n, a, b in [(90, 1.3, 0), (30, 2.1, 0), (7, 1.5, 10), (200, 0.1, 1)]:
         got = length_limits(None, torch.ones(1, n, dtype=torch.bool), a, b)
         assert int(got) == int(a * n + b), (n, a, b)
+
+
+def test_a_transformer_built_with_max_positions_decodes_every_one_of_them():
+    """Its outputs take all max_positions positions (EOS forced at the last), one per step."""
+    torch.manual_seed(0)
+    model = Transformer(V, V, PAD, d_model=16, n_heads=2, d_ff=32, n_enc_layers=1,
+                        n_dec_layers=1, max_positions=7).eval()  # fmt: skip
+    src, mask = sources()
+    long = dict(max_len_a=0.0, max_len_b=50, min_len=100)
+    assert all(len(h.tokens) == 6 for h in greedy_search(model, src, mask, BOS, EOS, **long))
