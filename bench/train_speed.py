@@ -531,10 +531,9 @@ def main(argv: list[str] | None = None) -> None:
                 mode = f"/sdpa={sdpa}" if sdpa else ""
                 models["ours" + mode] = (ours, {"sdpa": sdpa})
                 models["marian" + mode] = (theirs, {"sdpa": sdpa})
-                if sdpa is None:  # early: a time limit cuts the models listed last
-                    for width in packed_widths:
-                        rows = {"rows": width, "compare_to": "marian"}
-                        models[f"ours/rows-{width}"] = (ours, rows)
+                for width in packed_widths:  # next to its pair: a time limit cuts the last
+                    rows = {"sdpa": sdpa, "rows": width, "compare_to": "marian" + mode}
+                    models[f"ours/rows-{width}" + mode] = (ours, rows)
             for sdpa in compiled:
                 mode = "+compile" + (
                     "" if args.compile_mode == "default" else f":{args.compile_mode}"
@@ -577,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
 
                 def setup(opt=opt):
                     dropout.RAND_MASK_ON_CPU = opt.get("rand_mask", True)
-                    use_sdpa_backends(opt["sdpa"].split("+") if opt.get("sdpa") else None)
+                    use_sdpa_backends(opt["sdpa"].split("+") if opt.get("sdpa") else None, device)
 
                 model = build().to(device)
                 ours_fused = opt.get("fused", fused) and mname.startswith("ours")
@@ -603,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
                         torch.cuda.empty_cache()
                     continue
                 finally:
-                    use_sdpa_backends(None)
+                    use_sdpa_backends(None, device)
                 if args.rounds > 1:
                     alive[mname] = timing
                     continue
@@ -621,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
             for lo, hi in zip(bounds[:-1], bounds[1:]) if alive else []:
                 for timing in alive.values():
                     timing.run(hi - lo)
-            use_sdpa_backends(None)
+            use_sdpa_backends(None, device)
             measured.update((mname, timing.result()) for mname, timing in alive.items())
             rows = table_rows(models, measured, cname, max_tokens, mcfg, V, pad, peak)
             lines += rows
