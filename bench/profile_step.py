@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         )
     mcfg = CONFIGS[args.config]
-    sdpa = use_sdpa_backends(args.sdpa.split("+") if args.sdpa else None)
+    sdpa = use_sdpa_backends(args.sdpa.split("+") if args.sdpa else None, device)
     padded = [b.to(device) for b in host_batches]
     V, pad = len(tok), tok.pad_id
     lines = [

@@ -1,6 +1,8 @@
 """The attention family (attention.py): every kind against a direct float64 formula,
 causality, incremental decoding, and the whole Transformer decoding with each kind."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,6 +197,44 @@ def test_default_path_is_fused_sdpa_without_explicit_masks(monkeypatch):
     assert dec_self == (None, True, None)  # SDPA builds the causal mask itself
     assert enc_self[0].shape == (2, 1, 1, 5) and cross[0].shape == (2, 1, 1, 5)
     assert all(c[2] is None for c in calls)  # SDPA's default 1/sqrt(d_k)
+
+
+@pytest.fixture
+def sdpa_switches():
+    """Every SDPA kernel allowed again after the test: the switches are process-wide."""
+    yield lambda: {n: getattr(torch.backends.cuda, s.replace("enable_", "") + "_enabled")()
+                   for n, s in A.SDPA_BACKENDS.items()}  # fmt: skip
+    A.use_sdpa_backends(None, "cuda")
+
+
+def test_sdpa_backends_restrict_cuda_kernels_and_keep_math(sdpa_switches):
+    assert A.use_sdpa_backends("auto", "cuda") == ["efficient", "math"]
+    assert sdpa_switches() == {"flash": False, "efficient": True, "cudnn": False, "math": True}
+    assert A.use_sdpa_backends(["cudnn", "flash"], "cuda") == ["flash", "cudnn", "math"]
+    assert sdpa_switches() == {"flash": True, "efficient": False, "cudnn": True, "math": True}
+    assert A.use_sdpa_backends(None, "cuda") == list(A.SDPA_BACKENDS)
+    assert all(sdpa_switches().values())
+    for bad, named in ((["efficent"], "['efficent']"), ([], "empty list"), ("fast", "['fast']")):
+        with pytest.raises(ValueError, match=f"unknown {re.escape(named)}; use auto, null"):
+            A.use_sdpa_backends(bad, "cpu")  # checked on every device
+
+
+def test_sdpa_backends_leave_the_cpu_its_flash_kernel(sdpa_switches):
+    """torch's CPU attention reads the same switches: a CUDA-only restriction applied on the
+    CPU sent every call to the slower math path."""
+    assert A.use_sdpa_backends(["efficient"], "cpu") == list(A.SDPA_BACKENDS)
+    assert all(sdpa_switches().values())
+    q = torch.randn(2, 2, 6, 8)
+    with torch.profiler.profile() as prof:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    ops = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    A.use_sdpa_backends("auto", "cuda")  # what a CUDA run sets: the CPU path changes
+    with torch.profiler.profile() as prof:
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in {
+        e.name for e in prof.events()
+    }
 
 
 # -- the whole Transformer --------------------------------------------------------------------

@@ -188,7 +188,7 @@ class Trainer:
         reuse = self.t.get("cpu_malloc_reuse", True)
         if reuse and self.device.type == "cpu" and reuse_freed_memory():
             log.info("glibc malloc keeps freed memory for reuse (trainer.cpu_malloc_reuse)")
-        sdpa = use_sdpa_backends(self.t.get("sdpa_backends"))
+        sdpa = use_sdpa_backends(self.t.get("sdpa_backends", "auto"), self.device)
         if self.device.type == "cuda":
             log.info("attention kernels allowed: %s", ", ".join(sdpa))
         # The checkpoint a resumed run continues from, loaded now: a changed model or
