@@ -196,6 +196,34 @@ def load_bench(name: str):
     return module
 
 
+@pytest.mark.parametrize(
+    "compile, device, steps",
+    [
+        ("reduce-overhead", "cuda", [0, 1, 2, 3, 4, 2, 3, 4]),  # recorded at the second use
+        ("max-autotune", "cuda", [0, 1, 2, 3, 4, 2, 3, 4]),
+        ("default", "cuda", [0, 1, 2, 3, 4]),
+        (None, "cuda", [0, 1, 2, 3, 4]),
+        ("reduce-overhead", "cpu", [0, 1, 2, 3, 4]),  # no CUDA graphs on the CPU
+    ],
+)
+def test_train_speed_times_no_cuda_graph_recording(monkeypatch, compile, device, steps):
+    """The untimed steps before timing: the warm-up batches, then the timed batches once,
+    or twice through CUDA graphs, whose graph for a shape is recorded at its second use (the
+    H200 run of 2026-12-04 with one pass timed the recordings: 5x slower than eager)."""
+    train_speed = load_bench("train_speed")
+    stepped = []
+    monkeypatch.setattr(train_speed, "make_step", lambda *a: stepped.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    batches = [SimpleNamespace(i=i) for i in range(5)]
+    for b in batches:
+        b.to = lambda device, b=b: b  # the batches stay on the host
+    timing = train_speed.Timing(None, batches, 0, torch.device(device), "bf16", 3, 2, compile,
+                                False, lambda: None)  # fmt: skip
+    assert [b.i for b in stepped] == steps
+    assert [b.i for b in timing.timed] == [2, 3, 4]
+
+
 def test_fastest_sdpa_reads_the_eager_rows_of_ours_that_train_speed_writes(tmp_path):
     # gpu_bench.sh's `next` compiles each config with the kernels that won its eager sweep:
     # the winner is read back from the table train_speed.py writes, so build the rows with it.
