@@ -8,9 +8,18 @@ import torch.nn.functional as F
 
 from transformer.attention import key_bias, padding_mask
 from transformer.loss import sequence_loss
-from transformer.packing import OPEN_ROWS, pack_batch, pack_lengths, row_layout, segment_bias
+from transformer.packing import (
+    AUTO_CUDA_WIDTH,
+    OPEN_ROWS,
+    pack_batch,
+    pack_lengths,
+    resolve_width,
+    row_layout,
+    segment_bias,
+)
 from transformer.seq2seq import Batch
 from transformer.transformer_model import Transformer
+from transformer.translator import trial_build
 
 
 def test_layout_fills_rows_and_never_overflows():
@@ -164,3 +173,23 @@ def test_packed_rows_need_sdpa_attention():
     packed = pack_batch(random_batch(3, 4, 5), 0, 16)
     with pytest.raises(ValueError, match="packed rows need scaled-dot-product attention"):
         model(packed.src, packed.src_mask, packed.tgt_in, rows=packed.rows)
+
+
+@pytest.mark.parametrize(
+    "overrides, device, width",
+    [
+        ([], "cuda", AUTO_CUDA_WIDTH),  # the default Transformer on a GPU: packed
+        ([], "cuda:1", AUTO_CUDA_WIDTH),
+        ([], "cpu", 0),  # the CPU's math attention is slower in rows
+        (["model=rnn"], "cuda", 0),  # no rows for the RNN: padded, not refused
+        (["model.attention.cross=additive"], "cuda", 0),
+        (["model.attention.kind=dot"], "cuda", AUTO_CUDA_WIDTH),
+        (["trainer.packed_rows=0"], "cuda", 0),
+        (["trainer.packed_rows=64"], "cpu", 64),  # asked for: as asked
+    ],
+)
+def test_packed_rows_auto_packs_the_transformer_on_cuda_only(compose, overrides, device, width):
+    cfg = compose(overrides)
+    assert cfg.trainer.packed_rows == ("auto" if "packed_rows" not in str(overrides) else width)
+    takes_rows = getattr(trial_build(cfg.model), "takes_rows", False)
+    assert resolve_width(cfg.trainer.packed_rows, takes_rows, device) == width

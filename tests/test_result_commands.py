@@ -50,8 +50,13 @@ ADDED = {
     "trainer.cpu_malloc_reuse": NO_EFFECT,
     "trainer.compile": False,  # eager, as before the option
     "trainer.compile_mode": "default",  # torch.compile's default, as before the option
-    "trainer.sdpa_backends": None,  # torch picks the attention kernels, as before
-    "trainer.packed_rows": 0,  # padded batches, as before the option
+    # auto (the default since 2026-12-04) acts on CUDA only: another attention kernel, or the
+    # same pairs several to a row, with the same loss and gradients (test_packing.py,
+    # test_train_smoke.py); on a GPU the rounding and the dropout draws differ, as on
+    # another GPU, not the recipe. On the CPU auto is what the runs had (torch's kernels,
+    # padded batches)
+    "trainer.sdpa_backends": NO_EFFECT,
+    "trainer.packed_rows": NO_EFFECT,
     "trainer.dist_backend": NO_EFFECT,
     "trainer.dist_timeout_minutes": NO_EFFECT,
     "trainer.max_nonfinite": NO_EFFECT,  # aborts a diverging run sooner or later
@@ -72,9 +77,13 @@ BF16_GPUS = ("A100", "H100", "H200")
 def same_on_its_device(key: str, recorded, today, device: str | None) -> bool:
     """Values that train alike on the device the run had: trainer.precision=auto (the default;
     bf16 was before it; settings.resolve_precision) picks fp32 on the CPU, where bf16 autocast
-    ran as fp32, and bf16 on a GPU with bf16 tensor cores."""
+    ran as fp32, and bf16 on a GPU with bf16 tensor cores; the SDPA kernels and packed rows
+    of ``auto`` compute the same loss and gradients as the settings before it."""
     if key == "trainer.precision" and (recorded, today) == ("bf16", "auto"):
         return device == "cpu" or any(name in (device or "") for name in BF16_GPUS)
+    if (key, recorded, today) in (("trainer.sdpa_backends", None, "auto"),
+                                  ("trainer.packed_rows", 0, "auto")):  # fmt: skip
+        return True  # the defaults before 2026-12-04: why auto trains alike is under ADDED
     return recorded == today
 
 

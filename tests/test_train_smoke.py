@@ -406,7 +406,7 @@ def test_translate_nbest_tsv(compose, small_overrides, tmp_path):
         ("model.max_positions=128", "model.max_positions=128 is too small for data.max_len=128"),
         ("data.valid_split=train", "data.valid_split names the training split 'train'"),
         ("data.test_splits=[test2016,train]", "data.test_splits names the training split"),
-        ("trainer.packed_rows=-1", "trainer.packed_rows must be an integer >= 0, got -1"),
+        ("trainer.packed_rows=-1", "trainer.packed_rows must be auto or an integer >= 0, got -1"),
         ("model.attention.decoder=local", "trainer.packed_rows=64 needs the Transformer with"),
         # null where settings go: "'NoneType' object has no attribute ...", deep inside
         ("data.cache_dir=null", "data.cache_dir must name a folder .* got None"),

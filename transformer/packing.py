@@ -25,6 +25,21 @@ ALIGN = 16  # slots per row are a multiple of this (the efficient kernel's mask 
 # The rows a pair may join: the last 4 started. More rows fill a little better and take more
 # host time: results/bench/packed_fill_cpu.md compares 1, 4 and all
 OPEN_ROWS = 4
+# The width ``trainer.packed_rows=auto`` packs to on CUDA. On an H200, rows of 128 trained
+# Transformer-base at 25k-token Multi30k batches 21-33% faster than padded batches in two
+# runs (256: +27%), and the Multi30k config at 4k 17-30% faster
+# (results/bench/README.md#on-an-h200-2026-12-04); on the CPU, whose attention is the
+# unfused math path, rows are slower (results/bench/train_speed_cpu_packed_rows.md)
+AUTO_CUDA_WIDTH = 128
+
+
+def resolve_width(setting, takes_rows: bool, device) -> int:
+    """``trainer.packed_rows``: ``"auto"`` is ``AUTO_CUDA_WIDTH`` on CUDA for a model that
+    takes rows (the Transformer with SDPA attention), else 0 (padded batches); a number is
+    itself."""
+    if setting != "auto":
+        return int(setting)
+    return AUTO_CUDA_WIDTH if takes_rows and torch.device(device).type == "cuda" else 0
 
 
 def round_up(n: int, to: int = ALIGN) -> int:

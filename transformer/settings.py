@@ -85,7 +85,7 @@ def resolve_precision(precision, device: torch.device) -> str:
 # trainer settings that count something and must be at least 1 (or 0, second list)
 AT_LEAST_ONE = ("accum_steps", "max_steps", "max_epochs", "warmup_steps", "eval_every",
                 "bleu_every", "log_every", "max_nonfinite")  # fmt: skip
-AT_LEAST_ZERO = ("patience", "keep_checkpoints", "oom_retries", "packed_rows")
+AT_LEAST_ZERO = ("patience", "keep_checkpoints", "oom_retries")
 
 
 def check_schedule(t) -> None:
@@ -96,6 +96,10 @@ def check_schedule(t) -> None:
             value = t[key]
             if not is_count(value, least):
                 raise TrainingError(f"trainer.{key} must be an integer >= {least}, got {value!r}")
+    if t.packed_rows != "auto" and not is_count(t.packed_rows, 0):
+        raise TrainingError(
+            f"trainer.packed_rows must be auto or an integer >= 0, got {t.packed_rows!r}"
+        )
     smoothing = t.label_smoothing
     if not (is_number(smoothing) and 0 <= smoothing < 1):
         raise TrainingError(

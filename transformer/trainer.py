@@ -47,7 +47,7 @@ from .final_choice import FinalChoice, final_settings
 from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
-from .packing import pack_batch, row_layout
+from .packing import pack_batch, resolve_width, row_layout
 from .precision import Bf16Weights, PrecisionError, merge_state, split_state
 from .run_data import prepare_data
 from .settings import (
@@ -165,8 +165,9 @@ class Trainer:
         # before the data is read: a fresh run trains its tokenizer and encodes the corpus
         # first (13 s of Multi30k here)
         trial = trial_build(cfg.model)
-        self.packed_rows = self.t.packed_rows
-        if self.packed_rows and not getattr(trial, "takes_rows", False):
+        self.packed_rows = self.t.packed_rows  # "auto": resolved once the device is known
+        takes_rows = getattr(trial, "takes_rows", False)
+        if self.packed_rows != "auto" and self.packed_rows and not takes_rows:
             raise TrainingError(
                 f"trainer.packed_rows={self.packed_rows} needs the Transformer with "
                 f"scaled-dot-product attention (model.attention kinds {' or '.join(SDPA_KINDS)}); "
@@ -191,6 +192,10 @@ class Trainer:
         sdpa = use_sdpa_backends(self.t.get("sdpa_backends", "auto"), self.device)
         if self.device.type == "cuda":
             log.info("attention kernels allowed: %s", ", ".join(sdpa))
+        self.packed_rows = resolve_width(self.packed_rows, takes_rows, self.device)
+        if self.packed_rows:
+            log.info("training batches packed %d slots to a row (trainer.packed_rows=%s)",
+                     self.packed_rows, self.t.packed_rows)  # fmt: skip
         # The checkpoint a resumed run continues from, loaded now: a changed model or
         # tokenizer setting is refused before the corpus is encoded (resume() loads the rest)
         self.resume_from = None
