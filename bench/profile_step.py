@@ -104,21 +104,29 @@ def top_table(events, device: str, n: int, top: int, width: int, what: str) -> l
     return table(rows, [what, "calls/step", unit])
 
 
-MODELS = ("ours", "marian", "ours/bf16-weights")  # and ours/rows-W
+MODELS = ("ours", "marian", "ours/bf16-weights")  # and ours/rows-W[/bf16-weights]
 ROWS = "ours/rows-"
+BF16W = "/bf16-weights"
+
+
+def rows_width(name: str) -> int | None:
+    """W of ours/rows-W or ours/rows-W/bf16-weights (W >= 1), else None."""
+    width = name.removeprefix(ROWS).removesuffix(BF16W)
+    if name.startswith(ROWS) and width.isascii() and width.isdigit() and int(width) >= 1:
+        return int(width)
+    return None
 
 
 def model_names(text: str) -> list[str]:
-    """``--models``: comma-separated, each of ``MODELS`` or ours/rows-W (W >= 1). Another
-    name was profiled as Marian (or, ours/bf16-weight, as plain ours) under that name."""
+    """``--models``: comma-separated, each of ``MODELS`` or ours/rows-W[/bf16-weights]
+    (W >= 1). Another name was profiled as Marian (or, ours/bf16-weight, as plain ours)
+    under that name."""
     chosen = arguments.items(text)
     for name in chosen:
-        width = name.removeprefix(ROWS)
-        if name in MODELS or (width != name and width.isascii() and width.isdigit()
-                              and int(width) >= 1):  # fmt: skip
+        if name in MODELS or rows_width(name):
             continue
         raise arguments.Invalid(
-            f"unknown model {name!r}; use {', '.join(MODELS)} or {ROWS}W (W a width >= 1)"
+            f"unknown model {name!r}; use {', '.join(MODELS)} or {ROWS}W[{BF16W}] (W a width >= 1)"
         )
     return chosen
 
@@ -139,7 +147,7 @@ def make_parser() -> argparse.ArgumentParser:
         type=model_names,
         default="ours,marian",
         help="of ours, marian, ours/bf16-weights, ours/rows-W (the batches in packed rows of "
-        "W slots: trainer.packed_rows=W)",
+        "W slots: trainer.packed_rows=W), ours/rows-W/bf16-weights (both)",
     )
     ap.add_argument("--steps", type=arguments.count(1), default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) each")
@@ -206,11 +214,10 @@ def main(argv: list[str] | None = None) -> None:
             fused = base == "ours" and (
                 args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
             )  # as trainer.fused_loss
-            prec = "bf16-weights" if mname == "ours/bf16-weights" else precision
+            prec = "bf16-weights" if mname.endswith(BF16W) else precision
             step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
             batches = padded
-            if mname.startswith(ROWS):  # FLOPs below: of the padded batches, as for all
-                width = int(mname.removeprefix(ROWS))
+            if width := rows_width(mname):  # FLOPs below: of the padded batches, as for all
                 batches = [pack_batch(b, pad, width).to(device) for b in host_batches]
             for b in batches:  # warm-up, every shape once (compilation included)
                 step(b)

@@ -396,7 +396,7 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time ours with trainer.precision=bf16-weights: the forward and backward "
         "on a bf16 copy without autocast, fused AdamW on the fp32 model (precision.py); "
-        "eager, and in each compiled mode timed",
+        "eager, and in each compiled mode timed; with --packed-rows, also in rows, eager",
     )
     ap.add_argument(
         "--packed-rows",
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
         "(`--packed-rows W`) ours/rows-W = the same batches, their pairs laid out several to "
         "a row of W slots, kept apart by a block-diagonal attention mask "
         "(transformer/packing.py); its MFU (padded) counts the FLOPs of the padded batches, "
-        "as for every other row",
+        "as for every other row; ours/rows-W/bf16-weights (both options, eager) = both",
         "- MFU: the matrix-product FLOPs of the sentence pairs at their own lengths (forward "
         "x 3), per second, over the peak; MFU (padded): of the padded batch shapes, which "
         "counts the padding's products as useful (the tables before 2026-12-03 gave only this "
@@ -546,6 +546,9 @@ def main(argv: list[str] | None = None) -> None:
                 for width in packed_widths:  # next to its pair: a time limit cuts the last
                     rows = {"sdpa": sdpa, "rows": width, "compare_to": "marian" + mode}
                     models[f"ours/rows-{width}" + mode] = (ours, rows)
+                    if args.bf16_weights:  # the trainer's fastest eager setting on a GPU
+                        both = {**rows, "precision": "bf16-weights"}
+                        models[f"ours/rows-{width}/bf16-weights" + mode] = (ours, both)
             for sdpa in compiled:
                 mode = "+compile" + (
                     "" if args.compile_mode == "default" else f":{args.compile_mode}"

@@ -112,10 +112,12 @@ train_speed | --kinds dot,additve | argument --kinds: unknown 'additve'; valid: 
 train_speed | --precision fp16 | argument --precision: invalid choice: 'fp16'
 train_speed | --device cpu --rounds 3 --steps 2 | --rounds 3 is more than --steps 2
 profile_step | --models ours,marain | argument --models: unknown model 'marain'; use ours, \
-marian, ours/bf16-weights or ours/rows-W (W a width >= 1)
+marian, ours/bf16-weights or ours/rows-W[/bf16-weights] (W a width >= 1)
 profile_step | --models ours/bf16-weight | argument --models: unknown model 'ours/bf16-weight'
 profile_step | --models ours/rows-0 | argument --models: unknown model 'ours/rows-0'
 profile_step | --models ours/rows-wide | argument --models: unknown model 'ours/rows-wide'
+profile_step | --models ours/rows-0/bf16-weights | argument --models: unknown model 'ours/rows-0/b
+profile_step | --models ours/rows-64/bf16 | argument --models: unknown model 'ours/rows-64/bf16'
 profile_step | --models ours,,marian | argument --models: a blank value in 'ours,,marian'
 attention_kernels | --methods 'cudnn,rows 0 math' | argument --methods: unknown method \
 'rows 0 math'; use cudnn, efficient, flash, math, nested flash
