@@ -139,7 +139,9 @@ def test_plot_files_per_layer_head_overview_and_rnn_alignment(tmp_path):
     assert [d.name for d in dirs] == ["0000", "0002"]
     names = sorted(p.name for p in dirs[0].iterdir())
     heads = [f"layer{layer}_head{h}.png" for layer in range(2) for h in range(2)]
-    assert names == sorted(heads + ["layer0_heads.png", "layer1_heads.png", "sentence.txt"])
+    overviews = ["layer0_heads.png", "layer1_heads.png", "encoder_layer0_heads.png"]
+    overviews += ["decoder_layer0_heads.png", "decoder_layer1_heads.png"]  # 1 + 2 layers
+    assert names == sorted(heads + overviews + ["sentence.txt"])
     image = matplotlib.image.imread(dirs[0] / "layer1_heads.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image[..., :3].std() > 0.05
     assert "w11 w12" in (dirs[0] / "sentence.txt").read_text()
@@ -163,7 +165,8 @@ def test_one_head_one_layer_transformer_is_drawn_as_cross_attention(tmp_path, mo
     tok = TinyTok()
     (out,) = plot_translations(model, [[5, 6, EOS]], [[7]], tok, tok, tmp_path)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["layer0_head0.png", "layer0_heads.png", "sentence.txt"]
+    assert names == ["decoder_layer0_heads.png", "encoder_layer0_heads.png", "layer0_head0.png",
+                     "layer0_heads.png", "sentence.txt"]  # fmt: skip
     assert titles[0] == "cross-attention (linear), layer 0, head 0"
 
 
@@ -194,6 +197,56 @@ def test_each_picture_draws_its_own_layer_and_head(tmp_path, monkeypatch):
         torch.testing.assert_close(torch.from_numpy(image), want)
         assert (src_labels, tgt_labels) == (src, tgt)
     assert not overview
+
+
+def test_self_attention_pictures_show_the_pattern_the_model_applied(tmp_path, monkeypatch):
+    """The encoder's local window and the decoder's causal mask, as drawn: each layer's
+    picture holds that layer's weights (equal to a teacher-forced pass of its own), zero
+    outside the window or above the diagonal, source pieces on both axes of the encoder's,
+    the decoder's inputs (BOS + output) as its columns."""
+    drawn, draw = {}, visualize._draw
+
+    def spy(ax, weights, src_labels, tgt_labels, title, small=False):
+        drawn.setdefault(ax.figure, []).append((weights, list(src_labels), list(tgt_labels)))
+        return draw(ax, weights, src_labels, tgt_labels, title, small)
+
+    monkeypatch.setattr(visualize, "_draw", spy)
+    suptitles, save = [], visualize.save_overview
+
+    def named(path, weights, src_labels, tgt_labels, title):
+        suptitles.append((path.name, title, weights))
+        return save(path, weights, src_labels, tgt_labels, title)
+
+    monkeypatch.setattr(visualize, "save_overview", named)
+    torch.manual_seed(0)
+    local = {"encoder": "local", "window": 1}
+    model = Transformer(V, V, PAD, d_model=32, n_heads=2, d_ff=64, n_enc_layers=2,
+                        n_dec_layers=2, attention=local).eval()  # fmt: skip
+    tok, src, out = TinyTok(), [5, 6, 7, 8, 9, EOS], [11, 12, 13]
+    plot_translations(model, [src], [out], tok, tok, tmp_path)
+    src_t, tgt_in = torch.tensor([src]), torch.tensor([[BOS, *out]])
+    maps = visualize.attention_maps(model, src_t, torch.ones_like(src_t, dtype=torch.bool), tgt_in)
+    pictures = {name: (title, w) for name, title, w in suptitles}
+    S, T = len(src), len(out) + 1
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None]
+    for layer in range(2):
+        title, w = pictures[f"encoder_layer{layer}_heads.png"]
+        assert title == f"encoder self-attention (local), layer {layer}, all 2 heads"
+        torch.testing.assert_close(torch.from_numpy(w), maps["encoder"][0, layer].float())
+        assert w.shape == (2, S, S) and (w[:, (i - j).abs() > 1] == 0).all()
+        torch.testing.assert_close(torch.from_numpy(w.sum(-1)), torch.ones(2, S))
+        title, w = pictures[f"decoder_layer{layer}_heads.png"]
+        assert title == f"decoder self-attention (scaled_dot), layer {layer}, all 2 heads"
+        torch.testing.assert_close(torch.from_numpy(w), maps["decoder"][0, layer].float())
+        assert w.shape == (2, T, T) and (w[:, torch.ones(T, T).triu(1).bool()] == 0).all()
+        assert w[:, -1, 0].min() > 0  # the last step sees BOS, not only itself
+    heatmaps = [cells for cells in drawn.values() if cells[0][0].shape == (S, S)]
+    assert len(heatmaps) == 2
+    assert all(c[1] == c[2] == tok.pieces(src) for h in heatmaps for c in h)
+    decoder = [cells for cells in drawn.values() if cells[0][0].shape == (T, T)]
+    assert len(decoder) == 2
+    inputs, outputs = tok.pieces([BOS, *out]), tok.pieces([*out, EOS])
+    assert all(c[1] == inputs and c[2] == outputs for h in decoder for c in h)
 
 
 @pytest.fixture()

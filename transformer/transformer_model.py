@@ -280,4 +280,16 @@ class Transformer(Seq2Seq):
 
     def cross_attention_modules(self) -> list:
         """The decoder's cross-attention modules, in layer order (for plots)."""
-        return [layer.cross_attn for layer in self.decoder]
+        return self.attention_modules("cross")
+
+    def attention_modules(self, role: str) -> list:
+        """The attention modules of one role, in layer order (for plots): ``encoder`` (the
+        encoder's self-attention), ``decoder`` (the decoder's causal self-attention) or
+        ``cross``."""
+        if role == "encoder":
+            return [layer.self_attn for layer in self.encoder]
+        if role == "decoder":
+            return [layer.self_attn for layer in self.decoder]
+        if role == "cross":
+            return [layer.cross_attn for layer in self.decoder]
+        raise ValueError(f"unknown attention role {role!r}: encoder, decoder or cross")

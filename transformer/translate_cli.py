@@ -8,7 +8,8 @@ with ``decode.nbest=K > 1``, up to K lines per input, tab-separated
 length-normalised for beam search (GNMT penalty) and summed for sampling, best first).
 ``ref=FILE`` also prints sacreBLEU and chrF with signatures.
 ``attention_plot=DIR`` draws the attention behind each best translation into
-``DIR/{INDEX:04d}/`` (transformer/visualize.py).
+``DIR/{INDEX:04d}/`` (transformer/visualize.py): cross-attention (the RNN's alignment), and
+the Transformer's encoder and decoder self-attention.
 
 ``ckpt`` is a checkpoint file, or a finished run's folder: then the weights, beam size and
 length penalty the run chose on its validation set (``final`` in its metrics.json, see

@@ -6,9 +6,13 @@ Transformer the cross-attention weights of every decoder layer and head (Vaswani
 Whatever the kind, a row holds the weights its output mixed the values with: for linear
 attention, which never forms them to compute, phi(q_i) . phi(k_j) normalised over the row
 (its quadratic form, Katharopoulos et al. 2020, eq. 4), not a softmax. The title names the
-kind. Only cross-attention is drawn: a local or sparse self-attention pattern is not.
-Rows are output tokens (the row of token t holds the weights of the step that produced it,
-the last row those of the step that produced EOS), columns are source subwords.
+kind. Rows are output tokens (the row of token t holds the weights of the step that
+produced it, the last row those of the step that produced EOS), columns are source subwords.
+
+The Transformer's self-attention is drawn too, one picture of all heads per layer: the
+encoder's (source subwords on both axes) and the decoder's causal one (rows the output
+tokens as above, columns the decoder's inputs, BOS and the output so far), so that a local
+window or a sparse pattern shows as the model applied it.
 
 The weights are recorded by re-running the decoder teacher-forced on BOS + the produced
 output (for beam search: the chosen hypothesis) with weights kept. A step of incremental
@@ -26,26 +30,36 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+ROLES = ("cross", "encoder", "decoder")  # the Transformer's attention, by role
+SELF_TITLES = {"encoder": "encoder self-attention", "decoder": "decoder self-attention"}
+
 
 @torch.no_grad()
-def cross_attention(model, src, src_mask, tgt_in) -> torch.Tensor:
-    """Teacher-forced attention over the source, (B, L, h, T, S): L decoder layers and h heads
-    for the Transformer, L = h = 1 (the alignment) for the RNN. Call with the model in eval.
+def attention_maps(model, src, src_mask, tgt_in) -> dict[str, torch.Tensor]:
+    """Teacher-forced attention weights by role, each (B, L, h, T_query, T_key): ``cross``
+    (B, L, h, T, S) for both models (the RNN's alignment with L = h = 1); for the
+    Transformer also ``encoder`` (B, L, h, S, S) and ``decoder`` (B, L, h, T, T), L its
+    layers, h its heads. One forward pass. Call with the model in eval.
 
     :param src: (B, S) ids  :param src_mask: (B, S) bool  :param tgt_in: (B, T) BOS + y
     """
-    if not hasattr(model, "cross_attention_modules"):  # the RNN exposes its alignment
-        return model.attention_weights(src, src_mask, tgt_in)[:, None, None]  # (B, 1, 1, T, S)
-    modules = model.cross_attention_modules()
-    for m in modules:
+    if not hasattr(model, "attention_modules"):  # the RNN exposes its alignment
+        return {"cross": model.attention_weights(src, src_mask, tgt_in)[:, None, None]}
+    modules = {role: model.attention_modules(role) for role in ROLES}
+    every = [m for role in ROLES for m in modules[role]]
+    for m in every:
         m.need_weights = True
     try:
         model(src, src_mask, tgt_in)
-        weights = [m.last_weights for m in modules]  # L x (B, h, T, S)
+        return {role: torch.stack([m.last_weights for m in modules[role]], dim=1) for role in ROLES}
     finally:
-        for m in modules:
+        for m in every:
             m.need_weights, m.last_weights = False, None
-    return torch.stack(weights, dim=1)  # (B, L, h, T, S)
+
+
+def cross_attention(model, src, src_mask, tgt_in) -> torch.Tensor:
+    """The attention over the source, (B, L, h, T, S), of ``attention_maps``."""
+    return attention_maps(model, src, src_mask, tgt_in)["cross"]
 
 
 def _draw(ax, weights, src_labels, tgt_labels, title, small=False):
@@ -133,6 +147,26 @@ def save_sentence(
     return paths
 
 
+def save_self_attention(directory, role: str, weights, key_labels, query_labels, kind=None):
+    """The self-attention of one ``role`` (``encoder`` or ``decoder``), weights (L, h, T_q,
+    T_k), into ``directory``: ``{role}_layer{l}_heads.png``, all heads of layer l in one
+    picture, titled with the role and its ``kind``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = weights.float().cpu().numpy()
+    title = SELF_TITLES[role] + (f" ({kind})" if kind else "")
+    return [
+        save_overview(
+            directory / f"{role}_layer{layer}_heads.png",
+            weights[layer],
+            key_labels,
+            query_labels,
+            f"{title}, layer {layer}, all {weights.shape[1]} heads",
+        )
+        for layer in range(weights.shape[0])
+    ]
+
+
 def picture_label(model) -> str | None:
     """The title of ``model``'s pictures: its cross-attention and kind (a Transformer with
     one layer and one head has one matrix too, and is no alignment), or None for the RNN's
@@ -158,11 +192,21 @@ def plot_translations(model, src_ids, outputs, src_tok, tgt_tok, out_dir, start:
             continue
         tgt_in = torch.tensor([[tgt_tok.bos_id, *out]], device=device)  # (1, T)
         src_t = torch.tensor([src], device=device)  # (1, S)
-        weights = cross_attention(model, src_t, torch.ones_like(src_t, dtype=torch.bool), tgt_in)
+        maps = attention_maps(model, src_t, torch.ones_like(src_t, dtype=torch.bool), tgt_in)
         directory = Path(out_dir) / f"{start + i:04d}"
         src_labels = src_tok.pieces(src)
         tgt_labels = tgt_tok.pieces([*out, tgt_tok.eos_id])
-        save_sentence(directory, weights[0], src_labels, tgt_labels, label)
+        save_sentence(directory, maps["cross"][0], src_labels, tgt_labels, label)
+        options = getattr(model, "attention_options", None)
+        if "encoder" in maps:
+            kind = getattr(options, "encoder", None)
+            save_self_attention(directory, "encoder", maps["encoder"][0], src_labels, src_labels,
+                                kind)  # fmt: skip
+        if "decoder" in maps:  # columns: the decoder's inputs, BOS and the output so far
+            in_labels = tgt_tok.pieces(tgt_in[0].tolist())
+            kind = getattr(options, "decoder", None)
+            save_self_attention(directory, "decoder", maps["decoder"][0], in_labels, tgt_labels,
+                                kind)  # fmt: skip
         text = f"source: {src_tok.decode([src])[0]}\noutput: {tgt_tok.decode([out])[0]}\n"
         (directory / "sentence.txt").write_text(text, encoding="utf-8")
         written.append(directory)
