@@ -178,6 +178,37 @@ def test_a_resume_from_an_older_step_file_mends_best_pt_and_drops_the_damaged_on
     assert "step_00000001.pt linked as best.pt" in caplog.text
 
 
+@pytest.mark.parametrize("step_file_too", [False, True])
+def test_a_resume_from_last_pt_mends_a_best_pt_damaged_on_its_own(
+    compose, small_overrides, tmp_path, monkeypatch, caplog, step_file_too
+):
+    """BLEU best at step 1, last.pt good at step 4: a damaged best.pt passed the resume and
+    failed only in the final choice, after all training. Now it is linked again from
+    step 1's file, or, where that file is the same damaged one (a hard link), removed."""
+    scores = iter([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    monkeypatch.setattr(Trainer, "valid_bleu", lambda self: next(scores))
+    schedule = ["trainer.eval_every=1", "trainer.bleu_every=1", "trainer.patience=0"]
+    make_trainer(compose, small_overrides, tmp_path, *schedule, "trainer.max_steps=4").run()
+    ckpts = tmp_path / "run" / "checkpoints"
+    best, kept = ckpts / "best.pt", ckpts / "step_00000001.pt"
+    assert kept.is_file() and checkpoint.load(best)["progress"]["step"] == 1
+    if step_file_too:
+        with open(best, "r+b") as f:  # and so the step file, where best.pt is its hard link
+            f.truncate(1000)
+        if kept.stat().st_size != 1000:  # a copy, not a link: damage the step file as well
+            kept.write_bytes(b"damaged")
+    else:
+        best.unlink()  # best.pt alone
+        best.write_bytes(b"damaged")
+    again = make_trainer(compose, small_overrides, tmp_path, *schedule, "trainer.max_steps=6")
+    assert again.resume() and (again.step, again.best_step) == (4, 1)
+    if step_file_too:
+        assert not best.exists() and "nor is that step kept: best.pt removed" in caplog.text
+    else:
+        assert checkpoint.load(best)["progress"]["step"] == 1
+        assert "step_00000001.pt linked as best.pt" in caplog.text
+
+
 def test_a_second_run_in_a_run_dir_in_use_is_refused(compose, small_overrides, tmp_path):
     """Two runs in one folder (the same command started twice) each wrote every log row,
     checkpoint and best.pt over the other's; the second now stops before any work."""

@@ -148,6 +148,14 @@ class SkipCounter:
         return count, longest, tokens
 
 
+def holds_step(path: Path, step: int) -> bool:
+    """Whether the checkpoint at ``path`` loads and is the one written at ``step``."""
+    try:
+        return checkpoint.load(path)["progress"]["step"] == step
+    except (checkpoint.CheckpointError, KeyError, TypeError):
+        return False
+
+
 class Trainer:
     def __init__(self, cfg, run_dir: Path, dist: distributed.Dist | None = None):
         check_sections(cfg)
@@ -498,33 +506,31 @@ class Trainer:
         to load, and a best.pt that may be one of them (the final choice then failed on it
         after all training) or from the steps lost: ``best_step``'s checkpoint is linked
         as best.pt again, or best.pt is removed (the final translations then use the last
-        weights, unless a later BLEU gain writes it)."""
+        weights, unless a later BLEU gain writes it). best.pt is checked on every resume,
+        also from last.pt: one damaged on its own failed only in the final choice."""
         best = self.ckpt_dir / "best.pt"
         if self.best_step == self.step > 0:  # (0: no BLEU yet, a stop before the first)
             checkpoint.link_or_copy(path, best)
-        if path.name == "last.pt":
-            return
-        for newer in checkpoint.step_checkpoints(self.ckpt_dir):  # tried first, and failed
-            if int(checkpoint.STEP_PATTERN.match(newer.name)[1]) > self.step:
-                log.warning("%s: newer than the checkpoint resumed from, damaged: removed", newer)
-                newer.unlink()
+        if path.name != "last.pt":
+            for newer in checkpoint.step_checkpoints(self.ckpt_dir):  # tried first, failed
+                if int(checkpoint.STEP_PATTERN.match(newer.name)[1]) > self.step:
+                    log.warning("%s: newer than the checkpoint resumed from, damaged: removed",
+                                newer)  # fmt: skip
+                    newer.unlink()
         if self.best_step == self.step > 0 or not best.is_file():
             return
-        try:
-            good = checkpoint.load(best)["progress"]["step"] == self.best_step
-        except (checkpoint.CheckpointError, KeyError, TypeError):
-            good = False
-        if good:
+        if holds_step(best, self.best_step):
             return
         kept = self.ckpt_dir / f"step_{self.best_step:08d}.pt"
-        if kept.is_file():
+        if kept.is_file() and holds_step(kept, self.best_step):
             checkpoint.link_or_copy(kept, best)
-            log.warning("best.pt is not step %d's, the resumed run's best: %s linked as best.pt",
+            log.warning("best.pt is not step %d's (the resumed run's best; damaged, or another "
+                        "step's): %s linked as best.pt",
                         self.best_step, kept.name)  # fmt: skip
         else:
             best.unlink()
             log.warning(
-                "best.pt is not step %d's, the resumed run's best, nor is that step kept: "
+                "best.pt is not step %d's (the resumed run's best), nor is that step kept: "
                 "best.pt removed (a later BLEU gain writes it again)",
                 self.best_step,
             )
