@@ -8,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from transformer.cli import (
+    busy_run_dir,
     check_added_keys,
     friendly_errors,
     override_error,
@@ -32,6 +33,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = argv = run_dir_is_hydras(sys.argv[1:])
-    if reason := override_error(argv, CONF, "train", OPEN_UNDER) or unwritable_run_dir(argv):
+    reason = override_error(argv, CONF, "train", OPEN_UNDER) or busy_run_dir(argv)
+    if reason := reason or unwritable_run_dir(argv):
         sys.exit(f"error: {reason}")
     main()

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from transformer import checkpoint
 from transformer.attention import stacked_from
+from transformer.cli import busy_run_dir
 from transformer.final_choice import FinalChoice
 from transformer.run_data import prepare_data
 from transformer.trainer import (
@@ -222,6 +223,30 @@ def test_a_second_run_in_a_run_dir_in_use_is_refused(compose, small_overrides, t
     assert sorted(p.name for p in run.iterdir()) == [".train.lock"]  # no config.yaml, no data
     with run_lock(run):  # released when its holder ends
         pass
+
+
+def test_a_second_run_from_the_command_line_is_refused_before_hydra_writes(tmp_path, monkeypatch):
+    """Hydra wrote its .hydra/ files over the running run's and added to its train.log
+    before the trainer refused the second run; train.py now refuses it first."""
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RANK": "0"}
+    with run_lock(run):  # as a run in another process holds it
+        out = subprocess.run([sys.executable, str(ROOT / "train.py"), f"run_dir={run}",
+                              "trainer=debug"], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        said = f"error: run_dir={run} is in use by another training run (pid {os.getpid()} on "
+        assert out.returncode == 1 and out.stderr.startswith(said), out.stderr
+        assert sorted(p.name for p in run.iterdir()) == [".train.lock"]  # no .hydra, no log
+        assert busy_run_dir([f"hydra.run.dir={run}"]).startswith(f"run_dir={run} is in use")
+        assert busy_run_dir([f"run_dir={run}", "hydra.run.dir=/elsewhere"])
+        assert busy_run_dir([f"run_dir={tmp_path / 'other'}", f"hydra.run.dir={run}"]) is None
+        monkeypatch.setenv("RANK", "1")  # torchrun's other ranks: rank 0 holds the lock
+        assert busy_run_dir([f"run_dir={run}"]) is None
+        monkeypatch.setenv("RANK", "0")
+    assert busy_run_dir([f"run_dir={run}"]) is None  # released when its holder ends
+    assert busy_run_dir([f"run_dir={tmp_path / 'new'}"]) is None  # nothing there: not made
+    assert not (tmp_path / "new").exists()
 
 
 def test_resume_refuses_another_model(compose, small_overrides):

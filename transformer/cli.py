@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import fcntl
 import functools
 import itertools
 import logging
@@ -273,6 +274,45 @@ def unwritable_run_dir(argv: list[str]) -> str | None:
         Path(given).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"hydra.run.dir={given}: cannot create it: {e.strerror}"
+    return None
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds the training lock ``lock`` (``RUN/.train.lock``, trainer.run_lock) now, as
+    the file names them, or None: no such file, or nobody holds it. Creates nothing."""
+    try:
+        f = open(lock)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                return f.read().strip() or "another process"
+            return None  # no locks on this filesystem: run_lock warns
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def busy_run_dir(argv: list[str]) -> str | None:
+    """Why the run folder named in ``argv`` cannot take this run: another training run
+    holds its lock. The trainer refuses that run too, but only once Hydra has run, which
+    has by then written its ``.hydra/`` files over the running run's and added to its
+    ``train.log``; this says it first. Under torchrun only rank 0 asks (rank 0 holds the
+    lock for every rank)."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    if any(a.startswith("run_dir=") for a in argv):
+        given = single_run_value(argv, "run_dir")
+    else:
+        given = single_run_value(argv, "hydra.run.dir")
+    owner = given and lock_holder(Path(given) / ".train.lock")
+    if owner:
+        return (
+            f"run_dir={given} is in use by another training run ({owner}); wait for it to "
+            "end, or use another run_dir"
+        )
     return None
 
 
