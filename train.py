@@ -33,7 +33,11 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = argv = run_dir_is_hydras(sys.argv[1:])
-    reason = override_error(argv, CONF, "train", OPEN_UNDER) or busy_run_dir(argv)
-    if reason := reason or unwritable_run_dir(argv):
+    reason = (
+        override_error(argv, CONF, "train", OPEN_UNDER)
+        or busy_run_dir(argv)
+        or unwritable_run_dir(argv)
+    )
+    if reason:
         sys.exit(f"error: {reason}")
     main()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import errno
-import fcntl
 import functools
 import itertools
 import logging
@@ -21,6 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import run_lock
 from .checkpoint import CheckpointError
 from .data import DataError
 
@@ -277,24 +277,6 @@ def unwritable_run_dir(argv: list[str]) -> str | None:
     return None
 
 
-def lock_holder(lock: Path) -> str | None:
-    """Who holds the training lock ``lock`` (``RUN/.train.lock``, trainer.run_lock) now, as
-    the file names them, or None: no such file, or nobody holds it. Creates nothing."""
-    try:
-        f = open(lock)
-    except OSError:
-        return None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                return f.read().strip() or "another process"
-            return None  # no locks on this filesystem: run_lock warns
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return None
-
-
 def busy_run_dir(argv: list[str]) -> str | None:
     """Why the run folder named in ``argv`` cannot take this run: another training run
     holds its lock. The trainer refuses that run too, but only once Hydra has run, which
@@ -307,13 +289,8 @@ def busy_run_dir(argv: list[str]) -> str | None:
         given = single_run_value(argv, "run_dir")
     else:
         given = single_run_value(argv, "hydra.run.dir")
-    owner = given and lock_holder(Path(given) / ".train.lock")
-    if owner:
-        return (
-            f"run_dir={given} is in use by another training run ({owner}); wait for it to "
-            "end, or use another run_dir"
-        )
-    return None
+    owner = given and run_lock.holder(Path(given))
+    return run_lock.in_use(given, owner) if owner else None
 
 
 def single_run_value(argv: list[str], key: str) -> str | None:

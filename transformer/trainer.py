@@ -14,15 +14,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import errno
-import fcntl
 import inspect
 import json
 import logging
 import math
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -50,6 +47,7 @@ from .metrics import bleu, score_all
 from .packing import pack_batch, resolve_width, row_layout
 from .precision import Bf16Weights, PrecisionError, merge_state, split_state
 from .run_data import prepare_data
+from .run_lock import run_lock
 from .settings import (
     CUDA_GRAPH_MODES,
     TrainingError,
@@ -173,11 +171,10 @@ class Trainer:
         # before the data is read: a fresh run trains its tokenizer and encodes the corpus
         # first (13 s of Multi30k here)
         trial = trial_build(cfg.model)
-        self.packed_rows = self.t.packed_rows  # "auto": resolved once the device is known
-        takes_rows = getattr(trial, "takes_rows", False)
-        if self.packed_rows != "auto" and self.packed_rows and not takes_rows:
+        takes_rows = getattr(trial, "takes_rows", False)  # "auto" resolved with the device
+        if self.t.packed_rows not in ("auto", 0) and not takes_rows:
             raise TrainingError(
-                f"trainer.packed_rows={self.packed_rows} needs the Transformer with "
+                f"trainer.packed_rows={self.t.packed_rows} needs the Transformer with "
                 f"scaled-dot-product attention (model.attention kinds {' or '.join(SDPA_KINDS)}); "
                 "set trainer.packed_rows=0"
             )
@@ -200,7 +197,7 @@ class Trainer:
         sdpa = use_sdpa_backends(self.t.get("sdpa_backends", "auto"), self.device)
         if self.device.type == "cuda":
             log.info("attention kernels allowed: %s", ", ".join(sdpa))
-        self.packed_rows = resolve_width(self.packed_rows, takes_rows, self.device)
+        self.packed_rows = resolve_width(self.t.packed_rows, takes_rows, self.device)
         if self.packed_rows:
             log.info("training batches packed %d slots to a row (trainer.packed_rows=%s)",
                      self.packed_rows, self.t.packed_rows)  # fmt: skip
@@ -1151,44 +1148,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Hold an exclusive lock on ``run_dir`` (``RUN/.train.lock``, an flock, which the
-    system releases when the process ends, even by kill -9) while training in it; a
-    TrainingError when another process holds it. Two runs in one folder resumed from the
-    same checkpoint, or both started afresh, and each wrote every log row, checkpoint,
-    best.pt and metrics.json over the other's (their step files mixing in the final
-    average). A filesystem without locks is warned about, and the run goes on unlocked."""
-    path = run_dir / ".train.lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        busy = None
-    except OSError as e:
-        busy = e
-    if busy is not None and busy.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-        f.close()  # e.g. ENOLCK, EOPNOTSUPP: no locks on this filesystem
-        log.warning("cannot lock %s (%s): nothing stops a second run in it", path, busy)
-        yield
-        return
-    if busy is not None:
-        f.seek(0)
-        owner = f.read().strip() or "another process"
-        f.close()
-        raise TrainingError(
-            f"run_dir={run_dir} is in use by another training run ({owner}); wait for it "
-            "to end, or use another run_dir"
-        )
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    try:
-        yield
-    finally:
-        f.close()  # releases the lock; the file stays (removing it would race a new run)
 
 
 def train(cfg) -> dict:
