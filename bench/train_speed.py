@@ -269,9 +269,11 @@ class Timing:
     switches this model runs with (dropout mask, SDPA kernels) before each chunk."""
 
     def __init__(self, model, batches, pad, device, precision, steps, warmup, compile, fused,
-                 setup, rows=None):  # fmt: skip
+                 setup, rows=None, held=0):  # fmt: skip
         """``rows``: feed the batches in packed rows of this width (packing.pack_batch); the
-        FLOPs (MFU) stay counted on the padded batches, as for every model."""
+        FLOPs (MFU) stay counted on the padded batches, as for every model. ``held``: the
+        device memory allocated before ``model`` was built (other models kept for their
+        rounds), which its peak leaves out."""
         self.pad, self.device, self.setup = pad, device, setup
         setup()
         self.step = make_step(model, pad, device, precision, compile, fused)
@@ -293,15 +295,22 @@ class Timing:
         self.first_s = time.perf_counter() - t0
         for b in rest:
             self.step(b)
+        # What this model keeps between steps (weights, optimizer state, its batches): its
+        # peak is that plus the most its steps allocate on top, whoever else holds memory.
+        self.resident = self.peak = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            self.resident = self.peak = torch.cuda.memory_allocated() - held
         self.times, self.tokens, self.done, self.faults = [], 0, 0, 0
         self.round_s = []  # seconds of each ``run``: a round with --rounds
 
     def run(self, n: int) -> None:
         """Time the next ``n`` steps."""
         self.setup()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for b in self.timed[self.done : self.done + n]:
             t0 = time.perf_counter()
@@ -311,6 +320,9 @@ class Timing:
             self.times.append(time.perf_counter() - t0)
             self.tokens += int((b.tgt_out != self.pad).sum())
         self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        if cuda:
+            grew = torch.cuda.max_memory_allocated() - start
+            self.peak = max(self.peak, self.resident + grew)
         self.round_s.append(sum(self.times[self.done :]))
         self.done += n
 
@@ -319,7 +331,7 @@ class Timing:
         return {
             "tok_s": self.tokens / sum(self.times),
             "step_ms": 1000 * statistics.median(self.times),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "peak_gib": self.peak / 2**30 if cuda else float("nan"),
             "seconds": sum(self.times),
             "faults": self.faults / len(self.times),
             "first_s": self.first_s,
@@ -418,8 +430,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=arguments.count(1),
         default=1,
-        help="CPU: time the models of a batch size in this many alternating rounds of "
-        "steps/rounds steps each (all models stay built), so that load drift hits all alike",
+        help="time the models of a batch size in this many alternating rounds of "
+        "steps/rounds steps each (all models stay built), so that load drift hits all alike "
+        "(on a GPU each model's peak memory leaves the others' out; not through CUDA graphs)",
     )
     add_malloc_option(ap)
     ap.add_argument("--out", type=arguments.out_file, help="the table's file (not a folder)")
@@ -429,8 +442,11 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``ap``'s options, and those that go together checked (not yet against the data)."""
     args = ap.parse_args(argv)
-    if args.rounds > 1 and args.device.type != "cpu":
-        ap.error("--rounds must be 1, or more on the CPU (on a GPU peak memory is per model)")
+    graphs = args.compile_mode in CUDA_GRAPH_MODES and (args.compile or args.compiled_only)
+    if args.rounds > 1 and graphs:
+        # each model's graphs are recorded into one memory pool per device; interleaving
+        # the models' replays is untried, and a re-recording would be timed
+        ap.error(f"--rounds must be 1 with --compile-mode {args.compile_mode} (CUDA graphs)")
     if args.rounds > args.steps:  # a round of no steps: a ratio divided by 0 after timing
         ap.error(f"--rounds {args.rounds} is more than --steps {args.steps}")
     return args
@@ -462,7 +478,14 @@ def main(argv: list[str] | None = None) -> None:
         "passes through CUDA graphs, which record a shape's graph at its second use); "
         + (
             f"timed in {args.rounds} rounds that alternate between the models (each model "
-            f"{args.steps // args.rounds}-{-(-args.steps // args.rounds)} steps per round); "
+            f"{args.steps // args.rounds}-{-(-args.steps // args.rounds)} steps per round"
+            + (
+                "; peak GiB: what a model keeps between steps plus the most its steps "
+                "allocate, the other models' memory left out"
+                if device.type == "cuda"
+                else ""
+            )
+            + "); "
             if args.rounds > 1
             else ""
         )
@@ -593,13 +616,14 @@ def main(argv: list[str] | None = None) -> None:
                     dropout.RAND_MASK_ON_CPU = opt.get("rand_mask", True)
                     use_sdpa_backends(opt["sdpa"].split("+") if opt.get("sdpa") else None, device)
 
+                held = torch.cuda.memory_allocated() if device.type == "cuda" else 0
                 model = build().to(device)
                 ours_fused = opt.get("fused", fused) and mname.startswith("ours")
                 try:
                     timing = Timing(
                         model, batches, pad, device, opt.get("precision", precision),
                         args.steps, args.warmup, opt.get("compile"), ours_fused, setup,
-                        rows=opt.get("rows"),
+                        rows=opt.get("rows"), held=held,
                     )  # fmt: skip
                     if args.rounds == 1:
                         timing.run(args.steps)
@@ -635,6 +659,12 @@ def main(argv: list[str] | None = None) -> None:
             for lo, hi in zip(bounds[:-1], bounds[1:]) if alive else []:
                 for timing in alive.values():
                     timing.run(hi - lo)
+                # saved after every round: a run stopped by its time limit keeps the steps
+                # of the rounds done (the table says it is incomplete)
+                so_far = {mname: timing.result() for mname, timing in alive.items()}
+                partial = table_rows(models, measured | so_far, cname, max_tokens, mcfg, V, pad,
+                                     peak)  # fmt: skip
+                save(args.out, lines + partial, done=False)
             use_sdpa_backends(None, device)
             measured.update((mname, timing.result()) for mname, timing in alive.items())
             rows = table_rows(models, measured, cname, max_tokens, mcfg, V, pad, peak)

@@ -5,10 +5,11 @@
 #                                      important first): ours against Marian as the trainer
 #                                      now trains on CUDA (the efficient SDPA kernel, rows of
 #                                      128, bf16-weights) and with torch's kernels, padded,
-#                                      eager, Transformer-base at 25k tokens; both models
-#                                      compiled (efficient kernel); the Multi30k config at 4k
-#                                      eager and through CUDA graphs (reduce-overhead); a
-#                                      profile of ours in rows of 128 and with bf16-weights.
+#                                      eager, in alternating rounds, Transformer-base at 25k
+#                                      tokens and the Multi30k config at 4k; both models
+#                                      compiled (efficient kernel) and a profile of ours
+#                                      compiled; a profile of the eager defaults; the Multi30k
+#                                      config through CUDA graphs (reduce-overhead).
 #                                      The device call:
 #                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
 #                                      with carry [.whl, .gpudata] and timeout_s 590
@@ -58,27 +59,35 @@ next)
   steps="--steps ${STEPS:-20} --warmup ${WARMUP:-3}"
   # The settings the H200 run of 2026-12-04 left standing: torch's pick (cuDNN) against the
   # efficient kernel (trainer.sdpa_backends=auto), each padded and in rows of 128
-  # (trainer.packed_rows=auto), with bf16-weights; both models in each kernel set.
+  # (trainer.packed_rows=auto), with bf16-weights; both models in each kernel set. The
+  # models alternate in $ROUNDS rounds over the same batches (--rounds): that run's ratios
+  # moved 1.43-1.56x between two repeats, each model timed in one go.
   # (The sweep over flash, math and cudnn alone is in results/bench/train_speed_h200_sdpa_*.md)
-  sweep="--sdpa efficient --packed-rows 128 --bf16-weights $steps"
-  within 110 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
+  sweep="--sdpa efficient --packed-rows 128 --bf16-weights $steps --rounds ${ROUNDS:-4}"
+  within 120 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
     $sweep --out "results/bench/train_speed_${gpu}_defaults_base.md"
+  within 70 python3 bench/train_speed.py --configs multi30k-default --max-tokens "$mt" \
+    $sweep --out "results/bench/train_speed_${gpu}_defaults_small.md"
   # ours and Marian compiled with the efficient kernel, and ours in rows of 128: the ratio
-  # the H200 run could not give (Marian's compile ran out of time)
+  # the H200 run could not give (Marian's compile ran out of time). One model at a time
+  # (no rounds), each row saved as measured: compiling takes a minute or more per model.
   within 230 python3 bench/train_speed.py --compiled-only --sdpa efficient \
     --configs transformer-base --max-tokens "$tb" $steps --packed-rows 128 \
     --out "results/bench/train_speed_${gpu}_compile.md"
-  within 70 python3 bench/train_speed.py --configs multi30k-default --max-tokens "$mt" \
-    $sweep --out "results/bench/train_speed_${gpu}_defaults_small.md"
+  # where the compiled step's time goes (the best MFU so far, 17.2%, was compiled; 35%
+  # needs 18.8 ms a step): inductor's cache holds the graphs the step above compiled
+  within 90 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
+    --models ours/rows-128,ours --compile --sdpa efficient \
+    --out "results/bench/profile_${gpu}_compiled.md"
+  # where the time of the trainer's eager GPU defaults goes
+  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
+    --models ours/rows-128/bf16-weights,ours/rows-128 --sdpa efficient \
+    --out "results/bench/profile_${gpu}_defaults.md"
   # CUDA graphs for the launch-bound small model, now timed after two untimed passes (a
   # shape's graph is recorded at its second use; the 2026-12-04 run timed the recordings)
   within 200 python3 bench/train_speed.py --compiled-only --compile-mode reduce-overhead \
     --sdpa efficient --configs multi30k-default --max-tokens "$mt" $steps --bf16-weights \
     --out "results/bench/train_speed_${gpu}_graphs.md"
-  # where the time of the trainer's GPU defaults goes, if time is left
-  within 60 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
-    --models ours/rows-128/bf16-weights,ours/rows-128 --sdpa efficient \
-    --out "results/bench/profile_${gpu}_defaults.md"
   ;;
 speed)
   step 300 python3 bench/train_speed.py --configs multi30k-default,transformer-base \

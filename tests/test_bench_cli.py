@@ -111,6 +111,8 @@ train_speed | --sdpa efficient,,math | argument --sdpa: a blank value in 'effici
 train_speed | --kinds dot,additve | argument --kinds: unknown 'additve'; valid: scaled_dot, dot,
 train_speed | --precision fp16 | argument --precision: invalid choice: 'fp16'
 train_speed | --device cpu --rounds 3 --steps 2 | --rounds 3 is more than --steps 2
+train_speed | --rounds 2 --compile --compile-mode reduce-overhead | --rounds must be 1 with \
+--compile-mode reduce-overhead (CUDA graphs)
 profile_step | --models ours,marain | argument --models: unknown model 'marain'; use ours, \
 marian, ours/bf16-weights or ours/rows-W[/bf16-weights] (W a width >= 1)
 profile_step | --models ours/bf16-weight | argument --models: unknown model 'ours/bf16-weight'
@@ -216,7 +218,7 @@ def test_the_benchmarks_build_only_the_models_they_know():
 def documented_commands(tmp_path) -> list[list[str]]:
     """Every bench script's command in scripts/gpu_bench.sh (each mode run with python3 and
     nvidia-smi stubbed: the stub records its arguments) and in the Markdown files (README.md,
-    the committed results' headers), but fastest_sdpa.py's (no options)."""
+    the committed results' headers)."""
     work, stubs, calls = tmp_path / "work", tmp_path / "stubs", tmp_path / "calls"
     for folder in (work, stubs):
         folder.mkdir()
@@ -234,7 +236,7 @@ def documented_commands(tmp_path) -> list[list[str]]:
     pattern = re.compile(r"python3? (bench/[a-z_]+\.py(?: [^`|\n]*)?)")
     for md in [ROOT / "README.md", *sorted((ROOT / "results").rglob("*.md"))]:
         commands += [shlex.split(m) for m in pattern.findall(md.read_text(encoding="utf-8"))]
-    return [c for c in commands if c[0].startswith("bench/") and c[0] != "bench/fastest_sdpa.py"]
+    return [c for c in commands if c[0].startswith("bench/")]
 
 
 def test_the_documented_command_lines_still_reach_the_work(monkeypatch, tmp_path):
@@ -252,8 +254,6 @@ def test_the_documented_command_lines_still_reach_the_work(monkeypatch, tmp_path
             if option in args:
                 (tmp_path / f"ckpt{i}{option}").touch()
                 args[args.index(option) + 1] = str(tmp_path / f"ckpt{i}{option}")
-        if "--rounds" in args and "--device" not in args:  # a CPU run's: a GPU here refuses it
-            args += ["--device", "cpu"]
         if "cuda" in args and not torch.cuda.is_available():
             continue
         with pytest.raises(AssertionError, match="started its work"):

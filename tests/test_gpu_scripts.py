@@ -224,34 +224,6 @@ def test_train_speed_times_no_cuda_graph_recording(monkeypatch, compile, device,
     assert [b.i for b in timing.timed] == [2, 3, 4]
 
 
-def test_fastest_sdpa_reads_the_eager_rows_of_ours_that_train_speed_writes(tmp_path):
-    # gpu_bench.sh's `next` compiles each config with the kernels that won its eager sweep:
-    # the winner is read back from the table train_speed.py writes, so build the rows with it.
-    train_speed, pick = load_bench("train_speed"), load_bench("fastest_sdpa")
-    batch = SimpleNamespace(src=torch.zeros(8, 12), tgt_in=torch.zeros(8, 10))
-
-    def rows(config: str, tok_s: dict) -> list[str]:
-        models = {name: (None, {}) for name in tok_s}
-        stats = dict(step_ms=1.0, peak_gib=0.0, seconds=1.0, faults=0, batches=[batch])
-        measured = {name: {"tok_s": v, **stats} for name, v in tok_s.items()}
-        return train_speed.table_rows(models, measured, config, 4096, SIZE, 100, 0, None)
-
-    base = {"ours": 900.0, "marian": 5000.0, "ours/sdpa=math": 1500.0,
-            "ours/sdpa=flash+efficient": 1200.0, "ours+compile/sdpa=cudnn": 9000.0,
-            "ours/unfused-loss": 4000.0}  # fmt: skip
-    table = "\n".join(rows("transformer-base", base) + rows("multi30k-default", {"ours": 2.0}))
-    assert pick.fastest_sdpa(table, "transformer-base", 4096) == "math"
-    assert pick.fastest_sdpa(table, "multi30k-default", 4096) == ""  # torch's own pick
-    assert pick.fastest_sdpa(table, "multi30k-default", 25000) is None
-    path = tmp_path / "sweep.md"
-    path.write_text(table)
-    script = [sys.executable, str(ROOT / "bench/fastest_sdpa.py"), str(path)]
-    done = subprocess.run([*script, "transformer-base", "4096"], capture_output=True, text=True)
-    assert (done.returncode, done.stdout) == (0, "math\n")
-    done = subprocess.run([*script, "transformer-base", "25000"], capture_output=True, text=True)
-    assert done.returncode == 1 and "no eager row of ours for transformer-base" in done.stderr
-
-
 def test_profile_step_sorts_kernels_into_kinds_and_rates_the_matrix_products():
     profile = load_bench("profile_step")
     # the names torch.profiler reported on the H100 (profile_h100_eager.md: the cuDNN SDPA,
@@ -344,6 +316,56 @@ def test_the_ratio_to_marian_shows_the_spread_of_its_rounds():
     ratios = {row.split(" | ")[2]: row.rstrip(" |").split(" | ")[-1] for row in rows}
     assert ratios["ours"] == "1.20x (1.00-1.50)"
     assert ratios["ours/unfused-loss"] == "1.10x"  # rounds that do not pair up: no spread
+
+
+class FakeAllocator:
+    """torch.cuda's allocated-memory counters, moved by hand."""
+
+    def __init__(self):
+        self.now = self.top = 0
+
+    def take(self, n: int) -> None:
+        self.now += n
+        self.top = max(self.top, self.now)
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: self.now)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: self.top)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: setattr(
+            self, "top", self.now))  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def test_with_rounds_a_models_gpu_peak_leaves_out_what_the_others_hold(monkeypatch):
+    """On a GPU, --rounds keeps every model built: each model's peak is what it holds
+    between steps plus the most its own steps take on top, not the device's peak, which
+    would count the models built before it (the reason rounds were CPU-only)."""
+    train_speed = load_bench("train_speed")
+    memory = FakeAllocator()
+    memory.install(monkeypatch)
+    cuda = SimpleNamespace(type="cuda")
+    batch = SimpleNamespace(tgt_out=torch.ones(2, 3))
+    timings = {}
+    for name, keeps, steps_take in (("first", 100, 40), ("second", 30, 7)):
+        held = memory.now
+        memory.take(keeps)  # weights, optimizer state, batches: kept between steps
+
+        def step(_, extra=steps_take):
+            memory.take(extra)  # activations, freed when the step ends
+            memory.now -= extra
+
+        timing = object.__new__(train_speed.Timing)
+        timing.pad, timing.device, timing.setup, timing.step = 0, cuda, lambda: None, step
+        timing.timed = [batch] * 4
+        timing.resident = timing.peak = memory.now - held  # as __init__ counts it
+        timing.times, timing.tokens, timing.done, timing.faults, timing.round_s = [], 0, 0, 0, []
+        timings[name] = timing
+    for _ in range(2):  # two alternating rounds of two steps
+        for timing in timings.values():
+            timing.run(2)
+    assert memory.top == 130 + 7  # the device's peak counts both models
+    assert timings["first"].peak == 100 + 40
+    assert timings["second"].peak == 30 + 7
 
 
 def test_attention_kernels_packs_the_real_tokens_as_a_variable_length_kernel_takes_them(
