@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transformer import corpus_cache
 from transformer.corpus_cache import (
     MappedPages,
     encode_split,
-    file_stamp,
     publish,
+    raw_stamp,
     sample_sentences,
 )
-from transformer.data import EncodedSplit, TokenBatcher, read_lines
+from transformer.data import EncodedSplit, TokenBatcher, file_stamp, read_lines
 from transformer.run_data import prepare_data
 from transformer.tokenizer import train_or_load
 
@@ -220,7 +221,7 @@ def test_publishing_keeps_a_cache_another_run_published_first(tmp_path):
     assert (empty / "counts.json").is_file()
 
 
-def test_file_stamp_changes_with_the_file_at_the_same_size(tmp_path):
+def test_file_stamp_changes_with_the_file_at_the_same_size(tmp_path, monkeypatch):
     path = tmp_path / "train.de"
     path.write_text("ein hund\n", "utf-8")
     before = file_stamp([path])
@@ -228,6 +229,11 @@ def test_file_stamp_changes_with_the_file_at_the_same_size(tmp_path):
     path.write_text("ein hut!\n", "utf-8")  # same size, rewritten
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert path.stat().st_size == 9 and file_stamp([path]) != before
+    # the raw text cache's key holds the cache version too: a new reading, a new entry
+    raw = raw_stamp([path])
+    assert raw != file_stamp([path])
+    monkeypatch.setattr(corpus_cache, "CACHE_VERSION", corpus_cache.CACHE_VERSION + 1)
+    assert raw_stamp([path]) != raw
 
 
 PAIRS = {"src": ["ein hund läuft", "zwei kinder spielen im park"], "tgt": ["a dog runs", ""]}

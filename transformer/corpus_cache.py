@@ -37,6 +37,7 @@ from .data import (
     DataError,
     EncodedSplit,
     check_langs,
+    file_stamp,
     find_file,
     iter_lines,
     load_split,
@@ -49,14 +50,11 @@ CACHE_VERSION = 3  # bump when the cached layout or the encoding changes
 RECORD_ROWS = 100_000  # rows per Arrow record batch of raw text
 
 
-def file_stamp(paths) -> str:
-    """A fingerprint of files from path, size and mtime (no reading), and of the cache
-    version: the raw text cache is keyed by it alone, and the text read from the same files
-    changes with the reading (its line repairs) as much as with the files."""
-    stamp = f"v{CACHE_VERSION}|" + "|".join(
-        f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in map(Path, paths)
-    )
-    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+def raw_stamp(paths) -> str:
+    """``data.file_stamp`` of the files and the cache version: the raw text cache is keyed by
+    it alone, and the text read from the same files changes with the reading (its line
+    repairs) as much as with the files."""
+    return file_stamp(paths, salt=f"v{CACHE_VERSION}|")
 
 
 def stream_to_arrow(src_path: Path, tgt_path: Path, out: Path) -> None:
@@ -102,7 +100,7 @@ def open_split(d, split: str, cache_dir: Path):
     if not directory.is_dir():
         raise missing_directory(directory, split)
     paths = find_file(directory, split, d.src_lang), find_file(directory, split, d.tgt_lang)
-    fingerprint = file_stamp(paths)
+    fingerprint = raw_stamp(paths)
 
     def load():
         from datasets import Dataset

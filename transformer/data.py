@@ -205,11 +205,17 @@ def load_local(directory: Path, split: str, src_lang: str, tgt_lang: str):
         )
     # The fingerprint names the files and their versions; computing it this way skips
     # datasets' pickling of the whole table (slow, and broken on some pyarrow/dill pairs).
-    stamp = "|".join(
-        f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in (src_path, tgt_path)
-    )
-    fingerprint = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+    fingerprint = file_stamp((src_path, tgt_path))
     return Dataset(InMemoryTable.from_pydict({"src": src, "tgt": tgt}), fingerprint=fingerprint)
+
+
+def file_stamp(paths, salt: str = "") -> str:
+    """A fingerprint of files from their path, size and mtime, without reading them (a file
+    rewritten with its size and mtime kept looks unchanged, as to ``make``), and ``salt``."""
+    stamp = salt + "|".join(
+        f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in map(Path, paths)
+    )
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 
 def unreachable(name: str, split: str, err: Exception) -> DataError:
