@@ -42,7 +42,9 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print 
 # driver call would outlive the call's limit), and the tables so far packed into $OUT after
 # it, as $OUT is what comes back (the repo does not) even when the call is cut short
 pack() { tar czf "$OUT/bench.tar.gz" results/bench results/attention/gpu; }
-step() { echo "== $(date +%T) $*"; timeout -k 10 "$@"; echo "== rc $?"; pack; }
+# ($rc: the step's exit status, 124 or 137 when its time ran out)
+rc=0
+step() { echo "== $(date +%T) $*"; timeout -k 10 "$@"; rc=$?; echo "== rc $rc"; pack; }
 case "${1:-speed}" in
 next)
   deadline=$(($(date +%s) + ${BUDGET_S:-540}))
@@ -75,7 +77,10 @@ next)
     --configs transformer-base --max-tokens "$tb" $steps --packed-rows 128 \
     --out "results/bench/train_speed_${gpu}_compile.md"
   # where the compiled step's time goes (the best MFU so far, 17.2%, was compiled; 35%
-  # needs 18.8 ms a step): inductor's cache holds the graphs the step above compiled
+  # needs 18.8 ms a step): inductor's cache holds the graphs the step above compiled, unless
+  # its time ran out: a compiler killed mid-write leaves a truncated file in the cache (a dry
+  # run on the CPU then failed "file too short" loading a kernel), so start a fresh one
+  ((rc == 124 || rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill
   within 90 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
     --models ours/rows-128,ours --compile --sdpa efficient \
     --out "results/bench/profile_${gpu}_compiled.md"
