@@ -255,6 +255,11 @@ def apply_malloc(choice: str, device: torch.device) -> bool:
     return reuse
 
 
+def graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process so far (torch's own count)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def warm_passes(compile, device) -> int:
     """Untimed passes over the timed batches before timing them: 2 where ``compile`` is a
     CUDA-graph mode on CUDA (a shape's graph is recorded at its second use), else 1. With one
@@ -276,6 +281,7 @@ class Timing:
         rounds), which its peak leaves out."""
         self.pad, self.device, self.setup = pad, device, setup
         setup()
+        compiled_before = graphs_compiled()
         self.step = make_step(model, pad, device, precision, compile, fused)
         self.counted = batches[warmup : warmup + steps]
         on_dev = [(pack_batch(b, pad, rows) if rows else b).to(device) for b in batches]
@@ -295,6 +301,9 @@ class Timing:
         self.first_s = time.perf_counter() - t0
         for b in rest:
             self.step(b)
+        # graphs compiled (model and loss) before timing, and while timed: a compiled model
+        # that met a new batch shape and traced again would count here, timed
+        self.compiled = (graphs_compiled() - compiled_before, 0) if compile else None
         # What this model keeps between steps (weights, optimizer state, its batches): its
         # peak is that plus the most its steps allocate on top, whoever else holds memory.
         self.resident = self.peak = 0
@@ -312,6 +321,7 @@ class Timing:
             start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        compiled_before = graphs_compiled()
         for b in self.timed[self.done : self.done + n]:
             t0 = time.perf_counter()
             self.step(b)
@@ -320,6 +330,9 @@ class Timing:
             self.times.append(time.perf_counter() - t0)
             self.tokens += int((b.tgt_out != self.pad).sum())
         self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        if self.compiled:
+            warm, timed = self.compiled
+            self.compiled = (warm, timed + graphs_compiled() - compiled_before)
         if cuda:
             grew = torch.cuda.max_memory_allocated() - start
             self.peak = max(self.peak, self.resident + grew)
@@ -335,6 +348,7 @@ class Timing:
             "seconds": sum(self.times),
             "faults": self.faults / len(self.times),
             "first_s": self.first_s,
+            "compiled": self.compiled,
             "round_s": self.round_s,
             "batches": self.counted,
         }
@@ -525,6 +539,9 @@ def main(argv: list[str] | None = None) -> None:
         + "; page faults = minor page faults of the process per timed step",
         "- first step s = the wall time of a model's first training step: compiling it "
         "(+compile rows), or loading and picking kernels (eager), before any timed step",
+        "- graphs = the graphs Dynamo compiled for a compiled model (its model and its loss "
+        "function) before the timed steps, and in brackets during them (+0: no batch of the "
+        "timed ones made it compile again)",
         "- ours / Marian: target tokens/s over all timed steps"
         + (
             "; in brackets the lowest and the highest ratio of a single round (each round "
@@ -537,8 +554,8 @@ def main(argv: list[str] | None = None) -> None:
         else "- MFU: no peak figure for this device",
         "",
         "| config | max tokens | model | tgt tok/s | step ms (median) | peak GiB | "
-        "page faults | first step s | MFU | MFU (padded) | ours / Marian (same mode) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "page faults | first step s | graphs | MFU | MFU (padded) | ours / Marian (same mode) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     table_at = len(lines) - 3  # notes about a config's batches go before the table
     for cname in args.configs:
@@ -705,10 +722,11 @@ def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: 
             ratio += f" ({min(per_round):.2f}-{max(per_round):.2f})"
         mfu, mfu_padded = (f"{100 * r[k]:.1f}%" if r[k] else "-" for k in ("mfu", "mfu_padded"))
         first = f"{r['first_s']:.1f}" if "first_s" in r else "-"
+        graphs = "{} (+{})".format(*r["compiled"]) if r.get("compiled") else "-"
         rows.append(
             f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | "
-            f"{r['peak_gib']:.2f} | {r['faults']:,.0f} | {first} | {mfu} | {mfu_padded} | "
-            f"{ratio} |"
+            f"{r['peak_gib']:.2f} | {r['faults']:,.0f} | {first} | {graphs} | {mfu} | "
+            f"{mfu_padded} | {ratio} |"
         )
     return rows
 

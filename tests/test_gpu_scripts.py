@@ -318,6 +318,43 @@ def test_the_ratio_to_marian_shows_the_spread_of_its_rounds():
     assert ratios["ours/unfused-loss"] == "1.10x"  # rounds that do not pair up: no spread
 
 
+def test_train_speed_counts_the_graphs_compiled_before_and_while_timed(monkeypatch):
+    """For the claim of no recompilation storm: a compiled model's row gives the graphs
+    compiled before its timed steps and, in brackets, while they ran."""
+    train_speed = load_bench("train_speed")
+    compiled, seen, calls = [0], set(), []
+
+    def step(b):  # compiles at each new shape, and once more at its 8th call
+        calls.append(b)
+        if b.shape not in seen or len(calls) == 8:
+            seen.add(b.shape)
+            compiled[0] += 1
+
+    monkeypatch.setattr(train_speed, "make_step", lambda *a: step)
+    monkeypatch.setattr(train_speed, "graphs_compiled", lambda: compiled[0])
+    batches = [SimpleNamespace(shape=s, tgt_out=torch.ones(1)) for s in "aabbc"]
+    for b in batches:
+        b.to = lambda device, b=b: b
+    cpu = torch.device("cpu")
+    timing = train_speed.Timing(None, batches, 0, cpu, "fp32", 3, 2, "default", False,
+                                lambda: None)  # fmt: skip
+    assert timing.compiled == (3, 0)  # a, b, c: the warm-up and one pass over the timed
+    timing.run(2)  # calls 6 and 7
+    assert timing.result()["compiled"] == (3, 0)
+    timing.run(1)  # call 8 compiles again
+    assert timing.result()["compiled"] == (3, 1)
+    eager = train_speed.Timing(None, batches, 0, cpu, "fp32", 3, 2, None, False, lambda: None)
+    assert eager.compiled is None
+    stats = dict(step_ms=1.0, peak_gib=0.0, seconds=1.0, faults=0, batches=[
+        SimpleNamespace(src=torch.zeros(8, 12), tgt_in=torch.zeros(8, 10))])  # fmt: skip
+    models = {"ours": (None, {}), "ours+compile": (None, {})}
+    measured = {"ours": {"tok_s": 1.0, "compiled": None, **stats},
+                "ours+compile": {"tok_s": 1.0, "compiled": (3, 1), **stats}}  # fmt: skip
+    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, 0, None)
+    graphs = {row.split(" | ")[2]: row.split(" | ")[8] for row in rows}
+    assert graphs == {"ours": "-", "ours+compile": "3 (+1)"}
+
+
 class FakeAllocator:
     """torch.cuda's allocated-memory counters, moved by hand."""
 
@@ -343,23 +380,20 @@ def test_with_rounds_a_models_gpu_peak_leaves_out_what_the_others_hold(monkeypat
     train_speed = load_bench("train_speed")
     memory = FakeAllocator()
     memory.install(monkeypatch)
-    cuda = SimpleNamespace(type="cuda")
     batch = SimpleNamespace(tgt_out=torch.ones(2, 3))
+    batch.to = lambda device: batch  # stays on the host
     timings = {}
     for name, keeps, steps_take in (("first", 100, 40), ("second", 30, 7)):
         held = memory.now
-        memory.take(keeps)  # weights, optimizer state, batches: kept between steps
+        memory.take(keeps)  # the model built: weights, optimizer state, kept between steps
 
         def step(_, extra=steps_take):
             memory.take(extra)  # activations, freed when the step ends
             memory.now -= extra
 
-        timing = object.__new__(train_speed.Timing)
-        timing.pad, timing.device, timing.setup, timing.step = 0, cuda, lambda: None, step
-        timing.timed = [batch] * 4
-        timing.resident = timing.peak = memory.now - held  # as __init__ counts it
-        timing.times, timing.tokens, timing.done, timing.faults, timing.round_s = [], 0, 0, 0, []
-        timings[name] = timing
+        monkeypatch.setattr(train_speed, "make_step", lambda *a, step=step: step)
+        timings[name] = train_speed.Timing(None, [batch] * 4, 0, torch.device("cuda"), "bf16",
+                                           4, 0, None, False, lambda: None, held=held)  # fmt: skip
     for _ in range(2):  # two alternating rounds of two steps
         for timing in timings.values():
             timing.run(2)
