@@ -2,7 +2,7 @@
 time a given MFU needs. Analytic: no device, no model.
 
     python bench/step_flops.py [--configs transformer-base] [--max-tokens 4096,8192,25000]
-        [--warmup 3] [--steps 20] [--mfu 0.35] [--out results/bench/step_flops.md]
+        [--warmup 3] [--steps 20] [--mfu 0.35] [--join 1] [--out results/bench/step_flops.md]
 
 The batches are ``train_speed.load_batches``' (the first ``--warmup`` are its warm-up, the
 next ``--steps`` the timed ones). FLOPs are ``train_speed.flops_by_part`` (matrix products,
@@ -22,6 +22,8 @@ import arguments  # noqa: E402
 from train_speed import (  # noqa: E402
     CONFIGS,
     PEAK_BF16,
+    add_join_option,
+    batches_said,
     flops_by_part,
     load_checked,
     real_flops_by_part,
@@ -53,17 +55,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=arguments.count(0), default=3)
     ap.add_argument("--steps", type=arguments.count(1), default=20)
     ap.add_argument("--mfu", type=arguments.number(0, 1), default=0.35, help="in (0, 1]")
+    add_join_option(ap)
     ap.add_argument("--out", type=arguments.out_file)
     args = ap.parse_args(argv)
     for max_tokens in args.max_tokens:  # a budget below the longest example: a usage error
-        load_checked(ap, max_tokens, 0)
+        load_checked(ap, max_tokens, 0, args.join)
     peak = PEAK_BF16["H100"]
     lines = [
         "# Model FLOPs of a training step on the benchmark's batches",
         "",
         f"- command: `python bench/step_flops.py {arguments.given(argv)}`",
-        f"- batches: `bench/train_speed.py`'s (real Multi30k de->en training batches, "
-        f"length-bucketed; epoch 0, seed 1), up to {args.steps} after its {args.warmup} "
+        f"- batches: `bench/train_speed.py`'s ({batches_said(args.join)}; epoch 0, seed 1), "
+        f"up to {args.steps} after its {args.warmup} "
         "warm-up batches (as many as epoch 0 has: the timed steps); averages per step",
         "- TFLOP: matrix products, forward x 3 (`train_speed.flops_by_part`), on the padded "
         "batch shapes and on the sentence pairs at their own lengths (what MFU counts)",
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     for cname in args.configs:
         cfg = CONFIGS[cname]
         for max_tokens in args.max_tokens:
-            batches, tok = load_checked(ap, max_tokens, args.warmup + args.steps)
+            batches, tok = load_checked(ap, max_tokens, args.warmup + args.steps, args.join)
             timed = batches[args.warmup :]  # fewer than --steps where an epoch has fewer
             s = summary(cfg, timed, tok.pad_id, len(tok))
             real = s["real_linear"] + s["real_attention"]

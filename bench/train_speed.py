@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,7 +36,7 @@ from transformer import dropout  # noqa: E402
 from transformer.attention import KINDS as ATTENTION_KINDS  # noqa: E402
 from transformer.attention import use_sdpa_backends  # noqa: E402
 from transformer.compiling import compile_dynamic  # noqa: E402
-from transformer.data import DataError, TokenBatcher  # noqa: E402
+from transformer.data import DataError, EncodedSplit, TokenBatcher  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
 from transformer.loss import projected_loss, sequence_loss  # noqa: E402
 from transformer.packing import pack_batch  # noqa: E402
@@ -221,9 +222,10 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     return step
 
 
-def load_batches(max_tokens: int, n: int):
+def load_batches(max_tokens: int, n: int, join: int = 1):
     """The first ``n`` length-bucketed Multi30k de->en training batches of ``max_tokens``
-    tokens (epoch 0, seed 1) and the tokenizer."""
+    tokens (epoch 0, seed 1) and the tokenizer; with ``join`` > 1, batches of the training
+    pairs joined ``join`` at a time (``join_pairs``)."""
     from hydra import compose, initialize_config_dir
 
     conf = str(Path(__file__).resolve().parent.parent / "conf")
@@ -231,8 +233,25 @@ def load_batches(max_tokens: int, n: int):
         cfg = compose("train", overrides=["run_dir=/tmp/bench-run", "data.test_splits=[]"])
     splits, _, tok, _ = prepare_data(cfg, Path("/tmp/bench-run"))
     specials = (tok.pad_id, tok.bos_id, tok.eos_id)
-    batcher = TokenBatcher(splits["train"], max_tokens, 1, specials, budget="--max-tokens")
+    train = join_pairs(splits["train"], join)
+    batcher = TokenBatcher(train, max_tokens, 1, specials, budget="--max-tokens")
     return [batcher.batch(i) for i in batcher.epoch_batches(0)[:n]], tok
+
+
+def join_pairs(split: EncodedSplit, k: int) -> EncodedSplit:
+    """``split``'s pairs joined ``k`` at a time in corpus order: each side's ids of pairs
+    i*k ... i*k+k-1 concatenated into one pair (a remainder of fewer than k left out), so
+    sentences are about k times as long. Multi30k's average 17 subwords a sentence; WMT's
+    are longer, and attention's share of a step grows with the length (``--join``)."""
+    if k == 1:
+        return split
+    n = len(split) // k * k
+    src, tgt = split.rows(np.arange(n))
+
+    def joined(side):
+        return [np.concatenate(side[i : i + k]) for i in range(0, n, k)]
+
+    return EncodedSplit.from_lists(joined(src), joined(tgt))
 
 
 def add_malloc_option(ap: argparse.ArgumentParser) -> None:
@@ -354,11 +373,11 @@ class Timing:
         }
 
 
-def load_checked(ap: argparse.ArgumentParser, max_tokens: int, n: int):
+def load_checked(ap: argparse.ArgumentParser, max_tokens: int, n: int, join: int = 1):
     """``load_batches``, with a token budget below the longest training example as ``ap``'s
     usage error (before any timing), not a traceback."""
     try:
-        return load_batches(max_tokens, n)
+        return load_batches(max_tokens, n, join=join)
     except DataError as e:
         ap.error(str(e))
 
@@ -449,8 +468,28 @@ def make_parser() -> argparse.ArgumentParser:
         "(on a GPU each model's peak memory leaves the others' out; not through CUDA graphs)",
     )
     add_malloc_option(ap)
+    add_join_option(ap)
     ap.add_argument("--out", type=arguments.out_file, help="the table's file (not a folder)")
     return ap
+
+
+def add_join_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--join",
+        type=arguments.count(1),
+        default=1,
+        help="batches of the training pairs joined this many at a time, in corpus order: "
+        "sentences about that many times as long as Multi30k's (1: its own)",
+    )
+
+
+def batches_said(join: int) -> str:
+    """The tables' words for ``load_batches``' batches."""
+    said = "real Multi30k de->en training batches, length-bucketed"
+    if join > 1:
+        said += (f", of the training pairs joined {join} at a time in corpus order (each side's "
+                 f"ids concatenated: sentences about {join}x as long)")  # fmt: skip
+    return said
 
 
 def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -474,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     fused = args.fused_loss == "true" or (args.fused_loss == "auto" and device.type == "cpu")
     sdpa_settings, packed_widths = args.sdpa, args.packed_rows
     for max_tokens in args.max_tokens:  # each budget against the data, before any timing
-        _, tok = load_checked(ap, max_tokens, 0)
+        _, tok = load_checked(ap, max_tokens, 0, args.join)
     reuse = apply_malloc(args.malloc, device)
 
     V, pad = len(tok), tok.pad_id
@@ -486,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- device: {name}; torch {torch.__version__}; precision {precision}; "
         f"{os.cpu_count()} CPU threads",
         f"- command: `python bench/train_speed.py {arguments.given(argv)}`",
-        "- batches: real Multi30k de->en training batches, length-bucketed; "
+        f"- batches: {batches_said(args.join)}; "
         f"{args.steps} timed steps each, after {args.warmup} warm-up steps plus one untimed "
         "pass over the timed batches (first use of a shape is kernel start-up cost; two "
         "passes through CUDA graphs, which record a shape's graph at its second use); "
@@ -561,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
     for cname in args.configs:
         mcfg = CONFIGS[cname]
         for max_tokens in args.max_tokens:
-            batches, _ = load_batches(max_tokens, args.warmup + args.steps)
+            batches, _ = load_batches(max_tokens, args.warmup + args.steps, args.join)
             if len(batches) < args.warmup + args.steps:  # an epoch of fewer, larger batches
                 timed = max(0, len(batches) - args.warmup)
                 note = (f"- {cname} at {max_tokens} tokens: epoch 0 has {len(batches)} batches, "

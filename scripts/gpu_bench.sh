@@ -28,6 +28,12 @@
 #                                      goes), then ours and Marian eager and through
 #                                      torch.compile(mode="reduce-overhead"): CUDA graphs, one
 #                                      per batch shape (trainer.compile_mode); torch's kernels
+#   bash scripts/gpu_bench.sh long     Transformer-base at 25k tokens on sentences like WMT's: the
+#                                      training pairs joined 2 (33 subwords a sentence) and 4
+#                                      (63) at a time (--join), ours padded and in rows of 128
+#                                      against Marian, eager in rounds, then both compiled at
+#                                      join 2: MFU where attention's share of a step is not
+#                                      Multi30k's (17 subwords; results/bench/README.md)
 #   bash scripts/gpu_bench.sh eager    the first benchmark: profile, throughput vs Marian (+ RNN)
 #                                      at 4k/8k/25k, per attention kind, attention against length
 # Results: $OUT/bench.tar.gz holding results/bench/*_<gpu>*.md and results/attention/gpu/.
@@ -116,6 +122,16 @@ graphs)
     --configs multi30k-default --max-tokens 4096 --steps 20 --warmup 3 \
     --out "results/bench/train_speed_${gpu}_graphs.md"
   ;;
+long)
+  for join in 2 4; do
+    step 150 python3 bench/train_speed.py --configs transformer-base --max-tokens 25000 \
+      --join "$join" --sdpa efficient --packed-rows 128 --bf16-weights --steps 20 --warmup 3 \
+      --rounds 4 --out "results/bench/train_speed_${gpu}_join${join}.md"
+  done
+  step 240 python3 bench/train_speed.py --compiled-only --sdpa efficient \
+    --configs transformer-base --max-tokens 25000 --join 2 --packed-rows 128 --steps 20 \
+    --warmup 3 --out "results/bench/train_speed_${gpu}_join2_compile.md"
+  ;;
 eager)
   step 120 python3 bench/profile_step.py --config transformer-base --max-tokens 25000 \
     --out "results/bench/profile_${gpu}_eager.md"
@@ -126,6 +142,6 @@ eager)
     --out "results/bench/train_speed_${gpu}_kinds.md"
   step 60 python3 bench/attention_claims.py --device cuda --out results/attention/gpu
   ;;
-*) echo "usage: bash scripts/gpu_bench.sh next|speed|compile|graphs|eager"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_bench.sh next|speed|compile|graphs|long|eager"; exit 2 ;;
 esac
 pack

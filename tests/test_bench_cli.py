@@ -111,6 +111,8 @@ train_speed | --sdpa efficient,,math | argument --sdpa: a blank value in 'effici
 train_speed | --kinds dot,additve | argument --kinds: unknown 'additve'; valid: scaled_dot, dot,
 train_speed | --precision fp16 | argument --precision: invalid choice: 'fp16'
 train_speed | --device cpu --rounds 3 --steps 2 | --rounds 3 is more than --steps 2
+train_speed | --join 0 | argument --join: must be an integer >= 1, got 0
+step_flops | --join two | argument --join: not an integer: 'two'
 train_speed | --rounds 2 --compile --compile-mode reduce-overhead | --rounds must be 1 with \
 --compile-mode reduce-overhead (CUDA graphs)
 profile_step | --models ours,marain | argument --models: unknown model 'marain'; use ours, \
@@ -188,7 +190,7 @@ def test_a_token_budget_below_the_longest_example_is_a_usage_error_before_any_wo
     listed before it had been measured)."""
     module = guarded(monkeypatch, script, keep=("load_checked",))
 
-    def batches(max_tokens, n):  # the data's own error, as load_batches raises it
+    def batches(max_tokens, n, join=1):  # the data's own error, as load_batches raises it
         if max_tokens < 56:
             raise DataError(f"--max-tokens={max_tokens} is smaller than the longest example")
         return refuse() if n else ([], None)
@@ -229,7 +231,7 @@ def documented_commands(tmp_path) -> list[list[str]]:
         stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "SKIP_INSTALL": "1",
            "OUT": str(tmp_path / "out")}  # fmt: skip
-    for mode in ("next", "speed", "compile", "graphs", "eager"):
+    for mode in ("next", "speed", "compile", "graphs", "long", "eager"):
         subprocess.run(["bash", "scripts/gpu_bench.sh", mode], cwd=work, env=env,
                        check=True, capture_output=True)  # fmt: skip
     commands = [line.split("\x1f") for line in calls.read_text().splitlines()]

@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -353,6 +354,21 @@ def test_train_speed_counts_the_graphs_compiled_before_and_while_timed(monkeypat
     rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, 0, None)
     graphs = {row.split(" | ")[2]: row.split(" | ")[8] for row in rows}
     assert graphs == {"ours": "-", "ours+compile": "3 (+1)"}
+
+
+def test_join_pairs_makes_sentences_k_times_as_long_in_corpus_order():
+    train_speed = load_bench("train_speed")
+    from transformer.data import EncodedSplit
+
+    src = [[1, 2], [3], [4, 5, 6], [7], [8, 9]]
+    tgt = [[10], [11, 12], [13], [14, 15], [16]]
+    split = EncodedSplit.from_lists(src, tgt)
+    assert train_speed.join_pairs(split, 1) is split
+    joined = train_speed.join_pairs(split, 2)  # the fifth pair, a remainder, is left out
+    got = joined.rows(np.arange(len(joined)))
+    assert [x.tolist() for x in got[0]] == [[1, 2, 3], [4, 5, 6, 7]]
+    assert [x.tolist() for x in got[1]] == [[10, 11, 12], [13, 14, 15]]
+    assert joined.src_lens.tolist() == [3, 4] and joined.tgt_lens.tolist() == [3, 3]
 
 
 class FakeAllocator:
