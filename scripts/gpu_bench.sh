@@ -61,7 +61,7 @@ next)
     ((left < cap)) && cap=$left
     if ((cap < 20)); then echo "== skipped, ${cap}s left: $*"; else step "$cap" "$@"; fi
   }
-  # tokens per batch, Transformer-base (TB) and the Multi30k config (MT); STEPS, WARMUP:
+  # tokens per batch, Transformer-base (TB) and the Multi30k config (MT); STEPS, WARMUP, ROUNDS:
   # smaller for a dry run on the CPU
   tb=${TB_TOKENS:-25000} mt=${MT_TOKENS:-4096}
   steps="--steps ${STEPS:-20} --warmup ${WARMUP:-3}"
