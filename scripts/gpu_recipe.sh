@@ -8,6 +8,13 @@
 #                                              fp16 with its grad scaler, never yet run on a
 #                                              GPU (trainer.precision=auto does not pick it),
 #                                              beside the default (bf16 on an H100/H200)
+#   MINUTES=1.5 bash scripts/gpu_recipe.sh tf_default tf_padded tf_bf16w
+#                                              the CUDA defaults of 2026-12-04 (packed rows of
+#                                              128, the efficient SDPA kernel), never yet
+#                                              trained on a GPU, beside padded batches (the
+#                                              layout of every earlier GPU run) and rows with
+#                                              trainer.precision=bf16-weights (trained only on
+#                                              the CPU: results/ablations.md)
 # Multi30k de->en trainings share the GPU, each with the same limits (6,000 updates or
 # $MINUTES of training, evaluation excluded, whichever comes first; the steps reached are in
 # each metrics.json) and the checkpoints of its last 5 validations kept: the default
@@ -48,6 +55,8 @@ declare -A runs=(
   [tf_fr-en]="data.src_lang=fr data.tgt_lang=en"
   [tf_cs-en]="data.src_lang=cs data.tgt_lang=en"
   [tf_fp16]="trainer.precision=fp16"   # by name only: does fp16 train as bf16 does?
+  [tf_padded]="trainer.packed_rows=0"   # by name only: the layout before rows on CUDA
+  [tf_bf16w]="trainer.precision=bf16-weights"   # by name only: rows, bf16 weights
 )
 order=(tf_default rnn_default tf_bpe8k tf_vocab4k tf_vocab16k tf_ls0 tf_ls02 tf_lr1e-3
   rnn_lr1e-3 tf_batch8k)
