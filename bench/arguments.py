@@ -179,3 +179,12 @@ def out_path(folder: bool) -> Callable[[str], Path]:
 
 
 out_file, out_folder = out_path(folder=False), out_path(folder=True)
+
+
+def save(out: Path | None, lines: list[str], done: bool) -> None:
+    """Write the table so far to ``out``, marked incomplete until ``done``."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    note = [] if done else ["", "(incomplete: the run had not finished when this was written)"]
+    out.write_text("\n".join(lines + note) + "\n")

@@ -60,7 +60,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arguments  # noqa: E402
-from train_speed import CONFIGS, load_checked, machine, save  # noqa: E402
+from train_speed import CONFIGS, load_checked, machine  # noqa: E402
 
 from transformer.attention import key_bias, padding_mask  # noqa: E402
 from transformer.packing import pack_lengths, segment_bias  # noqa: E402
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
                     per_step[method, p][kind] = ms * layers[kind]
             lines.append(f"| {kind} | {method} | {' | '.join(cells)} |")
             print(lines[-1], flush=True)
-            save(args.out, lines, done=False)
+            arguments.save(args.out, lines, done=False)
     lines += ["", "Attention per step: each kind's call times its layers, summed over the kinds "
               "the kernel takes (those it does not are named):", ""]  # fmt: skip
     lines += ["| kernel | ms, dropout 0 | ms, dropout 0.1 |", "|---|---:|---:|"]
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     if reasons:
         lines += ["", "Not taken (the error's first line):", ""]
         lines += [f"- {m}, {k}, {w}: {r}" for (m, k, w), r in reasons.items()]
-    save(args.out, lines, done=True)
+    arguments.save(args.out, lines, done=True)
     print("\n".join(lines))
 
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arguments  # noqa: E402
-from train_speed import machine, save  # noqa: E402
+from train_speed import machine  # noqa: E402
 
 from transformer.data import DataError, TokenBatcher, collate  # noqa: E402
 from transformer.seq2seq import Batch  # noqa: E402
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{1000 * statistics.median(ts):.3f} |"
             )
             print(lines[-1], flush=True)
-    save(args.out, lines, done=True)
+    arguments.save(args.out, lines, done=True)
 
 
 if __name__ == "__main__":

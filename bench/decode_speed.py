@@ -331,9 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     tables = (table, marian_table, before)
     text = report(args, device, decode, found, tables, profiles, (load_before, load_after))
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    arguments.save(args.out, [text.rstrip("\n")], done=True)
 
 
 def reference_length(tok, limit) -> int:

@@ -95,11 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{1e6 * m_ms / x.numel():.2f} | {fb_ms:.2f} |"
             )
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    arguments.save(args.out, lines, done=True)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ from train_speed import (  # noqa: E402
     DROPOUT,
     build_model,
     make_step,
-    save,
 )
 
 from transformer import dropout  # noqa: E402
@@ -220,9 +219,9 @@ def main(argv: list[str] | None = None) -> None:
             print(lines[-1], flush=True)
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
             tops.append(f"- {cname}, {name}: {top}")
-        save(args.out, lines, done=False)
+        arguments.save(args.out, lines, done=False)
     lines += ["", "Most dispatched operators per step:", "", *tops]
-    save(args.out, lines, done=True)
+    arguments.save(args.out, lines, done=True)
     print("\n".join(lines))
 
 

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arguments  # noqa: E402
-from train_speed import load_checked, machine, save  # noqa: E402
+from train_speed import load_checked, machine  # noqa: E402
 
 from transformer.packing import OPEN_ROWS, pack_batch  # noqa: E402
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{1000 * statistics.median(times):.2f} |"
                 )
         print("\n".join(lines[-len(widths) * len(open_rows) - 1 :]), flush=True)
-    save(args.out, lines, done=True)
+    arguments.save(args.out, lines, done=True)
     print("\n".join(lines))
 
 

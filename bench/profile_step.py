@@ -40,7 +40,6 @@ from train_speed import (  # noqa: E402
     flops_by_part,
     load_checked,
     make_step,
-    save,
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
@@ -281,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                 lines += top_table(events, "CUDA", n, args.top, 70, "kernel")
             lines.append("")
             print("\n".join(lines[-40:]), flush=True)
-            save(args.out, lines, done=False)  # kept if a later model runs out of time
+            arguments.save(args.out, lines, done=False)  # kept if a later model runs out of time
             del model, step
             if cuda:
                 torch.cuda.empty_cache()
@@ -289,10 +288,10 @@ def main(argv: list[str] | None = None) -> None:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             print(f"{mname}: failed: {type(e).__name__}: {first}", flush=True)
             lines += [f"## {mname}", "", f"- failed: {type(e).__name__}: {first}", ""]
-            save(args.out, lines, done=False)
+            arguments.save(args.out, lines, done=False)
             if cuda:
                 torch.cuda.empty_cache()
-    save(args.out, lines, done=True)
+    arguments.save(args.out, lines, done=True)
     print("\n".join(lines))
 
 

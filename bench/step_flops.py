@@ -96,11 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{s['real_linear']:.3f} | {s['real_attention']:.4f} | {ms[0]:.1f} | "
                 f"{ms[1]:.1f} |"
             )
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    arguments.save(args.out, lines, done=True)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

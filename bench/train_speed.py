@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
                 # Saved after every model: a device call stopped by its time limit (compiling
                 # takes minutes per model) keeps the rows measured so far.
                 partial = table_rows(models, measured, cname, max_tokens, mcfg, V, pad, peak)
-                save(args.out, lines + partial, done=False)
+                arguments.save(args.out, lines + partial, done=False)
                 del model, timing
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -720,14 +720,15 @@ def main(argv: list[str] | None = None) -> None:
                 so_far = {mname: timing.result() for mname, timing in alive.items()}
                 partial = table_rows(models, measured | so_far, cname, max_tokens, mcfg, V, pad,
                                      peak)  # fmt: skip
-                save(args.out, lines + partial, done=False)
+                arguments.save(args.out, lines + partial, done=False)
             use_sdpa_backends(None, device)
             measured.update((mname, timing.result()) for mname, timing in alive.items())
             rows = table_rows(models, measured, cname, max_tokens, mcfg, V, pad, peak)
             lines += rows
             print("\n".join(rows), flush=True)
-            save(args.out, lines, done=False)  # a run stopped by a time limit keeps its rows
-    save(args.out, lines, done=True)
+            # a run stopped by a time limit keeps its rows
+            arguments.save(args.out, lines, done=False)
+    arguments.save(args.out, lines, done=True)
     print("\n".join(lines))
 
 
@@ -768,15 +769,6 @@ def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: 
             f"{mfu_padded} | {ratio} |"
         )
     return rows
-
-
-def save(out: Path | None, lines: list[str], done: bool) -> None:
-    """Write the table so far to ``out``, marked incomplete until ``done``."""
-    if out is None:
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    note = [] if done else ["", "(incomplete: the run had not finished when this was written)"]
-    out.write_text("\n".join(lines + note) + "\n")
 
 
 if __name__ == "__main__":

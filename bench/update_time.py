@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arguments  # noqa: E402
 from host_overhead import build, tiny_batch  # noqa: E402
-from train_speed import CONFIGS, machine, save  # noqa: E402
+from train_speed import CONFIGS, machine  # noqa: E402
 
 from transformer.precision import Bf16Weights  # noqa: E402
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, ts in times.items():
             lines.append(f"| {cname} | {name} | {1000 * statistics.median(ts):.3f} |")
             print(lines[-1], flush=True)
-        save(args.out, lines, done=False)
-    save(args.out, lines, done=True)
+        arguments.save(args.out, lines, done=False)
+    arguments.save(args.out, lines, done=True)
 
 
 if __name__ == "__main__":
