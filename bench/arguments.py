@@ -1,6 +1,7 @@
-"""Command-line value types shared by the bench scripts.
+"""Command-line value types shared by the bench scripts, and ``save``, which writes their
+tables.
 
-Each is an argparse ``type=``: a bad value (a count of 0, a misspelt name, a device this
+Each value type is an argparse ``type=``: a bad value (a count of 0, a misspelt name, a device this
 machine lacks, an ``--out`` that cannot be written) becomes argparse's one-line usage error
 naming the option and the value, before any data is read or any model built (a benchmark
 runs for minutes on a GPU; a traceback after the first model, or an empty table, wastes
