@@ -275,8 +275,10 @@ def apply_malloc(choice: str, device: torch.device) -> bool:
 
 
 def graphs_compiled() -> int:
-    """How many graphs Dynamo has compiled in this process so far (torch's own count)."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    """How many graphs Dynamo has compiled in this process so far (torch's own count); 0
+    while Dynamo is not imported (an eager run does not pay its import to learn that)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo.utils.counters["stats"]["unique_graphs"] if dynamo else 0
 
 
 def warm_passes(compile, device) -> int:
