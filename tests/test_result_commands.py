@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from transformer.trainer import flatten, with_full_attention
+from transformer.resuming import flatten, with_full_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = sorted(p.parent for p in (ROOT / "results").glob("**/config.yaml"))

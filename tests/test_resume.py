@@ -20,8 +20,8 @@ from transformer.attention import stacked_from
 from transformer.cli import busy_run_dir
 from transformer.final_choice import FinalChoice
 from transformer.run_data import prepare_data
+from transformer.train_log import SkipCounter
 from transformer.trainer import (
-    SkipCounter,
     Trainer,
     TrainingError,
     inverse_sqrt,

@@ -12,8 +12,6 @@ Label smoothing: Szegedy et al. 2016; schedule: Vaswani et al. 2017, eq. 3.
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
 import inspect
 import json
 import logging
@@ -29,13 +27,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, resuming
 from .attention import (
     SDPA_KINDS,
     AttentionConfig,
-    attention_config,
     ignored_options,
-    stacked_from,
     use_sdpa_backends,
 )
 from .compiling import compile_dynamic
@@ -45,7 +41,7 @@ from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
 from .packing import pack_batch, resolve_width, row_layout
-from .precision import Bf16Weights, PrecisionError, merge_state, split_state
+from .precision import Bf16Weights, PrecisionError, split_state
 from .run_data import prepare_data
 from .run_lock import run_lock
 from .settings import (
@@ -62,6 +58,7 @@ from .settings import (
     pick_device,
     resolve_precision,
 )
+from .train_log import LogWindow, SkipCounter, open_logs
 from .translator import build_model, decode_options, translate_lines, trial_build
 
 log = logging.getLogger(__name__)
@@ -77,97 +74,33 @@ def inverse_sqrt(warmup: int):
     return factor
 
 
-# -- what a resumed run must share with its checkpoint ------------------------------------
-# What resuming reads of a checkpoint: one missing is a clear error, not a KeyError
-TRAINING_KEYS = ("model", "config", "tokenizer", "optimizer", "scheduler", "scaler", "progress",
-                 "rng")  # fmt: skip
-# Settings that say which tokenizer a run has: a run resumes with the one in its run dir, so
-# changing them there is refused. (A changed sample size or character coverage only warns:
-# on a corpus smaller than the sample they give the same tokenizer.)
-TOKENIZER_KEYS = tuple(
-    f"data.{k}" for k in ("joint_vocab", "vocab_size", "spm_model_type", "src_lang", "tgt_lang")
-)
-
-
-# Settings that make an epoch's batches (its shuffle, its cut into batches, the pairs kept):
-# the saved position within an epoch means another batch under another value
-ORDER_KEYS = ("seed", "data.max_tokens", "data.max_len", "data.train_split")
-
-
 # -- the loop ---------------------------------------------------------------------------------
-@dataclasses.dataclass
-class LogWindow:
-    """The updates since the last train_log.csv row: this rank's summed loss (a device
-    tensor, read only when the row is written) and target tokens, its batches' padding
-    fractions, and the training seconds (time spent evaluating paused). Checkpoints keep it,
-    so that a run resumed between two rows writes the same next row as one never stopped."""
-
-    loss: float | torch.Tensor = 0.0
-    tokens: int = 0
-    pad: float = 0.0
-    batches: int = 0
-    seconds: float = 0.0  # before running_since
-    running_since: float | None = None
-
-    def start(self) -> LogWindow:
-        self.running_since = time.perf_counter()
-        return self
-
-    def pause(self) -> None:
-        self.seconds = self.elapsed()
-        self.running_since = None
-
-    def elapsed(self) -> float:
-        running = 0.0 if self.running_since is None else time.perf_counter() - self.running_since
-        return self.seconds + running
-
-
-class SkipCounter:
-    """NaN/inf updates counted on the device, so that no update waits for the GPU: how many
-    since the last read, the tokens they held, and the longest run of them in a row."""
-
-    def __init__(self, device):
-        zero = torch.zeros((), device=device)
-        self.count, self.tokens, self.run, self.longest = zero, zero, zero, zero
-
-    def record(self, bad: torch.Tensor, ntok: int) -> None:
-        bad = bad.float()
-        self.count, self.tokens = self.count + bad, self.tokens + bad * ntok
-        self.run = (self.run + 1) * bad
-        self.longest = torch.maximum(self.longest, self.run)
-
-    def read(self) -> tuple[int, int, int]:
-        """(count, longest run, tokens) since the last read. A run still going on goes on
-        counting from its length, so a run across two reads is measured whole."""
-        count, longest, tokens = (int(x) for x in torch.stack(
-            [self.count, self.longest, self.tokens]).tolist())  # fmt: skip
-        zero = torch.zeros_like(self.count)
-        self.count, self.tokens, self.longest = zero, zero, zero
-        return count, longest, tokens
-
-
-def holds_step(path: Path, step: int) -> bool:
-    """Whether the checkpoint at ``path`` loads and is the one written at ``step``."""
-    try:
-        return checkpoint.load(path)["progress"]["step"] == step
-    except (checkpoint.CheckpointError, KeyError, TypeError):
-        return False
+def check_settings(cfg) -> None:
+    """Every setting a check can judge on its own, each bad value named by its key
+    (``settings.py``), before any work; also the decoding settings of the BLEU evaluations
+    and of the final translations, checked now, not when they first decode."""
+    check_sections(cfg)
+    t = cfg.trainer
+    check_schedule(t)
+    check_final(t)
+    check_data_settings(cfg)
+    decode_options(cfg.decode)  # first: final_settings compares its beam size
+    for setting in final_settings(cfg.decode, t.final)[1:]:  # [0] is cfg.decode
+        decode_options(setting)
+    check_choices(t)
+    check_optimizer(t)
+    check_seed(cfg.seed)
 
 
 class Trainer:
+    """One run's training: ``__init__`` checks the settings and builds everything in order
+    (device, the checkpoint to resume from, data, model, optimizer, batches, loss), ``run``
+    trains until a limit, a signal or early stopping, ``finish`` makes the final
+    translations and ``metrics.json``."""
+
     def __init__(self, cfg, run_dir: Path, dist: distributed.Dist | None = None):
-        check_sections(cfg)
+        check_settings(cfg)
         self.cfg, self.t = cfg, cfg.trainer
-        check_schedule(self.t)
-        check_final(self.t)
-        check_data_settings(cfg)
-        # checked now, not when the first BLEU evaluation or the final translations decode
-        decode_options(cfg.decode)  # first: final_settings compares its beam size
-        for setting in final_settings(cfg.decode, self.t.final)[1:]:  # [0] is cfg.decode
-            decode_options(setting)
-        check_choices(self.t)
-        check_optimizer(self.t)
-        check_seed(cfg.seed)
         # before the data is read: a fresh run trains its tokenizer and encodes the corpus
         # first (13 s of Multi30k here)
         trial = trial_build(cfg.model)
@@ -187,8 +120,39 @@ class Trainer:
                 f"trainer.resume=false but {self.ckpt_dir} holds another run's checkpoints; "
                 "use another run_dir, or delete them to start over there"
             )
+        self.set_up_device(takes_rows)
+        self.resume_from = self.checkpoint_to_resume()
+        # A setting no attention role reads (model.attention.window without local
+        # attention, ...) trained as if it were not there; a run that already trained so
+        # resumes as it was
+        ignored = ignored_options(getattr(trial, "attention_options", None) or AttentionConfig())
+        if ignored and self.resume_from is None:
+            raise TrainingError("; ".join(ignored))
+        self.read_data()
+        self.build_model()
+        self.build_optimizer()
+        self.build_batchers()
+        self.choose_loss()
+        # Training position; restored by resume.
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best_bleu, self.best_step, self.bad_evals = -1.0, 0, 0
+        self.train_seconds, self.train_tokens = 0.0, 0
+        self.applied_lr = None  # the lr of the last update (train_log.csv)
+        self.window = LogWindow()  # the updates since the last train_log.csv row
+        self.stop_signal = None  # set by the signal handler of this process
+        self.agreed_signal = None  # the one every rank acts on (agree_to_stop)
+        self.epoch_len = 0
+        self.saved_step, self.nonfinite_in_a_row = -1, 0
+        self.debug = distributed.DebugLog(self.dist.rank)
+        self.reseed_rank()
+
+    # -- building the run, in __init__'s order --------------------------------------------
+    def set_up_device(self, takes_rows: bool) -> None:
+        """The device and what depends on it: the precision (a bad value fails before the
+        data is read), the seed, the CPU's allocator, the attention kernels allowed on
+        CUDA, and the width of packed rows (``takes_rows``: whether the model takes them)."""
+        cfg = self.cfg
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
-        # a bad value fails before the data is read
         self.precision = resolve_precision(self.t.precision, self.device)
         torch.manual_seed(cfg.seed)
         reuse = self.t.get("cpu_malloc_reuse", True)
@@ -201,25 +165,27 @@ class Trainer:
         if self.packed_rows:
             log.info("training batches packed %d slots to a row (trainer.packed_rows=%s)",
                      self.packed_rows, self.t.packed_rows)  # fmt: skip
-        # The checkpoint a resumed run continues from, loaded now: a changed model or
-        # tokenizer setting is refused before the corpus is encoded (resume() loads the rest)
-        self.resume_from = None
-        if self.t.resume:
-            self.resume_from = checkpoint.load_latest(checkpoint.resume_candidates(self.ckpt_dir))
-            if self.resume_from:
-                path, ckpt = self.resume_from
-                checkpoint.require(ckpt, path, TRAINING_KEYS)
-                self.check_config(path, ckpt["config"], ckpt["progress"])
-        # A setting no attention role reads (model.attention.window without local
-        # attention, ...) trained as if it were not there; a run that already trained so
-        # resumes as it was
-        ignored = ignored_options(getattr(trial, "attention_options", None) or AttentionConfig())
-        if ignored and self.resume_from is None:
-            raise TrainingError("; ".join(ignored))
-        if not self.dist.is_main:  # rank 0 trains (or finds) the tokenizer, the others reuse it
+
+    def checkpoint_to_resume(self) -> tuple[Path, dict] | None:
+        """The checkpoint a resumed run continues from, loaded now: a changed model or
+        tokenizer setting is refused before the corpus is encoded (``resume`` loads the
+        rest). None for a fresh run."""
+        if not self.t.resume:
+            return None
+        found = checkpoint.load_latest(checkpoint.resume_candidates(self.ckpt_dir))
+        if found:
+            path, ckpt = found
+            checkpoint.require(ckpt, path, resuming.TRAINING_KEYS)
+            resuming.check_config(self.cfg, path, ckpt["config"], ckpt["progress"])
+        return found
+
+    def read_data(self) -> None:
+        """The tokenizers and encoded splits (``run_data.py``); rank 0 trains (or finds)
+        the tokenizer, the others wait and reuse it."""
+        if not self.dist.is_main:
             self.dist.barrier()
         self.splits, self.src_tok, self.tgt_tok, self.tok_info = prepare_data(
-            cfg, run_dir, resuming=self.resume_from is not None
+            self.cfg, self.run_dir, resuming=self.resume_from is not None
         )
         if self.dist.is_main:
             self.dist.barrier()
@@ -227,12 +193,13 @@ class Trainer:
         self.model_kwargs = dict(
             src_vocab_size=len(self.src_tok), tgt_vocab_size=len(self.tgt_tok), pad_id=self.pad_id
         )
-        # self.model is the plain module (optimizer, checkpoints, validation, decoding);
-        # train_model the DDP / torch.compile wrapper the training forward and backward go
-        # through.
-        self.model = build_model(cfg.model, **self.model_kwargs).to(self.device)
-        # bf16-weights: the training passes run on a bf16 copy (compute_model), the optimizer
-        # updates self.model, checkpoints hold it (precision.py); else the two are one.
+
+    def build_model(self) -> None:
+        """``self.model`` is the plain module (optimizer, checkpoints, validation,
+        decoding); ``compute_model`` the one the training passes run, a bf16 copy with
+        bf16-weights (the optimizer updates self.model, checkpoints hold it: precision.py),
+        else the same; ``train_model`` the DDP / torch.compile wrapper around it."""
+        self.model = build_model(self.cfg.model, **self.model_kwargs).to(self.device)
         self.mixed = None
         if self.precision == "bf16-weights":
             try:
@@ -248,12 +215,15 @@ class Trainer:
         self.train_model = self.wrap(self.compute_model)
         log.info(
             "model: %s, %.2fM parameters; precision %s",
-            cfg.model._target_,
+            self.cfg.model._target_,
             self.model.num_parameters() / 1e6,
             self.precision,
         )
-        # Fused (one kernel for all parameters) where the optimizer class offers it, on the CPU
-        # too: it also takes a found_inf flag, so a NaN/inf update is skipped on the device.
+
+    def build_optimizer(self) -> None:
+        """The optimizer, fused (one kernel for all parameters) where its class offers it,
+        on the CPU too: it also takes a found_inf flag, so that a NaN/inf update is skipped
+        on the device; the warmup schedule; fp16's grad scaler."""
         make_optimizer = instantiate(self.t.optimizer)
         fused = "fused" in inspect.signature(make_optimizer.func).parameters
         # bf16-weights with Adam/AdamW: one flat parameter, the fp32 buffer (precision.py)
@@ -265,11 +235,23 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda done: factor(done + 1)
         )
+        # Without a host sync per update when the optimizer can skip by itself (fp16's
+        # GradScaler keeps its own found_inf, so it takes the host path).
+        self.skip_on_device = (
+            bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+            and self.precision != "fp16"
+        )
+        self.skips = SkipCounter(self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def build_batchers(self) -> None:
+        """Token batches of the training split (this rank's shard) and of validation."""
+        data = self.cfg.data
         specials = (self.pad_id, self.tgt_tok.bos_id, self.tgt_tok.eos_id)
         self.batcher = TokenBatcher(
-            self.splits[cfg.data.train_split],
-            cfg.data.max_tokens,
-            cfg.seed,
+            self.splits[data.train_split],
+            data.max_tokens,
+            self.cfg.seed,
             specials,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
@@ -277,7 +259,7 @@ class Trainer:
         if not self.batcher.epoch_batches(0):
             raise TrainingError(
                 f"the training set makes fewer batches than the {self.dist.world_size} "
-                f"processes; lower data.max_tokens={cfg.data.max_tokens} or use fewer processes"
+                f"processes; lower data.max_tokens={data.max_tokens} or use fewer processes"
             )
         if self.cuda_graphs:
             log.info(
@@ -287,42 +269,21 @@ class Trainer:
                 *self.batch_shapes(),
             )
         self.valid_batcher = TokenBatcher(
-            self.splits[cfg.data.valid_split],
-            cfg.data.max_tokens,
-            cfg.seed,
-            specials,
-            shuffle=False,
+            self.splits[data.valid_split], data.max_tokens, self.cfg.seed, specials, shuffle=False
         )
-        # Without a host sync per update when the optimizer can skip by itself (fp16's
-        # GradScaler keeps its own found_inf, so it takes the host path).
-        self.skip_on_device = (
-            bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-            and self.precision != "fp16"
-        )
-        self.skips = SkipCounter(self.device)
-        # auto: fused where it was measured faster (the CPU; results/bench/train_speed_cpu.md)
+
+    def choose_loss(self) -> None:
+        """The output projection fused into the loss or not (``auto``: fused where it was
+        measured faster, the CPU; results/bench/train_speed_cpu.md). Compiled, the loss over
+        the logits fuses its log-softmax and smoothing into a few kernels (a separate graph:
+        under torchrun it stays outside the DDP module); the fused loss always runs eagerly
+        (loss.py)."""
         self.fused_loss = self.t.fused_loss is True or (
             self.t.fused_loss == "auto" and self.device.type == "cpu"
         )
-        # Compiled, the loss over the logits fuses its log-softmax and smoothing into a few
-        # kernels (a separate graph: under torchrun it stays outside the DDP module). The
-        # fused loss always runs eagerly (loss.py).
         self.sequence_loss = sequence_loss
         if self.t.compile and not self.fused_loss:
             self.sequence_loss = compile_dynamic(sequence_loss, self.compile_mode)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        # Training position; restored by resume.
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.best_bleu, self.best_step, self.bad_evals = -1.0, 0, 0
-        self.train_seconds, self.train_tokens = 0.0, 0
-        self.applied_lr = None  # the lr of the last update (train_log.csv)
-        self.window = LogWindow()  # the updates since the last train_log.csv row
-        self.stop_signal = None  # set by the signal handler of this process
-        self.agreed_signal = None  # the one every rank acts on (agree_to_stop)
-        self.epoch_len = 0
-        self.saved_step, self.nonfinite_in_a_row = -1, 0
-        self.debug = distributed.DebugLog(self.dist.rank)
-        self.reseed_rank()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DistributedDataParallel under torchrun, then torch.compile when
@@ -369,9 +330,6 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "model": checkpoint.unwrap(self.model).state_dict(),
             "model_kwargs": self.model_kwargs,
@@ -390,7 +348,7 @@ class Trainer:
                 "train_seconds": self.train_seconds,
                 "train_tokens": self.train_tokens,
             },
-            "rng": rng,
+            "rng": resuming.rng_state(),
         }
 
     def flat_update(self) -> bool:
@@ -436,41 +394,21 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest loadable checkpoint (last.pt, else the step files, newest
-        first; damaged ones skipped with a warning), found by __init__. False when there is
-        none."""
+        first; damaged ones skipped with a warning), found by __init__ (``resuming.py``).
+        False when there is none."""
         if self.resume_from is None:
             return False
         (path, ckpt), self.resume_from = self.resume_from, None  # its memory goes with resume
         if ckpt["tokenizer"] != self.tok_info:
             raise TrainingError(f"{path} was trained with another tokenizer than this run's")
         model = checkpoint.unwrap(self.model)
-        optim = ckpt["optimizer"]
-        saved_names = checkpoint.parameter_names(
-            ckpt["model"], {n for n, _ in model.named_buffers()}
-        )
-        if saved_names != [n for n, _ in model.named_parameters()]:
-            # written by an older layout of this model (e.g. separate q/k/v projections)
-            try:
-                optim = checkpoint.optimizer_state_for(model, saved_names, optim, stacked_from)
-            except checkpoint.CheckpointError as e:
-                raise TrainingError(f"{path}: {e}") from e
-            log.info("%s: optimizer state re-indexed for this model's parameter layout", path)
-        if self.flat_update():
-            try:
-                optim = merge_state(optim, self.params)
-            except PrecisionError as e:
-                raise TrainingError(f"{path}: {e}") from e
-        # The group's settings are this run's (weight decay, betas, eps, ... as the warning
-        # of check_config says; the lr by restore_schedule), and so is the implementation of
-        # the update (fused, foreach, ...): a fused step passes arguments an unfused one
-        # rejects. Only the parameter indices are the checkpoint's.
-        groups = [
-            {**saved, **{k: v for k, v in now.items() if k != "params"}}
-            for saved, now in zip(optim["param_groups"], self.optimizer.param_groups)
-        ]
+        flat = self.params if self.flat_update() else None
+        optim = resuming.optimizer_state(path, ckpt, model, self.optimizer, flat)
         model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict({**optim, "param_groups": groups})
-        self.restore_schedule(ckpt["scheduler"])
+        self.optimizer.load_state_dict(optim)
+        resuming.restore_schedule(
+            self.optimizer, self.scheduler, self.t.optimizer.lr, ckpt["scheduler"]
+        )
         if ckpt["scaler"] or not self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         else:  # saved by a run of another precision, whose scaler was off (its state empty)
@@ -479,14 +417,11 @@ class Trainer:
             setattr(self, key, value)
         if "log_window" in ckpt and self.dist.is_main:  # (not in checkpoints before 2026-12)
             self.window = LogWindow(**ckpt["log_window"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-            # one state per GPU the saving run saw: a machine with fewer takes the first ones
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][: torch.cuda.device_count()])
+        resuming.restore_rng(ckpt["rng"])
         self.reseed_rank()  # the checkpoint holds rank 0's generator state
         self.saved_step = self.step
         if self.dist.is_main:
-            self.match_files_to(path)
+            resuming.match_files(self.ckpt_dir, path, self.step, self.best_step)
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -495,87 +430,6 @@ class Trainer:
             self.batch_in_epoch,
         )
         return True
-
-    def match_files_to(self, path: Path) -> None:
-        """Make best.pt and the step files those of the run resumed from ``path``. A kill
-        between writing last.pt and linking it as best.pt left an older best.pt; a resume
-        from an older step file (last.pt damaged) left the newer step files, which failed
-        to load, and a best.pt that may be one of them (the final choice then failed on it
-        after all training) or from the steps lost: ``best_step``'s checkpoint is linked
-        as best.pt again, or best.pt is removed (the final translations then use the last
-        weights, unless a later BLEU gain writes it). best.pt is checked on every resume,
-        also from last.pt: one damaged on its own failed only in the final choice."""
-        best = self.ckpt_dir / "best.pt"
-        if self.best_step == self.step > 0:  # (0: no BLEU yet, a stop before the first)
-            checkpoint.link_or_copy(path, best)
-        if path.name != "last.pt":
-            for newer in checkpoint.step_checkpoints(self.ckpt_dir):  # tried first, failed
-                if int(checkpoint.STEP_PATTERN.match(newer.name)[1]) > self.step:
-                    log.warning("%s: newer than the checkpoint resumed from, damaged: removed",
-                                newer)  # fmt: skip
-                    newer.unlink()
-        if self.best_step == self.step > 0 or not best.is_file():
-            return
-        if holds_step(best, self.best_step):
-            return
-        kept = self.ckpt_dir / f"step_{self.best_step:08d}.pt"
-        if kept.is_file() and holds_step(kept, self.best_step):
-            checkpoint.link_or_copy(kept, best)
-            log.warning("best.pt is not step %d's (the resumed run's best; damaged, or another "
-                        "step's): %s linked as best.pt",
-                        self.best_step, kept.name)  # fmt: skip
-        else:
-            best.unlink()
-            log.warning(
-                "best.pt is not step %d's (the resumed run's best), nor is that step kept: "
-                "best.pt removed (a later BLEU gain writes it again)",
-                self.best_step,
-            )
-
-    def restore_schedule(self, saved: dict) -> None:
-        """Load the saved scheduler state (its step) with this run's peak lr, into the
-        scheduler and the optimizer's groups (loaded already): a peak lr changed since the
-        checkpoint (warned about by check_config) applies from the resumed update on, as a
-        changed warmup does, instead of the saved one staying in force unseen."""
-        step = saved["last_epoch"]
-        peaks = [self.t.optimizer.lr] * len(self.optimizer.param_groups)
-        lrs = [peak * f(step) for peak, f in zip(peaks, self.scheduler.lr_lambdas)]
-        for group, peak, lr in zip(self.optimizer.param_groups, peaks, lrs):
-            group.update(initial_lr=peak, lr=lr)
-        self.scheduler.load_state_dict({**saved, "base_lrs": peaks, "_last_lr": lrs})
-
-    def check_config(self, path: Path, saved: dict, progress: dict) -> None:
-        """Refuse to resume with another model or tokenizer settings; warn about any other
-        changed setting, and say what a changed batch order does to an epoch resumed
-        midway (``progress``: the checkpoint's)."""
-        now = flatten(with_full_attention(OmegaConf.to_container(self.cfg, resolve=True)))
-        before = flatten(with_full_attention(saved))
-        changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
-        refused = [("model", ("model.",)), ("tokenizer", TOKENIZER_KEYS)]
-        refused.append(("optimizer", ("trainer.optimizer._target_",)))  # its state is another's
-        for what, keys in refused:
-            fatal = [k for k in changed if k.startswith(keys)]
-            if fatal:
-                k = fatal[0]
-                raise TrainingError(
-                    f"{path} holds another {what} ({k}={before.get(k)!r}, now {now.get(k)!r}); "
-                    f"use a new run_dir or the same {what} settings"
-                )
-        for k in changed:
-            log.warning(
-                "resuming with a changed setting: %s=%r (was %r)", k, now.get(k), before.get(k)
-            )
-        reordered = [k for k in changed if k in ORDER_KEYS]
-        if reordered and progress["batch_in_epoch"] > 0:
-            log.warning(
-                "%s changed in the middle of epoch %d (%d batches done): the resumed position "
-                "is taken in another batch order, so until epoch %d some training pairs come "
-                "twice and others not at all; resume at an epoch's end, or keep the setting",
-                ", ".join(reordered),
-                progress["epoch"],
-                progress["batch_in_epoch"],
-                progress["epoch"] + 1,
-            )
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -833,36 +687,10 @@ class Trainer:
     def on_signal(self, signum, _frame):
         self.stop_signal = signum
 
-    def open_logs(self, resumed: bool):
-        """train_log.csv and valid_log.csv (rank 0; the other ranks get ``NullLog``s)."""
-        if not self.dist.is_main:
-            return NullLog(), NullLog()
-        train_log = CsvLog(
-            self.run_dir / "train_log.csv",
-            ["step", "epoch", "loss", "lr", "tokens_per_s", "pad_frac"],
-        )
-        valid_log = CsvLog(
-            self.run_dir / "valid_log.csv",
-            [
-                "step",
-                "epoch",
-                "train_seconds",
-                "valid_loss",
-                "valid_nll",
-                "valid_ppl",
-                "valid_bleu",
-            ],
-        )
-        # Rows after the checkpoint resumed from are trained again; a fresh run (step 0) drops
-        # those of a run that stopped before its first checkpoint.
-        train_log.truncate_after(self.step)
-        valid_log.truncate_after(self.step)
-        return train_log, valid_log
-
     def run(self) -> dict:
         t = self.t
         resumed = t.resume and self.resume()
-        train_log, valid_log = self.open_logs(resumed)
+        train_log, valid_log = open_logs(self.run_dir, self.dist.is_main, self.step)
         old_handlers = {
             s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)
         }
@@ -1093,61 +921,6 @@ class Trainer:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
             tmp.replace(self.run_dir / "metrics.json")
         return metrics
-
-
-class NullLog:
-    """What ranks other than 0 write logs to: nothing."""
-
-    def write(self, row: dict) -> None:
-        pass
-
-
-class CsvLog:
-    """Append rows to a CSV file, writing the header once (resume appends)."""
-
-    def __init__(self, path: Path, fields: list[str]):
-        self.path, self.fields = path, fields
-        if not path.exists():
-            with open(path, "w", newline="") as f:
-                csv.DictWriter(f, fields).writeheader()
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.fields).writerow(row)
-
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after ``step`` (atomically rewritten)."""
-        with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["step"] and int(r["step"]) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.path)
-
-
-def with_full_attention(config: dict) -> dict:
-    """``config`` with the Transformer's ``model.attention`` spelled out in full
-    (``AttentionConfig``), so a run saved before the key existed (which means the defaults)
-    resumes under the defaults. Other models are left alone: the RNN's ``model.attention``
-    is the name of its scoring function, not an AttentionConfig."""
-    model = config.get("model") or {}
-    if not str(model.get("_target_", "")).endswith(".Transformer"):
-        return config
-    full = dataclasses.asdict(attention_config(model.get("attention")))
-    return {**config, "model": {**model, "attention": full}}
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def train(cfg) -> dict:
