@@ -16,6 +16,7 @@ batches. Not a test: it measures.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import resource
@@ -365,7 +366,7 @@ class Timing:
         return {
             "tok_s": self.tokens / sum(self.times),
             "step_ms": 1000 * statistics.median(self.times),
-            "peak_gib": self.peak / 2**30 if cuda else float("nan"),
+            "peak_gib": self.peak / 2**30 if cuda else None,  # CUDA's allocator counts it
             "seconds": sum(self.times),
             "faults": self.faults / len(self.times),
             "first_s": self.first_s,
@@ -513,15 +514,44 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device
     precision = args.precision if device.type == "cuda" else "fp32"
     fused = args.fused_loss == "true" or (args.fused_loss == "auto" and device.type == "cpu")
-    sdpa_settings, packed_widths = args.sdpa, args.packed_rows
     for max_tokens in args.max_tokens:  # each budget against the data, before any timing
         _, tok = load_checked(ap, max_tokens, 0, args.join)
     reuse = apply_malloc(args.malloc, device)
-
-    V, pad = len(tok), tok.pad_id
     name = machine(device)
     peak = peak_flops(name, precision)
-    lines = [
+    lines = header(args, argv, name, precision, fused, reuse, peak)
+    table_at = len(lines) - 3  # notes about a config's batches go before the table
+    for cname in args.configs:
+        mcfg = CONFIGS[cname]
+        for max_tokens in args.max_tokens:
+            batches, _ = load_batches(max_tokens, args.warmup + args.steps, args.join)
+            if len(batches) < args.warmup + args.steps:  # an epoch of fewer, larger batches
+                timed = max(0, len(batches) - args.warmup)
+                note = (f"- {cname} at {max_tokens} tokens: epoch 0 has {len(batches)} batches, "
+                        f"so {timed} timed steps, not {args.steps}")  # fmt: skip
+                lines.insert(table_at, note)
+                table_at += 1
+            torch.manual_seed(0)
+            models = models_to_time(args, cname, mcfg, tok, fused)
+            group = f"{cname} {max_tokens}"
+            rows_of = functools.partial(
+                table_rows, models, cname=cname, max_tokens=max_tokens, mcfg=mcfg, V=len(tok),
+                pad=tok.pad_id, peak=peak,
+            )  # fmt: skip
+            rows = time_models(args, models, batches, tok.pad_id, precision, fused, group,
+                               rows_of, lines)  # fmt: skip
+            lines += rows
+            print("\n".join(rows), flush=True)
+            arguments.save(args.out, lines, done=False)  # a run stopped later keeps them
+    arguments.save(args.out, lines, done=True)
+    print("\n".join(lines))
+
+
+def header(args, argv, name: str, precision: str, fused: bool, reuse: bool,
+           peak: float | None) -> list[str]:  # fmt: skip
+    """The table's title, the notes on what was measured and how, and its heading."""
+    device = args.device
+    return [
         f"# Training throughput: ours vs HF Marian ({name})",
         "",
         f"- device: {name}; torch {torch.__version__}; precision {precision}; "
@@ -598,140 +628,136 @@ def main(argv: list[str] | None = None) -> None:
         "page faults | first step s | graphs | MFU | MFU (padded) | ours / Marian (same mode) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    table_at = len(lines) - 3  # notes about a config's batches go before the table
-    for cname in args.configs:
-        mcfg = CONFIGS[cname]
-        for max_tokens in args.max_tokens:
-            batches, _ = load_batches(max_tokens, args.warmup + args.steps, args.join)
-            if len(batches) < args.warmup + args.steps:  # an epoch of fewer, larger batches
-                timed = max(0, len(batches) - args.warmup)
-                note = (f"- {cname} at {max_tokens} tokens: epoch 0 has {len(batches)} batches, "
-                        f"so {timed} timed steps, not {args.steps}")  # fmt: skip
-                lines.insert(table_at, note)
-                table_at += 1
-            torch.manual_seed(0)
-            ids = (V, pad, tok.bos_id, tok.eos_id)
-            ours = lambda: build_model("ours", mcfg, *ids)  # noqa: B023, E731
-            theirs = lambda: build_model("marian", mcfg, *ids)  # noqa: B023, E731
-            # name -> (build, options); a name's mode is what follows the model ("+compile",
-            # "/sdpa=..."), and ours is compared with Marian in the same mode.
-            models = {}
-            eager = [] if args.compiled_only else [None, *sdpa_settings]  # None: torch's pick
-            compiled = (sdpa_settings or [None]) if args.compiled_only else []
-            if args.compile:
-                compiled = [None, *sdpa_settings]
-            for sdpa in eager:
-                mode = f"/sdpa={sdpa}" if sdpa else ""
-                models["ours" + mode] = (ours, {"sdpa": sdpa})
-                models["marian" + mode] = (theirs, {"sdpa": sdpa})
-                for width in packed_widths:  # next to its pair: a time limit cuts the last
-                    rows = {"sdpa": sdpa, "rows": width, "compare_to": "marian" + mode}
-                    models[f"ours/rows-{width}" + mode] = (ours, rows)
-                    if args.bf16_weights:  # the trainer's fastest eager setting on a GPU
-                        both = {**rows, "precision": "bf16-weights"}
-                        models[f"ours/rows-{width}/bf16-weights" + mode] = (ours, both)
-            for sdpa in compiled:
-                mode = "+compile" + (
-                    "" if args.compile_mode == "default" else f":{args.compile_mode}"
-                )
-                mode += f"/sdpa={sdpa}" if sdpa else ""
-                opt = {"compile": args.compile_mode, "sdpa": sdpa}
-                models["ours" + mode], models["marian" + mode] = (ours, opt), (theirs, opt)
-                if args.bf16_weights:  # after the pair: a time limit cuts it first
-                    bf16w = {**opt, "precision": "bf16-weights", "compare_to": "marian" + mode}
-                    models["ours/bf16-weights" + mode] = (ours, bf16w)
-                for width in packed_widths:
-                    rows = {**opt, "rows": width, "compare_to": "marian" + mode}
-                    models[f"ours/rows-{width}" + mode] = (ours, rows)
-                if args.ablate and device.type == "cpu":  # F.dropout traced, as before
-                    no_rand = {**opt, "rand_mask": False, "compare_to": "marian" + mode}
-                    models["ours/bernoulli-dropout" + mode] = (ours, no_rand)
-            # ablations: ours with one thing changed, compared with plain (eager) Marian
-            if args.ablate:
-                models[f"ours/{'unfused' if fused else 'fused'}-loss"] = (
-                    ours, {"fused": not fused, "ablation": True}
-                )  # fmt: skip
-                if device.type == "cpu":
-                    no_rand = {"rand_mask": False, "ablation": True}
-                    models["ours/bernoulli-dropout"] = (ours, no_rand)
-            if args.bf16_weights and not args.compiled_only:
-                bf16w = {"precision": "bf16-weights", "ablation": True}
-                models["ours/bf16-weights"] = (ours, bf16w)
-            if args.rnn and cname == "multi30k-default":
-                models["rnn"] = (lambda: BahdanauRNN(V, V, pad), {})
-            for kind in args.kinds:
-                if kind != "scaled_dot":
-                    models[f"ours/{kind}"] = (
-                        lambda k=kind, c=mcfg: Transformer(
-                            V, V, pad, **c, **DROPOUT, attention={"kind": k}
-                        ),
-                        {"kind": kind},
-                    )
-            measured, alive = {}, {}  # results; Timings waiting for their rounds (--rounds)
-            for mname, (build, opt) in models.items():
 
-                def setup(opt=opt):
-                    dropout.RAND_MASK_ON_CPU = opt.get("rand_mask", True)
-                    use_sdpa_backends(opt["sdpa"].split("+") if opt.get("sdpa") else None, device)
 
-                held = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-                model = build().to(device)
-                ours_fused = opt.get("fused", fused) and mname.startswith("ours")
-                try:
-                    timing = Timing(
-                        model, batches, pad, device, opt.get("precision", precision),
-                        args.steps, args.warmup, opt.get("compile"), ours_fused, setup,
-                        rows=opt.get("rows"), held=held,
-                    )  # fmt: skip
-                    if args.rounds == 1:
-                        timing.run(args.steps)
-                except torch.OutOfMemoryError as e:
-                    print(f"{cname} {max_tokens} {mname}: out of memory: {e}", flush=True)
-                    del model
-                    torch.cuda.empty_cache()
-                    continue
-                except Exception as e:  # a compiler or kernel error: the other models still run
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    print(f"{cname} {max_tokens} {mname}: failed: {type(e).__name__}: {first}",
-                          flush=True)  # fmt: skip
-                    del model
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                finally:
-                    use_sdpa_backends(None, device)
-                if args.rounds > 1:
-                    alive[mname] = timing
-                    continue
-                measured[mname] = r = timing.result()  # and free this model before the next
-                print(f"{cname} {max_tokens} {mname}: {r['tok_s']:,.0f} tgt tok/s, "
-                      f"{r['step_ms']:.1f} ms/step", flush=True)  # fmt: skip
-                # Saved after every model: a device call stopped by its time limit (compiling
-                # takes minutes per model) keeps the rows measured so far.
-                partial = table_rows(models, measured, cname, max_tokens, mcfg, V, pad, peak)
-                arguments.save(args.out, lines + partial, done=False)
-                del model, timing
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            bounds = [args.steps * i // args.rounds for i in range(args.rounds + 1)]
-            for lo, hi in zip(bounds[:-1], bounds[1:]) if alive else []:
-                for timing in alive.values():
-                    timing.run(hi - lo)
-                # saved after every round: a run stopped by its time limit keeps the steps
-                # of the rounds done (the table says it is incomplete)
-                so_far = {mname: timing.result() for mname, timing in alive.items()}
-                partial = table_rows(models, measured | so_far, cname, max_tokens, mcfg, V, pad,
-                                     peak)  # fmt: skip
-                arguments.save(args.out, lines + partial, done=False)
+def models_to_time(args, cname: str, mcfg: dict, tok, fused: bool) -> dict:
+    """name -> (build, options) of the models timed for config ``cname`` (``mcfg``), in
+    the table's order. A name's mode is what follows the model ("+compile", "/sdpa=..."),
+    and ours is compared with Marian in the same mode; pairs are listed next to each other
+    and options after their pair, so that a time limit cuts the last ones first."""
+    device = args.device
+    V, pad = len(tok), tok.pad_id
+    ids = (V, pad, tok.bos_id, tok.eos_id)
+
+    def ours():
+        return build_model("ours", mcfg, *ids)
+
+    def theirs():
+        return build_model("marian", mcfg, *ids)
+
+    models = {}
+    eager = [] if args.compiled_only else [None, *args.sdpa]  # None: torch's pick
+    compiled = (args.sdpa or [None]) if args.compiled_only else []
+    if args.compile:
+        compiled = [None, *args.sdpa]
+    for sdpa in eager:
+        mode = f"/sdpa={sdpa}" if sdpa else ""
+        models["ours" + mode] = (ours, {"sdpa": sdpa})
+        models["marian" + mode] = (theirs, {"sdpa": sdpa})
+        for width in args.packed_rows:  # next to its pair: a time limit cuts the last
+            rows = {"sdpa": sdpa, "rows": width, "compare_to": "marian" + mode}
+            models[f"ours/rows-{width}" + mode] = (ours, rows)
+            if args.bf16_weights:  # the trainer's fastest eager setting on a GPU
+                both = {**rows, "precision": "bf16-weights"}
+                models[f"ours/rows-{width}/bf16-weights" + mode] = (ours, both)
+    for sdpa in compiled:
+        mode = "+compile" + ("" if args.compile_mode == "default" else f":{args.compile_mode}")
+        mode += f"/sdpa={sdpa}" if sdpa else ""
+        opt = {"compile": args.compile_mode, "sdpa": sdpa}
+        models["ours" + mode], models["marian" + mode] = (ours, opt), (theirs, opt)
+        if args.bf16_weights:  # after the pair: a time limit cuts it first
+            bf16w = {**opt, "precision": "bf16-weights", "compare_to": "marian" + mode}
+            models["ours/bf16-weights" + mode] = (ours, bf16w)
+        for width in args.packed_rows:
+            rows = {**opt, "rows": width, "compare_to": "marian" + mode}
+            models[f"ours/rows-{width}" + mode] = (ours, rows)
+        if args.ablate and device.type == "cpu":  # F.dropout traced, as before
+            no_rand = {**opt, "rand_mask": False, "compare_to": "marian" + mode}
+            models["ours/bernoulli-dropout" + mode] = (ours, no_rand)
+    # ablations: ours with one thing changed, compared with plain (eager) Marian
+    if args.ablate:
+        models[f"ours/{'unfused' if fused else 'fused'}-loss"] = (
+            ours, {"fused": not fused, "ablation": True}
+        )  # fmt: skip
+        if device.type == "cpu":
+            models["ours/bernoulli-dropout"] = (ours, {"rand_mask": False, "ablation": True})
+    if args.bf16_weights and not args.compiled_only:
+        models["ours/bf16-weights"] = (ours, {"precision": "bf16-weights", "ablation": True})
+    if args.rnn and cname == "multi30k-default":
+        models["rnn"] = (lambda: BahdanauRNN(V, V, pad), {})
+    for kind in args.kinds:
+        if kind != "scaled_dot":
+            models[f"ours/{kind}"] = (
+                lambda k=kind: Transformer(V, V, pad, **mcfg, **DROPOUT, attention={"kind": k}),
+                {"kind": kind},
+            )
+    return models
+
+
+def time_models(args, models: dict, batches, pad: int, precision: str, fused: bool,
+                group: str, rows_of, head: list[str]) -> list[str]:  # fmt: skip
+    """Time ``models`` on ``batches``, one after the other, or (``--rounds``) each warmed
+    up first and then timed in rounds that alternate between them; returns their table
+    rows (``rows_of(measured)``). After every model or round the table so far (``head``
+    and these rows) is saved as incomplete: a device call stopped by its time limit
+    (compiling takes minutes per model) keeps what was measured. A model that fails (out
+    of memory, a compiler or kernel error) is left out, and the others still run."""
+    device = args.device
+
+    def save_partial(rows: list[str]) -> None:
+        arguments.save(args.out, head + rows, done=False)
+
+    measured, alive = {}, {}  # results; Timings waiting for their rounds (--rounds)
+    for mname, (build, opt) in models.items():
+
+        def setup(opt=opt):
+            dropout.RAND_MASK_ON_CPU = opt.get("rand_mask", True)
+            use_sdpa_backends(opt["sdpa"].split("+") if opt.get("sdpa") else None, device)
+
+        held = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        model = build().to(device)
+        ours_fused = opt.get("fused", fused) and mname.startswith("ours")
+        try:
+            timing = Timing(
+                model, batches, pad, device, opt.get("precision", precision),
+                args.steps, args.warmup, opt.get("compile"), ours_fused, setup,
+                rows=opt.get("rows"), held=held,
+            )  # fmt: skip
+            if args.rounds == 1:
+                timing.run(args.steps)
+        except torch.OutOfMemoryError as e:
+            print(f"{group} {mname}: out of memory: {e}", flush=True)
+            del model
+            torch.cuda.empty_cache()
+            continue
+        except Exception as e:  # a compiler or kernel error: the other models still run
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"{group} {mname}: failed: {type(e).__name__}: {first}", flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        finally:
             use_sdpa_backends(None, device)
-            measured.update((mname, timing.result()) for mname, timing in alive.items())
-            rows = table_rows(models, measured, cname, max_tokens, mcfg, V, pad, peak)
-            lines += rows
-            print("\n".join(rows), flush=True)
-            # a run stopped by a time limit keeps its rows
-            arguments.save(args.out, lines, done=False)
-    arguments.save(args.out, lines, done=True)
-    print("\n".join(lines))
+        if args.rounds > 1:
+            alive[mname] = timing
+            continue
+        measured[mname] = r = timing.result()  # and free this model before the next
+        print(f"{group} {mname}: {r['tok_s']:,.0f} tgt tok/s, {r['step_ms']:.1f} ms/step",
+              flush=True)  # fmt: skip
+        save_partial(rows_of(measured))
+        del model, timing
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bounds = [args.steps * i // args.rounds for i in range(args.rounds + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]) if alive else []:
+        for timing in alive.values():
+            timing.run(hi - lo)
+        so_far = {mname: timing.result() for mname, timing in alive.items()}
+        save_partial(rows_of(measured | so_far))  # the steps of the rounds done
+    use_sdpa_backends(None, device)
+    measured.update((mname, timing.result()) for mname, timing in alive.items())
+    return rows_of(measured)
 
 
 def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: dict, V: int,
@@ -765,9 +791,10 @@ def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: 
         mfu, mfu_padded = (f"{100 * r[k]:.1f}%" if r[k] else "-" for k in ("mfu", "mfu_padded"))
         first = f"{r['first_s']:.1f}" if "first_s" in r else "-"
         graphs = "{} (+{})".format(*r["compiled"]) if r.get("compiled") else "-"
+        peak_gib = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         rows.append(
             f"| {cname} | {max_tokens} | {mname} | {r['tok_s']:,.0f} | {r['step_ms']:.1f} | "
-            f"{r['peak_gib']:.2f} | {r['faults']:,.0f} | {first} | {graphs} | {mfu} | "
+            f"{peak_gib} | {r['faults']:,.0f} | {first} | {graphs} | {mfu} | "
             f"{mfu_padded} | {ratio} |"
         )
     return rows
