@@ -39,6 +39,7 @@ from train_speed import (  # noqa: E402
     build_model,
     flops_by_part,
     load_checked,
+    machine,
     make_step,
 )
 
@@ -179,21 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device
     host_batches, tok = load_checked(ap, args.max_tokens, 4 + args.steps)
     cuda = device.type == "cuda"
-    precision = "bf16" if cuda else "fp32"
-    sync = torch.cuda.synchronize if cuda else lambda: None
     reuse = apply_malloc(args.malloc, device)
-    if cuda:
-        name = torch.cuda.get_device_name()
-    else:
-        import platform
-
-        name = (
-            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        )
+    name = machine(device) + ("" if cuda else f", {torch.get_num_threads()} threads")
     mcfg = CONFIGS[args.config]
     sdpa = use_sdpa_backends(args.sdpa.split("+") if args.sdpa else None, device)
-    padded = [b.to(device) for b in host_batches]
-    V, pad = len(tok), tok.pad_id
     lines = [
         f"# Profile of one training step ({name})",
         "",
@@ -207,92 +197,97 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for mname in args.models:
         try:
-            torch.manual_seed(0)
-            base = mname.split("/")[0]
-            model = build_model(base, mcfg, V, pad, tok.bos_id, tok.eos_id).to(device)
-            fused = base == "ours" and (
-                args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
-            )  # as trainer.fused_loss
-            prec = "bf16-weights" if mname.endswith(BF16W) else precision
-            step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
-            batches = padded
-            if width := rows_width(mname):  # FLOPs below: of the padded batches, as for all
-                batches = [pack_batch(b, pad, width).to(device) for b in host_batches]
-            for b in batches:  # warm-up, every shape once (compilation included)
-                step(b)
-            sync()
-            timed = batches[-args.steps :]
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with profile(activities=activities) as prof:
-                t0 = time.perf_counter()
-                for b in timed:
-                    step(b)
-                sync()
-                wall = (time.perf_counter() - t0) / len(timed)
-            events = prof.key_averages()
-            gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-            # cuLaunchKernelEx launches cuBLASLt's matrix products (nvjet_*): 363 a step of
-            # Transformer-base, left out of the counts before 2026-12-03
-            launch_ops = (
-                "cudaLaunchKernel",
-                "cuLaunchKernel",
-                "cudaLaunchKernelExC",
-                "cuLaunchKernelEx",
-            )
-            launches = sum(e.count for e in events if e.key in launch_ops)
-            n = len(timed)
-            tokens = sum(int((b.tgt_out != pad).sum()) for b in timed) / n
-            lines += [
-                f"## {mname}",
-                "",
-                f"- wall per step: {1000 * wall:.1f} ms for {tokens:,.0f} target tokens "
-                "(profiled; the profiler adds host overhead)",
-                f"- output projection fused into the loss (`trainer.fused_loss`): {fused}; "
-                f"precision: {prec}",
-            ]
-            if cuda:
-                lines += [
-                    f"- GPU kernel time per step: {gpu_us / n / 1000:.1f} ms "
-                    f"({100 * gpu_us / n / 1e6 / wall:.0f}% of wall: "
-                    "the rest the GPU waits for the host)",
-                    f"- kernel launches per step: {launches / n:.0f}",
-                ]
-            lines += ["", "Host time by operator (self CPU, per step):", ""]
-            lines += top_table(events, "CPU", n, args.top, 60, "operator")
-            if cuda:
-                counted = padded[-args.steps :]
-                parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in counted]
-                per_step = {k: sum(p[k] for p in parts) / n for k in ("linear", "attention")}
-                kernels = [
-                    (e.key, e.count, e.self_device_time_total)
-                    for e in events
-                    if e.device_type.name == "CUDA"
-                ]
-                lines += [
-                    "",
-                    "GPU time by kind of kernel (per step; TFLOP/s: the matrix FLOPs that "
-                    "`bench/train_speed.py` counts for MFU, weights' products and attention's "
-                    "apart, over those kernels' own time):",
-                    "",
-                ]
-                lines += kinds_table(kernels, n, per_step)
-                lines += ["", "GPU time by kernel (per step):", ""]
-                lines += top_table(events, "CUDA", n, args.top, 70, "kernel")
-            lines.append("")
+            lines += profile_model(mname, args, host_batches, tok)
             print("\n".join(lines[-40:]), flush=True)
-            arguments.save(args.out, lines, done=False)  # kept if a later model runs out of time
-            del model, step
-            if cuda:
-                torch.cuda.empty_cache()
         except Exception as e:  # a compiler or kernel error: the other models still run
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             print(f"{mname}: failed: {type(e).__name__}: {first}", flush=True)
             lines += [f"## {mname}", "", f"- failed: {type(e).__name__}: {first}", ""]
-            arguments.save(args.out, lines, done=False)
-            if cuda:
-                torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
+        arguments.save(args.out, lines, done=False)  # kept if a later model runs out of time
     arguments.save(args.out, lines, done=True)
     print("\n".join(lines))
+
+
+def profile_model(mname: str, args, host_batches, tok) -> list[str]:
+    """The report's section on model ``mname``: after a warm-up over every batch, the
+    last ``--steps`` batches profiled; wall time, and host time by operator, and on CUDA
+    GPU time, kernel launches, GPU time by kind of kernel and by kernel."""
+    device, mcfg, pad = args.device, CONFIGS[args.config], tok.pad_id
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    torch.manual_seed(0)
+    base = mname.split("/")[0]
+    model = build_model(base, mcfg, len(tok), pad, tok.bos_id, tok.eos_id).to(device)
+    fused = base == "ours" and (
+        args.fused_loss == "true" or (args.fused_loss == "auto" and not cuda)
+    )  # as trainer.fused_loss
+    prec = "bf16-weights" if mname.endswith(BF16W) else ("bf16" if cuda else "fp32")
+    step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
+    padded = [b.to(device) for b in host_batches]
+    batches = padded
+    if width := rows_width(mname):  # FLOPs below: of the padded batches, as for all
+        batches = [pack_batch(b, pad, width).to(device) for b in host_batches]
+    for b in batches:  # warm-up, every shape once (compilation included)
+        step(b)
+    sync()
+    timed = batches[-args.steps :]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for b in timed:
+            step(b)
+        sync()
+        wall = (time.perf_counter() - t0) / len(timed)
+    events = prof.key_averages()
+    n = len(timed)
+    tokens = sum(int((b.tgt_out != pad).sum()) for b in timed) / n
+    lines = [
+        f"## {mname}",
+        "",
+        f"- wall per step: {1000 * wall:.1f} ms for {tokens:,.0f} target tokens "
+        "(profiled; the profiler adds host overhead)",
+        f"- output projection fused into the loss (`trainer.fused_loss`): {fused}; "
+        f"precision: {prec}",
+    ]
+    if cuda:
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+        # cuLaunchKernelEx launches cuBLASLt's matrix products (nvjet_*): 363 a step of
+        # Transformer-base, left out of the counts before 2026-12-03
+        launch_ops = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                      "cuLaunchKernelEx")  # fmt: skip
+        launches = sum(e.count for e in events if e.key in launch_ops)
+        lines += [
+            f"- GPU kernel time per step: {gpu_us / n / 1000:.1f} ms "
+            f"({100 * gpu_us / n / 1e6 / wall:.0f}% of wall: "
+            "the rest the GPU waits for the host)",
+            f"- kernel launches per step: {launches / n:.0f}",
+        ]
+    lines += ["", "Host time by operator (self CPU, per step):", ""]
+    lines += top_table(events, "CPU", n, args.top, 60, "operator")
+    if cuda:
+        counted = padded[-args.steps :]
+        V = len(tok)
+        parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in counted]
+        per_step = {k: sum(p[k] for p in parts) / n for k in ("linear", "attention")}
+        kernels = [
+            (e.key, e.count, e.self_device_time_total)
+            for e in events
+            if e.device_type.name == "CUDA"
+        ]
+        lines += [
+            "",
+            "GPU time by kind of kernel (per step; TFLOP/s: the matrix FLOPs that "
+            "`bench/train_speed.py` counts for MFU, weights' products and attention's "
+            "apart, over those kernels' own time):",
+            "",
+        ]
+        lines += kinds_table(kernels, n, per_step)
+        lines += ["", "GPU time by kernel (per step):", ""]
+        lines += top_table(events, "CUDA", n, args.top, 70, "kernel")
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":
