@@ -334,6 +334,73 @@ def log_counts(name: str, counts: dict, max_len: int, lengths=None) -> None:
             )
 
 
+def write_encoding(
+    ds, src_tok, tgt_tok, max_len: int, filter_long: bool, name: str, final: Path, key: str,
+    num_proc: int,
+) -> None:  # fmt: skip
+    """Encode split ``name`` (the text dataset ``ds``) into the cache folder ``final``
+    (``key``: its cache key, which the dataset's fingerprint takes too): its
+    Arrow ids (and, for an evaluation split, its text), ``lengths.npy`` and
+    ``counts.json``, written in a folder of this process's own and published whole
+    (``encode_split``)."""
+    from datasets import Features, List, Value
+
+    from .tokenizer import private_name
+
+    ids = List(Value("int32"))
+    features = {"src_ids": ids, "tgt_ids": ids}
+    if not filter_long:
+        flag, text = Value("bool"), Value("string")
+        features.update(src_long=flag, tgt_long=flag, src_text=text, tgt_text=text)
+    work = private_name(final.parent / f"tmp-{key}", "run")
+    work.mkdir(parents=True)  # this process's alone: a concurrent run works beside it
+    try:
+        workers = max(1, min(num_proc, len(ds) // 50_000))  # small splits: no workers
+        ds = ds.map(
+            encode_batch,
+            batched=True,
+            num_proc=workers if workers > 1 else None,  # datasets forks a pool even for 1
+            remove_columns=ds.column_names,
+            features=Features(features),
+            fn_kwargs=dict(
+                src_model=str(src_tok.path),
+                tgt_model=str(tgt_tok.path),
+                max_len=max_len,
+                eval_split=not filter_long,
+                num_threads=1 if workers > 1 else None,
+            ),
+            cache_file_name=str(work / "map.arrow"),
+            new_fingerprint=key,  # our key; skips hashing the function
+            desc=f"encoding {name}",
+        )
+        counts = {"pairs": len(ds)}
+        mapped = EncodedSplit(ds.data.table)  # the map's output: no row selection yet
+        src, tgt = mapped.src_lens, mapped.tgt_lens
+        if filter_long:
+            counts, keep = dropped_pairs(src, tgt, max_len)
+            if counts["pairs"] == 0:
+                raise DataError(
+                    f"{name}: no sentence pairs left: all {counts['dropped']} dropped, "
+                    f"{describe_drops(counts, max_len)}"
+                )
+            if counts["dropped"]:
+                ds = ds.select(np.flatnonzero(keep))
+                src, tgt = src[keep], tgt[keep]
+        else:
+            for count, column in (("truncated", "src_long"), ("tgt_truncated", "tgt_long")):
+                counts[count] = int(np.asarray(ds.data.table[column]).sum())
+            ds = ds.remove_columns(["src_long", "tgt_long"])
+        ds.save_to_disk(str(work / "saved"))
+        np.save(work / "saved" / "lengths.npy", np.stack([src, tgt]).astype(np.int32))
+        (work / "saved" / "counts.json").write_text(json.dumps(counts))
+        del ds, mapped
+        publish(work / "saved", final)
+        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:  # an error or a kill mid-way: leave no partial files behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def encode_split(
     fingerprint: str,
     load,
@@ -351,9 +418,9 @@ def encode_split(
     so hypotheses stay line-aligned with references. Counts are logged either way.
     ``mapped_budget_mb``: how much of the mapped cache a training split keeps resident
     before its pages are released (``MappedPages``; 0 = never)."""
-    from datasets import Features, List, Value, load_from_disk
+    from datasets import load_from_disk
 
-    from .tokenizer import file_sha256, private_name
+    from .tokenizer import file_sha256
 
     key = "|".join(
         [
@@ -369,59 +436,7 @@ def encode_split(
     key = hashlib.sha256(key.encode()).hexdigest()[:16]
     final = cache_dir / "encoded" / f"{name.replace('/', '.')}.{key}"
     if not (final / "counts.json").is_file():
-        ds = load()
-        ids = List(Value("int32"))
-        features = {"src_ids": ids, "tgt_ids": ids}
-        if not filter_long:
-            flag, text = Value("bool"), Value("string")
-            features.update(src_long=flag, tgt_long=flag, src_text=text, tgt_text=text)
-        work = private_name(cache_dir / "encoded" / f"tmp-{key}", "run")
-        work.mkdir(parents=True)  # this process's alone: a concurrent run works beside it
-        try:
-            workers = max(1, min(num_proc, len(ds) // 50_000))  # small splits: no workers
-            ds = ds.map(
-                encode_batch,
-                batched=True,
-                num_proc=workers if workers > 1 else None,  # datasets forks a pool even for 1
-                remove_columns=ds.column_names,
-                features=Features(features),
-                fn_kwargs=dict(
-                    src_model=str(src_tok.path),
-                    tgt_model=str(tgt_tok.path),
-                    max_len=max_len,
-                    eval_split=not filter_long,
-                    num_threads=1 if workers > 1 else None,
-                ),
-                cache_file_name=str(work / "map.arrow"),
-                new_fingerprint=key,  # our key; skips hashing the function
-                desc=f"encoding {name}",
-            )
-            counts = {"pairs": len(ds)}
-            mapped = EncodedSplit(ds.data.table)  # the map's output: no row selection yet
-            src, tgt = mapped.src_lens, mapped.tgt_lens
-            if filter_long:
-                counts, keep = dropped_pairs(src, tgt, max_len)
-                if counts["pairs"] == 0:
-                    raise DataError(
-                        f"{name}: no sentence pairs left: all {counts['dropped']} dropped, "
-                        f"{describe_drops(counts, max_len)}"
-                    )
-                if counts["dropped"]:
-                    ds = ds.select(np.flatnonzero(keep))
-                    src, tgt = src[keep], tgt[keep]
-            else:
-                for key, column in (("truncated", "src_long"), ("tgt_truncated", "tgt_long")):
-                    counts[key] = int(np.asarray(ds.data.table[column]).sum())
-                ds = ds.remove_columns(["src_long", "tgt_long"])
-            ds.save_to_disk(str(work / "saved"))
-            np.save(work / "saved" / "lengths.npy", np.stack([src, tgt]).astype(np.int32))
-            (work / "saved" / "counts.json").write_text(json.dumps(counts))
-            del ds, mapped
-            publish(work / "saved", final)
-            shutil.rmtree(work, ignore_errors=True)
-        except BaseException:  # an error or a kill mid-way: leave no partial files behind
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        write_encoding(load(), src_tok, tgt_tok, max_len, filter_long, name, final, key, num_proc)
     else:
         log.info("%s: loaded the cached encoding %s (memory-mapped)", name, final)
     try:
