@@ -291,24 +291,9 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
         raise ValueError(
             "ref= and output= need input=FILE or lines piped to stdin, not the interactive prompt"
         )
+    lines = refs = None
     if not prompt:  # what would fail after the translating, and lose it, fails first
-        lines = read_input(cfg.input)
-        refs = read_input(cfg.ref, "ref") if cfg.ref else None
-        if refs is not None and len(refs) != len(lines):
-            raise ValueError(
-                f"ref={cfg.ref} has {len(refs)} lines but input={cfg.input or '(stdin)'} has "
-                f"{len(lines)}: one reference per input line"
-            )
-        if refs is not None and not lines:  # sacreBLEU's IndexError on no sentences at all
-            raise ValueError(
-                f"input={cfg.input or '(stdin)'} and ref={cfg.ref} are empty: nothing to score"
-            )
-        if cfg.output:
-            if cfg.attention_plot:
-                check_not_pictures(cfg.output, cfg.attention_plot)
-            check_output(cfg.output)
-            read = {"input file": cfg.input, "reference file": cfg.ref, "checkpoint": ckpt}
-            check_not_read(cfg.output, read)
+        lines, refs = read_inputs(cfg, ckpt)
     if cfg.attention_plot:
         make_plot_folder(cfg.attention_plot)
     opts = decode_options(cfg.decode)  # a bad setting fails before the model is loaded
@@ -352,6 +337,30 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
             file=sys.stderr,
         )
     return best
+
+
+def read_inputs(cfg, ckpt: Path) -> tuple[list[str], list[str] | None]:
+    """The input lines and the references (None without ``ref=``), read and checked against
+    each other, and ``output=`` checked to be writable and none of the files read
+    (``ckpt``: the checkpoint), before anything is translated."""
+    lines = read_input(cfg.input)
+    refs = read_input(cfg.ref, "ref") if cfg.ref else None
+    if refs is not None and len(refs) != len(lines):
+        raise ValueError(
+            f"ref={cfg.ref} has {len(refs)} lines but input={cfg.input or '(stdin)'} has "
+            f"{len(lines)}: one reference per input line"
+        )
+    if refs is not None and not lines:  # sacreBLEU's IndexError on no sentences at all
+        raise ValueError(
+            f"input={cfg.input or '(stdin)'} and ref={cfg.ref} are empty: nothing to score"
+        )
+    if cfg.output:
+        if cfg.attention_plot:
+            check_not_pictures(cfg.output, cfg.attention_plot)
+        check_output(cfg.output)
+        read = {"input file": cfg.input, "reference file": cfg.ref, "checkpoint": ckpt}
+        check_not_read(cfg.output, read)
+    return lines, refs
 
 
 def interactive(run) -> list[str]:
