@@ -1,4 +1,4 @@
-"""The attention family (attention.py): every kind against a direct float64 formula,
+"""The attention family (transformer/attention/): every kind against a direct float64 formula,
 causality, incremental decoding, and the whole Transformer decoding with each kind."""
 
 import re
@@ -46,7 +46,7 @@ def softmax64(scores, mask):
 
 
 def pattern64(name, T_q, T_k, causal, pattern="strided"):
-    """The allowed (T_q, T_k) pairs, by loops over the definitions (not attention.py)."""
+    """The allowed (T_q, T_k) pairs, by loops over the definitions (not masks.py)."""
     allowed = torch.zeros(T_q, T_k, dtype=torch.bool)
     stride, c = 4, 2
     for qi in range(T_q):
@@ -189,7 +189,7 @@ def test_default_path_is_fused_sdpa_without_explicit_masks(monkeypatch):
         calls.append((attn_mask, is_causal, scale))
         return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
 
-    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     model = Transformer(30, 30, 0, d_model=16, n_heads=2, d_ff=32, n_enc_layers=1, n_dec_layers=1)
     src = torch.randint(3, 30, (2, 5))
     model(src, src != 0, torch.randint(3, 30, (2, 4)))

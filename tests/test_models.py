@@ -168,7 +168,8 @@ def test_dropout_sits_where_the_paper_puts_it_and_acts_in_training_only(monkeypa
     sum, and on the embeddings plus positions of both stacks; here also on the attention
     weights (attn_dropout, SDPA's dropout_p) and after the feed-forward activation
     (act_dropout). In eval mode the model is exactly the dropout-free one."""
-    import transformer.attention as A
+    import torch.nn.functional as F
+
     from transformer.dropout import Dropout
 
     src, src_mask, tgt = padded_batch()
@@ -181,13 +182,13 @@ def test_dropout_sits_where_the_paper_puts_it_and_acts_in_training_only(monkeypa
     for m in model.modules():
         if isinstance(m, Dropout):
             m.register_forward_hook(lambda mod, a, out: sites.append(mod.p if mod.training else 0))
-    sdpa = A.F.scaled_dot_product_attention
+    sdpa = F.scaled_dot_product_attention
 
     def spy(*a, dropout_p=0.0, **kw):
         attn.append(dropout_p)
         return sdpa(*a, dropout_p=dropout_p, **kw)
 
-    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     got = model.eval()(src, src_mask, tgt)
     assert set(attn) == {0.0}
     torch.testing.assert_close(got, plain(src, src_mask, tgt), atol=0, rtol=0)

@@ -4,7 +4,7 @@ ScaledEmbedding (embeddings times sqrt(d_model), 3.4), SinusoidalPositions (3.5)
 FeedForward (FFN(x) = max(0, x W1 + b1) W2 + b2, 3.3), EncoderLayer and DecoderLayer with
 residual connections around each sublayer and layer norm, either before the sublayer
 (pre-norm, the default: stabler without long warmup) or after it (post-norm, the paper).
-Each attention sublayer uses the kind its role names in ``AttentionConfig`` (attention.py):
+Each attention sublayer uses the kind its role names in ``AttentionConfig`` (attention/config.py):
 ``encoder`` self-attention, ``decoder`` causal self-attention, ``cross`` attention.
 """
 
