@@ -218,21 +218,8 @@ def override_error(
         key = override.key_or_group
         group = conf / key if conf is not None else None  # a package (@) is not in the key
         if group is not None and group.is_dir() and not override.is_delete():
-            options = sorted(p.stem for p in group.glob("*.yaml"))
-            try:
-                chosen = (
-                    list(override.sweep_string_iterator())
-                    if override.is_sweep_override()
-                    else [override.value()]
-                )
-            except HydraException:  # glob(...): Hydra expands it against the folder itself
-                continue
-            for value in chosen:
-                if value is None:
-                    return f"{arg}: {key} is a config group: name one of {options}"
-                if isinstance(value, str) and "${" not in value:
-                    if not (group / f"{value}.yaml").is_file():
-                        return f"{arg}: {key} has no option {value!r}: name one of {options}"
+            if error := group_error(arg, override, group):
+                return error
             continue
         plain = not (override.is_add() or override.is_force_add())
         if known is None or not plain or hydras_to_check(key, groups):
@@ -252,6 +239,29 @@ def override_error(
         if not override.is_delete() and any(key.startswith(f"{p}.") for p in open_under):
             hint += f"+{arg} adds a keyword argument; "  # a model's or an optimizer's own
         return f"{arg}: {key} is not a setting ({hint}--cfg job prints every setting)"
+    return None
+
+
+def group_error(arg: str, override, group: Path) -> str | None:
+    """Why ``override`` (the argument ``arg``) cannot choose an option of the config group
+    in the folder ``group``: it sets it to null, or to an option the folder has no file for
+    (each value of a sweep is checked). None when it can."""
+    key = override.key_or_group
+    options = sorted(p.stem for p in group.glob("*.yaml"))
+    try:
+        chosen = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.value()]
+        )
+    except HydraException:  # glob(...): Hydra expands it against the folder itself
+        return None
+    for value in chosen:
+        if value is None:
+            return f"{arg}: {key} is a config group: name one of {options}"
+        if isinstance(value, str) and "${" not in value:
+            if not (group / f"{value}.yaml").is_file():
+                return f"{arg}: {key} has no option {value!r}: name one of {options}"
     return None
 
 
