@@ -74,7 +74,7 @@ def inverse_sqrt(warmup: int):
     return factor
 
 
-# -- the loop ---------------------------------------------------------------------------------
+# -- the trainer ------------------------------------------------------------------------------
 def check_settings(cfg) -> None:
     """Every setting a check can judge on its own, each bad value named by its key
     (``settings.py``), before any work; also the decoding settings of the BLEU evaluations
