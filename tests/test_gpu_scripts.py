@@ -297,6 +297,60 @@ def test_ours_with_bf16_weights_is_compared_with_marian_in_its_own_mode():
     assert first["marian" + graphs] == "61.2" and first["marian"] == "-"
 
 
+class FakeTokenizer:
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __len__(self) -> int:
+        return 100
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # gpu_bench.sh next: the eager sweep, then the compiled models
+        "--sdpa efficient --packed-rows 128 --bf16-weights --rounds 4",
+        "--compiled-only --sdpa efficient --packed-rows 128",
+        "--compiled-only --compile-mode reduce-overhead --sdpa efficient --bf16-weights",
+        # every option at once
+        "--compile --sdpa efficient,flash+efficient --packed-rows 128,256 --bf16-weights "
+        "--ablate --rnn --kinds dot,local",
+    ],
+)
+def test_train_speed_compares_each_ours_with_marian_in_its_own_mode(argv):
+    """The models ``bench/train_speed.py`` times for a set of options: each variant of ours
+    has a ratio in the table, and it is taken against Marian with the same SDPA kernels and
+    the same compile mode (an ablation against plain eager Marian, which runs both as
+    plain), listed right after its ours, so that a time limit cuts options before pairs."""
+    train_speed = load_bench("train_speed")
+    args = train_speed.parse_args(train_speed.make_parser(), ["--device", "cpu", *argv.split()])
+    models = train_speed.models_to_time(args, "multi30k-default", SIZE, FakeTokenizer(), fused=True)
+    names = list(models)
+    assert len(names) == len(set(names)) and "ours" in names[0]
+    batch = SimpleNamespace(src=torch.zeros(8, 12), tgt_in=torch.zeros(8, 10))
+    stats = dict(step_ms=1.0, peak_gib=None, seconds=1.0, faults=0, batches=[batch])
+    measured = {name: {"tok_s": 100.0 + i, **stats} for i, name in enumerate(names)}
+    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, 100, 0, None)
+    cells = [[c.strip() for c in row.split("|")[1:-1]] for row in rows]
+    ratio = {row[2]: row[-1] for row in cells}  # model: ours / Marian
+    for name, (_, opt) in models.items():
+        if not name.startswith("ours") or "kind" in opt:  # Marian, the RNN, other kinds
+            assert ratio[name] == "", name
+            continue
+        assert ratio[name].endswith("x"), name
+        mode = "" if opt.get("ablation") else name.removeprefix("ours").split("/bf16")[0]
+        peer = opt.get("compare_to", "marian" + mode)
+        peer_opt = models[peer][1]
+        assert (peer_opt.get("sdpa"), peer_opt.get("compile")) == (
+            opt.get("sdpa"), opt.get("compile")
+        ), name  # fmt: skip
+        assert names.index(peer) <= names.index(name) + 1, name
+    for name in names:  # each pair: Marian right after ours of its mode
+        if name.startswith("marian"):
+            assert names[names.index(name) - 1] == "ours" + name.removeprefix("marian")
+    if "--rnn" in argv:
+        assert "rnn" in names and ratio["rnn"] == ""
+
+
 def test_the_ratio_to_marian_shows_the_spread_of_its_rounds():
     """With --rounds, each round times the same batches for both models: the range of the
     rounds' ratios says how far the machine's load moved the overall one."""
