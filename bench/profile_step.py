@@ -225,10 +225,8 @@ def profile_model(mname: str, args, host_batches, tok) -> list[str]:
     )  # as trainer.fused_loss
     prec = "bf16-weights" if mname.endswith(BF16W) else ("bf16" if cuda else "fp32")
     step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
-    padded = [b.to(device) for b in host_batches]
-    batches = padded
-    if width := rows_width(mname):  # FLOPs below: of the padded batches, as for all
-        batches = [pack_batch(b, pad, width).to(device) for b in host_batches]
+    width = rows_width(mname)  # FLOPs below: of the padded batches, as for all
+    batches = [(pack_batch(b, pad, width) if width else b).to(device) for b in host_batches]
     for b in batches:  # warm-up, every shape once (compilation included)
         step(b)
     sync()
@@ -267,7 +265,7 @@ def profile_model(mname: str, args, host_batches, tok) -> list[str]:
     lines += ["", "Host time by operator (self CPU, per step):", ""]
     lines += top_table(events, "CPU", n, args.top, 60, "operator")
     if cuda:
-        counted = padded[-args.steps :]
+        counted = host_batches[-args.steps :]  # their shapes
         V = len(tok)
         parts = [flops_by_part(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in counted]
         per_step = {k: sum(p[k] for p in parts) / n for k in ("linear", "attention")}

@@ -725,14 +725,12 @@ def time_models(args, models: dict, batches, pad: int, precision: str, fused: bo
             )  # fmt: skip
             if args.rounds == 1:
                 timing.run(args.steps)
-        except torch.OutOfMemoryError as e:
-            print(f"{group} {mname}: out of memory: {e}", flush=True)
-            del model
-            torch.cuda.empty_cache()
-            continue
-        except Exception as e:  # a compiler or kernel error: the other models still run
+        except Exception as e:  # out of memory, a compiler or kernel error: the others run
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(f"{group} {mname}: failed: {type(e).__name__}: {first}", flush=True)
+            why = f"failed: {type(e).__name__}: {first}"
+            if isinstance(e, torch.OutOfMemoryError):
+                why = f"out of memory: {e}"
+            print(f"{group} {mname}: {why}", flush=True)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
