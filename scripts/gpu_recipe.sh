@@ -8,13 +8,15 @@
 #                                              fp16 with its grad scaler, never yet run on a
 #                                              GPU (trainer.precision=auto does not pick it),
 #                                              beside the default (bf16 on an H100/H200)
-#   MINUTES=1.5 bash scripts/gpu_recipe.sh tf_default tf_padded tf_bf16w
-#                                              the CUDA defaults of 2026-12-04 (packed rows of
-#                                              128, the efficient SDPA kernel), never yet
-#                                              trained on a GPU, beside padded batches (the
-#                                              layout of every earlier GPU run) and rows with
-#                                              trainer.precision=bf16-weights (trained only on
-#                                              the CPU: results/ablations.md)
+#   MINUTES=1.5 bash scripts/gpu_recipe.sh tf_default    (then tf_padded, tf_bf16w, ...)
+#                                              one run alone on the GPU, about 130 s a call:
+#                                              time to BLEU of one setting. tf_default (the CUDA
+#                                              defaults: packed rows of 128, the efficient SDPA
+#                                              kernel) and tf_padded (padded batches) ran on an
+#                                              H200 on 2026-12-04 (results/gpu/h200-recipe/);
+#                                              still to run: tf_bf16w, tf_graphs (CUDA graphs;
+#                                              its first step compiles for about 40 s of the
+#                                              budget), tf_fastest and rnn_default
 # Multi30k de->en trainings share the GPU, each with the same limits (6,000 updates or
 # $MINUTES of training, evaluation excluded, whichever comes first; the steps reached are in
 # each metrics.json) and the checkpoints of its last 5 validations kept: the default
@@ -57,6 +59,11 @@ declare -A runs=(
   [tf_fp16]="trainer.precision=fp16"   # by name only: does fp16 train as bf16 does?
   [tf_padded]="trainer.packed_rows=0"   # by name only: the layout before rows on CUDA
   [tf_bf16w]="trainer.precision=bf16-weights"   # by name only: rows, bf16 weights
+  # by name only: rows through CUDA graphs (2.43x Marian's speed for this config on an H200)
+  [tf_graphs]="trainer.compile=true trainer.compile_mode=reduce-overhead"
+  # by name only: ours' fastest eager Transformer-base setting on an H200 (rows, bf16
+  # weights, torch's SDPA kernel pick), not yet trained to BLEU
+  [tf_fastest]="trainer.precision=bf16-weights trainer.sdpa_backends=null"
 )
 order=(tf_default rnn_default tf_bpe8k tf_vocab4k tf_vocab16k tf_ls0 tf_ls02 tf_lr1e-3
   rnn_lr1e-3 tf_batch8k)
