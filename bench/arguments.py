@@ -76,6 +76,12 @@ def items(text: str, empty: bool = False) -> list[str]:
     return parts
 
 
+def free_names(text: str) -> list[str]:
+    """Comma-separated names (``""``: none) that the caller checks against what they name,
+    once it knows."""
+    return items(text, empty=True)
+
+
 def counts(least: int, empty: bool = False) -> Callable[[str], list[int]]:
     """Comma-separated integers, each at least ``least`` (``""``: none, where ``empty``)."""
     one = count(least)

@@ -444,7 +444,7 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time ours with trainer.precision=bf16-weights: the forward and backward "
         "on a bf16 copy without autocast, fused AdamW on the fp32 model (precision.py); "
-        "eager, and in each compiled mode timed; with --packed-rows, also in rows, eager",
+        "eager, and in each compiled mode timed; with --packed-rows, also in rows",
     )
     ap.add_argument(
         "--packed-rows",
@@ -469,6 +469,14 @@ def make_parser() -> argparse.ArgumentParser:
         help="time the models of a batch size in this many alternating rounds of "
         "steps/rounds steps each (all models stay built), so that load drift hits all alike "
         "(on a GPU each model's peak memory leaves the others' out; not through CUDA graphs)",
+    )
+    ap.add_argument(
+        "--models",
+        type=arguments.free_names,
+        default="",
+        help="time only these of the models the other options make (comma-separated table "
+        "names, e.g. 'ours/rows-128/bf16-weights+compile/sdpa=efficient'), each with the "
+        "Marian it is compared with",
     )
     add_malloc_option(ap)
     add_join_option(ap)
@@ -516,6 +524,11 @@ def main(argv: list[str] | None = None) -> None:
     fused = args.fused_loss == "true" or (args.fused_loss == "auto" and device.type == "cpu")
     for max_tokens in args.max_tokens:  # each budget against the data, before any timing
         _, tok = load_checked(ap, max_tokens, 0, args.join)
+    made = {n for c in args.configs for n in models_to_time(args, c, CONFIGS[c], tok, fused)}
+    unknown = [n for n in args.models if n not in made]
+    if unknown:  # before any timing
+        ap.error(f"--models: {', '.join(unknown)} not among the models these options make: "
+                 f"{', '.join(sorted(made))}")  # fmt: skip
     reuse = apply_malloc(args.malloc, device)
     name = machine(device)
     peak = peak_flops(name, precision)
@@ -532,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
                 lines.insert(table_at, note)
                 table_at += 1
             torch.manual_seed(0)
-            models = models_to_time(args, cname, mcfg, tok, fused)
+            models = only_models(models_to_time(args, cname, mcfg, tok, fused), args.models)
             group = f"{cname} {max_tokens}"
             rows_of = functools.partial(
                 table_rows, models, cname=cname, max_tokens=max_tokens, mcfg=mcfg, V=len(tok),
@@ -588,7 +601,7 @@ def header(args, argv, name: str, precision: str, fused: bool, reuse: bool,
         "(`--packed-rows W`) ours/rows-W = the same batches, their pairs laid out several to "
         "a row of W slots, kept apart by a block-diagonal attention mask "
         "(transformer/packing.py); its MFU (padded) counts the FLOPs of the padded batches, "
-        "as for every other row; ours/rows-W/bf16-weights (both options, eager) = both",
+        "as for every other row; ours/rows-W/bf16-weights = both options",
         "- MFU: the matrix-product FLOPs of the sentence pairs at their own lengths (forward "
         "x 3), per second, over the peak; MFU (padded): of the padded batch shapes, which "
         "counts the padding's products as useful (the tables before 2026-12-03 gave only this "
@@ -671,6 +684,9 @@ def models_to_time(args, cname: str, mcfg: dict, tok, fused: bool) -> dict:
         for width in args.packed_rows:
             rows = {**opt, "rows": width, "compare_to": "marian" + mode}
             models[f"ours/rows-{width}" + mode] = (ours, rows)
+            if args.bf16_weights:
+                both = {**rows, "precision": "bf16-weights"}
+                models[f"ours/rows-{width}/bf16-weights" + mode] = (ours, both)
         if args.ablate and device.type == "cpu":  # F.dropout traced, as before
             no_rand = {**opt, "rand_mask": False, "compare_to": "marian" + mode}
             models["ours/bernoulli-dropout" + mode] = (ours, no_rand)
@@ -758,6 +774,25 @@ def time_models(args, models: dict, batches, pad: int, precision: str, fused: bo
     return rows_of(measured)
 
 
+def peer(mname: str, opt: dict) -> str | None:
+    """The Marian that ours ``mname`` (with options ``opt``) is compared with: Marian in the
+    same mode, plain Marian for an ablation; None for Marian, the RNN and other kinds."""
+    if not mname.startswith("ours") or "kind" in opt:
+        return None
+    same_mode = "marian" + ("" if opt.get("ablation") else mname.removeprefix("ours"))
+    return opt.get("compare_to", same_mode)
+
+
+def only_models(models: dict, wanted: list[str]) -> dict:
+    """``models`` cut to the names ``wanted`` (all of them where none is) and the Marian each
+    is compared with, in the table's order."""
+    if not wanted:
+        return models
+    keep = {n for n in wanted if n in models}
+    keep |= {peer(n, models[n][1]) for n in keep} - {None}
+    return {n: m for n, m in models.items() if n in keep}
+
+
 def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: dict, V: int,
                pad: int, peak: float | None) -> list[str]:  # fmt: skip
     """The table's rows for the models of one (config, batch size) group measured so far, in
@@ -773,10 +808,7 @@ def table_rows(models: dict, measured: dict, cname: str, max_tokens: int, mcfg: 
             real = sum(real_flops(mcfg, b, pad, V) for b in batches)
             padded = sum(train_flops(mcfg, *b.src.shape, b.tgt_in.shape[1], V) for b in batches)
             r["mfu"], r["mfu_padded"] = (x / r["seconds"] / peak for x in (real, padded))
-        r["ratio_to"] = None
-        if mname.startswith("ours") and "kind" not in opt:
-            same_mode = "marian" + ("" if opt.get("ablation") else mname.removeprefix("ours"))
-            r["ratio_to"] = opt.get("compare_to", same_mode)
+        r["ratio_to"] = peer(mname, opt)
         results[mname] = r
     rows = []
     for mname, r in results.items():

@@ -2,7 +2,18 @@
 # The GPU benchmarks, one device call of under 10 minutes per mode (from the repo root):
 #   bash scripts/gpu_bench.sh next     the one call that fits a 15-minute lease (BUDGET_S, 540 s
 #                                      of steps by default; each step gets what is left, most
-#                                      important first): ours against Marian as the trainer
+#                                      important first): what the two H200 calls of 2026-12-04
+#                                      left open. Transformer-base at 25k tokens: ours' fastest
+#                                      eager setting (rows of 128, bf16-weights) compiled,
+#                                      against Marian compiled; the same eager and compiled on
+#                                      sentences like WMT's (--join 2 and 4: MFU where
+#                                      attention's share of a step is not Multi30k's), eager in
+#                                      alternating rounds; a profile of the compiled fastest.
+#                                      The device call:
+#                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
+#                                      with carry [.whl, .gpudata] and timeout_s 590
+#   bash scripts/gpu_bench.sh defaults what `next` was for both H200 calls of 2026-12-04 (540 s):
+#                                      ours against Marian as the trainer
 #                                      now trains on CUDA (the efficient SDPA kernel, rows of
 #                                      128, bf16-weights) and with torch's kernels, padded,
 #                                      eager, in alternating rounds, Transformer-base at 25k
@@ -10,9 +21,6 @@
 #                                      compiled (efficient kernel) and a profile of ours
 #                                      compiled; a profile of the eager defaults; the Multi30k
 #                                      config through CUDA graphs (reduce-overhead).
-#                                      The device call:
-#                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
-#                                      with carry [.whl, .gpudata] and timeout_s 590
 #   bash scripts/gpu_bench.sh speed    ours vs HF Marian at 4k and 25k tokens, both configs, with
 #                                      each SDPA kernel set (trainer.sdpa_backends) and the fused
 #                                      loss on and off; profiles of a Transformer-base step with
@@ -51,20 +59,44 @@ pack() { tar czf "$OUT/bench.tar.gz" results/bench results/attention/gpu; }
 # ($rc: the step's exit status, 124 or 137 when its time ran out)
 rc=0
 step() { echo "== $(date +%T) $*"; timeout -k 10 "$@"; rc=$?; echo "== rc $rc"; pack; }
+deadline=$(($(date +%s) + ${BUDGET_S:-540}))
+# step with at most $1 seconds, or what is left of the budget; skipped under 20 s
+within() {
+  local cap=$1 left=$((deadline - $(date +%s)))
+  shift
+  ((left < cap)) && cap=$left
+  if ((cap < 20)); then echo "== skipped, ${cap}s left: $*"; else step "$cap" "$@"; fi
+}
+# tokens per batch, Transformer-base (TB) and the Multi30k config (MT); STEPS, WARMUP, ROUNDS:
+# smaller for a dry run on the CPU
+tb=${TB_TOKENS:-25000} mt=${MT_TOKENS:-4096}
+steps="--steps ${STEPS:-20} --warmup ${WARMUP:-3}"
 case "${1:-speed}" in
 next)
-  deadline=$(($(date +%s) + ${BUDGET_S:-540}))
-  # step with at most $1 seconds, or what is left of the budget; skipped under 20 s
-  within() {
-    local cap=$1 left=$((deadline - $(date +%s)))
-    shift
-    ((left < cap)) && cap=$left
-    if ((cap < 20)); then echo "== skipped, ${cap}s left: $*"; else step "$cap" "$@"; fi
-  }
-  # tokens per batch, Transformer-base (TB) and the Multi30k config (MT); STEPS, WARMUP, ROUNDS:
-  # smaller for a dry run on the CPU
-  tb=${TB_TOKENS:-25000} mt=${MT_TOKENS:-4096}
-  steps="--steps ${STEPS:-20} --warmup ${WARMUP:-3}"
+  # ours' fastest eager setting (1.76x Marian with the same kernels, 18.1% MFU) compiled, with
+  # the efficient kernel as every compiled row so far, against Marian compiled (433,728 tok/s
+  # in the second call, its fastest); only these two compile (--models)
+  fastest="ours/rows-128/bf16-weights+compile/sdpa=efficient"
+  compiled="--compiled-only --sdpa efficient --packed-rows 128 --bf16-weights --models $fastest"
+  within 150 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
+    $compiled $steps --out "results/bench/train_speed_${gpu}_compile_fastest.md"
+  # sentences like WMT's: the training pairs joined 2 (33 subwords a sentence) and 4 (63) at
+  # a time, eager, with torch's kernels and the efficient one, in alternating rounds
+  for join in 2 4; do
+    within 100 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
+      --join "$join" --sdpa efficient --packed-rows 128 --bf16-weights $steps \
+      --rounds "${ROUNDS:-4}" --out "results/bench/train_speed_${gpu}_join${join}.md"
+  done
+  within 150 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
+    --join 2 $compiled $steps --out "results/bench/train_speed_${gpu}_join2_compile.md"
+  # where the compiled fastest step's time goes (a fresh inductor cache if a compile was
+  # killed mid-write: it can leave a truncated file there)
+  ((rc == 124 || rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill
+  within 70 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
+    --models ours/rows-128/bf16-weights --compile --sdpa efficient \
+    --out "results/bench/profile_${gpu}_compiled_fastest.md"
+  ;;
+defaults)
   # The settings the H200 run of 2026-12-04 left standing: torch's pick (cuDNN) against the
   # efficient kernel (trainer.sdpa_backends=auto), each padded and in rows of 128
   # (trainer.packed_rows=auto), with bf16-weights; both models in each kernel set. The
@@ -142,6 +174,6 @@ eager)
     --out "results/bench/train_speed_${gpu}_kinds.md"
   step 60 python3 bench/attention_claims.py --device cuda --out results/attention/gpu
   ;;
-*) echo "usage: bash scripts/gpu_bench.sh next|speed|compile|graphs|long|eager"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_bench.sh next|defaults|speed|compile|graphs|long|eager"; exit 2 ;;
 esac
 pack

@@ -210,6 +210,28 @@ def test_collate_time_checks_each_token_budget_against_the_data_before_timing(mo
     assert said == ("--max-tokens=50 is smaller than the longest example (56 tokens); raise it")
 
 
+def test_train_speed_refuses_a_model_its_options_do_not_make_before_any_work(monkeypatch, capsys):
+    """--models names rows of the table; a name the other options do not make (here: rows
+    in bf16-weights without --bf16-weights) is a usage error listing those they do."""
+    module = guarded(monkeypatch, "train_speed")
+
+    class Tok:
+        pad_id, bos_id, eos_id = 0, 1, 2
+
+        def __len__(self):
+            return 50
+
+    monkeypatch.setattr(module, "load_checked", lambda *args: ([], Tok()))
+    said = usage_error(
+        capsys, module, "--device cpu --configs multi30k-default --max-tokens 4096 "
+        "--packed-rows 128 --models ours/rows-128/bf16-weights,marian",
+    )  # fmt: skip
+    assert said == (
+        "--models: ours/rows-128/bf16-weights not among the models these options make: "
+        "marian, ours, ours/rows-128"
+    )
+
+
 def test_the_benchmarks_build_only_the_models_they_know():
     """Any name but "ours" built Marian, timed under the name it was given."""
     train_speed = load_bench("train_speed")
@@ -231,7 +253,7 @@ def documented_commands(tmp_path) -> list[list[str]]:
         stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "SKIP_INSTALL": "1",
            "OUT": str(tmp_path / "out")}  # fmt: skip
-    for mode in ("next", "speed", "compile", "graphs", "long", "eager"):
+    for mode in ("next", "defaults", "speed", "compile", "graphs", "long", "eager"):
         subprocess.run(["bash", "scripts/gpu_bench.sh", mode], cwd=work, env=env,
                        check=True, capture_output=True)  # fmt: skip
     commands = [line.split("\x1f") for line in calls.read_text().splitlines()]

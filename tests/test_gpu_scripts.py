@@ -307,9 +307,11 @@ class FakeTokenizer:
 @pytest.mark.parametrize(
     "argv",
     [
-        # gpu_bench.sh next: the eager sweep, then the compiled models
+        # gpu_bench.sh defaults: the eager sweep, then the compiled models; next: compiled
+        # rows of 128 in bf16-weights
         "--sdpa efficient --packed-rows 128 --bf16-weights --rounds 4",
         "--compiled-only --sdpa efficient --packed-rows 128",
+        "--compiled-only --sdpa efficient --packed-rows 128 --bf16-weights",
         "--compiled-only --compile-mode reduce-overhead --sdpa efficient --bf16-weights",
         # every option at once
         "--compile --sdpa efficient,flash+efficient --packed-rows 128,256 --bf16-weights "
@@ -349,6 +351,25 @@ def test_train_speed_compares_each_ours_with_marian_in_its_own_mode(argv):
             assert names[names.index(name) - 1] == "ours" + name.removeprefix("marian")
     if "--rnn" in argv:
         assert "rnn" in names and ratio["rnn"] == ""
+
+
+def test_train_speed_times_only_the_models_asked_for_with_their_marian():
+    """--models: the named rows, each with the Marian its ratio is taken against (Marian
+    compiled in the same mode for a compiled variant, plain Marian for an ablation), in the
+    table's order; without it, every model the options make."""
+    train_speed = load_bench("train_speed")
+    argv = ["--device", "cpu", "--sdpa", "efficient", "--packed-rows", "128", "--bf16-weights",
+            "--compile", "--ablate"]  # fmt: skip
+    args = train_speed.parse_args(train_speed.make_parser(), argv)
+    every = train_speed.models_to_time(args, "multi30k-default", SIZE, FakeTokenizer(), True)
+    assert train_speed.only_models(every, []) == every
+    compiled = "ours/rows-128/bf16-weights+compile/sdpa=efficient"
+    chosen = train_speed.only_models(every, [compiled, "ours/unfused-loss"])
+    assert list(chosen) == ["marian", "marian+compile/sdpa=efficient", compiled,
+                            "ours/unfused-loss"]  # fmt: skip
+    assert chosen[compiled][1] == {"compile": "default", "sdpa": "efficient", "rows": 128,
+                                   "compare_to": "marian+compile/sdpa=efficient",
+                                   "precision": "bf16-weights"}  # fmt: skip
 
 
 def test_the_ratio_to_marian_shows_the_spread_of_its_rounds():
