@@ -659,6 +659,17 @@ def models_to_time(args, cname: str, mcfg: dict, tok, fused: bool) -> dict:
         return build_model("marian", mcfg, *ids)
 
     models = {}
+
+    def add_rows(mode: str, opt: dict) -> None:
+        """Ours in packed rows of each width in mode ``mode`` (options ``opt``), and with
+        bf16-weights too (the fastest setting on an H200), compared with Marian in it."""
+        for width in args.packed_rows:
+            rows = {**opt, "rows": width, "compare_to": "marian" + mode}
+            models[f"ours/rows-{width}" + mode] = (ours, rows)
+            if args.bf16_weights:
+                both = {**rows, "precision": "bf16-weights"}
+                models[f"ours/rows-{width}/bf16-weights" + mode] = (ours, both)
+
     eager = [] if args.compiled_only else [None, *args.sdpa]  # None: torch's pick
     compiled = (args.sdpa or [None]) if args.compiled_only else []
     if args.compile:
@@ -667,12 +678,7 @@ def models_to_time(args, cname: str, mcfg: dict, tok, fused: bool) -> dict:
         mode = f"/sdpa={sdpa}" if sdpa else ""
         models["ours" + mode] = (ours, {"sdpa": sdpa})
         models["marian" + mode] = (theirs, {"sdpa": sdpa})
-        for width in args.packed_rows:  # next to its pair: a time limit cuts the last
-            rows = {"sdpa": sdpa, "rows": width, "compare_to": "marian" + mode}
-            models[f"ours/rows-{width}" + mode] = (ours, rows)
-            if args.bf16_weights:  # the trainer's fastest eager setting on a GPU
-                both = {**rows, "precision": "bf16-weights"}
-                models[f"ours/rows-{width}/bf16-weights" + mode] = (ours, both)
+        add_rows(mode, {"sdpa": sdpa})  # next to its pair: a time limit cuts the last
     for sdpa in compiled:
         mode = "+compile" + ("" if args.compile_mode == "default" else f":{args.compile_mode}")
         mode += f"/sdpa={sdpa}" if sdpa else ""
@@ -681,12 +687,7 @@ def models_to_time(args, cname: str, mcfg: dict, tok, fused: bool) -> dict:
         if args.bf16_weights:  # after the pair: a time limit cuts it first
             bf16w = {**opt, "precision": "bf16-weights", "compare_to": "marian" + mode}
             models["ours/bf16-weights" + mode] = (ours, bf16w)
-        for width in args.packed_rows:
-            rows = {**opt, "rows": width, "compare_to": "marian" + mode}
-            models[f"ours/rows-{width}" + mode] = (ours, rows)
-            if args.bf16_weights:
-                both = {**rows, "precision": "bf16-weights"}
-                models[f"ours/rows-{width}/bf16-weights" + mode] = (ours, both)
+        add_rows(mode, opt)
         if args.ablate and device.type == "cpu":  # F.dropout traced, as before
             no_rand = {**opt, "rand_mask": False, "compare_to": "marian" + mode}
             models["ours/bernoulli-dropout" + mode] = (ours, no_rand)
