@@ -26,20 +26,42 @@ ALIGN = 16  # slots per row are a multiple of this (the efficient kernel's mask 
 # host time: results/bench/packed_fill_cpu.md compares 1, 4 and all
 OPEN_ROWS = 4
 # The width ``trainer.packed_rows=auto`` packs to on CUDA. On an H200, rows of 128 trained
-# Transformer-base at 25k-token Multi30k batches 21-33% faster than padded batches in two
-# runs (256: +27%), and the Multi30k config at 4k 17-30% faster
-# (results/bench/README.md#on-an-h200-2026-12-04); on the CPU, whose attention is the
-# unfused math path, rows are slower (results/bench/train_speed_cpu_packed_rows.md)
+# Transformer-base at 25k-token Multi30k batches 21-33% faster than padded batches in three
+# runs over two calls (256: +27%); the Multi30k config at 4k was 17-30% faster in the first
+# call and 5-6% slower in the second (results/bench/README.md#on-an-h200-2026-12-04); on the
+# CPU, whose attention is the unfused math path, rows are slower
+# (results/bench/train_speed_cpu_packed_rows.md)
 AUTO_CUDA_WIDTH = 128
+# ``auto`` packs a corpus only if its training pairs average at least this many to a row.
+# Multi30k de-en's training pairs (17.1 slots, ``mean_pair_len``: 7.5 to a row of 128)
+# trained Transformer-base faster in rows on an H200; its pairs joined 2 at a time (32.6
+# slots: 3.9 a row) were 7% slower to 3% faster, and joined 4 (63.3: 2 a row) 9-16% slower
+# (results/bench/train_speed_h200_join{2,4}.md): each query attends over its whole row,
+# masked, and a row of few long pairs leaves more slots empty
+MIN_PAIRS_PER_ROW = 4
 
 
-def resolve_width(setting, takes_rows: bool, device) -> int:
+def mean_pair_len(src_len, tgt_len) -> float:
+    """The mean over sentence pairs of the longer side's slots in a row (with EOS or BOS:
+    one more than the sentence's tokens); how many pairs a row holds."""
+    src_len, tgt_len = (np.asarray(x, dtype=np.int64) for x in (src_len, tgt_len))
+    if len(src_len) == 0:
+        return 0.0
+    return float(np.maximum(src_len, tgt_len).mean()) + 1.0
+
+
+def resolve_width(setting, takes_rows: bool, device, pair_len: float | None = None) -> int:
     """``trainer.packed_rows``: ``"auto"`` is ``AUTO_CUDA_WIDTH`` on CUDA for a model that
-    takes rows (the Transformer with SDPA attention), else 0 (padded batches); a number is
-    itself."""
+    takes rows (the Transformer with SDPA attention) and training pairs of ``pair_len``
+    slots on average (``mean_pair_len``; None: not known, taken as short) that fit at least
+    ``MIN_PAIRS_PER_ROW`` to a row; else 0 (padded batches). A number is itself."""
     if setting != "auto":
         return int(setting)
-    return AUTO_CUDA_WIDTH if takes_rows and torch.device(device).type == "cuda" else 0
+    if not takes_rows or torch.device(device).type != "cuda":
+        return 0
+    if pair_len is not None and pair_len * MIN_PAIRS_PER_ROW > AUTO_CUDA_WIDTH:
+        return 0
+    return AUTO_CUDA_WIDTH
 
 
 def round_up(n: int, to: int = ALIGN) -> int:

@@ -40,7 +40,14 @@ from .final_choice import FinalChoice, final_settings
 from .host_memory import reuse_freed_memory
 from .loss import projected_loss, sequence_loss
 from .metrics import bleu, score_all
-from .packing import pack_batch, resolve_width, row_layout
+from .packing import (
+    AUTO_CUDA_WIDTH,
+    MIN_PAIRS_PER_ROW,
+    mean_pair_len,
+    pack_batch,
+    resolve_width,
+    row_layout,
+)
 from .precision import Bf16Weights, PrecisionError, split_state
 from .run_data import prepare_data
 from .run_lock import run_lock
@@ -120,7 +127,7 @@ class Trainer:
                 f"trainer.resume=false but {self.ckpt_dir} holds another run's checkpoints; "
                 "use another run_dir, or delete them to start over there"
             )
-        self.set_up_device(takes_rows)
+        self.set_up_device()
         self.resume_from = self.checkpoint_to_resume()
         # A setting no attention role reads (model.attention.window without local
         # attention, ...) trained as if it were not there; a run that already trained so
@@ -129,6 +136,7 @@ class Trainer:
         if ignored and self.resume_from is None:
             raise TrainingError("; ".join(ignored))
         self.read_data()
+        self.choose_layout(takes_rows)
         self.build_model()
         self.build_optimizer()
         self.build_batchers()
@@ -147,10 +155,10 @@ class Trainer:
         self.reseed_rank()
 
     # -- building the run, in __init__'s order --------------------------------------------
-    def set_up_device(self, takes_rows: bool) -> None:
+    def set_up_device(self) -> None:
         """The device and what depends on it: the precision (a bad value fails before the
-        data is read), the seed, the CPU's allocator, the attention kernels allowed on
-        CUDA, and the width of packed rows (``takes_rows``: whether the model takes them)."""
+        data is read), the seed, the CPU's allocator and the attention kernels allowed on
+        CUDA."""
         cfg = self.cfg
         self.device = pick_device(cfg.device, self.dist.local_rank if self.dist.enabled else None)
         self.precision = resolve_precision(self.t.precision, self.device)
@@ -161,10 +169,6 @@ class Trainer:
         sdpa = use_sdpa_backends(self.t.get("sdpa_backends", "auto"), self.device)
         if self.device.type == "cuda":
             log.info("attention kernels allowed: %s", ", ".join(sdpa))
-        self.packed_rows = resolve_width(self.t.packed_rows, takes_rows, self.device)
-        if self.packed_rows:
-            log.info("training batches packed %d slots to a row (trainer.packed_rows=%s)",
-                     self.packed_rows, self.t.packed_rows)  # fmt: skip
 
     def checkpoint_to_resume(self) -> tuple[Path, dict] | None:
         """The checkpoint a resumed run continues from, loaded now: a changed model or
@@ -193,6 +197,21 @@ class Trainer:
         self.model_kwargs = dict(
             src_vocab_size=len(self.src_tok), tgt_vocab_size=len(self.tgt_tok), pad_id=self.pad_id
         )
+
+    def choose_layout(self, takes_rows: bool) -> None:
+        """The width of packed rows (``trainer.packed_rows``; ``takes_rows``: whether the
+        model takes them): ``auto`` weighs the device and the training pairs' mean length
+        (packing.resolve_width), the same on every rank since each reads the same split."""
+        train = self.splits[self.cfg.data.train_split]
+        pair_len = mean_pair_len(train.src_lens, train.tgt_lens)
+        self.packed_rows = resolve_width(self.t.packed_rows, takes_rows, self.device, pair_len)
+        if self.packed_rows:
+            log.info("training batches packed %d slots to a row (trainer.packed_rows=%s)",
+                     self.packed_rows, self.t.packed_rows)  # fmt: skip
+        elif self.t.packed_rows == "auto" and takes_rows and self.device.type == "cuda":
+            log.info("training batches padded: the training pairs average %.1f slots, fewer "
+                     "than %d to a row of %d (trainer.packed_rows=auto; set a width to pack)",
+                     pair_len, MIN_PAIRS_PER_ROW, AUTO_CUDA_WIDTH)  # fmt: skip
 
     def build_model(self) -> None:
         """``self.model`` is the plain module (optimizer, checkpoints, validation,
