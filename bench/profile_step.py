@@ -2,7 +2,7 @@
 
     python bench/profile_step.py [--config transformer-base] [--max-tokens 25000]
         [--models ours,marian,ours/bf16-weights] [--compile] [--sdpa efficient] [--fused-loss true]
-        [--device cpu] [--out results/bench/profile_NAME.md]
+        [--join 1] [--device cpu] [--out results/bench/profile_NAME.md]
 
 For each model, after warm-up on the same real Multi30k batches as ``bench/train_speed.py``,
 profiles a few training steps and reports: wall time per step, GPU kernel time per step (the
@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import arguments  # noqa: E402
 from train_speed import (  # noqa: E402
     CONFIGS,
+    add_join_option,
     add_malloc_option,
     apply_malloc,
+    batches_said,
     build_model,
     flops_by_part,
     load_checked,
@@ -169,6 +171,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--device", type=arguments.device, default="auto", help="auto, cpu, cuda or cuda:N"
     )
+    add_join_option(ap)
     add_malloc_option(ap)
     ap.add_argument("--out", type=arguments.out_file, help="the report's file (not a folder)")
     return ap
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = make_parser()
     args = ap.parse_args(argv)
     device = args.device
-    host_batches, tok = load_checked(ap, args.max_tokens, 4 + args.steps)
+    host_batches, tok = load_checked(ap, args.max_tokens, 4 + args.steps, args.join)
     cuda = device.type == "cuda"
     reuse = apply_malloc(args.malloc, device)
     name = machine(device) + ("" if cuda else f", {torch.get_num_threads()} threads")
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.compile and args.compile_mode}; "
         f"SDPA kernels allowed: {', '.join(sdpa)}"
         + ("" if cuda else f"; glibc malloc keeps freed memory for reuse: {reuse}"),
+        f"- batches: {batches_said(args.join)}",
         f"- command: `python bench/profile_step.py {arguments.given(argv)}`",
         "",
     ]

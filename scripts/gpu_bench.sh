@@ -2,17 +2,21 @@
 # The GPU benchmarks, one device call of under 10 minutes per mode (from the repo root):
 #   bash scripts/gpu_bench.sh next     the one call that fits a 15-minute lease (BUDGET_S, 540 s
 #                                      of steps by default; each step gets what is left, most
-#                                      important first): what the two H200 calls of 2026-12-04
-#                                      left open. Transformer-base at 25k tokens: ours' fastest
-#                                      eager setting (rows of 128, bf16-weights) compiled,
-#                                      against Marian compiled; the same eager and compiled on
-#                                      sentences like WMT's (--join 2 and 4: MFU where
-#                                      attention's share of a step is not Multi30k's), eager in
-#                                      alternating rounds; a profile of the compiled fastest.
+#                                      important first): what the three H200 calls of
+#                                      2026-12-04 left open. Transformer-base at 25k tokens:
+#                                      ours' fastest eager setting (rows of 128, bf16-weights)
+#                                      compiled, against Marian compiled, at Multi30k's lengths
+#                                      (the third call's ran out of time: inductor's cache was
+#                                      cold, Marian compiled for 47 s); a profile of it at
+#                                      --join 2, the best MFU so far; both compiled at --join 4.
 #                                      The device call:
 #                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
 #                                      with carry [.whl, .gpudata] and timeout_s 590
-#   bash scripts/gpu_bench.sh defaults what `next` was for both H200 calls of 2026-12-04 (540 s):
+#   bash scripts/gpu_bench.sh joined   what `next` was for the third H200 call of 2026-12-04
+#                                      (540 s): ours' fastest compiled against Marian compiled;
+#                                      sentences like WMT's (--join 2 and 4) eager in rounds and
+#                                      compiled at --join 2; a profile of the compiled fastest
+#   bash scripts/gpu_bench.sh defaults what `next` was for the first two H200 calls of 2026-12-04:
 #                                      ours against Marian as the trainer
 #                                      now trains on CUDA (the efficient SDPA kernel, rows of
 #                                      128, bf16-weights) and with torch's kernels, padded,
@@ -73,6 +77,26 @@ tb=${TB_TOKENS:-25000} mt=${MT_TOKENS:-4096}
 steps="--steps ${STEPS:-20} --warmup ${WARMUP:-3}"
 case "${1:-speed}" in
 next)
+  # ours' fastest eager setting compiled, against Marian compiled, at Multi30k's lengths: the
+  # third call gave it 150 s, and on a fresh machine Marian's compile took 47 s, ours' over 70
+  fastest="ours/rows-128/bf16-weights+compile/sdpa=efficient"
+  compiled="--compiled-only --sdpa efficient --packed-rows 128 --bf16-weights --models $fastest"
+  within 240 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
+    $compiled $steps --out "results/bench/train_speed_${gpu}_compile_fastest.md"
+  # where the best MFU so far (18.4%, compiled at --join 2) goes, by kind of kernel
+  ((rc == 124 || rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill
+  within 80 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
+    --join 2 --models ours/rows-128/bf16-weights --compile --sdpa efficient \
+    --out "results/bench/profile_${gpu}_join2_compiled_fastest.md"
+  # sentences of 63 subwords (--join 4), compiled: ours padded with bf16-weights (rows were
+  # 9-16% slower there eager, so trainer.packed_rows=auto trains such pairs padded)
+  ((rc == 124 || rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill-2
+  within 170 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
+    --join 4 --compiled-only --sdpa efficient --bf16-weights \
+    --models "ours/bf16-weights+compile/sdpa=efficient" $steps \
+    --out "results/bench/train_speed_${gpu}_join4_compile.md"
+  ;;
+joined)
   # ours' fastest eager setting (1.76x Marian with the same kernels, 18.1% MFU) compiled, with
   # the efficient kernel as every compiled row so far, against Marian compiled (433,728 tok/s
   # in the second call, its fastest); only these two compile (--models)

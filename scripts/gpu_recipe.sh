@@ -12,11 +12,12 @@
 #                                              one run alone on the GPU, about 130 s a call:
 #                                              time to BLEU of one setting. tf_default (the CUDA
 #                                              defaults: packed rows of 128, the efficient SDPA
-#                                              kernel) and tf_padded (padded batches) ran on an
-#                                              H200 on 2026-12-04 (results/gpu/h200-recipe/);
-#                                              still to run: tf_bf16w, tf_graphs (CUDA graphs;
-#                                              its first step compiles for about 40 s of the
-#                                              budget), tf_fastest and rnn_default
+#                                              kernel), tf_padded (padded batches), tf_bf16w
+#                                              and tf_fastest ran on an H200 on 2026-12-04
+#                                              (results/gpu/h200-recipe/; tf_fastest's call
+#                                              took 193 s); still to run: tf_graphs (CUDA
+#                                              graphs; its first step compiles for about 40 s
+#                                              of the budget) and rnn_default
 # Multi30k de->en trainings share the GPU, each with the same limits (6,000 updates or
 # $MINUTES of training, evaluation excluded, whichever comes first; the steps reached are in
 # each metrics.json) and the checkpoints of its last 5 validations kept: the default

@@ -50,14 +50,14 @@ def usage_error(capsys, module, args: str) -> str:
 
 # Options that count something, by script: at least 1 (0 is an error), or at least 0
 AT_LEAST_ONE = {
-    "train_speed": "--steps --max-tokens --packed-rows --rounds",
-    "profile_step": "--steps --max-tokens --top",
+    "train_speed": "--steps --max-tokens --packed-rows --rounds --join",
+    "profile_step": "--steps --max-tokens --top --join",
     "attention_kernels": "--repeats --batches --max-tokens",
     "collate_time": "--rounds --max-tokens",
     "dropout_masks": "--reps",
     "host_overhead": "--steps --rounds --top",
     "packed_fill": "--batches --repeats --widths --max-tokens",
-    "step_flops": "--steps --max-tokens",
+    "step_flops": "--steps --max-tokens --join",
     "update_time": "--calls --rounds",
     "decode_speed": "--threads --limit --length",
     "attention_claims": "--repeats",
