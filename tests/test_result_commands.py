@@ -61,6 +61,7 @@ ADDED = {
     "trainer.dist_timeout_minutes": NO_EFFECT,
     "trainer.max_nonfinite": NO_EFFECT,  # aborts a diverging run sooner or later
     "trainer.oom_retries": NO_EFFECT,
+    "trainer.data_workers": NO_EFFECT,  # the same batches in the same order (test_prefetch.py)
     "data.hub_revision": NO_EFFECT,  # the Hub is not read when data_dir has the files
     "data.mapped_budget_mb": NO_EFFECT,
     "decode.min_len": 0,

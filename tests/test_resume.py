@@ -45,10 +45,12 @@ def train_cli(overrides, run_dir: Path, cwd: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.parametrize("workers", [0, 2])  # batches made in the loop, or by 2 processes
 def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
-    small_overrides, tmp_path, read_csv, last_logged_step
+    small_overrides, tmp_path, read_csv, last_logged_step, workers
 ):
     overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
+        f"trainer.data_workers={workers}",
         "trainer.max_steps=32",
         "trainer.eval_every=4",
         "trainer.bleu_every=1000",  # BLEU (and best.pt) only at the end
@@ -92,10 +94,12 @@ def test_kill_9_then_resume_is_identical_to_an_uninterrupted_run(
     assert len(checkpoint.step_checkpoints(killed / "checkpoints")) == 2
 
 
+@pytest.mark.parametrize("workers", [0, 2])  # workers ignore the signal; the trainer ends them
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(
-    small_overrides, tmp_path, last_logged_step
+    small_overrides, tmp_path, last_logged_step, workers
 ):
     overrides = [o for o in small_overrides if not o.startswith("run_dir=")] + [
+        f"trainer.data_workers={workers}",
         "trainer.max_steps=100000",
         "trainer.eval_every=100000",  # no checkpoint but the one the signal writes
         "trainer.bleu_every=100000",
@@ -731,9 +735,9 @@ def test_the_time_limit_is_in_minutes_of_training(compose, small_overrides, tmp_
     )
     step = trainer.train_step
 
-    def slow_step(micro_batches):
+    def slow_step(micro_batches, packed=None):
         trainer.train_seconds += 25.0  # the update's own time is added after it
-        return step(micro_batches)
+        return step(micro_batches, packed)
 
     monkeypatch.setattr(trainer, "train_step", slow_step)
     assert trainer.run() == {"stop_reason": "time limit"}

@@ -18,6 +18,19 @@ from .settings import TrainingError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".train.lock"
+# The lock files this process holds open. A forked child shares the lock (flock's lock is
+# the open file's, not the process's): a data worker closes its copies
+# (``close_inherited``), else the lock would outlive a trainer killed with -9 until its
+# workers noticed and ended, refusing the resume meanwhile.
+HELD: list = []
+
+
+def close_inherited() -> None:
+    """In a forked child of the trainer: close the lock files inherited from it, which
+    leaves the trainer's lock to the trainer."""
+    for f in HELD:
+        f.close()
+    HELD.clear()
 
 
 def try_lock(f) -> str | None:
@@ -80,7 +93,9 @@ def run_lock(run_dir: Path):
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
+    HELD.append(f)
     try:
         yield
     finally:
+        HELD.remove(f)
         f.close()  # releases the lock; the file stays (removing it would race a new run)

@@ -85,7 +85,7 @@ def resolve_precision(precision, device: torch.device) -> str:
 # trainer settings that count something and must be at least 1 (or 0, second list)
 AT_LEAST_ONE = ("accum_steps", "max_steps", "max_epochs", "warmup_steps", "eval_every",
                 "bleu_every", "log_every", "max_nonfinite")  # fmt: skip
-AT_LEAST_ZERO = ("patience", "keep_checkpoints", "oom_retries")
+AT_LEAST_ZERO = ("patience", "keep_checkpoints", "oom_retries", "data_workers")
 
 
 def check_schedule(t) -> None:

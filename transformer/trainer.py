@@ -49,6 +49,7 @@ from .packing import (
     row_layout,
 )
 from .precision import Bf16Weights, PrecisionError, split_state
+from .prefetch import worker_stream
 from .run_data import prepare_data
 from .run_lock import run_lock
 from .settings import (
@@ -521,14 +522,32 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------
     def batches(self):
-        """Endless (position, Batch) stream of this rank's batches from the saved position."""
-        while True:
-            plan = self.batcher.epoch_batches(self.epoch)
-            self.epoch_len = len(plan)
-            for pos in range(self.batch_in_epoch, len(plan)):
-                self.debug.write(step=self.step + 1, epoch=self.epoch, examples=plan[pos].tolist())
-                yield pos, self.batcher.batch(plan[pos])
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        """Endless (position, Batch, PackedBatch or None) stream of this rank's batches from
+        the saved position: made here, or by ``trainer.data_workers`` processes, which also
+        pack them in rows (``prefetch.py``). The epoch moves on as its first batch is taken."""
+        if not self.t.data_workers:
+            while True:
+                plan = self.batcher.epoch_batches(self.epoch)
+                self.epoch_len = len(plan)
+                for pos in range(self.batch_in_epoch, len(plan)):
+                    self.debug.write(step=self.step + 1, epoch=self.epoch,
+                                     examples=plan[pos].tolist())  # fmt: skip
+                    yield pos, self.batcher.batch(plan[pos]), None
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        stream = worker_stream(
+            self.batcher, self.epoch, self.batch_in_epoch, self.pad_id, self.packed_rows,
+            self.t.data_workers, pin=self.device.type == "cuda",
+        )  # fmt: skip
+        try:
+            for item in stream:
+                if item.epoch != self.epoch:
+                    self.epoch, self.batch_in_epoch = item.epoch, 0
+                self.epoch_len = len(self.batcher.epoch_batches(self.epoch))
+                self.debug.write(step=self.step + 1, epoch=self.epoch,
+                                 examples=item.examples.tolist())  # fmt: skip
+                yield item.pos, item.batch, item.packed
+        finally:  # generator closed: the loader's iterator, dropped, ends its workers
+            del stream
 
     def to_device(self, batch):
         """Host-to-device copy; on CUDA from pinned memory, so that it runs asynchronously."""
@@ -536,8 +555,9 @@ class Trainer:
             batch = batch.pin_memory()
         return batch.to(self.device, non_blocking=True)
 
-    def train_step(self, micro_batches) -> tuple[torch.Tensor, int] | None:
-        """One optimizer update over ``accum_steps`` micro-batches, normalised by the target
+    def train_step(self, micro_batches, packed=None) -> tuple[torch.Tensor, int] | None:
+        """One optimizer update over ``accum_steps`` micro-batches (``packed``: each one's
+        packed rows where a worker made them, else None), normalised by the target
         tokens of the update on all ranks. Returns (summed loss, target tokens) of this rank.
         An update whose gradient norm is NaN/inf is skipped (the norm is of the all-reduced
         gradient, so every rank skips alike; the weights and moments stay unchanged): by the
@@ -548,7 +568,7 @@ class Trainer:
         (ntok_all,) = self.dist.sum([ntok])
         # DDP averages gradients over ranks, so dividing each rank's summed loss by
         # ntok_all / world_size gives the gradient of (all losses) / ntok_all.
-        total = self.accumulate(micro_batches, ntok_all / self.dist.world_size)
+        total = self.accumulate(micro_batches, ntok_all / self.dist.world_size, packed)
         self.scaler.unscale_(self.optimizer)
         if self.mixed:  # on the flat gradient buffer (precision.py)
             norm = self.mixed.clip_grad_norm_(self.t.clip_norm)
@@ -577,9 +597,10 @@ class Trainer:
         self.train_tokens += int(ntok_all)
         return total, ntok
 
-    def accumulate(self, micro_batches, ntok: float) -> torch.Tensor:
-        """Forward and backward over the micro-batches, each summed loss divided by
-        ``ntok``; under DDP gradients are all-reduced in the last backward only. On
+    def accumulate(self, micro_batches, ntok: float, packed=None) -> torch.Tensor:
+        """Forward and backward over the micro-batches (each in the packed rows of
+        ``packed`` where given), each summed loss divided by ``ntok``; under DDP gradients
+        are all-reduced in the last backward only. On
         out-of-memory the whole update is retried with every micro-batch split in halves
         (``trainer.oom_retries`` times, single process only: DDP expects the same backward
         passes on every rank; the gradient is the same since losses are summed), then fails
@@ -589,7 +610,9 @@ class Trainer:
             try:
                 total = torch.zeros((), device=self.device)
                 for i, b in enumerate(micro_batches):
-                    if self.packed_rows:  # on the host, while the device runs the last step
+                    if packed and packed[i] is not None:  # packed by a worker
+                        b = packed[i]
+                    elif self.packed_rows:  # on the host, while the device runs the last step
                         b = pack_batch(b, self.pad_id, self.packed_rows)
                     b = self.to_device(b)
                     if self.cuda_graphs:  # outputs of the last replay are consumed: reuse them
@@ -624,6 +647,7 @@ class Trainer:
                 shapes,
             )
             micro_batches = [half for b in micro_batches for half in b.halves()]
+            packed = None  # the halves are packed here
         raise AssertionError("unreachable")
 
     def copy_grads_out_of_graphs(self) -> None:
@@ -732,13 +756,14 @@ class Trainer:
         try:
             while stop_reason is None:
                 step_start = time.perf_counter()  # making the batches is training time too
-                micro, w = [], self.window
+                micro, packed, w = [], [], self.window
                 for _ in range(t.accum_steps):
-                    pos, batch = next(stream)
+                    pos, batch, rows = next(stream)
                     micro.append(batch)
+                    packed.append(rows)
                     w.pad += self.batcher.padding_fraction(batch)
                 w.batches += len(micro)
-                result = self.train_step(micro)
+                result = self.train_step(micro, packed)
                 self.batch_in_epoch = pos + 1
                 if result is not None:
                     self.nonfinite_in_a_row = 0
@@ -760,6 +785,7 @@ class Trainer:
                 self.window.start()
                 stop_reason = self.signal_reason() or stop_reason
         finally:
+            stream.close()  # ends its workers, if any
             bar.close()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
