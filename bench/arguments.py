@@ -11,6 +11,7 @@ them).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
@@ -27,8 +28,9 @@ Invalid = argparse.ArgumentTypeError
 
 
 def given(argv: list[str] | None) -> str:
-    """The options as given (``main(argv)``, else the command line), for a table's header."""
-    return " ".join(sys.argv[1:] if argv is None else argv)
+    """The options as given (``main(argv)``, else the command line), for a table's header,
+    quoted for a shell where one needs it."""
+    return shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def count(least: int) -> Callable[[str], int]:

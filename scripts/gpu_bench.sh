@@ -46,6 +46,10 @@
 #                                      against Marian, eager in rounds, then both compiled at
 #                                      join 2: MFU where attention's share of a step is not
 #                                      Multi30k's (17 subwords; results/bench/README.md)
+#   bash scripts/gpu_bench.sh workers  the trainer itself, the default Multi30k Transformer, with its
+#                                      batches made in the training loop or by 2 worker
+#                                      processes (trainer.data_workers), eager and through
+#                                      CUDA graphs, whose steps wait for the host (about 6 min)
 #   bash scripts/gpu_bench.sh eager    the first benchmark: profile, throughput vs Marian (+ RNN)
 #                                      at 4k/8k/25k, per attention kind, attention against length
 # Results: $OUT/bench.tar.gz holding results/bench/*_<gpu>*.md and results/attention/gpu/.
@@ -177,6 +181,16 @@ graphs)
   step 480 python3 bench/train_speed.py --compile --compile-mode reduce-overhead \
     --configs multi30k-default --max-tokens 4096 --steps 20 --warmup 3 \
     --out "results/bench/train_speed_${gpu}_graphs.md"
+  ;;
+workers)
+  # making a batch and packing it took 1.3 ms of host time a step on this project's CPU
+  # (results/bench/collate_time_cpu.md, packed_fill_cpu.md): up to 6% of an eager step of
+  # the Multi30k model on an H200 (about 22 ms in training), up to 20% through CUDA graphs
+  within 240 python3 bench/data_workers.py --workers 0,2 --rounds 2 --steps 1500 \
+    --out "results/bench/data_workers_${gpu}.md"
+  within 260 python3 bench/data_workers.py --workers 0,2 --rounds 1 --steps 1500 \
+    --overrides "trainer.compile=true trainer.compile_mode=reduce-overhead" \
+    --out "results/bench/data_workers_${gpu}_graphs.md"
   ;;
 long)
   for join in 2 4; do

@@ -22,7 +22,8 @@ from transformer.data import DataError
 # a script that reaches one of these has started its work before rejecting the value.
 WORK = ("load_batches", "load_checked", "build_model", "make_step", "apply_malloc", "load_split",
         "count_ops", "time_steps", "build", "reuse_freed_memory", "median_ms", "load_model",
-        "uptime", "compose", "default_overhead", "main_gpu", "make_corpus", "watch")  # fmt: skip
+        "uptime", "compose", "default_overhead", "main_gpu", "make_corpus", "watch",
+        "train_once")  # fmt: skip
 
 
 def refuse(*args, **kwargs):
@@ -62,6 +63,7 @@ AT_LEAST_ONE = {
     "decode_speed": "--threads --limit --length",
     "attention_claims": "--repeats",
     "data_scale": "--num-proc --sizes",
+    "data_workers": "--rounds --steps",
 }
 AT_LEAST_ZERO = {"train_speed": "--warmup", "step_flops": "--warmup",
                  "packed_fill": "--open-rows", "attention_claims": "--threads"}  # fmt: skip
@@ -69,7 +71,7 @@ WITH_DEVICE = ("train_speed", "profile_step", "attention_kernels", "decode_speed
                "attention_claims")  # fmt: skip
 WITH_OUT_FILE = ("train_speed", "profile_step", "attention_kernels", "collate_time",
                  "dropout_masks", "host_overhead", "packed_fill", "step_flops", "update_time",
-                 "decode_speed")  # fmt: skip
+                 "decode_speed", "data_workers")  # fmt: skip
 SDPA = "use flash, efficient, cudnn, math, several joined by +"
 CASES = [
     *[(script, f"{option} 0", f"argument {option}: must be an integer >= 1, got 0")
@@ -253,7 +255,17 @@ def documented_commands(tmp_path) -> list[list[str]]:
         stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "SKIP_INSTALL": "1",
            "OUT": str(tmp_path / "out")}  # fmt: skip
-    for mode in ("next", "defaults", "speed", "compile", "graphs", "long", "eager"):
+    for mode in (
+        "next",
+        "joined",
+        "defaults",
+        "speed",
+        "compile",
+        "graphs",
+        "long",
+        "workers",
+        "eager",
+    ):
         subprocess.run(["bash", "scripts/gpu_bench.sh", mode], cwd=work, env=env,
                        check=True, capture_output=True)  # fmt: skip
     commands = [line.split("\x1f") for line in calls.read_text().splitlines()]
@@ -267,7 +279,7 @@ def test_the_documented_command_lines_still_reach_the_work(monkeypatch, tmp_path
     """The stricter options still take every command line the GPU job runs and the committed
     results were made with."""
     commands = documented_commands(tmp_path)
-    assert len(commands) > 30 and len({c[0] for c in commands}) == 12
+    assert len(commands) > 30 and len({c[0] for c in commands}) == 13
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # decode_speed, claims
     monkeypatch.setattr(dropout, "RAND_MASK_ON_CPU", dropout.RAND_MASK_ON_CPU)  # host_overhead
     for i, command in enumerate(commands):
