@@ -7,8 +7,10 @@
 #                                      ours' fastest eager setting (rows of 128, bf16-weights)
 #                                      compiled, against Marian compiled, at Multi30k's lengths
 #                                      (the third call's ran out of time: inductor's cache was
-#                                      cold, Marian compiled for 47 s); a profile of it at
-#                                      --join 2, the best MFU so far; both compiled at --join 4.
+#                                      cold, Marian compiled for 47 s); the trainer with 2
+#                                      data workers against none (as `workers`, eager, 1,000
+#                                      updates a run); a profile of the compiled fastest at
+#                                      --join 2, the best MFU so far.
 #                                      The device call:
 #                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
 #                                      with carry [.whl, .gpudata] and timeout_s 590
@@ -87,18 +89,15 @@ next)
   compiled="--compiled-only --sdpa efficient --packed-rows 128 --bf16-weights --models $fastest"
   within 240 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
     $compiled $steps --out "results/bench/train_speed_${gpu}_compile_fastest.md"
+  # the trainer itself with its batches made by 2 worker processes or in the loop (the
+  # `workers` mode's first step, shorter): the Multi30k model's eager step waits for the host
+  within 200 python3 bench/data_workers.py --workers 0,2 --rounds 2 --steps 1000 \
+    --out "results/bench/data_workers_${gpu}.md"
   # where the best MFU so far (18.4%, compiled at --join 2) goes, by kind of kernel
   ((rc == 124 || rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill
   within 80 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
     --join 2 --models ours/rows-128/bf16-weights --compile --sdpa efficient \
     --out "results/bench/profile_${gpu}_join2_compiled_fastest.md"
-  # sentences of 63 subwords (--join 4), compiled: ours padded with bf16-weights (rows were
-  # 9-16% slower there eager, so trainer.packed_rows=auto trains such pairs padded)
-  ((rc == 124 || rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill-2
-  within 170 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
-    --join 4 --compiled-only --sdpa efficient --bf16-weights \
-    --models "ours/bf16-weights+compile/sdpa=efficient" $steps \
-    --out "results/bench/train_speed_${gpu}_join4_compile.md"
   ;;
 joined)
   # ours' fastest eager setting (1.76x Marian with the same kernels, 18.1% MFU) compiled, with
