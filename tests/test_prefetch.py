@@ -33,7 +33,7 @@ def test_workers_hand_over_the_loops_batches_in_its_order_across_epochs(workers,
         plan = batcher.epoch_batches(epoch)
         expected += [(epoch, pos, plan[pos]) for pos in range(5 if epoch == 0 else 0, len(plan))]
     assert len({e for e, _, _ in expected}) == 3 and len(expected) > 10
-    stream = worker_stream(batcher, 0, 5, pad_id=0, width=width, workers=workers, pin=False)
+    stream = worker_stream(batcher, 0, 5, pad_id=0, width=width, workers=workers)
     got = [next(stream) for _ in expected]
     del stream
     for item, (epoch, pos, examples) in zip(got, expected):

@@ -2,14 +2,14 @@
 ahead of the step.
 
 Without workers the training loop makes each batch itself (gathering its pairs from the
-encoded split, padding them, ``trainer.packed_rows``' layout and pinning on CUDA) between
-two steps. Where the step is bound by the host issuing kernels, as the Multi30k model's
-eager step and every step through CUDA graphs on a GPU, that host time adds to every step.
-With N workers (``torch.utils.data.DataLoader`` over an endless ``BatchStream``), worker k
-makes batches k, k + N, ... of the stream, the loader hands them over in order, and a
-thread of the loader pins them on CUDA. The batches and their order are those of the loop
-without workers, from the same position (resume), since both follow
-``TokenBatcher.epoch_batches``; only the process that makes them changes.
+encoded split, padding them, ``trainer.packed_rows``' layout) between two steps. Where the
+step is bound by the host issuing kernels, as the Multi30k model's eager step and every
+step through CUDA graphs on a GPU, that host time adds to every step. With N workers
+(``torch.utils.data.DataLoader`` over an endless ``BatchStream``), worker k makes batches
+k, k + N, ... of the stream and the loader hands them over in order; the step copies them
+into pinned memory on CUDA, as without workers (a few hundred KB a batch). The batches and
+their order are those of the loop without workers, from the same position (resume), since
+both follow ``TokenBatcher.epoch_batches``; only the process that makes them changes.
 
 Workers are forked where the platform can fork (they read the memory-mapped split without
 copying it), ignore SIGINT and SIGTERM (the trainer stops on those, saving a checkpoint,
@@ -43,14 +43,6 @@ class Prepared:
     examples: np.ndarray
     batch: Batch
     packed: PackedBatch | None
-
-    def pin_memory(self) -> Prepared:
-        """The batch the step copies to the device (the packed one where there is one) in
-        pinned memory; called by the loader's pinning thread."""
-        if self.packed is not None:
-            return Prepared(self.epoch, self.pos, self.examples, self.batch,
-                            self.packed.pin_memory())  # fmt: skip
-        return Prepared(self.epoch, self.pos, self.examples, self.batch.pin_memory(), None)
 
 
 def prepare(batcher, epoch: int, pos: int, examples, pad_id: int, width: int) -> Prepared:
@@ -95,16 +87,14 @@ def start_worker(_worker_id: int) -> None:
     run_lock.close_inherited()
 
 
-def worker_stream(batcher, epoch: int, pos: int, pad_id: int, width: int, workers: int,
-                  pin: bool):  # fmt: skip
+def worker_stream(batcher, epoch: int, pos: int, pad_id: int, width: int, workers: int):
     """An iterator of ``Prepared`` batches made by ``workers`` processes, from position
-    ``pos`` of epoch ``epoch`` on, pinned by the loader where ``pin``."""
+    ``pos`` of epoch ``epoch`` on."""
     methods = multiprocessing.get_all_start_methods()
     loader = DataLoader(
         BatchStream(batcher, epoch, pos, pad_id, width),
         batch_size=None,  # the stream's items are whole batches already
         num_workers=workers,
-        pin_memory=pin,
         worker_init_fn=start_worker,
         multiprocessing_context="fork" if "fork" in methods else None,
         # the workers' seeds from a generator of their own: drawn from the global one, they

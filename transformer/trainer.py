@@ -534,10 +534,8 @@ class Trainer:
                                      examples=plan[pos].tolist())  # fmt: skip
                     yield pos, self.batcher.batch(plan[pos]), None
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        stream = worker_stream(
-            self.batcher, self.epoch, self.batch_in_epoch, self.pad_id, self.packed_rows,
-            self.t.data_workers, pin=self.device.type == "cuda",
-        )  # fmt: skip
+        stream = worker_stream(self.batcher, self.epoch, self.batch_in_epoch, self.pad_id,
+                               self.packed_rows, self.t.data_workers)  # fmt: skip
         try:
             for item in stream:
                 if item.epoch != self.epoch:
