@@ -166,10 +166,12 @@ def test_two_processes_with_bf16_weights_and_packed_rows_agree_on_their_fp32_wei
     """trainer.precision=bf16-weights: DDP averages the bf16 copy's gradients, every rank
     updates its fp32 weights alike, and they are those of one process redoing the run
     (up to bf16 rounding: the ranks' gradients are averaged in bf16). The two GPU speed
-    options together: the batches are packed rows, whose segments DDP passes through."""
+    options together: the batches are packed rows, whose segments DDP passes through, made
+    and packed by a data worker of each rank (trainer.data_workers)."""
     overrides = comparable(small_overrides) + [
         "trainer.precision=bf16-weights",
         "trainer.packed_rows=64",
+        "trainer.data_workers=1",
         "trainer.final.average_last=0",
         "trainer.final.length_penalties=[]",
     ]
