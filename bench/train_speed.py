@@ -227,16 +227,24 @@ def load_batches(max_tokens: int, n: int, join: int = 1):
     """The first ``n`` length-bucketed Multi30k de->en training batches of ``max_tokens``
     tokens (epoch 0, seed 1) and the tokenizer; with ``join`` > 1, batches of the training
     pairs joined ``join`` at a time (``join_pairs``)."""
+    train, tok = training_pairs(join)
+    specials = (tok.pad_id, tok.bos_id, tok.eos_id)
+    batcher = TokenBatcher(train, max_tokens, 1, specials, budget="--max-tokens")
+    return [batcher.batch(i) for i in batcher.epoch_batches(0)[:n]], tok
+
+
+@functools.cache
+def training_pairs(join: int):
+    """The encoded Multi30k de->en training split (joined ``join`` at a time) and the
+    tokenizer, read once per process: ``main`` checks every token budget against the data
+    before timing, then makes each configuration's batches."""
     from hydra import compose, initialize_config_dir
 
     conf = str(Path(__file__).resolve().parent.parent / "conf")
     with initialize_config_dir(version_base="1.3", config_dir=conf):
         cfg = compose("train", overrides=["run_dir=/tmp/bench-run", "data.test_splits=[]"])
     splits, _, tok, _ = prepare_data(cfg, Path("/tmp/bench-run"))
-    specials = (tok.pad_id, tok.bos_id, tok.eos_id)
-    train = join_pairs(splits["train"], join)
-    batcher = TokenBatcher(train, max_tokens, 1, specials, budget="--max-tokens")
-    return [batcher.batch(i) for i in batcher.epoch_batches(0)[:n]], tok
+    return join_pairs(splits["train"], join), tok
 
 
 def join_pairs(split: EncodedSplit, k: int) -> EncodedSplit:
