@@ -7,7 +7,7 @@ import torch
 
 from transformer.data import EncodedSplit, TokenBatcher
 from transformer.packing import pack_batch
-from transformer.prefetch import Prepared, worker_stream
+from transformer.prefetch import Prepared, batch_stream
 from transformer.trainer import Trainer
 
 IDS = ("src", "src_mask", "tgt_in", "tgt_out")
@@ -25,7 +25,7 @@ def same_ids(a, b) -> bool:
     return all(torch.equal(getattr(a, k), getattr(b, k)) for k in IDS)
 
 
-@pytest.mark.parametrize("workers, width", [(1, 0), (2, 0), (2, 32)])
+@pytest.mark.parametrize("workers, width", [(0, 32), (1, 0), (2, 0), (2, 32)])
 def test_workers_hand_over_the_loops_batches_in_its_order_across_epochs(workers, width):
     batcher = small_batcher()
     expected = []  # what the loop without workers takes, from epoch 0 position 5 on
@@ -33,7 +33,7 @@ def test_workers_hand_over_the_loops_batches_in_its_order_across_epochs(workers,
         plan = batcher.epoch_batches(epoch)
         expected += [(epoch, pos, plan[pos]) for pos in range(5 if epoch == 0 else 0, len(plan))]
     assert len({e for e, _, _ in expected}) == 3 and len(expected) > 10
-    stream = worker_stream(batcher, 0, 5, pad_id=0, width=width, workers=workers)
+    stream = batch_stream(batcher, 0, 5, pad_id=0, width=width, workers=workers)
     got = [next(stream) for _ in expected]
     del stream
     for item, (epoch, pos, examples) in zip(got, expected):

@@ -87,12 +87,16 @@ def start_worker(_worker_id: int) -> None:
     run_lock.close_inherited()
 
 
-def worker_stream(batcher, epoch: int, pos: int, pad_id: int, width: int, workers: int):
-    """An iterator of ``Prepared`` batches made by ``workers`` processes, from position
-    ``pos`` of epoch ``epoch`` on."""
+def batch_stream(batcher, epoch: int, pos: int, pad_id: int, width: int, workers: int):
+    """An iterator of ``Prepared`` batches from position ``pos`` of epoch ``epoch`` on,
+    packed in rows of ``width`` slots where ``width`` > 0: made by ``workers`` processes, or
+    here, by the caller's process, where ``workers`` is 0."""
+    stream = BatchStream(batcher, epoch, pos, pad_id, width)
+    if not workers:
+        return iter(stream)
     methods = multiprocessing.get_all_start_methods()
     loader = DataLoader(
-        BatchStream(batcher, epoch, pos, pad_id, width),
+        stream,
         batch_size=None,  # the stream's items are whole batches already
         num_workers=workers,
         worker_init_fn=start_worker,

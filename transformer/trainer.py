@@ -49,7 +49,7 @@ from .packing import (
     row_layout,
 )
 from .precision import Bf16Weights, PrecisionError, split_state
-from .prefetch import worker_stream
+from .prefetch import batch_stream
 from .run_data import prepare_data
 from .run_lock import run_lock
 from .settings import (
@@ -523,28 +523,23 @@ class Trainer:
     # -- training -------------------------------------------------------------------------
     def batches(self):
         """Endless (position, Batch, PackedBatch or None) stream of this rank's batches from
-        the saved position: made here, or by ``trainer.data_workers`` processes, which also
-        pack them in rows (``prefetch.py``). The epoch moves on as its first batch is taken."""
-        if not self.t.data_workers:
-            while True:
-                plan = self.batcher.epoch_batches(self.epoch)
-                self.epoch_len = len(plan)
-                for pos in range(self.batch_in_epoch, len(plan)):
-                    self.debug.write(step=self.step + 1, epoch=self.epoch,
-                                     examples=plan[pos].tolist())  # fmt: skip
-                    yield pos, self.batcher.batch(plan[pos]), None
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        stream = worker_stream(self.batcher, self.epoch, self.batch_in_epoch, self.pad_id,
-                               self.packed_rows, self.t.data_workers)  # fmt: skip
+        the saved position, packed in rows with ``trainer.packed_rows``: made here, or by
+        ``trainer.data_workers`` processes (``prefetch.py``). The epoch moves on as its first
+        batch is taken."""
+        stream = batch_stream(self.batcher, self.epoch, self.batch_in_epoch, self.pad_id,
+                              self.packed_rows, self.t.data_workers)  # fmt: skip
+        planned = None  # the epoch whose length epoch_len holds
         try:
             for item in stream:
                 if item.epoch != self.epoch:
                     self.epoch, self.batch_in_epoch = item.epoch, 0
-                self.epoch_len = len(self.batcher.epoch_batches(self.epoch))
+                if planned != self.epoch:
+                    planned = self.epoch
+                    self.epoch_len = len(self.batcher.epoch_batches(planned))
                 self.debug.write(step=self.step + 1, epoch=self.epoch,
                                  examples=item.examples.tolist())  # fmt: skip
                 yield item.pos, item.batch, item.packed
-        finally:  # generator closed: the loader's iterator, dropped, ends its workers
+        finally:  # generator closed: a loader's iterator, dropped, ends its workers
             del stream
 
     def to_device(self, batch):
@@ -555,7 +550,7 @@ class Trainer:
 
     def train_step(self, micro_batches, packed=None) -> tuple[torch.Tensor, int] | None:
         """One optimizer update over ``accum_steps`` micro-batches (``packed``: each one's
-        packed rows where a worker made them, else None), normalised by the target
+        packed rows where the batch stream packed them, else None), normalised by the target
         tokens of the update on all ranks. Returns (summed loss, target tokens) of this rank.
         An update whose gradient norm is NaN/inf is skipped (the norm is of the all-reduced
         gradient, so every rank skips alike; the weights and moments stay unchanged): by the
@@ -608,9 +603,9 @@ class Trainer:
             try:
                 total = torch.zeros((), device=self.device)
                 for i, b in enumerate(micro_batches):
-                    if packed and packed[i] is not None:  # packed by a worker
+                    if packed and packed[i] is not None:  # packed by the batch stream
                         b = packed[i]
-                    elif self.packed_rows:  # on the host, while the device runs the last step
+                    elif self.packed_rows:  # given unpacked: the halves of an out-of-memory batch
                         b = pack_batch(b, self.pad_id, self.packed_rows)
                     b = self.to_device(b)
                     if self.cuda_graphs:  # outputs of the last replay are consumed: reuse them
