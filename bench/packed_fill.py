@@ -1,7 +1,7 @@
 """Packed rows on Multi30k batches: how full the rows are, and what packing costs the host.
 
     python bench/packed_fill.py [--max-tokens 4096,25000] [--widths 64,128,256] [--batches 40]
-        [--open-rows 1,4,0] [--out results/bench/NAME.md]
+        [--open-rows 1,4,0] [--join 1] [--out results/bench/NAME.md]
 
 ``trainer.packed_rows=W`` (transformer/packing.py) lays a batch's sentence pairs out several
 to a row of W slots a side. Every token-wise part of a step (embeddings, projections, FFNs,
@@ -10,8 +10,10 @@ and attention on whole rows. For the first batches of epoch 0 as the trainer cut
 (length-bucketed), this reports the share of positions that hold tokens, padded and packed,
 the rows against the pairs, and the host time of ``pack_batch`` per batch (the trainer packs
 in its main thread, while the device runs the previous step), for pairs that may join only
-the last row started, the last ``OPEN_ROWS`` (4, the trainer's), or any. Not a test: it
-measures.
+the last row started, the last ``OPEN_ROWS`` (4, the trainer's), or any. With ``--join K``,
+on the training pairs joined K at a time (``bench/train_speed.py``: sentences like WMT's).
+The header gives the training pairs' ``mean_pair_len``, which ``trainer.packed_rows=auto``
+weighs. Not a test: it measures.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import arguments  # noqa: E402
-from train_speed import load_checked, machine  # noqa: E402
+from train_speed import (  # noqa: E402
+    add_join_option,
+    batches_said,
+    load_checked,
+    machine,
+    training_pairs,
+)
 
-from transformer.packing import OPEN_ROWS, pack_batch  # noqa: E402
+from transformer.packing import OPEN_ROWS, mean_pair_len, pack_batch  # noqa: E402
 
 
 def real_share(batches, pad: int) -> float:
@@ -54,16 +62,21 @@ def main(argv: list[str] | None = None) -> None:
         default=f"1,{OPEN_ROWS},0",
         help="the rows a pair may join: the last N started (0: any)",
     )
+    add_join_option(ap)
     ap.add_argument("--out", type=arguments.out_file)
     args = ap.parse_args(argv)
     widths, open_rows = args.widths, args.open_rows
     for max_tokens in args.max_tokens:  # a budget below the longest example: before timing
-        load_checked(ap, max_tokens, 0)
+        load_checked(ap, max_tokens, 0, args.join)
+    train, _ = training_pairs(args.join)
     lines = [
         f"# Packed rows on Multi30k batches ({machine(torch.device('cpu'))})",
         "",
-        f"- torch {torch.__version__}; the first {args.batches} de->en training batches of "
-        "epoch 0, length-bucketed as the trainer cuts them",
+        f"- torch {torch.__version__}; the first {args.batches} training batches of epoch 0: "
+        f"{batches_said(args.join)}, as the trainer cuts them",
+        f"- the training pairs' mean_pair_len (transformer/packing.py: the longer side plus its "
+        f"end token, what trainer.packed_rows=auto weighs): "
+        f"{mean_pair_len(train.src_lens, train.tgt_lens):.1f} slots",
         f"- command: `python bench/packed_fill.py {arguments.given(argv)}`",
         "- real: tokens over positions, sources and targets together; host ms: "
         f"`pack_batch` per batch, median of {args.repeats} x the batches",
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     for max_tokens in args.max_tokens:
-        batches, tok = load_checked(ap, max_tokens, args.batches)
+        batches, tok = load_checked(ap, max_tokens, args.batches, args.join)
         pad = tok.pad_id
         pairs = statistics.mean(len(b.src) for b in batches)
         lines.append(

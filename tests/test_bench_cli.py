@@ -57,7 +57,7 @@ AT_LEAST_ONE = {
     "collate_time": "--rounds --max-tokens",
     "dropout_masks": "--reps",
     "host_overhead": "--steps --rounds --top",
-    "packed_fill": "--batches --repeats --widths --max-tokens",
+    "packed_fill": "--batches --repeats --widths --max-tokens --join",
     "step_flops": "--steps --max-tokens --join",
     "update_time": "--calls --rounds",
     "decode_speed": "--threads --limit --length",

@@ -37,7 +37,8 @@ AUTO_CUDA_WIDTH = 128
 # trained Transformer-base faster in rows on an H200; its pairs joined 2 at a time (32.6
 # slots: 3.9 a row) were 7% slower to 3% faster, and joined 4 (63.3: 2 a row) 9-16% slower
 # (results/bench/train_speed_h200_join{2,4}.md): each query attends over its whole row,
-# masked, and a row of few long pairs leaves more slots empty
+# masked, and a row of few long pairs leaves more slots empty (the mean_pair_len figures and
+# the rows' fill: results/bench/packed_fill_cpu_join{1,2,4}.md)
 MIN_PAIRS_PER_ROW = 4
 
 
