@@ -244,7 +244,7 @@ def test_the_benchmarks_build_only_the_models_they_know():
 def documented_commands(tmp_path) -> list[list[str]]:
     """Every bench script's command in scripts/gpu_bench.sh (each mode run with python3 and
     nvidia-smi stubbed: the stub records its arguments) and in the Markdown files (README.md,
-    the committed results' headers)."""
+    docs/, the committed results' headers)."""
     work, stubs, calls = tmp_path / "work", tmp_path / "stubs", tmp_path / "calls"
     for folder in (work, stubs):
         folder.mkdir()
@@ -270,7 +270,8 @@ def documented_commands(tmp_path) -> list[list[str]]:
                        check=True, capture_output=True)  # fmt: skip
     commands = [line.split("\x1f") for line in calls.read_text().splitlines()]
     pattern = re.compile(r"python3? (bench/[a-z_]+\.py(?: [^`|\n]*)?)")
-    for md in [ROOT / "README.md", *sorted((ROOT / "results").rglob("*.md"))]:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for md in [*pages, *sorted((ROOT / "results").rglob("*.md"))]:
         commands += [shlex.split(m) for m in pattern.findall(md.read_text(encoding="utf-8"))]
     return [c for c in commands if c[0].startswith("bench/")]
 

@@ -1,4 +1,4 @@
-"""Every relative link in the README and the committed result pages leads somewhere: the file
+"""Every relative link in the README, docs/ and the committed result pages leads somewhere: the file
 exists, and a `#anchor` names a heading of the linked page (GitHub's heading slugs)."""
 
 import functools
@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "results").rglob("*.md"))]
+PAGES = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "results").rglob("*.md")),
+]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]*)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
 
