@@ -43,10 +43,10 @@ from train_speed import (  # noqa: E402
     load_checked,
     machine,
     make_step,
+    on_device,
 )
 
 from transformer.attention import use_sdpa_backends  # noqa: E402
-from transformer.packing import pack_batch  # noqa: E402
 from transformer.settings import COMPILE_MODES  # noqa: E402
 
 # Kinds of GPU kernel, told apart by fragments of their lower-cased names; the first match
@@ -230,7 +230,8 @@ def profile_model(mname: str, args, host_batches, tok) -> list[str]:
     prec = "bf16-weights" if mname.endswith(BF16W) else ("bf16" if cuda else "fp32")
     step = make_step(model, pad, device, prec, args.compile and args.compile_mode, fused)
     width = rows_width(mname)  # FLOPs below: of the padded batches, as for all
-    batches = [(pack_batch(b, pad, width) if width else b).to(device) for b in host_batches]
+    host_lengths = getattr(model, "takes_src_lengths", False)
+    batches = [on_device(b, device, pad, width, host_lengths) for b in host_batches]
     for b in batches:  # warm-up, every shape once (compilation included)
         step(b)
     sync()

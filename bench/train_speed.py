@@ -194,13 +194,17 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
         net = compile_dynamic(plain, compile)
         token_loss = compile_dynamic(sequence_loss, compile)
 
-    def loss_of(src, src_mask, tgt_in, tgt_out, rows):
-        packed = {} if rows is None else {"rows": rows}  # packed rows: ours only
+    host_lengths = getattr(plain, "takes_src_lengths", False)  # the RNN, as in the trainer
+
+    def loss_of(src, src_mask, tgt_in, tgt_out, rows, src_lengths):
+        extra = {} if rows is None else {"rows": rows}  # packed rows: ours only
+        if host_lengths and src_lengths is not None:  # counted on the host: no copy back
+            extra["src_lengths"] = src_lengths
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if fused_loss:
-                features = net(src, src_mask, tgt_in, project=False, **packed)
+                features = net(src, src_mask, tgt_in, project=False, **extra)
                 return projected_loss(features, plain.out_proj, tgt_out, pad, 0.1)
-            logits = net(src, src_mask, tgt_in, **packed)
+            logits = net(src, src_mask, tgt_in, **extra)
             return token_loss(logits, tgt_out, pad, 0.1)
 
     graphs = compile in CUDA_GRAPH_MODES and device.type == "cuda"
@@ -208,7 +212,8 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
     def step(b):
         if graphs:  # as the trainer: the last replay's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
-        loss = loss_of(b.src, b.src_mask, b.tgt_in, b.tgt_out, getattr(b, "rows", None))
+        rows, lengths = getattr(b, "rows", None), getattr(b, "src_lengths", None)
+        loss = loss_of(b.src, b.src_mask, b.tgt_in, b.tgt_out, rows, lengths)
         (loss / 1000).backward()
         if mixed:  # as the trainer: gradients gathered and clipped on the flat buffer
             mixed.gather_grads()
@@ -221,6 +226,17 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
             mixed.publish()
 
     return step
+
+
+def on_device(batch, device, pad: int, rows: int = 0, host_lengths: bool = False):
+    """``batch`` copied to ``device``, in packed rows of width ``rows`` where given; with
+    ``host_lengths`` (a model that takes ``src_lengths``: the RNN) its source lengths
+    counted on the host ride along (``src_lengths``, on the CPU), as the trainer hands
+    them to the model."""
+    moved = (pack_batch(batch, pad, rows) if rows else batch).to(device)
+    if host_lengths:
+        moved.src_lengths = batch.src_mask.sum(dim=1)
+    return moved
 
 
 def load_batches(max_tokens: int, n: int, join: int = 1):
@@ -314,7 +330,8 @@ class Timing:
         compiled_before = graphs_compiled()
         self.step = make_step(model, pad, device, precision, compile, fused)
         self.counted = batches[warmup : warmup + steps]
-        on_dev = [(pack_batch(b, pad, rows) if rows else b).to(device) for b in batches]
+        host_lengths = getattr(model, "takes_src_lengths", False)
+        on_dev = [on_device(b, device, pad, rows, host_lengths) for b in batches]
         self.timed = on_dev[warmup : warmup + steps]
         # Warm up on every timed batch shape too: the first use of a shape loads and picks
         # kernels (hundreds of ms on a GPU), which is start-up cost, not throughput. Through

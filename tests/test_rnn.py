@@ -233,3 +233,43 @@ def test_dropout_on_every_site_the_docstring_names_in_training_only():
     model(src, src_mask, tgt_in)
     T, L = tgt_in.shape[1], model.dec_layers
     assert rates == [0.3] * (3 + T * (L - 1) + 1)
+
+
+def test_source_lengths_counted_on_the_host_give_the_same_model():
+    """``src_lengths`` (what the trainer counts on the host) packs the source as the mask
+    does, so training needs no copy of the lengths back from the device."""
+    model = make_model("additive")
+    src, src_mask, tgt_in = make_batch(extra_pad=2)
+    given = model(src, src_mask, tgt_in, src_lengths=torch.tensor(LENGTHS))
+    assert torch.equal(given, model(src, src_mask, tgt_in))
+    with pytest.raises(ValueError, match=r"src_lengths has shape \(3,\), not \(4,\)"):
+        model.encode(src, src_mask, torch.tensor(LENGTHS[:3]))
+
+
+def test_the_trainer_hands_the_rnn_its_source_lengths_from_the_host(
+    compose, small_overrides, tmp_path, monkeypatch
+):
+    """Every training forward of the RNN gets the lengths counted from the host batch
+    before its copy to the device (on a GPU, counting them from the device mask made every
+    step wait for the device); validation, which may wait, counts them itself."""
+    from transformer.trainer import Trainer
+
+    overrides = [o for o in small_overrides if not o.startswith("model.")]
+    cfg = compose([*overrides, "model=rnn", "model.emb_dim=16", "model.hidden_size=16"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.host_lengths
+    seen = []
+    encode = BahdanauRNN.encode
+
+    def spy(self, src, src_mask, src_lengths=None):
+        seen.append((src_lengths, src_mask.sum(dim=1)))
+        return encode(self, src, src_mask, src_lengths)
+
+    monkeypatch.setattr(BahdanauRNN, "encode", spy)
+    stream = trainer.batches()
+    micro = [next(stream)[1] for _ in range(2)]
+    assert trainer.train_step(micro) is not None
+    assert len(seen) == 2
+    for (given, counted), batch in zip(seen, micro):
+        assert given is not None and given.device.type == "cpu"
+        assert torch.equal(given, counted) and torch.equal(given, batch.src_mask.sum(dim=1))

@@ -2,7 +2,10 @@
 to Align and Translate"), implementing the Seq2Seq contract.
 
 - Encoder: a bidirectional GRU over source embeddings (Section 3.2); padded batches are
-  packed so the cuDNN kernel runs on a GPU and padding never enters a state.
+  packed so the cuDNN kernel runs on a GPU and padding never enters a state. Packing needs
+  the source lengths on the host: the trainer passes them, counted on the host before the
+  batch is copied to the device (``src_lengths``), so that a training step does not wait
+  for the device to copy them back.
 - Bridge: s_0 = tanh(W_s h_1<-), the backward state at the first source token (Appendix A.2.2).
 - Decoder: a stack of GRU cells; the previous top state s_{i-1} attends over the encoder
   states h_j (Section 3.1); the context c_i and E y_{i-1} are the cell input.
@@ -111,6 +114,7 @@ class BahdanauRNN(Seq2Seq):
         if attention not in ATTENTIONS:
             raise ValueError(f"model.attention must be one of {ATTENTIONS}, got {attention!r}")
         self.pad_id = pad_id
+        self.takes_src_lengths = True  # encode/forward take host-side lengths (the trainer's)
         self.emb_dim = emb_dim
         self.hidden_size = hidden_size
         self.dec_layers = dec_layers
@@ -150,15 +154,22 @@ class BahdanauRNN(Seq2Seq):
             emb.weight[pad_id].zero_()
         return emb
 
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> EncoderOut:
+    def encode(
+        self, src: torch.Tensor, src_mask: torch.Tensor, src_lengths: torch.Tensor | None = None
+    ) -> EncoderOut:
         """
         :param src: (B, S) source ids  :param src_mask: (B, S) bool, True = real token
             (real tokens first, then padding; every row needs at least one real token)
+        :param src_lengths: (B,) int64 ``src_mask.sum(1)``, on the CPU; counted from the mask
+            when not given, which on a GPU waits for the device to copy them back
         :return: memory (B, S, 2H) annotations h_j (zero on padding); extra["keys"] (B, S, H)
             the projected keys, extra["summary"] (B, H) the backward state at token 1
         """
-        S = src.shape[1]
-        lengths = src_mask.sum(dim=1).cpu()  # pack_padded_sequence wants CPU lengths
+        B, S = src.shape
+        # pack_padded_sequence wants the lengths on the CPU
+        lengths = (src_mask.sum(dim=1) if src_lengths is None else src_lengths).cpu()
+        if lengths.shape != (B,):
+            raise ValueError(f"src_lengths has shape {tuple(lengths.shape)}, not ({B},)")
         if int(lengths.min()) < 1:
             raise ValueError("every source sentence needs at least one real token")
         emb = self.dropout(self.src_embed(src))  # (B, S, E)
@@ -216,15 +227,21 @@ class BahdanauRNN(Seq2Seq):
         return emb, torch.stack(states, 1), torch.stack(contexts, 1), torch.stack(attns, 1)
 
     def forward(
-        self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor, project=True
+        self,
+        src: torch.Tensor,
+        src_mask: torch.Tensor,
+        tgt_in: torch.Tensor,
+        project=True,
+        src_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         :param src: (B, S) ids  :param src_mask: (B, S) bool True = real
         :param tgt_in: (B, T) BOS + y
         :param project: False returns the features (B, T, E) that ``out_proj`` maps to logits
+        :param src_lengths: (B,) real source tokens, on the CPU (see ``encode``)
         :return: logits (B, T, V)
         """
-        return self.decode_prefix(tgt_in, self.encode(src, src_mask), project)
+        return self.decode_prefix(tgt_in, self.encode(src, src_mask, src_lengths), project)
 
     def decode_prefix(self, tgt_in: torch.Tensor, enc: EncoderOut, project: bool = True):
         """Teacher-forced decoder over ``enc``: tgt_in (B, T) -> logits (B, T, V) (features

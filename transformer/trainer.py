@@ -230,6 +230,9 @@ class Trainer:
                 torch.distributed.broadcast(self.mixed.flat32, 0)
             self.mixed.publish()
         self.compute_model = self.mixed.compute if self.mixed else self.model
+        # The RNN packs its source with lengths on the host: counted there before each
+        # batch is copied, a step does not wait for the device to copy them back
+        self.host_lengths = getattr(self.model, "takes_src_lengths", False)
         # Listed once: walking the module tree for them at every update costs host time
         self.params = list(self.model.parameters())
         self.train_model = self.wrap(self.compute_model)
@@ -607,11 +610,12 @@ class Trainer:
                         b = packed[i]
                     elif self.packed_rows:  # given unpacked: the halves of an out-of-memory batch
                         b = pack_batch(b, self.pad_id, self.packed_rows)
+                    lengths = b.src_mask.sum(dim=1) if self.host_lengths else None  # on the host
                     b = self.to_device(b)
                     if self.cuda_graphs:  # outputs of the last replay are consumed: reuse them
                         torch.compiler.cudagraph_mark_step_begin()
                     with self.grad_sync(i == len(micro_batches) - 1):
-                        loss = self.loss(b)
+                        loss = self.loss(b, lengths)
                         self.scaler.scale(loss / ntok).backward()
                     if self.cuda_graphs and i == 0 and len(micro_batches) > 1:
                         self.copy_grads_out_of_graphs()
@@ -657,18 +661,22 @@ class Trainer:
                 if p.grad is not None:
                     p.grad = p.grad.clone()
 
-    def loss(self, b) -> torch.Tensor:
+    def loss(self, b, src_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Summed label-smoothed loss of batch ``b`` through the training model, with the
-        output projection fused into the loss (``transformer/loss.py``) or not."""
+        output projection fused into the loss (``transformer/loss.py``) or not
+        (``src_lengths``: the real source tokens of each row, counted on the host, for a
+        model that packs its source with them: the RNN)."""
         ls = self.t.label_smoothing
-        rows = {"rows": b.rows} if self.packed_rows else {}  # packing.PackedBatch
+        extra = {"rows": b.rows} if self.packed_rows else {}  # packing.PackedBatch
+        if src_lengths is not None:
+            extra["src_lengths"] = src_lengths
         with self.autocast(training=True):
             if not self.fused_loss:
                 return self.sequence_loss(
-                    self.train_model(b.src, b.src_mask, b.tgt_in, **rows),
+                    self.train_model(b.src, b.src_mask, b.tgt_in, **extra),
                     b.tgt_out, self.pad_id, ls,
                 )  # fmt: skip
-            features = self.train_model(b.src, b.src_mask, b.tgt_in, project=False, **rows)
+            features = self.train_model(b.src, b.src_mask, b.tgt_in, project=False, **extra)
             out_proj = self.compute_model.out_proj
             return projected_loss(features, out_proj, b.tgt_out, self.pad_id, ls)
 
