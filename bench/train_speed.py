@@ -320,17 +320,19 @@ class Timing:
     switches this model runs with (dropout mask, SDPA kernels) before each chunk."""
 
     def __init__(self, model, batches, pad, device, precision, steps, warmup, compile, fused,
-                 setup, rows=None, held=0):  # fmt: skip
+                 setup, rows=None, held=0, device_lengths=False):  # fmt: skip
         """``rows``: feed the batches in packed rows of this width (packing.pack_batch); the
         FLOPs (MFU) stay counted on the padded batches, as for every model. ``held``: the
         device memory allocated before ``model`` was built (other models kept for their
-        rounds), which its peak leaves out."""
+        rounds), which its peak leaves out. ``device_lengths``: a model that takes
+        ``src_lengths`` (the RNN) counts them from the device's mask instead, and copies
+        them back at every step (the ablation of the host's lengths)."""
         self.pad, self.device, self.setup = pad, device, setup
         setup()
         compiled_before = graphs_compiled()
         self.step = make_step(model, pad, device, precision, compile, fused)
         self.counted = batches[warmup : warmup + steps]
-        host_lengths = getattr(model, "takes_src_lengths", False)
+        host_lengths = getattr(model, "takes_src_lengths", False) and not device_lengths
         on_dev = [on_device(b, device, pad, rows, host_lengths) for b in batches]
         self.timed = on_dev[warmup : warmup + steps]
         # Warm up on every timed batch shape too: the first use of a shape loads and picks
@@ -462,7 +464,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--ablate",
         action="store_true",
-        help="also time ours without the fused loss and with torch's bernoulli CPU dropout",
+        help="also time ours without the fused loss and with torch's bernoulli CPU dropout, "
+        "and (--rnn) the RNN counting its source lengths from the device's mask",
     )
     ap.add_argument(
         "--bf16-weights",
@@ -620,6 +623,8 @@ def header(args, argv, name: str, precision: str, fused: bool, reuse: bool,
         "ours/bernoulli-dropout (CPU) = torch's own CPU dropout mask (compiled: "
         "`F.dropout` traced, its mask drawn inside inductor's kernels, instead of our mask "
         "as an operator the compiler calls; compared with Marian in the same mode); "
+        "rnn/lengths-from-device (`--rnn`) = the RNN counting its source lengths from the "
+        "device's mask and copying them back at every step, instead of taking the host's; "
         "(`--bf16-weights`) "
         "ours/bf16-weights = `trainer.precision=bf16-weights` (the forward and backward on "
         "a bf16 copy without autocast, fused AdamW on the fp32 model; transformer/precision.py); "
@@ -727,6 +732,10 @@ def models_to_time(args, cname: str, mcfg: dict, tok, fused: bool) -> dict:
         models["ours/bf16-weights"] = (ours, {"precision": "bf16-weights", "ablation": True})
     if args.rnn and cname == "multi30k-default":
         models["rnn"] = (lambda: BahdanauRNN(V, V, pad), {})
+        if args.ablate:  # as before 2026-12-04: the lengths counted from the device mask
+            models["rnn/lengths-from-device"] = (
+                lambda: BahdanauRNN(V, V, pad), {"device_lengths": True}
+            )  # fmt: skip
     for kind in args.kinds:
         if kind != "scaled_dot":
             models[f"ours/{kind}"] = (
@@ -763,7 +772,7 @@ def time_models(args, models: dict, batches, pad: int, precision: str, fused: bo
             timing = Timing(
                 model, batches, pad, device, opt.get("precision", precision),
                 args.steps, args.warmup, opt.get("compile"), ours_fused, setup,
-                rows=opt.get("rows"), held=held,
+                rows=opt.get("rows"), held=held, device_lengths=opt.get("device_lengths", False),
             )  # fmt: skip
             if args.rounds == 1:
                 timing.run(args.steps)

@@ -7,10 +7,11 @@
 #                                      ours' fastest eager setting (rows of 128, bf16-weights)
 #                                      compiled, against Marian compiled, at Multi30k's lengths
 #                                      (the third call's ran out of time: inductor's cache was
-#                                      cold, Marian compiled for 47 s); the trainer with 2
-#                                      data workers against none (as `workers`, eager, 1,000
-#                                      updates a run); a profile of the compiled fastest at
-#                                      --join 2, the best MFU so far.
+#                                      cold, Marian compiled for 47 s); the RNN with its
+#                                      source lengths from the host against from the device;
+#                                      the trainer with 2 data workers against none (as
+#                                      `workers`, eager, 700 updates a run); a profile of the
+#                                      compiled fastest at --join 2, the best MFU so far.
 #                                      The device call:
 #                                      bash scripts/gpu_bench.sh next 2>&1 | tee $OUT/next.log
 #                                      with carry [.whl, .gpudata] and timeout_s 590
@@ -89,9 +90,15 @@ next)
   compiled="--compiled-only --sdpa efficient --packed-rows 128 --bf16-weights --models $fastest"
   within 240 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
     $compiled $steps --out "results/bench/train_speed_${gpu}_compile_fastest.md"
+  # the RNN with its source lengths counted on the host (the trainer's way since 2026-12-04)
+  # against counting them from the device's mask, a copy back and a wait at every step (its
+  # H100 step took 44-52 ms at 4k-25k tokens: bound by the host), alternating rounds
+  within 60 python3 bench/train_speed.py --configs multi30k-default --max-tokens "$mt" \
+    --rnn --ablate --models rnn,rnn/lengths-from-device --steps $((${STEPS:-20} * 5)) \
+    --warmup "${WARMUP:-3}" --rounds "${ROUNDS:-4}" --out "results/bench/train_speed_${gpu}_rnn.md"
   # the trainer itself with its batches made by 2 worker processes or in the loop (the
   # `workers` mode's first step, shorter): the Multi30k model's eager step waits for the host
-  within 200 python3 bench/data_workers.py --workers 0,2 --rounds 2 --steps 1000 \
+  within 160 python3 bench/data_workers.py --workers 0,2 --rounds 2 --steps 700 \
     --out "results/bench/data_workers_${gpu}.md"
   # where the best MFU so far (18.4%, compiled at --join 2) goes, by kind of kernel
   ((rc == 124 || rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill
