@@ -194,11 +194,9 @@ def make_step(model, pad, device, precision, compile=None, fused_loss=False):
         net = compile_dynamic(plain, compile)
         token_loss = compile_dynamic(sequence_loss, compile)
 
-    host_lengths = getattr(plain, "takes_src_lengths", False)  # the RNN, as in the trainer
-
     def loss_of(src, src_mask, tgt_in, tgt_out, rows, src_lengths):
         extra = {} if rows is None else {"rows": rows}  # packed rows: ours only
-        if host_lengths and src_lengths is not None:  # counted on the host: no copy back
+        if src_lengths is not None:  # the RNN's, counted on the host (on_device)
             extra["src_lengths"] = src_lengths
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if fused_loss:
