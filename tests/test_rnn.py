@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from transformer.rnn_model import ATTENTIONS, BahdanauRNN
+from transformer.seq2seq import OnHost
 
 PAD = 0
 SRC_V, TGT_V = 23, 19
@@ -271,5 +272,35 @@ def test_the_trainer_hands_the_rnn_its_source_lengths_from_the_host(
     assert trainer.train_step(micro) is not None
     assert len(seen) == 2
     for (given, counted), batch in zip(seen, micro):
-        assert given is not None and given.device.type == "cpu"
-        assert torch.equal(given, counted) and torch.equal(given, batch.src_mask.sum(dim=1))
+        assert isinstance(given, OnHost) and given.tensor.device.type == "cpu"
+        assert torch.equal(given.tensor, counted)
+        assert torch.equal(given.tensor, batch.src_mask.sum(dim=1))
+
+
+def test_the_source_lengths_stay_on_the_host_when_ddp_moves_the_inputs(
+    compose, small_overrides, tmp_path
+):
+    """DistributedDataParallel on CUDA copies every tensor among a forward's arguments to
+    its device before the forward; the lengths the trainer hands the RNN must not go with
+    them (the model would copy them back, and wait for the device at every step). DDP's
+    own mover is called here with the ``meta`` device standing in for a GPU."""
+    from torch.distributed.utils import _to_kwargs  # what DDP's forward calls (private)
+
+    from transformer.trainer import Trainer
+
+    overrides = [o for o in small_overrides if not o.startswith("model.")]
+    cfg = compose([*overrides, "model=rnn", "model.emb_dim=16", "model.hidden_size=16"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    calls = []
+    trainer.train_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
+    )
+    stream = trainer.batches()
+    assert trainer.train_step([next(stream)[1]]) is not None
+    ((args, kwargs),) = calls
+    moved_args, moved_kwargs = _to_kwargs(args, kwargs, torch.device("meta"), False)
+    assert all(t.device.type == "meta" for t in moved_args[0])  # the batch would move
+    lengths = moved_kwargs[0]["src_lengths"]
+    assert isinstance(lengths, OnHost) and lengths.tensor.device.type == "cpu"
+    # a bare tensor would have moved, as the lengths did before they were held in an OnHost
+    assert _to_kwargs((), {"x": lengths.tensor}, torch.device("meta"), False)[1][0]["x"].is_meta

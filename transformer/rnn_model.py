@@ -4,8 +4,8 @@ to Align and Translate"), implementing the Seq2Seq contract.
 - Encoder: a bidirectional GRU over source embeddings (Section 3.2); padded batches are
   packed so the cuDNN kernel runs on a GPU and padding never enters a state. Packing needs
   the source lengths on the host: the trainer passes them, counted on the host before the
-  batch is copied to the device (``src_lengths``), so that a training step does not wait
-  for the device to copy them back.
+  batch is copied to the device (``src_lengths``, in an ``OnHost`` that DDP does not copy
+  to the device), so that a training step does not wait for the device to copy them back.
 - Bridge: s_0 = tanh(W_s h_1<-), the backward state at the first source token (Appendix A.2.2).
 - Decoder: a stack of GRU cells; the previous top state s_{i-1} attends over the encoder
   states h_j (Section 3.1); the context c_i and E y_{i-1} are the cell input.
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .dropout import Dropout
-from .seq2seq import DecoderState, EncoderOut, Seq2Seq, check_model_settings
+from .seq2seq import DecoderState, EncoderOut, OnHost, Seq2Seq, check_model_settings
 
 ATTENTIONS = ("additive", "dot", "general")
 
@@ -155,18 +155,24 @@ class BahdanauRNN(Seq2Seq):
         return emb
 
     def encode(
-        self, src: torch.Tensor, src_mask: torch.Tensor, src_lengths: torch.Tensor | None = None
+        self,
+        src: torch.Tensor,
+        src_mask: torch.Tensor,
+        src_lengths: torch.Tensor | OnHost | None = None,
     ) -> EncoderOut:
         """
         :param src: (B, S) source ids  :param src_mask: (B, S) bool, True = real token
             (real tokens first, then padding; every row needs at least one real token)
-        :param src_lengths: (B,) int64 ``src_mask.sum(1)``, on the CPU; counted from the mask
+        :param src_lengths: (B,) int64 ``src_mask.sum(1)``, on the CPU, as it is or in an
+            ``OnHost`` (the trainer's, which DDP leaves on the host); counted from the mask
             when not given, which on a GPU waits for the device to copy them back
         :return: memory (B, S, 2H) annotations h_j (zero on padding); extra["keys"] (B, S, H)
             the projected keys, extra["summary"] (B, H) the backward state at token 1
         """
         B, S = src.shape
         # pack_padded_sequence wants the lengths on the CPU
+        if isinstance(src_lengths, OnHost):
+            src_lengths = src_lengths.tensor
         lengths = (src_mask.sum(dim=1) if src_lengths is None else src_lengths).cpu()
         if lengths.shape != (B,):
             raise ValueError(f"src_lengths has shape {tuple(lengths.shape)}, not ({B},)")
@@ -232,7 +238,7 @@ class BahdanauRNN(Seq2Seq):
         src_mask: torch.Tensor,
         tgt_in: torch.Tensor,
         project=True,
-        src_lengths: torch.Tensor | None = None,
+        src_lengths: torch.Tensor | OnHost | None = None,
     ) -> torch.Tensor:
         """
         :param src: (B, S) ids  :param src_mask: (B, S) bool True = real

@@ -34,6 +34,18 @@ def _reorder(value, idx: torch.Tensor):
     return value
 
 
+class OnHost:
+    """A tensor argument of ``forward`` that must stay on the host (the RNN's source
+    lengths). DistributedDataParallel with ``device_ids`` (on CUDA) copies every tensor
+    among a forward's arguments to the device, inside tuples, lists and dicts too, but
+    passes any other object as it is; a model then reads ``.tensor`` where it was."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 class Reorderable:
     """Mixin for dataclasses whose tensor fields all have the batch as dimension 0."""
 

@@ -52,6 +52,7 @@ from .precision import Bf16Weights, PrecisionError, split_state
 from .prefetch import batch_stream
 from .run_data import prepare_data
 from .run_lock import run_lock
+from .seq2seq import OnHost
 from .settings import (
     CUDA_GRAPH_MODES,
     TrainingError,
@@ -231,7 +232,8 @@ class Trainer:
             self.mixed.publish()
         self.compute_model = self.mixed.compute if self.mixed else self.model
         # The RNN packs its source with lengths on the host: counted there before each
-        # batch is copied, a step does not wait for the device to copy them back
+        # batch is copied, a step does not wait for the device to copy them back (in an
+        # OnHost, which DDP does not copy to the device with the other inputs)
         self.host_lengths = getattr(self.model, "takes_src_lengths", False)
         # Listed once: walking the module tree for them at every update costs host time
         self.params = list(self.model.parameters())
@@ -610,7 +612,7 @@ class Trainer:
                         b = packed[i]
                     elif self.packed_rows:  # given unpacked: the halves of an out-of-memory batch
                         b = pack_batch(b, self.pad_id, self.packed_rows)
-                    lengths = b.src_mask.sum(dim=1) if self.host_lengths else None  # on the host
+                    lengths = OnHost(b.src_mask.sum(dim=1)) if self.host_lengths else None
                     b = self.to_device(b)
                     if self.cuda_graphs:  # outputs of the last replay are consumed: reuse them
                         torch.compiler.cudagraph_mark_step_begin()
@@ -661,7 +663,7 @@ class Trainer:
                 if p.grad is not None:
                     p.grad = p.grad.clone()
 
-    def loss(self, b, src_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, b, src_lengths: OnHost | None = None) -> torch.Tensor:
         """Summed label-smoothed loss of batch ``b`` through the training model, with the
         output projection fused into the loss (``transformer/loss.py``) or not
         (``src_lengths``: the real source tokens of each row, counted on the host, for a
