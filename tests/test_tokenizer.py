@@ -1,9 +1,12 @@
+import random
+
 import pytest
 
 from transformer.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
+    SPM_MAX_SENTENCE_BYTES,
     UNK_ID,
     copy_into,
     private_name,
@@ -97,3 +100,25 @@ def test_sentencepiece_refusals_are_one_readable_line(tmp_path):
     assert message.startswith("SentencePiece cannot train 5 pieces: Vocabulary size is smaller")
     assert "trainer_interface" not in message
     assert not list(tmp_path.glob("*.model"))
+
+
+def test_sentences_longer_than_sentencepieces_limit_are_trained_on(tmp_path):
+    """SentencePiece leaves out, silently at our log level, every sentence over its
+    ``max_sentence_length`` (4,192 bytes by default): a corpus of paragraphs, one language
+    of which had only longer lines, tokenized that language into <unk> and single letters."""
+    rng = random.Random(0)
+    german = " ".join(TEXT[0::2][:2]).split()
+    paragraphs = [" ".join(rng.choices(german, k=800)) for _ in range(10)]  # ~4,700 bytes
+    assert all(len(p.encode()) > SPM_MAX_SENTENCE_BYTES for p in paragraphs)
+    tok = train_or_load(paragraphs + TEXT[1::2], tmp_path, vocab_size=80)
+    ids = tok.encode(["Zwei junge Männer spielen Fußball."])[0]  # (ß, ä: only in German)
+    assert UNK_ID not in ids, tok.pieces(ids)
+
+
+def test_a_damaged_cached_model_says_so_and_what_to_do(tmp_path):
+    from transformer.data import DataError
+
+    path = train_or_load(TEXT, tmp_path, vocab_size=120).path
+    path.write_bytes(path.read_bytes()[:1000])  # cut by hand, or a disk fault
+    with pytest.raises(DataError, match=r"damaged cache .*delete it and run again"):
+        train_or_load(TEXT, tmp_path, vocab_size=120)

@@ -22,6 +22,11 @@ import sentencepiece as spm
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPM_CHECK = re.compile(r"^[A-Z_]+: \S+\(\d+\) \[.*?\] ?")  # the location of its failed check
 LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # str.splitlines' set
+# SentencePiece's trainer leaves out, without a word at our log level, every sentence longer
+# than its ``max_sentence_length`` (4,192 bytes by default): in a corpus of paragraphs or
+# documents, a language whose lines are all longer never reached the tokenizer, and came out
+# as <unk>. ``train_or_load`` raises the limit to the longest sentence it trains on.
+SPM_MAX_SENTENCE_BYTES = 4192
 
 
 def private_name(path: Path, what: str = "tmp") -> Path:
@@ -88,7 +93,8 @@ def train_or_load(
     model has to be trained). The cache key hashes ``key`` (e.g. a corpus fingerprint) or,
     without one, every training sentence one at a time, plus every setting, so changing
     either trains a new model. SentencePiece samples at most ``input_sentence_size``
-    sentences (shuffled, from ``seed``). Returns the Tokenizer; ``tokenizer.path`` is the file.
+    sentences (shuffled, from ``seed``), however long each is (``SPM_MAX_SENTENCE_BYTES``).
+    Returns the Tokenizer; ``tokenizer.path`` is the file.
     """
     h = hashlib.sha256()
     if key is None and not callable(texts):
@@ -100,14 +106,20 @@ def train_or_load(
             h.update(t.encode("utf-8"))
             h.update(b"\n")
     settings = f"{vocab_size}|{model_type}|{character_coverage}|{input_sentence_size}|{seed}"
+    settings += "|every-length"  # models cached before the limit was raised are not reused
     h.update(settings.encode())
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"spm-{model_type}{vocab_size}-{h.hexdigest()[:16]}.model"
     if path.is_file():
-        return Tokenizer(path)
-    if callable(texts):
-        texts = texts()
+        try:
+            return Tokenizer(path)
+        except (RuntimeError, ValueError) as e:  # "could not parse ModelProto from ..."
+            from .corpus_cache import damaged_cache
+
+            raise damaged_cache(path, e) from e
+    texts = list(texts() if callable(texts) else texts)  # (a list already: it is small)
+    longest = max((len(t.encode("utf-8")) for t in texts), default=0)
 
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # the sentence sample is reproducible
@@ -119,6 +131,7 @@ def train_or_load(
             model_type=model_type,
             character_coverage=character_coverage,
             input_sentence_size=input_sentence_size,
+            max_sentence_length=max(SPM_MAX_SENTENCE_BYTES, longest),
             shuffle_input_sentence=True,
             pad_id=PAD_ID,
             unk_id=UNK_ID,
