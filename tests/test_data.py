@@ -59,13 +59,21 @@ def test_mismatched_line_counts_name_both_files_and_counts(tmp_path):
 
 
 def test_missing_directory_and_language_are_clear_errors(tmp_path, compose):
-    with pytest.raises(DataError, match="data directory not found"):
+    with pytest.raises(DataError, match="data directory not found: .*set MT_DATA_DIR or data"):
+        load_local(tmp_path / "root" / "nope", "train", "de", "en")
+    (tmp_path / "corpus_a").mkdir()
+    (tmp_path / "corpus_b").mkdir()
+    # the root is right and the corpus name wrong: it said "set MT_DATA_DIR or data.data_dir"
+    hint = f"data.data_dir={tmp_path} holds no corpus 'nope' .data.name.; its folders: corpus_a, "
+    with pytest.raises(DataError, match=f"data directory not found: .*{hint}corpus_b$"):
         load_local(tmp_path / "nope", "train", "de", "en")
     write(tmp_path / "train.de", ["a"])
     with pytest.raises(DataError, match=r"no file train.en\[.gz\].*languages found.*de"):
         load_local(tmp_path, "train", "de", "en")
+    # the corpus's languages as it stated them were Multi30k's, and data.langs went unnamed
     cfg = compose([f"data.data_dir={tmp_path}", "data.src_lang=xx", "run_dir=/tmp/unused"])
-    with pytest.raises(DataError, match="data.src_lang='xx'"):
+    langs = r"data.src_lang='xx' is not among data.langs=\['en', 'de', 'fr', 'cs'\]"
+    with pytest.raises(DataError, match=f"{langs}.*'data.langs=\\[xx,en\\]'"):
         load_split(cfg.data, "train")
 
 

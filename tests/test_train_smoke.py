@@ -115,6 +115,7 @@ def run_cli(args, cwd):
     [
         ("data.data_dir={missing}", "data directory not found"),
         ("data.src_lang=xx", "data.src_lang='xx'"),
+        ("data.data_dir=", "error: data.data_dir is empty"),
         # a model's ValueError (model.dropout=1.2 and decode.beam_size=0 take the same path
         # to stderr; their messages are checked in-process below)
         ("model.n_heads=3", "error: model.d_model=32 is not divisible by model.n_heads=3"),
@@ -207,6 +208,25 @@ def test_a_path_or_name_that_yaml_reads_as_a_number_is_its_digits(compose, small
     before = OmegaConf.to_yaml(cfg)
     check_data_settings(cfg)
     assert OmegaConf.to_yaml(cfg) == before  # text (and interpolations) left as they are
+
+
+def test_a_corpus_of_ones_own_is_never_read_from_multi30ks_hub_dataset(compose, small_overrides):
+    """``data.name=mine`` without a data folder (MT_DATA_DIR unset), or ``data.data_dir=$ROOT``
+    with ROOT unset, read data=multi30k's Hub dataset, bentrevett/multi30k, as corpus
+    "mine": online, the run trained on Multi30k under the other corpus's name."""
+    from transformer.settings import TrainingError, check_data_settings
+
+    with pytest.raises(TrainingError, match=r"data.data_dir is empty \(an unset variable"):
+        check_data_settings(compose([*small_overrides, "data.data_dir="]))
+    own = compose([*small_overrides, "data.data_dir=null", "data.name=mine"])
+    with pytest.raises(
+        TrainingError,
+        match=r"data.name=mine, but data.data_dir is null and data.hub_name=bentrevett/multi30k "
+        r"is corpus multi30k's Hub dataset: set data.data_dir to the folder that holds mine/",
+    ):
+        check_data_settings(own)
+    for fine in (["data.name=multi30k"], ["data.name=mine", "data.hub_name=me/mine"]):
+        check_data_settings(compose([*small_overrides, "data.data_dir=null", *fine]))
 
 
 def test_added_keys_that_are_no_setting_are_refused_with_the_nearest_one(tmp_path):

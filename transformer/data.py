@@ -58,11 +58,18 @@ def missing_directory(directory: Path, split: str) -> DataError:
     """The corpus folder ``data.data_dir/data.name`` is not there; where ``data.data_dir``
     itself holds the files (the corpus's own folder given as the root), say so."""
     hint = " (set MT_DATA_DIR or data.data_dir)"
-    if any(directory.parent.glob(f"{split}.*")):
+    root = directory.parent
+    if any(root.glob(f"{split}.*")):
         hint = (
             f": files are read from data.data_dir/data.name/{{split}}.{{lang}}, and "
-            f"{directory.parent} holds {split}.* itself: set data.data_dir="
-            f"{directory.parent.parent} data.name={directory.parent.name}"
+            f"{root} holds {split}.* itself: set data.data_dir="
+            f"{root.parent} data.name={root.name}"
+        )
+    elif root.is_dir():  # the root is right, the corpus name is not
+        corpora = sorted(p.name for p in root.iterdir() if p.is_dir())
+        hint = (
+            f": data.data_dir={root} holds no corpus {directory.name!r} (data.name); its "
+            f"folders: {', '.join(corpora) or 'none'}"
         )
     return DataError(f"data directory not found: {directory}{hint}")
 
@@ -277,7 +284,9 @@ def check_langs(data_cfg) -> None:
     for key, lang in (("data.src_lang", src_lang), ("data.tgt_lang", tgt_lang)):
         if lang not in data_cfg.langs:
             raise DataError(
-                f"{key}={lang!r}: corpus {data_cfg.name} has languages {list(data_cfg.langs)}"
+                f"{key}={lang!r} is not among data.langs={list(data_cfg.langs)}, the "
+                f"languages of corpus {data_cfg.name}; for a corpus of your own, list its "
+                f"languages: 'data.langs=[{src_lang},{tgt_lang}]'"
             )
     if src_lang == tgt_lang:
         raise DataError(f"data.src_lang and data.tgt_lang are both {src_lang!r}")

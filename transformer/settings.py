@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,41 @@ DATA_PATH_KEYS = ("name", "data_dir", "cache_dir", "hub_name", "hub_config", "hu
                   "hub_data_dir")  # fmt: skip
 
 
+# The shipped corpus settings (conf/data/NAME.yaml), each naming its Hugging Face dataset
+CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"
+
+
+def hub_owner(hub_name) -> str | None:
+    """The corpus of ``conf/data/`` whose ``hub_name`` is ``hub_name``, or None."""
+    for path in sorted(CONF_DATA.glob("*.yaml")):
+        shipped = OmegaConf.load(path)
+        if shipped.get("hub_name") == hub_name:
+            return str(shipped.get("name", path.stem))
+    return None
+
+
+def check_data_source(d) -> None:
+    """Where the corpus is read from: ``data.data_dir`` made empty (``data.data_dir=$ROOT``
+    with ROOT unset, or MT_DATA_DIR set to nothing) read the Hub dataset instead, and so
+    did a corpus of one's own (``data.name=mine``) without a ``data.data_dir``: Multi30k's,
+    from data=multi30k's ``data.hub_name``, under the name of one's own."""
+    if d.get("data_dir") == "":
+        raise TrainingError(
+            "data.data_dir is empty (an unset variable, as in data.data_dir=$ROOT, or "
+            "MT_DATA_DIR set to nothing): name the folder that holds "
+            f"{d.name}/{{split}}.{{lang}}, or make it null to read data.hub_name from the Hub"
+        )
+    if d.get("data_dir") is None and d.get("hub_name"):
+        owner = hub_owner(d.hub_name)
+        if owner is not None and owner != d.name:
+            raise TrainingError(
+                f"data.name={d.name}, but data.data_dir is null and data.hub_name="
+                f"{d.hub_name} is corpus {owner}'s Hub dataset: set data.data_dir to the "
+                f"folder that holds {d.name}/{{split}}.{{lang}} (or data.hub_name to "
+                f"{d.name}'s Hub dataset)"
+            )
+
+
 # Settings that hold settings. Made null (trainer.optimizer=null) they failed deep inside
 # with "'NoneType' object has no attribute ..."; data.hub_splits is optional.
 SECTIONS = ("data", "model", "trainer", "decode", "trainer.optimizer", "trainer.final")
@@ -202,6 +238,7 @@ def check_data_settings(cfg) -> None:
             raise TrainingError(str(e)) from None
     if not d.get("name"):
         raise TrainingError(f"data.name must be the corpus's name, got {d.get('name')!r}")
+    check_data_source(d)
     if not d.get("cache_dir"):
         raise TrainingError(
             "data.cache_dir must name a folder (tokenizers and encoded corpora are kept "
