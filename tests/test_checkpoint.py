@@ -127,6 +127,28 @@ def test_a_resume_tries_last_pt_then_the_step_files_newest_first(tmp_path):
     assert [p.name for p in checkpoint.resume_candidates(tmp_path)] == ["last.pt", *names]
 
 
+def test_linking_a_file_to_a_name_it_already_has_leaves_no_temporary_link(tmp_path):
+    """A resume whose checkpoint is also best.pt links last.pt as best.pt again: rename(2)
+    over another link of the same file does nothing, and the temporary link stayed, a
+    whole checkpoint's bytes kept after its step files were pruned."""
+    checkpoint.save(tmp_path / "last.pt", payload(3))
+    checkpoint.link_or_copy(tmp_path / "last.pt", tmp_path / "best.pt")
+    checkpoint.link_or_copy(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    checkpoint.save(tmp_path / "last.pt", payload(4))  # a new file under the name
+    checkpoint.link_or_copy(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert checkpoint.load(tmp_path / "best.pt")["model"]["w"][0, 0] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_the_temporary_files_of_killed_writes_are_removed(tmp_path):
+    for name in (".last.pt.tmp123", ".best.pt.tmp77", "last.pt", "step_00000001.pt", "notes"):
+        (tmp_path / name).write_bytes(b"x")
+    removed = checkpoint.remove_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".best.pt.tmp77", ".last.pt.tmp123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes", "step_00000001.pt"]
+
+
 def test_keep_k_and_fallback_to_the_newest_good_one(tmp_path, caplog):
     for step in range(1, 6):
         checkpoint.save(tmp_path / "last.pt", payload(step))

@@ -184,6 +184,8 @@ def test_without_candidates_nothing_is_chosen(compose, small_overrides, tmp_path
         ("trainer.final.length_penalties=[a]", "trainer.final.length_penalties must be a list"),
         ("trainer.final.beam_sizes=[2.5]", "trainer.final.beam_sizes must be a list of integers"),
         ("trainer.final.beam_sizes=[0]", "trainer.final.beam_sizes must be >= 1"),
+        # they said "decode.length_penalty must be a number >= 0", of a decode.* that was fine
+        ("trainer.final.length_penalties=[-1]", "trainer.final.length_penalties must be >= 0"),
     ],
 )
 def test_bad_final_settings_fail_before_training(compose, small_overrides, override, message):

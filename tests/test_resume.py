@@ -390,6 +390,100 @@ def test_a_finished_run_trained_on_sets_its_old_results_aside(
     assert "renamed metrics.previous.json: training goes on from step 6" in caplog.text
 
 
+def test_a_fresh_run_in_a_finished_runs_folder_sets_its_results_aside(
+    compose, small_overrides, tmp_path, caplog
+):
+    """Its checkpoints deleted (as trainer.resume=false's refusal says) or never written, a
+    run started afresh where another had finished left the old metrics.json in place
+    until its own end (for good, if killed): compare and translate.py ckpt=RUN read it as
+    the results of the new weights."""
+    old = tmp_path / "run" / "metrics.json"
+    old.parent.mkdir(parents=True)
+    old.write_text('{"steps": 6}\n')
+    with caplog.at_level(logging.WARNING, logger="transformer.trainer"):
+        fresh = make_trainer(compose, small_overrides, tmp_path, "trainer.max_steps=1")
+        assert not fresh.resume()
+        fresh.run()
+    assert not old.exists()
+    assert (tmp_path / "run" / "metrics.previous.json").read_text() == '{"steps": 6}\n'
+    assert "results of an earlier run in this folder, renamed metrics.previous" in caplog.text
+
+
+def test_a_kill_between_last_pt_and_its_step_file_is_mended_on_resume(
+    compose, small_overrides, tmp_path, caplog
+):
+    """last.pt is written at an evaluation, then linked as its step file: a kill between
+    the two left no step file of that evaluation, for good, and the final average took an
+    older one in its place. The write's temporary file, left by a kill during the write,
+    is deleted too (a whole checkpoint's size)."""
+    make_trainer(compose, small_overrides, tmp_path).run()  # evaluations at 3 and 6
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "step_00000006.pt").unlink()  # as if killed before the link
+    (ckpts / ".last.pt.tmp4242").write_bytes(b"half a checkpoint")
+    with caplog.at_level(logging.WARNING):
+        again = make_trainer(compose, small_overrides, tmp_path, "trainer.max_steps=7")
+        assert again.resume() and again.step == 6
+    assert os.path.samefile(ckpts / "step_00000006.pt", ckpts / "last.pt")
+    assert "last.pt was not linked as step_00000006.pt" in caplog.text
+    assert not (ckpts / ".last.pt.tmp4242").exists() and ".last.pt.tmp4242: left by" in caplog.text
+    # last.pt of a stop between evaluations (a signal) has no step file, and gets none
+    (ckpts / "step_00000006.pt").unlink()
+    last = checkpoint.load(ckpts / "last.pt")
+    checkpoint.save(ckpts / "last.pt", {**last, "step_file": False})
+    later = make_trainer(compose, small_overrides, tmp_path, "trainer.max_steps=7")
+    assert later.resume() and later.step == 6
+    assert not (ckpts / "step_00000006.pt").exists()
+
+
+def test_a_run_without_a_configured_lr_resumes_with_the_optimizers_default(
+    compose, small_overrides, tmp_path
+):
+    """~trainer.optimizer.lr trains at AdamW's default peak, and the resume failed on the
+    missing key ("Key 'lr' is not in struct") after the data was read."""
+    make_trainer(compose, small_overrides, tmp_path, "~trainer.optimizer.lr").run()
+    again = make_trainer(
+        compose, small_overrides, tmp_path, "~trainer.optimizer.lr", "trainer.max_steps=7"
+    )
+    assert again.resume() and again.step == 6
+    factor = inverse_sqrt(again.t.warmup_steps)
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * factor(7))
+
+
+@pytest.mark.parametrize("before,now", [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_a_resume_by_another_count_of_processes_goes_on_where_the_ranks_were(before, now):
+    """Each rank counts its own batches (rank r takes batches r, r + W, ... of the epoch's
+    plan): resumed by another count of processes, the saved position meant other batches,
+    and pairs came twice or not at all in that epoch. Now every batch of the epoch is
+    trained, and none twice beyond the up to now - 1 that rounding repeats."""
+    from transformer.data import TokenBatcher
+    from transformer.resuming import position_for
+
+    plan = list(range(24))  # the batches of one epoch, by index in its plan
+
+    def shard(rank, world):
+        n = len(plan) // world * world
+        return plan[rank:n:world]
+
+    for saved in range(0, 24 // before + 1):  # every position the ranks could save at
+        done = [b for r in range(before) for b in shard(r, before)[:saved]]
+        pos = position_for(saved, before, now, epoch=0)
+        rest = [b for r in range(now) for b in shard(r, now)[pos:]]
+        left_out = len(plan) % now  # the plan's tail that rank counts leave out
+        assert set(done) | set(rest) >= set(plan[: len(plan) - left_out])
+        assert len(done) + len(rest) - len(set(done) | set(rest)) <= now - 1
+    assert TokenBatcher.epoch_batches  # the layout above is TokenBatcher's (world_size > 1)
+
+
+def test_a_checkpoint_says_how_many_processes_wrote_it(compose, small_overrides, tmp_path):
+    make_trainer(compose, small_overrides, tmp_path).run()
+    last = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["world_size"] == 1 and last["progress"]["batch_in_epoch"] == 2
+    last["world_size"] = 2  # as if written by two ranks, each 2 batches into epoch 1
+    checkpoint.save(tmp_path / "run" / "checkpoints" / "last.pt", last)
+    again = make_trainer(compose, small_overrides, tmp_path, "trainer.max_steps=7")
+    assert again.resume() and (again.epoch, again.batch_in_epoch) == (1, 4)
+
+
 def test_a_peak_lr_changed_on_resume_applies_from_the_resumed_step(
     compose, small_overrides, tmp_path, caplog, read_csv
 ):

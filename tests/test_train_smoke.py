@@ -44,11 +44,13 @@ def test_train_resume_and_translate(
     # the run's figures: epochs and speed from the training position, the tokens trained
     # counted here from the batches (6 updates of one micro-batch each, epoch after epoch)
     progress = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["progress"]
-    assert (saved["steps"], saved["epochs"]) == (progress["step"], progress["epoch"])
+    assert saved["steps"] == progress["step"]
     trainer = Trainer(compose(small_overrides + ["trainer.resume=false", f"run_dir={tmp_path}/x"]),
                       tmp_path / "x")  # fmt: skip
     plan = [i for e in range(progress["epoch"] + 1) for i in trainer.batcher.epoch_batches(e)]
     assert len(plan) >= 6 and progress["epoch"] == 1  # epoch 0 holds 4 batches
+    # epochs trained: 1.5 (it was the index of the current epoch, 1, however far into it)
+    assert saved["epochs"] == 1 + progress["batch_in_epoch"] / len(trainer.batcher.epoch_batches(1))
     plan = plan[:6]
     tokens = sum(int((trainer.batcher.batch(i).tgt_out != trainer.pad_id).sum()) for i in plan)
     assert progress["train_tokens"] == tokens
@@ -445,6 +447,25 @@ def test_settings_that_would_fail_mid_run_fail_before_the_data_is_read(
     assert not (tmp_path / "cache").exists()  # refused before reading the corpus
 
 
+def test_a_fused_or_foreach_optimizer_setting_is_the_optimizers(compose, small_overrides, tmp_path):
+    """The trainer added fused=True whatever the settings said: +trainer.optimizer.fused=false
+    was overridden unseen, and foreach=true failed against it after the data was read."""
+    from transformer.trainer import Trainer
+
+    for i, (extra, fused, foreach) in enumerate(
+        [([], True, None), (["fused=false"], False, None), (["foreach=true"], None, True)]
+    ):
+        overrides = [f"+trainer.optimizer.{e}" for e in extra]
+        trainer = Trainer(compose(small_overrides + overrides), tmp_path / f"run{i}")
+        group = trainer.optimizer.param_groups[0]
+        assert (group["fused"], group["foreach"]) == (fused, foreach), extra
+    both = ["+trainer.optimizer.fused=true", "+trainer.optimizer.foreach=true"]
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(TrainingError, match=r"trainer.optimizer \(torch.optim.AdamW\): `fused`"):
+        train(compose(small_overrides + both))
+    assert not (tmp_path / "cache").exists()  # refused before reading the corpus
+
+
 def sgd_without_dropout(extra=()) -> list[str]:
     """Overrides for updates that can be computed by hand: plain SGD, no dropout, no
     clipping (Adam's first steps move a weight by +-lr whatever its gradient's size)."""
@@ -615,9 +636,11 @@ def test_decode_settings_fail_before_the_data_is_read(compose, small_overrides, 
     greedily without a word)."""
     with pytest.raises(ValueError, match="decode.beam_size must be an integer >= 1, got 0"):
         train(compose(small_overrides + ["decode.beam_size=0"]))
-    # 5-best lists, fine at beam 5, not at the beam of 2 tried among the final choices
+    # 5-best lists, fine at beam 5, not at the beam of 2 tried among the final choices:
+    # named by the setting that tries it (it named decode.beam_size alone, which is 5)
     final = ["decode.nbest=5", "trainer.final.beam_sizes=[2]"]
-    with pytest.raises(ValueError, match="decode.nbest=5 exceeds decode.beam_size=2"):
+    message = "trainer.final: the final choice's beam size 2 with length penalty 0.6: decode"
+    with pytest.raises(TrainingError, match=f"{message}.nbest=5 exceeds decode.beam_size=2"):
         train(compose(small_overrides + final))
     assert not (tmp_path / "cache").exists()
 

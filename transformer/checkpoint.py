@@ -90,7 +90,11 @@ def save(path: str | Path, payload: dict) -> None:
 
 def link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` another name for the finished file ``src`` (a hard link: no extra disk;
-    a later atomic save over ``src`` replaces the name, not the linked data)."""
+    a later atomic save over ``src`` replaces the name, not the linked data). Nothing to do
+    when ``dst`` is ``src`` already: rename(2) over another link of the same file does
+    nothing, and left the temporary link behind, a whole checkpoint's bytes on disk."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
@@ -102,7 +106,18 @@ def link_or_copy(src: Path, dst: Path) -> None:
             fout.flush()
             os.fsync(fout.fileno())
     os.replace(tmp, dst)
+    tmp.unlink(missing_ok=True)  # (gone, unless dst became a link of src meanwhile)
     _fsync_dir(dst.parent)
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files that ``save`` and ``link_or_copy`` leave in ``directory``
+    when killed mid-write (``.NAME.tmpPID``; a whole checkpoint's size each); only while no
+    other process writes there (the run's lock is held). Returns those deleted."""
+    stale = sorted(directory.glob(".*.pt.tmp*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def step_checkpoints(directory: Path) -> list[Path]:

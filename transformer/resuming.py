@@ -151,6 +151,39 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"][: torch.cuda.device_count()])
 
 
+def position_for(batch_in_epoch: int, before: int, now: int, epoch: int) -> int:
+    """This run's position in ``epoch`` for a checkpoint saved by ``before`` processes at
+    ``batch_in_epoch`` (a count of each rank's batches), resumed by ``now``. Rank r takes
+    batches r, r + W, r + 2W, ... of the epoch's plan (``TokenBatcher.epoch_batches``), so
+    the ranks saved at position p had trained the plan's first p * W batches together:
+    under another count of processes the same position meant other batches, and some pairs
+    came twice in that epoch and others not at all. Where p * W is not a multiple of the
+    new count, the position is rounded down: up to ``now`` - 1 batches are trained again
+    (which a warning says)."""
+    if before == now or batch_in_epoch == 0:
+        return batch_in_epoch
+    done = batch_in_epoch * before
+    position = done // now
+    log.warning(
+        "checkpoint saved by %d process(es) at batch %d of epoch %d, resumed by %d: the "
+        "epoch's first %d batches are trained, so each process goes on from its batch %d%s",
+        before, batch_in_epoch, epoch, now, done, position,
+        f" ({done - position * now} batch(es) are trained again)" if done % now else "",
+    )  # fmt: skip
+    return position
+
+
+def make_step_file(ckpt_dir: Path, path: Path, step: int, keep: int) -> None:
+    """Link ``path`` (last.pt, written at an evaluation of ``step``) as its step file if a
+    kill came between writing it and linking it: the final average takes the step files,
+    and would have taken an older one in its place. Then prune to ``keep``, as the save."""
+    own = ckpt_dir / f"step_{step:08d}.pt"
+    if keep > 0 and not own.is_file():
+        checkpoint.link_or_copy(path, own)
+        log.warning("%s was not linked as %s (a kill came between): linked now", path, own.name)
+    checkpoint.prune(ckpt_dir, keep)
+
+
 def holds_step(path: Path, step: int) -> bool:
     """Whether the checkpoint at ``path`` loads and is the one written at ``step``."""
     try:

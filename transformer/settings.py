@@ -303,6 +303,22 @@ def check_final(t) -> None:
         check_list(t.final[key], f"trainer.final.{key}", what, ok)
     if any(k < 1 for k in t.final.beam_sizes):
         raise TrainingError(f"trainer.final.beam_sizes must be >= 1, got {t.final.beam_sizes}")
+    if any(a < 0 for a in t.final.length_penalties):
+        raise TrainingError(
+            f"trainer.final.length_penalties must be >= 0, got {t.final.length_penalties}"
+        )
+
+
+def implementation(make) -> dict:
+    """The keywords the trainer adds to those of ``trainer.optimizer`` (``make``, its
+    partial): ``fused=True`` where the class offers it and the settings choose neither
+    ``fused`` nor ``foreach`` (a choice made there stands: ``fused=false`` was overridden
+    unseen, and ``foreach=true`` failed against the added ``fused`` after the data was
+    read)."""
+    offered = "fused" in inspect.signature(make.func).parameters
+    if not offered or {"fused", "foreach"} & make.keywords.keys():
+        return {}
+    return {"fused": True}
 
 
 def check_optimizer(t) -> None:

@@ -12,7 +12,6 @@ Label smoothing: Szegedy et al. 2016; schedule: Vaswani et al. 2017, eq. 3.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import math
@@ -64,6 +63,7 @@ from .settings import (
     check_schedule,
     check_sections,
     check_seed,
+    implementation,
     pick_device,
     resolve_precision,
 )
@@ -95,7 +95,13 @@ def check_settings(cfg) -> None:
     check_data_settings(cfg)
     decode_options(cfg.decode)  # first: final_settings compares its beam size
     for setting in final_settings(cfg.decode, t.final)[1:]:  # [0] is cfg.decode
-        decode_options(setting)
+        try:
+            decode_options(setting)
+        except ValueError as e:  # it names decode.*, which are fine: name what tries this
+            raise TrainingError(
+                f"trainer.final: the final choice's beam size {setting.beam_size} with length "
+                f"penalty {setting.length_penalty}: {e}"
+            ) from None
     check_choices(t)
     check_optimizer(t)
     check_seed(cfg.seed)
@@ -129,6 +135,9 @@ class Trainer:
                 f"trainer.resume=false but {self.ckpt_dir} holds another run's checkpoints; "
                 "use another run_dir, or delete them to start over there"
             )
+        if self.dist.is_main and self.ckpt_dir.is_dir():  # (under the run's lock: train())
+            for stale in checkpoint.remove_temporaries(self.ckpt_dir):
+                log.warning("%s: left by a write that was killed: deleted", stale)
         self.set_up_device()
         self.resume_from = self.checkpoint_to_resume()
         # A setting no attention role reads (model.attention.window without local
@@ -250,10 +259,9 @@ class Trainer:
         on the CPU too: it also takes a found_inf flag, so that a NaN/inf update is skipped
         on the device; the warmup schedule; fp16's grad scaler."""
         make_optimizer = instantiate(self.t.optimizer)
-        fused = "fused" in inspect.signature(make_optimizer.func).parameters
         # bf16-weights with Adam/AdamW: one flat parameter, the fp32 buffer (precision.py)
         params = self.mixed.params_for(make_optimizer.func) if self.mixed else self.params
-        self.optimizer = make_optimizer(params, **({"fused": True} if fused else {}))
+        self.optimizer = make_optimizer(params, **implementation(make_optimizer))
         # LambdaLR's argument is the count of updates done, so the next one is number done + 1
         # (update 1 takes 1 / warmup of the peak, update ``warmup`` the peak)
         factor = inverse_sqrt(self.t.warmup_steps)
@@ -374,6 +382,7 @@ class Trainer:
                 "train_tokens": self.train_tokens,
             },
             "rng": resuming.rng_state(),
+            "world_size": self.dist.world_size,  # what batch_in_epoch counts in (per rank)
         }
 
     def flat_update(self) -> bool:
@@ -397,7 +406,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         last = self.ckpt_dir / "last.pt"
-        checkpoint.save(last, {**self.state(), "log_window": window})
+        # step_file: a kill before the link below leaves last.pt without its step file,
+        # which the resume makes then (resuming.match_files)
+        checkpoint.save(last, {**self.state(), "log_window": window, "step_file": step_file})
         if step_file:
             if self.t.keep_checkpoints > 0:
                 checkpoint.link_or_copy(last, self.ckpt_dir / f"step_{self.step:08d}.pt")
@@ -432,7 +443,7 @@ class Trainer:
         model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(optim)
         resuming.restore_schedule(
-            self.optimizer, self.scheduler, self.t.optimizer.lr, ckpt["scheduler"]
+            self.optimizer, self.scheduler, self.optimizer.defaults["lr"], ckpt["scheduler"]
         )
         if ckpt["scaler"] or not self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -440,6 +451,11 @@ class Trainer:
             log.info("%s: no loss scale saved (another precision): fp16 starts a fresh one", path)
         for key, value in ckpt["progress"].items():
             setattr(self, key, value)
+        # (a checkpoint from before 2026-12-04 does not say: taken as this run's)
+        before = ckpt.get("world_size", self.dist.world_size)
+        self.batch_in_epoch = resuming.position_for(
+            self.batch_in_epoch, before, self.dist.world_size, self.epoch
+        )
         if "log_window" in ckpt and self.dist.is_main:  # (not in checkpoints before 2026-12)
             self.window = LogWindow(**ckpt["log_window"])
         resuming.restore_rng(ckpt["rng"])
@@ -447,6 +463,8 @@ class Trainer:
         self.saved_step = self.step
         if self.dist.is_main:
             resuming.match_files(self.ckpt_dir, path, self.step, self.best_step)
+            if ckpt.get("step_file") and path.name == "last.pt":
+                resuming.make_step_file(self.ckpt_dir, path, self.step, self.t.keep_checkpoints)
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -749,8 +767,8 @@ class Trainer:
         )
         max_seconds = t.max_time_minutes * 60 if t.max_time_minutes else float("inf")
         stream, stop_reason = self.batches(), self.already_finished(max_seconds)
-        if resumed and stop_reason is None:
-            self.set_aside_results()
+        if stop_reason is None:  # training happens: the results of before are not its
+            self.set_aside_results(resumed)
         if self.mixed:  # the fp32 weights may have been loaded from a checkpoint
             self.mixed.publish()
         self.model.train()
@@ -804,20 +822,27 @@ class Trainer:
             )
         return {"stop_reason": stop_reason}
 
-    def set_aside_results(self) -> None:
-        """A finished run trained on (its limits raised): its metrics.json, read as the
+    def set_aside_results(self, resumed: bool) -> None:
+        """A finished run trained on (its limits raised), or a fresh one started in a
+        finished run's folder (its checkpoints deleted): the metrics.json there, read as the
         run's result by compare, runs_table.py and ``translate.py ckpt=RUN``, would stand
-        for weights trained further until the new one is written at the end, and for good
-        if this run is killed first. It is renamed metrics.previous.json (kept, not lost)."""
+        for other weights until the new one is written at the end, and for good if this run
+        is killed first. It is renamed metrics.previous.json (kept, not lost)."""
         old = self.run_dir / "metrics.json"
         if self.dist.is_main and old.is_file():
             old.replace(self.run_dir / "metrics.previous.json")
-            log.warning(
-                "%s: the finished run's results, renamed metrics.previous.json: training "
-                "goes on from step %d, and a new metrics.json is written at the end",
-                old,
-                self.step,
+            now = (
+                f"the finished run's results, renamed metrics.previous.json: training goes on "
+                f"from step {self.step}"
+                if resumed
+                else "the results of an earlier run in this folder, renamed "
+                "metrics.previous.json: a fresh run starts here"
             )
+            log.warning("%s: %s, and a new metrics.json is written at the end", old, now)
+
+    def epochs_trained(self) -> float:
+        """Epochs trained, with the part of the current one: 1.5 halfway through the second."""
+        return self.epoch + self.batch_in_epoch / len(self.batcher.epoch_batches(self.epoch))
 
     def already_finished(self, max_seconds: float) -> str | None:
         """Why a run started again from its checkpoint has nothing left to train under this
@@ -931,7 +956,7 @@ class Trainer:
             "model": self.cfg.model._target_,
             "parameters": self.model.num_parameters(),
             "steps": self.step,
-            "epochs": self.epoch,
+            "epochs": round(self.epochs_trained(), 3),
             "best_step": self.best_step,
             "best_valid_bleu": round(self.best_bleu, 2),
             "train_seconds": round(self.train_seconds, 1),
