@@ -13,9 +13,10 @@ Use it on ``valid`` to pick a beam size or length penalty, then report ``test201
 
 Whatever would fail after some decoding fails before any: every setting is composed and
 every checkpoint is read whole, its model and tokenizers built on the CPU and its split
-found. The results of an earlier evaluation into OUT are removed before decoding starts,
-and results.json and README.md are rewritten after each setting, so after a failure midway
-they list exactly the hypotheses written.
+found. An earlier evaluation's results.json and README.md in OUT are removed before decoding
+starts (its hypothesis files are left: OUT may hold other files, and they are then listed
+nowhere), and both are rewritten after each setting, so after a failure midway they list
+exactly the hypotheses written.
 """
 
 from __future__ import annotations
