@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -122,3 +123,25 @@ def test_a_damaged_cached_model_says_so_and_what_to_do(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])  # cut by hand, or a disk fault
     with pytest.raises(DataError, match=r"damaged cache .*delete it and run again"):
         train_or_load(TEXT, tmp_path, vocab_size=120)
+
+
+def test_the_tokenizer_is_the_same_whatever_the_machines_core_count(tmp_path, monkeypatch):
+    """SentencePiece's pieces depend on its thread count, which was the machine's cores: a
+    16-core GPU machine and a 2-core one trained different Multi30k tokenizers from the same
+    corpus and seed (and so different batches, and different runs)."""
+    models = []
+    for cores in (2, 16):
+        monkeypatch.setattr(os, "cpu_count", lambda n=cores: n)
+        tok = train_or_load(TEXT, tmp_path / f"cores{cores}", vocab_size=120)
+        models.append(tok.path.read_bytes())
+    assert models[0] == models[1]
+
+
+def test_another_sentencepiece_release_trains_its_own_model(tmp_path, monkeypatch):
+    """SentencePiece 0.2.2 and 0.2.3 cut Multi30k into other pieces (and so other batches):
+    a model cached by one is not reused by the other."""
+    import sentencepiece
+
+    first = train_or_load(TEXT, tmp_path, vocab_size=120).path
+    monkeypatch.setattr(sentencepiece, "__version__", "0.0.1")
+    assert train_or_load(TEXT, tmp_path, vocab_size=120).path != first

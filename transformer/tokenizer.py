@@ -27,6 +27,12 @@ LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")  # str.split
 # documents, a language whose lines are all longer never reached the tokenizer, and came out
 # as <unk>. ``train_or_load`` raises the limit to the longest sentence it trains on.
 SPM_MAX_SENTENCE_BYTES = 4192
+# SentencePiece's threads split the sentences of its EM steps, so the pieces it learns depend
+# on their number: trained with one per core (os.cpu_count()), Multi30k's tokenizer on a
+# 16-core GPU machine and on a 2-core one differed in pieces and scores, and encoded 16,687 of
+# its 58,000 training sentences differently. A fixed count makes it the same on any machine
+# (16 threads also trained it faster on 2 cores than 2 threads did: 2.7 s against 8-12 s).
+SPM_THREADS = 16
 
 
 def private_name(path: Path, what: str = "tmp") -> Path:
@@ -106,7 +112,10 @@ def train_or_load(
             h.update(t.encode("utf-8"))
             h.update(b"\n")
     settings = f"{vocab_size}|{model_type}|{character_coverage}|{input_sentence_size}|{seed}"
-    settings += "|every-length"  # models cached before the limit was raised are not reused
+    # (models cached before the length limit was raised, or with a thread count per machine,
+    # are not reused; nor is one another SentencePiece release trained: 0.2.2 and 0.2.3 cut
+    # Multi30k into other pieces)
+    settings += f"|every-length|threads{SPM_THREADS}|spm{spm.__version__}"
     h.update(settings.encode())
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +147,7 @@ def train_or_load(
             bos_id=BOS_ID,
             eos_id=EOS_ID,
             hard_vocab_limit=False,  # tiny corpora (tests) may not support the full size
-            num_threads=os.cpu_count() or 1,
+            num_threads=SPM_THREADS,
             minloglevel=2,
         )
     except RuntimeError as e:  # "INTERNAL: src/trainer_interface.cc(638) [check] reason"
