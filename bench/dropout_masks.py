@@ -17,7 +17,6 @@ mask alone and for forward + backward of ``dropout(x, 0.3)``. Not a test: it mea
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# CPU dropout masks: torch's, a float draw per element, ours",
         "",
-        f"- device: CPU {platform.processor() or platform.machine()}, "
+        f"- device: CPU {arguments.cpu_model()}, "
         f"{torch.get_num_threads()} threads; torch {torch.__version__}; fp32; p = {P}; "
         f"glibc malloc keeps freed memory (trainer.cpu_malloc_reuse): {reuse}",
         f"- command: `python bench/dropout_masks.py {arguments.given(argv)}`",

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     dropout.RAND_MASK_ON_CPU = False  # F.dropout in ours too, as on a GPU (Marian's dropout)
     lines = [
-        f"# Host overhead of a training step ({platform.processor() or 'cpu'}, "
+        f"# Host overhead of a training step ({arguments.cpu_model()}, "
         f"{torch.get_num_threads()} threads)",
         "",
         f"- torch {torch.__version__}; bf16 autocast on the CPU; dropout 0.3/0.1/0.1 (torch's "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -72,10 +71,9 @@ def machine(device: torch.device) -> str:
         return torch.cuda.get_device_name()
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.is_file() else []
-    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
     flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
     units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    name = name or platform.processor() or "cpu"
+    name = arguments.cpu_model()
     return f"{name} ({', '.join(units)})" if units else name
 
 
@@ -522,7 +520,14 @@ def add_join_option(ap: argparse.ArgumentParser) -> None:
 
 def batches_said(join: int) -> str:
     """The tables' words for ``load_batches``' batches."""
-    said = "real Multi30k de->en training batches, length-bucketed"
+    import sentencepiece
+
+    # (SentencePiece 0.2.2, on the GPU machines, cuts Multi30k into other pieces than 0.2.3:
+    # epoch 0 has 20 batches of 25k tokens there, 21 here)
+    said = (
+        "real Multi30k de->en training batches, length-bucketed, tokenized by SentencePiece "
+        f"{sentencepiece.__version__}"
+    )
     if join > 1:
         said += (f", of the training pairs joined {join} at a time in corpus order (each side's "
                  f"ids concatenated: sentences about {join}x as long)")  # fmt: skip
