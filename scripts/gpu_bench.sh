@@ -218,6 +218,6 @@ eager)
     --out "results/bench/train_speed_${gpu}_kinds.md"
   step 60 python3 bench/attention_claims.py --device cuda --out results/attention/gpu
   ;;
-*) echo "usage: bash scripts/gpu_bench.sh next|defaults|speed|compile|graphs|long|eager"; exit 2 ;;
+*) echo "usage: bash scripts/gpu_bench.sh next|joined|defaults|speed|compile|graphs|workers|long|eager"; exit 2 ;;
 esac
 pack
