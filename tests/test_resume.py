@@ -797,6 +797,26 @@ def test_max_epochs_stops_at_the_end_of_the_epoch(compose, small_overrides, tmp_
     assert trainer.step == batches and trainer.batch_in_epoch == trainer.epoch_len == batches
 
 
+def test_max_epochs_with_accumulation_trains_no_batch_of_the_next_epoch(
+    compose, small_overrides, tmp_path
+):
+    """An update's micro-batches crossed the epoch's end: max_epochs=1 with accum_steps=3
+    over 4 batches trained 2 batches of epoch 1. The last update is now shorter."""
+    trainer = make_trainer(
+        compose, small_overrides, tmp_path, "trainer.max_epochs=1", "trainer.max_steps=100000",
+        "trainer.accum_steps=3",
+    )  # fmt: skip
+    batches = len(trainer.batcher.epoch_batches(0))
+    sizes = []
+    step = Trainer.train_step
+    trainer.train_step = lambda micro, packed=None: (
+        sizes.append(len(micro)) or step(trainer, micro, packed)
+    )
+    assert trainer.run() == {"stop_reason": "step/epoch limit"}
+    assert sum(sizes) == batches and max(sizes) == 3 and sizes[-1] == batches - 3 * (len(sizes) - 1)
+    assert (trainer.epoch, trainer.batch_in_epoch) == (0, batches)
+
+
 def test_the_time_limit_stops_training_and_scores_the_last_weights(
     compose, small_overrides, tmp_path, read_csv
 ):

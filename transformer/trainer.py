@@ -783,6 +783,8 @@ class Trainer:
                     micro.append(batch)
                     packed.append(rows)
                     w.pad += self.batcher.padding_fraction(batch)
+                    if self.epoch + 1 >= t.max_epochs and pos + 1 >= self.epoch_len:
+                        break  # the last epoch's last batch: no micro-batch of the next
                 w.batches += len(micro)
                 result = self.train_step(micro, packed)
                 self.batch_in_epoch = pos + 1
