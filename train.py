@@ -13,6 +13,7 @@ from transformer.cli import (
     friendly_errors,
     override_error,
     run_dir_is_hydras,
+    shared_sweep_run_dir,
     unwritable_run_dir,
 )
 from transformer.trainer import train
@@ -35,6 +36,7 @@ if __name__ == "__main__":
     sys.argv[1:] = argv = run_dir_is_hydras(sys.argv[1:])
     reason = (
         override_error(argv, CONF, "train", OPEN_UNDER)
+        or shared_sweep_run_dir(argv)
         or busy_run_dir(argv)
         or unwritable_run_dir(argv)
     )

@@ -159,6 +159,24 @@ def test_a_setting_of_another_option_is_named_with_the_option_that_has_it():
         assert override_error(argv, conf, "train", train) is None, argv
 
 
+def test_a_sweep_gives_every_job_a_folder_of_its_own():
+    """A sweep over anything but model put every job in one folder (the sweep's subdir was
+    the model's name), and so did run_dir= with -m: each job resumed the run of the one
+    before, trained nothing once it had finished, and rewrote its config and results."""
+    from omegaconf import OmegaConf
+
+    from transformer.cli import shared_sweep_run_dir
+
+    train_yaml = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "train.yaml")
+    subdir = OmegaConf.to_container(train_yaml.hydra.sweep)["subdir"]  # (unresolved)
+    assert "${hydra.job.num}" in subdir
+    refused = shared_sweep_run_dir(["-m", "trainer.optimizer.lr=1e-3,5e-3", "run_dir=/r"])
+    assert refused.startswith("run_dir=/r with -m is one folder for every job of the sweep")
+    for fine in (["run_dir=/r"], ["-m", "run_dir=/a,/b"], ["-m", "run_dir=/r/${seed}"],
+                 ["-m", "model=rnn,transformer"]):  # fmt: skip
+        assert shared_sweep_run_dir(fine) is None, fine
+
+
 def test_run_dir_takes_hydras_files_along():
     """run_dir=X put checkpoints and logs in X but train.log and .hydra/ in a new folder
     under outputs/: it now also sets hydra.run.dir, unless given or in a sweep."""

@@ -303,6 +303,23 @@ def busy_run_dir(argv: list[str]) -> str | None:
     return run_lock.in_use(given, owner) if owner else None
 
 
+def shared_sweep_run_dir(argv: list[str]) -> str | None:
+    """Why a sweep (-m) cannot take the ``run_dir=`` it was given: one folder for every job,
+    where each job resumed the run of the one before (a finished one: it trained nothing,
+    and rewrote the folder's config and results with its own settings). A value swept or
+    interpolated per job is fine."""
+    if not {"-m", "--multirun"} & set(argv):
+        return None
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
+    if not given or any(c in given[-1] for c in (",", "${", "(")):
+        return None
+    return (
+        f"run_dir={given[-1]} with -m is one folder for every job of the sweep, each of which "
+        "would resume the one before; give hydra.sweep.dir=DIR instead (a folder per job: "
+        "DIR/MODEL_N)"
+    )
+
+
 def single_run_value(argv: list[str], key: str) -> str | None:
     """The last ``key=`` value in ``argv``; None when not given, when it holds an
     interpolation (Hydra's to resolve), or in a sweep (-m: each job's own)."""
