@@ -159,8 +159,8 @@ def test_a_failure_midway_leaves_no_stale_results(
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "results.json").write_text('[{"name": "a", "bleu": 99.0}]')
-    (out / "README.md").write_text("| a | 9 | greedy | 99.00 |")
+    (out / "results.json").write_text('[{"name": "a", "bleu": 99.0, "hypotheses": "a/x.hyp"}]')
+    (out / "README.md").write_text("# Decoding settings on valid\n\n| a | 9 | greedy | 99.00 |")
     monkeypatch.setattr(module, "translate_ids", translate_or_fail)
     argv = [str(tiny_ckpt), str(tiny_ckpt), "--names", "a", "b", "--split", "valid"]
     argv += ["--decode", "greedy", "--data-dir", str(corpus_root), "--out", str(out)]
@@ -193,6 +193,9 @@ def test_names_default_to_the_run_and_must_be_distinct(tiny_ckpt, tmp_path):
     c = tmp_path / "r2" / "checkpoints" / "a.pt"
     assert default_names([a, c]) == ["r1", "r2"]
     assert default_names([a, b, c]) == ["r1-a", "r1-b", "r2"]
+    # two sweeps' runs of one name: it said "--names needs one distinct label", unasked
+    sweeps = [tmp_path / s / "transformer_0" / "checkpoints" / "best.pt" for s in "xy"]
+    assert default_names(sweeps) == ["x-transformer_0", "y-transformer_0"]
     with pytest.raises(SystemExit) as stop:
         main([str(tiny_ckpt), str(tiny_ckpt), "--names", "x", "x", "--out", str(tmp_path)])
     assert stop.value.code == 2
@@ -211,3 +214,36 @@ def test_a_null_in_a_hub_split_is_an_empty_line(tiny_ckpt, tmp_path, monkeypatch
     assert main([str(tiny_ckpt), "--names", "t", "--decode", "greedy", "--out", str(out)]) == 0
     (row,) = json.loads((out / "results.json").read_text())
     assert row["sentences"] == 2 and len((out / row["hypotheses"]).read_text().splitlines()) == 2
+
+
+def test_an_out_folder_with_files_of_its_own_is_refused_and_kept(tiny_ckpt, tmp_path, capsys):
+    """--out DIR deleted any README.md or results.json there (a project's own notes), as
+    if an earlier evaluation had written them."""
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "README.md").write_text("# My notes\n")
+    assert main([str(tiny_ckpt), "--decode", "greedy", "--out", str(out)]) == 1
+    assert "its README.md is not one this tool wrote" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "# My notes\n"
+
+
+def test_an_interrupt_is_one_line_and_keeps_what_was_finished(
+    tiny_ckpt, corpus_root, tmp_path, capsys, monkeypatch
+):
+    from transformer import evaluate as module
+
+    calls, translate_ids = [], module.translate_ids
+
+    def interrupted_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return translate_ids(*args, **kwargs)
+
+    monkeypatch.setattr(module, "translate_ids", interrupted_at_the_second)
+    out = tmp_path / "out"
+    argv = [str(tiny_ckpt), "--split", "valid", "--decode", "greedy", "beam"]
+    assert main([*argv, "--data-dir", str(corpus_root), "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"{out} lists the 1 setting(s) finished")
+    (row,) = json.loads((out / "results.json").read_text())
+    assert (out / row["hypotheses"]).is_file()

@@ -11,12 +11,12 @@ chrF and lowercased BLEU with their sacreBLEU signatures, decoding time and the 
 OUT defaults to ``outputs/evaluate`` (ignored by git; pass ``--out results/...`` to keep them).
 Use it on ``valid`` to pick a beam size or length penalty, then report ``test2016`` once.
 
-Whatever would fail after some decoding fails before any: every setting is composed and
-every checkpoint is read whole, its model and tokenizers built on the CPU and its split
-found. An earlier evaluation's results.json and README.md in OUT are removed before decoding
-starts (its hypothesis files are left: OUT may hold other files, and they are then listed
-nowhere), and both are rewritten after each setting, so after a failure midway they list
-exactly the hypotheses written.
+Whatever would fail after some decoding fails before any: every setting is composed and every
+checkpoint is read whole, its model and tokenizers built on the CPU and its split found. An
+earlier evaluation's results.json and README.md in OUT are removed before decoding starts (its
+hypothesis files are left: OUT may hold other files, and they are then listed nowhere; an OUT
+whose README.md or results.json this tool did not write is refused), and both are rewritten
+after each setting, so after a failure midway they list exactly the hypotheses written.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def evaluate(ckpt, name, split, settings, out: Path, device, data_dir=None) -> I
         hyps = tgt_tok.decode([hyps[0][0] if hyps else [] for hyps in nbest])
         hyp_path = out / name / f"{split}.{tag}.hyp"
         hyp_path.parent.mkdir(parents=True, exist_ok=True)
-        hyp_path.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        write_whole(hyp_path, "".join(h + "\n" for h in hyps))
         yield {
             "name": name,
             "checkpoint": str(ckpt),
@@ -142,20 +142,50 @@ def evaluate(ckpt, name, split, settings, out: Path, device, data_dir=None) -> I
         }
 
 
+def write_whole(path: Path, text: str) -> None:
+    """``path`` replaced atomically: written beside itself, then renamed over."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_results(out: Path, rows: list[dict], command: str, device) -> None:
     """``out``/results.json and README.md for ``rows``, each replaced atomically."""
-    for name, text in (
-        ("results.json", json.dumps(rows, indent=2) + "\n"),
-        ("README.md", markdown(rows, command, device)),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_whole(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    write_whole(out / "README.md", markdown(rows, command, device))
+
+
+README_TITLE = "# Decoding settings on "
+
+
+def earlier_results(out: Path) -> list[Path]:
+    """The results.json and README.md of an earlier evaluation into ``out``, to remove
+    before new hypotheses are written (never listed beside them); a ValueError if either
+    is not this tool's: --out named a folder holding other files by those names (a
+    project's own README.md was deleted without a word)."""
+    found = [out / n for n in ("results.json", "README.md") if (out / n).is_file()]
+    for path in found:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        ours = text.startswith(README_TITLE) if path.suffix == ".md" else is_results(text)
+        if not ours:
+            raise ValueError(
+                f"--out {out}: its {path.name} is not one this tool wrote; evaluate into "
+                "another folder (it replaces results.json and README.md there)"
+            )
+    return found
+
+
+def is_results(text: str) -> bool:
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and "hypotheses" in r for r in rows)
 
 
 def markdown(rows: list[dict], command: str, device) -> str:
     lines = [
-        f"# Decoding settings on {rows[0]['split']}",
+        f"{README_TITLE}{rows[0]['split']}",
         "",
         f"Command: `{command}`  ",
         f"Device: {device_name(device)}; torch {torch.__version__}; fp32.",
@@ -189,9 +219,18 @@ def device_name(device) -> str:
 
 
 def default_names(ckpts: list[Path]) -> list[str]:
-    """The run folder of each checkpoint, plus the file name when a run appears twice."""
-    runs = [c.resolve().parent.parent.name for c in ckpts]
-    return [r if runs.count(r) == 1 else f"{r}-{c.stem}" for r, c in zip(runs, ckpts)]
+    """The run folder of each checkpoint (the folder above ``checkpoints/``), plus the file
+    name when a run appears twice, and the folders above it while labels still collide (two
+    sweeps' ``transformer_0``)."""
+    paths = [c.resolve() for c in ckpts]
+    runs = [p.parent.parent for p in paths]
+    names: list[str] = []
+    for depth in range(1, max(len(r.parts) for r in runs) + 1):
+        names = ["-".join(r.parts[-depth:]) for r in runs]
+        names = [n if names.count(n) == 1 else f"{n}-{p.stem}" for n, p in zip(names, paths)]
+        if len(set(names)) == len(names):
+            break
+    return names
 
 
 def main(argv=None) -> int:
@@ -206,7 +245,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     names = args.names or default_names(args.ckpts)
     if len(names) != len(args.ckpts) or len(set(names)) != len(names):
-        p.error("--names needs one distinct label per checkpoint")
+        p.error("--names needs one distinct label per checkpoint" if args.names else
+                "the checkpoints are one file named twice: give it once")  # fmt: skip
     command = shlex.join(["python", "-m", "transformer.evaluate", *(argv or sys.argv[1:])])
     rows = []
     try:
@@ -224,8 +264,8 @@ def main(argv=None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"--out {args.out}: {e.strerror or e}") from e
-        for old in ("results.json", "README.md"):  # never beside new hypotheses
-            (args.out / old).unlink(missing_ok=True)
+        for old in earlier_results(args.out):  # never beside new hypotheses
+            old.unlink()
         for ckpt, name in zip(args.ckpts, names):
             for row in evaluate(ckpt, name, args.split, settings, args.out, device, args.data_dir):
                 rows.append(row)
@@ -233,6 +273,10 @@ def main(argv=None) -> int:
     except (*EXPECTED, HydraException) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        done = f"; {args.out} lists the {len(rows)} setting(s) finished" if rows else ""
+        print(f"interrupted{done}", file=sys.stderr)
+        return 130
     print((args.out / "README.md").read_text())
     return 0
 
