@@ -259,3 +259,19 @@ def test_a_run_from_before_the_choice_translates_with_best_pt(tmp_path):
     (run / "metrics.json").write_text('{"final": "x"}')  # was an AttributeError traceback
     with pytest.raises(CheckpointError, match="its 'final' is not a mapping, got 'x'"):
         run_choice(run, decode, [])
+
+
+def test_translating_a_run_into_its_own_metrics_json_is_refused(compose, tmp_path):
+    """ckpt=RUN output=RUN/metrics.json wrote the translations over the file that chose the
+    checkpoint: the run's results were gone, and the next ckpt=RUN failed on them."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(b"")
+    final = {"checkpoint": "checkpoints/best.pt", "beam_size": 5, "length_penalty": 0.6}
+    (run / "metrics.json").write_text(json.dumps({"final": final}))
+    (tmp_path / "in.txt").write_text("Ein Hund.\n", "utf-8")
+    args = [f"ckpt={run}", f"input={tmp_path / 'in.txt'}", f"output={run / 'metrics.json'}"]
+    cfg = compose([*args, "device=cpu"], name="translate")
+    with pytest.raises(ValueError, match="metrics.json is the run's metrics.json: it would be"):
+        translate(cfg, overrides=[])
+    assert json.loads((run / "metrics.json").read_text())["final"] == final

@@ -280,6 +280,7 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
             cfg[key] = None
     device = pick_device(cfg.device)
     ckpt = Path(cfg.ckpt)
+    run_metrics = ckpt / "metrics.json" if ckpt.is_dir() else None  # read for the choice
     if ckpt.is_dir():
         if overrides is None:
             from hydra.core.hydra_config import HydraConfig
@@ -293,7 +294,7 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
         )
     lines = refs = None
     if not prompt:  # what would fail after the translating, and lose it, fails first
-        lines, refs = read_inputs(cfg, ckpt)
+        lines, refs = read_inputs(cfg, ckpt, run_metrics)
     if cfg.attention_plot:
         make_plot_folder(cfg.attention_plot)
     opts = decode_options(cfg.decode)  # a bad setting fails before the model is loaded
@@ -339,10 +340,13 @@ def translate(cfg, overrides: list[str] | None = None) -> list[str]:
     return best
 
 
-def read_inputs(cfg, ckpt: Path) -> tuple[list[str], list[str] | None]:
+def read_inputs(
+    cfg, ckpt: Path, run_metrics: Path | None = None
+) -> tuple[list[str], list[str] | None]:
     """The input lines and the references (None without ``ref=``), read and checked against
     each other, and ``output=`` checked to be writable and none of the files read
-    (``ckpt``: the checkpoint), before anything is translated."""
+    (``ckpt``: the checkpoint; ``run_metrics``: the metrics.json of ``ckpt=RUN``, which
+    named it), before anything is translated."""
     lines = read_input(cfg.input)
     refs = read_input(cfg.ref, "ref") if cfg.ref else None
     if refs is not None and len(refs) != len(lines):
@@ -358,7 +362,8 @@ def read_inputs(cfg, ckpt: Path) -> tuple[list[str], list[str] | None]:
         if cfg.attention_plot:
             check_not_pictures(cfg.output, cfg.attention_plot)
         check_output(cfg.output)
-        read = {"input file": cfg.input, "reference file": cfg.ref, "checkpoint": ckpt}
+        read = {"input file": cfg.input, "reference file": cfg.ref, "checkpoint": ckpt,
+                "run's metrics.json": run_metrics}  # fmt: skip
         check_not_read(cfg.output, read)
     return lines, refs
 
