@@ -181,3 +181,27 @@ def test_scores_that_are_no_object_in_one_run_are_named(tmp_path, capsys):
         f"error: {b}/metrics.json: test2016 must be an object of scores, as in "
         f'{a}/metrics.json, got "41"\n'
     )
+
+
+def test_runs_of_other_directions_are_refused_and_same_names_told_apart(tmp_path, capsys):
+    """A de-en and a fr-en run shared one table, under one "test2016 BLEU" column, without
+    a word; two runs named transformer were two rows and two legend entries of one name."""
+    runs = []
+    for pair in ("de-en", "fr-en"):
+        (tmp_path / pair).mkdir()
+        run = fake_run(tmp_path / pair / "transformer", 30.0)
+        src, tgt = pair.split("-")
+        (run / "config.yaml").write_text(
+            f"data:\n  name: multi30k\n  src_lang: {src}\n  tgt_lang: {tgt}\n"
+        )
+        runs.append(run)
+    assert main([*map(str, runs), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "the runs translate different corpora or directions" in err
+    assert "(multi30k de-en)" in err and "(multi30k fr-en)" in err
+    (runs[1] / "config.yaml").write_text(
+        "data:\n  name: multi30k\n  src_lang: de\n  tgt_lang: en\n"
+    )
+    assert main([*map(str, runs), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "| de-en/transformer |" in md and "| fr-en/transformer |" in md

@@ -2,7 +2,8 @@
 
     python -m transformer.compare RUN_A RUN_B ... [--out DIR]
 
-Reads each run directory's ``metrics.json`` and ``valid_log.csv``; prints a
+Reads each run directory's ``metrics.json``, ``valid_log.csv`` and ``config.yaml`` (runs of
+different corpora or directions are refused: their scores are on other test sets); prints a
 Markdown table (BLEU and chrF per test split, parameters, training time, training tokens/s,
 decoding sentences/s, best validation step) and writes it to ``OUT/compare.md`` together with
 ``OUT/valid_bleu.png``: validation BLEU against training time for every run. OUT defaults to
@@ -12,6 +13,7 @@ decoding sentences/s, best validation step) and writes it to ``OUT/compare.md`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +41,44 @@ def load_run(path: Path) -> dict:
     for key, value in metrics.items():  # a split's scores: an object with BLEU or chrF
         if isinstance(value, dict) and ("bleu" in value or "chrf" in value):
             check(value, path / "metrics.json", SPLIT_KEYS, SPLIT_OPTIONAL, prefix=f"{key}.")
-    return {"path": path, "metrics": metrics, "curve": read_valid_curve(path)}
+    curve = read_valid_curve(path)
+    return {"path": path, "metrics": metrics, "curve": curve, "corpus": corpus_of(path)}
+
+
+def corpus_of(path: Path) -> str | None:
+    """What the run in ``path`` translated, from its config.yaml ("multi30k de-en"); None
+    when the run kept no readable config.yaml."""
+    from omegaconf import OmegaConf
+
+    try:
+        data = OmegaConf.load(path / "config.yaml").get("data") or {}
+        return f"{data['name']} {data['src_lang']}-{data['tgt_lang']}"
+    except Exception:  # no file, not YAML, keys missing: nothing to check against
+        return None
+
+
+def check_same_corpus(runs: list[dict]) -> None:
+    """RunError when the runs translated different corpora or directions (de-en against
+    fr-en sat in one table, under one "test2016 BLEU" column, without a word)."""
+    known = {r["corpus"] for r in runs if r["corpus"]}
+    if len(known) > 1:
+        each = ", ".join(f"{r['path']} ({r['corpus']})" for r in runs if r["corpus"])
+        raise RunError(
+            f"the runs translate different corpora or directions, so their scores are on "
+            f"different test sets: {each}; compare runs of one"
+        )
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """Each run folder's name, with the folders above it where names collide (two
+    directions' ``transformer`` folders were two rows and legend entries of one name)."""
+    paths = [p.resolve() for p in paths]
+    labels = [p.name for p in paths]
+    for depth in range(2, max(len(p.parts) for p in paths) + 1):
+        if len(set(labels)) == len(labels):
+            break
+        labels = ["/".join(p.parts[-depth:]) for p in paths]
+    return labels
 
 
 def scored_splits(runs: list[dict]) -> list[str]:
@@ -61,10 +100,6 @@ def scored_splits(runs: list[dict]) -> list[str]:
     return sorted(splits)
 
 
-def run_label(run: dict) -> str:
-    return run["path"].name
-
-
 def table(runs: list[dict]) -> str:
     splits = scored_splits(runs)
     header = ["run", "model", "params (M)"]
@@ -81,7 +116,7 @@ def table(runs: list[dict]) -> str:
     for r in runs:
         m = r["metrics"]
         test = next((m[s] for s in splits if s.startswith("test") and s in m), {})
-        row = [run_label(r), m["model"].rsplit(".", 1)[-1], f"{m['parameters'] / 1e6:.1f}"]
+        row = [r["label"], m["model"].rsplit(".", 1)[-1], f"{m['parameters'] / 1e6:.1f}"]
         for s in splits:
             row += [f"{m[s]['bleu']:.2f}", f"{m[s]['chrf']:.2f}"] if s in m else ["-", "-"]
         row += [
@@ -109,7 +144,7 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
         xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(xs, ys, marker="o", markersize=3, label=run_label(r))
+        ax.plot(xs, ys, marker="o", markersize=3, label=r["label"])
     ax.set_xlabel("training time (s, evaluation excluded)")
     ax.set_ylabel("validation BLEU (greedy)")
     ax.grid(alpha=0.3)
@@ -127,6 +162,7 @@ def main(argv=None) -> int:
     try:
         runs = [load_run(p) for p in args.runs]
         scored_splits(runs)
+        check_same_corpus(runs)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -137,21 +173,30 @@ def main(argv=None) -> int:
                 "so no curve in the plot",
                 file=sys.stderr,
             )
+    for run, label in zip(runs, run_labels(args.runs)):
+        run["label"] = label
     md = table(runs)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compare.md").write_text(
+        picture = args.out / ".valid_bleu.png.tmp.png"
+        plot(runs, picture)
+        os.replace(picture, args.out / "valid_bleu.png")
+        page = args.out / ".compare.md.tmp"  # both written whole, the page last
+        page.write_text(
             "# Run comparison\n\nRuns: "
             + ", ".join(f"`{p}`" for p in args.runs)
             + "\n\n"
             + md
             + "\n![validation BLEU against training time](valid_bleu.png)\n"
         )
-        plot(runs, args.out / "valid_bleu.png")
+        os.replace(page, args.out / "compare.md")
     except OSError as e:
         print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(md)
+    try:
+        print(md, flush=True)
+    except BrokenPipeError:  # | head: the reader left; the files are written
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
