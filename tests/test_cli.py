@@ -193,3 +193,19 @@ def test_a_run_dir_the_file_system_refuses_is_named(tmp_path):
         "hydra.run.dir=/proc/nope/run: cannot create"
     )
     assert unwritable_run_dir([f"hydra.run.dir={tmp_path}/new/run"]) is None
+
+
+def test_a_group_the_command_does_not_compose_is_one_line_naming_its_groups():
+    """translate.py model=rnn got Hydra's 3 lines advising +model=rnn, which then failed
+    another way; and a misspelt decode.* key was told that a + adds a keyword argument,
+    which decoding takes none of."""
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    assert override_error(["model=rnn"], conf, "translate", ("decode",)) == (
+        "model=rnn: translate.py takes no model= (its config groups: decode)"
+    )
+    train = ("model", "decode", "trainer.optimizer", "data.hub_splits")
+    typo = override_error(["decode.beamsize=3"], conf, "train", train)
+    assert "did you mean decode.beam_size?" in typo and "adds a keyword argument" not in typo
+    assert "+model.foo=1 adds a keyword argument" in override_error(
+        ["model.foo=1"], conf, "train", train
+    )

@@ -218,6 +218,12 @@ def override_error(
         key = override.key_or_group
         group = conf / key if conf is not None else None  # a package (@) is not in the key
         if group is not None and group.is_dir() and not override.is_delete():
+            if known is not None and key.split("/")[0] not in groups and not override.is_add():
+                # (Hydra's 3 lines advised a + that then failed another way)
+                return (
+                    f"{arg}: {config_name}.py takes no {key}= (its config groups: "
+                    f"{', '.join(sorted(groups))})"
+                )
             if error := group_error(arg, override, group):
                 return error
             continue
@@ -236,7 +242,8 @@ def override_error(
                 )
             continue
         hint = nearest(key, known)
-        if not override.is_delete() and any(key.startswith(f"{p}.") for p in open_under):
+        takes_keywords = tuple(p for p in open_under if p != "decode")  # decode takes none
+        if not override.is_delete() and any(key.startswith(f"{p}.") for p in takes_keywords):
             hint += f"+{arg} adds a keyword argument; "  # a model's or an optimizer's own
         return f"{arg}: {key} is not a setting ({hint}--cfg job prints every setting)"
     return None
