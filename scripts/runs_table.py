@@ -1,7 +1,7 @@
 """Markdown table of finished runs from their metrics.json, one row each.
 
     python scripts/runs_table.py results/attention/kinds/*/
-    python scripts/runs_table.py --final results/gpu/h100-recipe/*/
+    python scripts/runs_table.py --final results/gpu/h200-recipe/*/
 
 Columns: updates, training seconds and target tokens/s (as the run measured them), best
 validation BLEU during training (greedy), and BLEU/chrF of the run's final translations of
