@@ -16,6 +16,7 @@ a bad command line exits with status 2.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -111,4 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
