@@ -211,3 +211,12 @@ def plot_translations(model, src_ids, outputs, src_tok, tgt_tok, out_dir, start:
         (directory / "sentence.txt").write_text(text, encoding="utf-8")
         written.append(directory)
     return written
+
+
+if __name__ == "__main__":  # the pictures are made while translating
+    import sys
+
+    sys.exit(
+        "transformer.visualize is a library: draw attention with translate.py, e.g.\n"
+        "  echo 'Ein Hund läuft.' | python translate.py ckpt=RUN attention_plot=pics"
+    )
