@@ -231,6 +231,10 @@ def crossover(ns, ours, ref) -> str:
         return "not measured"
     if all(x < 0 for _, x in diff):
         return f"lower at every n measured ({diff[0][0]} to {diff[-1][0]})"
+    if diff[0][1] < 0:  # lower at first, then not: where it stops being lower
+        (n0, x0), (n1, x1) = next((a, b) for a, b in zip(diff, diff[1:]) if b[1] >= 0 > a[1])
+        at = math.exp(math.log(n0) + (math.log(n1) - math.log(n0)) * x0 / (x0 - x1))
+        return f"lower from n = {diff[0][0]} until n ~ {at:,.0f}"
     for (n0, x0), (n1, x1) in zip(diff, diff[1:]):
         if x0 >= 0 > x1:
             at = math.exp(math.log(n0) + (math.log(n1) - math.log(n0)) * x0 / (x0 - x1))

@@ -295,3 +295,12 @@ def test_the_documented_command_lines_still_reach_the_work(monkeypatch, tmp_path
             continue
         with pytest.raises(AssertionError, match="started its work"):
             guarded(monkeypatch, script).main(args)
+
+
+def test_a_crossover_is_found_where_a_kind_starts_lower_too():
+    """A kind cheaper at short lengths and dearer at long ones was reported "never lower"."""
+    crossover = load_bench("attention_claims").crossover
+    assert crossover([128, 256, 512], [1, 5, 9], [2, 3, 4]).startswith("lower from n = 128 until")
+    assert crossover([128, 256, 512], [3, 2, 1], [2, 2, 2]) == "n ~ 256"
+    assert crossover([128, 256], [1, 1], [2, 2]) == "lower at every n measured (128 to 256)"
+    assert crossover([128, 256], [3, 3], [2, 2]) == "never lower (128 to 256)"
