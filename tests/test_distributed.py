@@ -238,6 +238,27 @@ def test_ranks_draw_their_own_dropout_masks(compose, small_overrides, tmp_path):
     assert torch.equal(mask(1, 7), mask(1, 7))
 
 
+def test_every_update_reseeds_the_ranks_masks_from_its_step(
+    compose, small_overrides, tmp_path, monkeypatch
+):
+    """Seeded only when the trainer was built (and at a resume), rank 1's stream depended on
+    where the run had last started: a 2-process run with dropout, stopped at step 4 and
+    resumed, trained other weights from step 5 on (0.005 apart at step 8) than one never
+    stopped. Reseeded from (seed, rank, step) before every update, its masks depend on the
+    step alone (the test above), whoever started the run where."""
+    trainer = Trainer(compose(small_overrides + ["trainer.max_steps=3"]), tmp_path / "run")
+    seeded, train_step = [], trainer.train_step
+    monkeypatch.setattr(trainer, "reseed_rank", lambda: seeded.append(("seed", trainer.step)))
+
+    def spy(micro, packed=None):
+        seeded.append(("update", trainer.step))
+        return train_step(micro, packed)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    trainer.run()
+    assert seeded == [(kind, step) for step in range(3) for kind in ("seed", "update")]
+
+
 def test_unshard_inverts_shard_for_uneven_shards():
     items = list(range(7))
     for world_size in (1, 2, 3):

@@ -922,6 +922,32 @@ def test_nan_loss_skips_on_the_host_with_an_optimizer_that_cannot(
     assert trainer.train_step([batches[1]]) is not None
 
 
+def test_a_skipped_last_update_of_the_last_epoch_ends_training_there(
+    compose, small_overrides, tmp_path, read_csv
+):
+    """Skipped on the host (an optimizer with no fused kernel), the last epoch's last update
+    went on to the next epoch's batches, trained past max_epochs until the next evaluation."""
+    trainer = make_trainer(
+        compose, small_overrides, tmp_path, "trainer.max_epochs=1", "trainer.max_steps=100000",
+        "trainer.optimizer._target_=torch.optim.RAdam", "trainer.eval_every=100000",
+        "trainer.bleu_every=100000",
+    )  # fmt: skip
+    assert not trainer.skip_on_device
+    batches = len(trainer.batcher.epoch_batches(0))
+    forward, calls = trainer.model.forward, []
+
+    def nan_at_the_last(*args, **kwargs):
+        calls.append(trainer.model.training)
+        out = forward(*args, **kwargs)
+        return out * float("nan") if sum(calls) == batches and calls[-1] else out
+
+    trainer.model.forward = nan_at_the_last
+    assert trainer.run() == {"stop_reason": "step/epoch limit"}
+    assert (trainer.step, trainer.epoch, trainer.batch_in_epoch) == (batches - 1, 0, batches)
+    rows = read_csv(tmp_path / "run" / "valid_log.csv", "step")
+    assert [int(s) for (s,) in rows] == [batches - 1]  # the final evaluation, once
+
+
 def test_skips_apart_never_add_up_to_an_abort(compose, small_overrides, tmp_path, caplog):
     """max_nonfinite counts NaN/inf updates in a row: a good update in between resets it."""
     trainer = make_trainer(

@@ -355,8 +355,12 @@ class Trainer:
         return lay.rows, lay.src_width, lay.tgt_width
 
     def reseed_rank(self) -> None:
-        """Ranks other than 0 draw their own dropout masks, seeded from (seed, rank, step);
-        rank 0 keeps the stream of a single-process run (and of its checkpoint)."""
+        """Ranks other than 0 draw their own dropout masks, seeded from (seed, rank, step)
+        before every update, so that a rank's masks depend on the step alone and a resumed
+        run draws those of a run never stopped (seeded only when the trainer was built, a
+        rank's stream depended on where the run had last started, and a resume under torchrun
+        with dropout trained other weights); rank 0 keeps the stream of a single-process run
+        (and of its checkpoint)."""
         if self.dist.rank > 0:
             seq = np.random.SeedSequence([self.cfg.seed, self.dist.rank, self.step])
             torch.manual_seed(int(seq.generate_state(1)[0]))
@@ -786,6 +790,7 @@ class Trainer:
                     if self.epoch + 1 >= t.max_epochs and pos + 1 >= self.epoch_len:
                         break  # the last epoch's last batch: no micro-batch of the next
                 w.batches += len(micro)
+                self.reseed_rank()
                 result = self.train_step(micro, packed)
                 self.batch_in_epoch = pos + 1
                 if result is not None:
@@ -801,7 +806,9 @@ class Trainer:
                 out_of_time = self.agree_to_stop(max_seconds)
                 if result is None:
                     self.skipped_update()
-                    stop_reason = self.signal_reason()
+                    stop_reason = self.signal_reason() or self.end_after_a_skip(
+                        valid_log, out_of_time
+                    )
                     continue
                 self.window.pause()  # tokens/s of training only
                 stop_reason = self.maybe_evaluate(valid_log, out_of_time)
@@ -907,6 +914,21 @@ class Trainer:
         if self.debug.path is None:
             return None
         return distributed.state_dict_sha256(self.model.state_dict())
+
+    def end_after_a_skip(self, valid_log, out_of_time: bool) -> str | None:
+        """After an update skipped on the host: why training ends there (the time is up, or
+        the last epoch's last batch was that update's: the next ones were another epoch's,
+        trained past the limit before the next evaluation stopped it), with the final
+        evaluation unless this step had one; None to go on."""
+        epochs_done = self.epoch + (self.batch_in_epoch >= self.epoch_len)
+        if not (out_of_time or epochs_done >= self.t.max_epochs):
+            return None
+        if self.saved_step == self.step:  # evaluated and saved at this step already
+            return "time limit" if out_of_time else "step/epoch limit"
+        self.window.pause()
+        stop = self.maybe_evaluate(valid_log, out_of_time)
+        self.window.start()
+        return stop
 
     def maybe_evaluate(self, valid_log, out_of_time: bool) -> str | None:
         """Validation, checkpoints and stopping decisions after a step; returns a reason to
