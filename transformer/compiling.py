@@ -19,6 +19,10 @@ graphs in its first steps: results/gpu/h100-compile/recompiles.log):
   specialise on whether S is a multiple of 16 (contiguous or not). Under compilation
   ``key_bias`` makes a plain contiguous mask and leaves the layout to the compiler.
 
+A batch of one row compiles one more graph, once: torch traces a size of 1 as a case of its
+own. Padded batches have many sentences; packed rows (``trainer.packed_rows``) come to one
+row only under a token budget of about one row's width.
+
 One guard stays on CUDA: inductor copies an SDPA mask whose rows are not 8-element
 aligned, and guards on ``S % 8`` to know which graph does it, so a CUDA run compiles two
 graphs (S a multiple of 8 and not), the second within the first few batches. Padding
