@@ -12,6 +12,7 @@ from transformer.cli import (
     check_added_keys,
     friendly_errors,
     override_error,
+    refused_resume,
     run_dir_is_hydras,
     shared_sweep_run_dir,
     unwritable_run_dir,
@@ -38,6 +39,7 @@ if __name__ == "__main__":
         override_error(argv, CONF, "train", OPEN_UNDER)
         or shared_sweep_run_dir(argv)
         or busy_run_dir(argv)
+        or refused_resume(argv, CONF)
         or unwritable_run_dir(argv)
     )
     if reason:

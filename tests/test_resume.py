@@ -259,6 +259,24 @@ def test_resume_refuses_another_model(compose, small_overrides):
         train(compose(small_overrides + ["model.d_model=64", "trainer.max_steps=9"]))
 
 
+def test_a_refused_resume_leaves_the_runs_hydra_files_as_they_were(small_overrides, tmp_path):
+    """The trainer refused another model only once Hydra had written the command's .hydra/
+    files over the run's own: they then named settings the run never trained with."""
+    overrides = [o for o in small_overrides if not o.startswith("run_dir=")]
+    run = tmp_path / "run"
+    first = train_cli([*overrides, "trainer.max_steps=2"], run, tmp_path)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    hydra = run / "hydra" / ".hydra"
+    before = {p.name: p.read_text() for p in hydra.iterdir()}
+    refused = train_cli([*overrides, "model.d_ff=128", "trainer.max_steps=4"], run, tmp_path)
+    assert refused.wait(timeout=300) == 1
+    err = refused.stderr.read().strip().splitlines()
+    assert (
+        err[-1].startswith("error: ") and "holds another model (model.d_ff=64, now 128)" in err[-1]
+    )
+    assert {p.name: p.read_text() for p in hydra.iterdir()} == before
+
+
 def test_keep_checkpoints_lowered_on_resume_leaves_no_older_step_file_to_average(
     compose, small_overrides, tmp_path
 ):

@@ -327,6 +327,32 @@ def shared_sweep_run_dir(argv: list[str]) -> str | None:
     )
 
 
+def refused_resume(argv: list[str], conf: Path) -> str | None:
+    """Why the run folder named in ``argv`` (``run_dir=`` or ``hydra.run.dir=``) cannot be
+    resumed with these settings (another model, tokenizer or optimizer class than its
+    checkpoints'): the trainer refuses it too, but only once Hydra has written this
+    command's ``.hydra/`` files (config, overrides) over the run's own, which then named
+    settings the run never trained with. None when it can, or when that is not plain to
+    see (a sweep, another config, a value Hydra resolves)."""
+    given = single_run_value(argv, "run_dir") or single_run_value(argv, "hydra.run.dir")
+    if given is None or any(a.startswith("-") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    from .resuming import refused_resume as judged
+
+    run = Path(given)
+    if not (run / "config.yaml").is_file():
+        return None
+    overrides = [a for a in argv if not a.startswith(("hydra.", "run_dir="))]
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(conf.resolve())):
+            cfg = compose("train", overrides=[*overrides, f"run_dir={given}"])
+    except Exception:  # a bad override: Hydra and override_error say it their way
+        return None
+    return judged(run, cfg)
+
+
 def single_run_value(argv: list[str], key: str) -> str | None:
     """The last ``key=`` value in ``argv``; None when not given, when it holds an
     interpolation (Hydra's to resolve), or in a sweep (-m: each job's own)."""

@@ -43,16 +43,8 @@ def check_config(cfg, path: Path, saved: dict, progress: dict) -> None:
     now = flatten(with_full_attention(OmegaConf.to_container(cfg, resolve=True)))
     before = flatten(with_full_attention(saved))
     changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
-    refused = [("model", ("model.",)), ("tokenizer", TOKENIZER_KEYS)]
-    refused.append(("optimizer", ("trainer.optimizer._target_",)))  # its state is another's
-    for what, keys in refused:
-        fatal = [k for k in changed if k.startswith(keys)]
-        if fatal:
-            k = fatal[0]
-            raise TrainingError(
-                f"{path} holds another {what} ({k}={before.get(k)!r}, now {now.get(k)!r}); "
-                f"use a new run_dir or the same {what} settings"
-            )
+    if why := refusal(path, now, before, changed):
+        raise TrainingError(why)
     for k in changed:
         log.warning("resuming with a changed setting: %s=%r (was %r)", k, now.get(k), before.get(k))
     reordered = [k for k in changed if k in ORDER_KEYS]
@@ -66,6 +58,42 @@ def check_config(cfg, path: Path, saved: dict, progress: dict) -> None:
             progress["batch_in_epoch"],
             progress["epoch"] + 1,
         )
+
+
+def refusal(path, now: dict, before: dict, changed: list[str]) -> str | None:
+    """Why the run saved in ``path`` (its flattened config ``before``) cannot resume under
+    ``now`` (``changed``: the keys that differ): another model, tokenizer or optimizer
+    class; None when it can."""
+    refused = [("model", ("model.",)), ("tokenizer", TOKENIZER_KEYS)]
+    refused.append(("optimizer", ("trainer.optimizer._target_",)))  # its state is another's
+    for what, keys in refused:
+        fatal = [k for k in changed if k.startswith(keys)]
+        if fatal:
+            k = fatal[0]
+            return (
+                f"{path} holds another {what} ({k}={before.get(k)!r}, now {now.get(k)!r}); "
+                f"use a new run_dir or the same {what} settings"
+            )
+    return None
+
+
+def refused_resume(run: Path, cfg) -> str | None:
+    """Why ``cfg`` (composed, not yet run) cannot resume the run in the folder ``run``,
+    judged against the config.yaml its last start wrote (the trainer checks the checkpoint
+    itself later; this is for ``train.py`` to say it before Hydra writes its files over the
+    run's own). None when it can, or when there is nothing to judge by."""
+    saved = run / "config.yaml"
+    candidates = checkpoint.resume_candidates(run / "checkpoints")
+    if not saved.is_file() or not candidates or cfg.trainer.get("resume") is False:
+        return None
+    try:
+        before_cfg = OmegaConf.to_container(OmegaConf.load(saved))
+        now = flatten(with_full_attention(OmegaConf.to_container(cfg, resolve=True)))
+        before = flatten(with_full_attention(before_cfg))
+    except Exception:  # not a config we can read: the trainer judges by the checkpoint
+        return None
+    changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+    return refusal(candidates[0], now, before, changed)
 
 
 def with_full_attention(config: dict) -> dict:
