@@ -89,7 +89,8 @@ next)
   fastest="ours/rows-128/bf16-weights+compile/sdpa=efficient"
   compiled="--compiled-only --sdpa efficient --packed-rows 128 --bf16-weights --models $fastest"
   within 240 python3 bench/train_speed.py --configs transformer-base --max-tokens "$tb" \
-    $compiled $steps --out "results/bench/train_speed_${gpu}_compile_fastest.md"
+    $compiled $steps --out "results/bench/train_speed_${gpu}_compile_fastest_next.md"
+  compile_rc=$rc  # (the profile below reuses this step's inductor cache)
   # the RNN with its source lengths counted on the host (the trainer's way since 2026-12-04)
   # against counting them from the device's mask, a copy back and a wait at every step (its
   # H100 step took 44-52 ms at 4k-25k tokens: bound by the host), alternating rounds
@@ -100,8 +101,9 @@ next)
   # `workers` mode's first step, shorter): the Multi30k model's eager step waits for the host
   within 160 python3 bench/data_workers.py --workers 0,2 --rounds 2 --steps 700 \
     --out "results/bench/data_workers_${gpu}.md"
-  # where the best MFU so far (18.4%, compiled at --join 2) goes, by kind of kernel
-  ((rc == 124 || rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill
+  # where the best MFU so far (18.4%, compiled at --join 2) goes, by kind of kernel (a fresh
+  # inductor cache only if the compile above was killed mid-write: not for a later step's)
+  ((compile_rc == 124 || compile_rc == 137)) && export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-after-kill
   within 80 python3 bench/profile_step.py --config transformer-base --max-tokens "$tb" \
     --join 2 --models ours/rows-128/bf16-weights --compile --sdpa efficient \
     --out "results/bench/profile_${gpu}_join2_compiled_fastest.md"

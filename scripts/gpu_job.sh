@@ -17,6 +17,9 @@ set -u
 deadline=$(($(date +%s) + ${BUDGET_S:-570}))
 left() { echo $((deadline - $(date +%s) - ${1:-0})); }
 source scripts/gpu_env.sh
+# a warm machine keeps runs/ from the call before: its runs were packed then, and one of
+# the same name would resume there (a finished one, training nothing)
+rm -rf runs
 mkdir -p "$OUT" runs
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee runs/gpu.txt
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a runs/gpu.txt

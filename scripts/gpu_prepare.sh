@@ -8,6 +8,10 @@
 # Check there with: source scripts/gpu_env.sh && python3 -c "import hydra, datasets"
 set -eu
 cd "$(git rev-parse --show-toplevel)"
+# (checked before .whl/ goes: without ../shared a GPU call would carry an empty .whl/ and
+# fail on its install, after the machine took minutes to start)
+[ -x ../shared/gpu/wheels ] && [ -d ../shared/data/multi30k ] || {
+  echo "gpu_prepare.sh needs ../shared/gpu/wheels and ../shared/data/multi30k" >&2; exit 1; }
 rm -rf .whl
 mkdir -p .git/info  # the wheels script notes .whl/ there; a fresh clone may lack the folder
 ../shared/gpu/wheels hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 \
