@@ -16,13 +16,19 @@ a bad command line exits with status 2.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package
 
-from transformer.run_files import RunError, check, check_part, read_metrics, shown  # noqa: E402
+from transformer.run_files import (  # noqa: E402
+    RunError,
+    check,
+    check_part,
+    read_metrics,
+    reader_left,
+    shown,
+)
 
 ROW_KEYS = {"steps": "integer", "train_seconds": "number", "train_tokens_per_s": "number",
             "best_valid_bleu": "number"}  # fmt: skip
@@ -115,5 +121,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except BrokenPipeError:  # | head: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reader_left()
         sys.exit(0)

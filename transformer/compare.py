@@ -17,7 +17,15 @@ import os
 import sys
 from pathlib import Path
 
-from .run_files import RunError, check, read_metrics, read_valid_curve, shown
+from .run_files import (
+    RunError,
+    check,
+    read_metrics,
+    read_valid_curve,
+    reader_left,
+    shown,
+    write_whole,
+)
 
 # what the table reads of every run's metrics.json, and of each split's scores in it
 TABLE_KEYS = {"model": "text", "parameters": "integer", "train_seconds": "number",
@@ -181,22 +189,21 @@ def main(argv=None) -> int:
         picture = args.out / ".valid_bleu.png.tmp.png"
         plot(runs, picture)
         os.replace(picture, args.out / "valid_bleu.png")
-        page = args.out / ".compare.md.tmp"  # both written whole, the page last
-        page.write_text(
+        write_whole(  # both written whole, the page last
+            args.out / "compare.md",
             "# Run comparison\n\nRuns: "
             + ", ".join(f"`{p}`" for p in args.runs)
             + "\n\n"
             + md
-            + "\n![validation BLEU against training time](valid_bleu.png)\n"
+            + "\n![validation BLEU against training time](valid_bleu.png)\n",
         )
-        os.replace(page, args.out / "compare.md")
     except OSError as e:
         print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     try:
         print(md, flush=True)
     except BrokenPipeError:  # | head: the reader left; the files are written
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reader_left()
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
@@ -39,6 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import checkpoint
 from .cli import EXPECTED, one_line
 from .metrics import Scorer
+from .run_files import write_whole
 from .settings import pick_device
 from .translator import decode_options, encode_sources, from_checkpoint, translate_ids
 
@@ -140,13 +140,6 @@ def evaluate(ckpt, name, split, settings, out: Path, device, data_dir=None) -> I
             "sentences_per_s": round(len(hyps) / seconds, 1),
             **scorer.score_all(hyps),
         }
-
-
-def write_whole(path: Path, text: str) -> None:
-    """``path`` replaced atomically: written beside itself, then renamed over."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_results(out: Path, rows: list[dict], command: str, device) -> None:

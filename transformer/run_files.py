@@ -3,7 +3,8 @@
 
 Shared by ``python -m transformer.compare`` and ``scripts/runs_table.py``, so that a damaged
 or hand-edited file is one ``RunError`` naming the file and the key (or line) before any
-table is printed, never a traceback halfway through or a run left out without a word.
+table is printed, never a traceback halfway through or a run left out without a word; and
+what the tools that write result pages share (``write_whole``, ``reader_left``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import csv
 import io
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 from .values import is_integer, is_number
@@ -140,3 +143,16 @@ def read_valid_curve(run: Path) -> list[tuple[float, float]]:
     if not text.endswith(("\n", "\r")):
         raise RunError(f"{path} line {reader.line_num}: cut short (the last line has no end)")
     return curve
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``path`` replaced atomically: written beside itself, then renamed over."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def reader_left() -> None:
+    """After a BrokenPipeError on stdout (``| head`` has what it wanted): send what is
+    still buffered nowhere, so that the interpreter's exit does not fail writing it."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
