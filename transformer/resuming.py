@@ -40,9 +40,7 @@ def check_config(cfg, path: Path, saved: dict, progress: dict) -> None:
     """Refuse to resume the checkpoint at ``path`` (its config ``saved``, its ``progress``)
     under ``cfg`` with another model, tokenizer or optimizer class; warn about any other
     changed setting, and say what a changed batch order does to an epoch resumed midway."""
-    now = flatten(with_full_attention(OmegaConf.to_container(cfg, resolve=True)))
-    before = flatten(with_full_attention(saved))
-    changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+    now, before, changed = differences(cfg, saved)
     if why := refusal(path, now, before, changed):
         raise TrainingError(why)
     for k in changed:
@@ -58,6 +56,14 @@ def check_config(cfg, path: Path, saved: dict, progress: dict) -> None:
             progress["batch_in_epoch"],
             progress["epoch"] + 1,
         )
+
+
+def differences(cfg, saved: dict) -> tuple[dict, dict, list[str]]:
+    """``cfg`` and the config ``saved`` with a run, each flattened (dotted keys, the
+    Transformer's attention spelled out), and the keys whose values differ, sorted."""
+    now = flatten(with_full_attention(OmegaConf.to_container(cfg, resolve=True)))
+    before = flatten(with_full_attention(saved))
+    return now, before, sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
 
 
 def refusal(path, now: dict, before: dict, changed: list[str]) -> str | None:
@@ -87,12 +93,9 @@ def refused_resume(run: Path, cfg) -> str | None:
     if not saved.is_file() or not candidates or cfg.trainer.get("resume") is False:
         return None
     try:
-        before_cfg = OmegaConf.to_container(OmegaConf.load(saved))
-        now = flatten(with_full_attention(OmegaConf.to_container(cfg, resolve=True)))
-        before = flatten(with_full_attention(before_cfg))
+        now, before, changed = differences(cfg, OmegaConf.to_container(OmegaConf.load(saved)))
     except Exception:  # not a config we can read: the trainer judges by the checkpoint
         return None
-    changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
     return refusal(candidates[0], now, before, changed)
 
 

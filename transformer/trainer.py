@@ -163,7 +163,6 @@ class Trainer:
         self.epoch_len = 0
         self.saved_step, self.nonfinite_in_a_row = -1, 0
         self.debug = distributed.DebugLog(self.dist.rank)
-        self.reseed_rank()
 
     # -- building the run, in __init__'s order --------------------------------------------
     def set_up_device(self) -> None:
@@ -462,8 +461,7 @@ class Trainer:
         )
         if "log_window" in ckpt and self.dist.is_main:  # (not in checkpoints before 2026-12)
             self.window = LogWindow(**ckpt["log_window"])
-        resuming.restore_rng(ckpt["rng"])
-        self.reseed_rank()  # the checkpoint holds rank 0's generator state
+        resuming.restore_rng(ckpt["rng"])  # rank 0's; the others reseed at every update
         self.saved_step = self.step
         if self.dist.is_main:
             resuming.match_files(self.ckpt_dir, path, self.step, self.best_step)
