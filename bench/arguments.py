@@ -11,7 +11,6 @@ them).
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import tempfile
@@ -26,16 +25,6 @@ from transformer.attention import SDPA_BACKENDS  # noqa: E402
 from transformer.settings import TrainingError, pick_device  # noqa: E402
 
 Invalid = argparse.ArgumentTypeError
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), which a CPU speed figure needs: this project's
-    2-core machines were an AMD EPYC one day and an Intel Xeon another, and their tables said
-    only "cpu" or "x86_64" (``platform.processor()`` is empty on Linux)."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.is_file() else []
-    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
-    return name or platform.processor() or platform.machine() or "cpu"
 
 
 def given(argv: list[str] | None) -> str:

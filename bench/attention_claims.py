@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arguments import count, device, number, out_folder  # noqa: E402
 
 from transformer import attention as A  # noqa: E402
+from transformer.settings import cpu_model  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 
@@ -332,16 +333,6 @@ def length_tables(rows, key: str, fmt: str) -> str:
     return "\n\n".join(parts)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def report(out: Path, meta: dict, scale, heads, length, cross, overhead) -> str:
     s = [
         "# Attention claims, measured",
@@ -498,7 +489,7 @@ def main(argv=None) -> None:
     cross = crossovers(length)
     meta = dict(
         command=" ".join(["python bench/attention_claims.py", *args_given]),
-        cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+        cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
         python=platform.python_version(), load_before=load_before, load_after=os.getloadavg()[0],
         wall_s=time.time() - t0, scale_n=128, heads_d=heads_cfg["d"], heads_n=heads_cfg["n"],
         heads_B=heads_cfg["B"], len_h=len_cfg["h"], len_d=len_cfg["d"], budget_s=args.budget_s,

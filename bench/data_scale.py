@@ -326,9 +326,12 @@ def write_results(out: Path, rows: list[dict], reading: list[dict], tps: dict, a
     import matplotlib.pyplot as plt
     import torch
 
+    sys.path.insert(0, str(ROOT))
+    from transformer.settings import cpu_model
+
     out.mkdir(parents=True, exist_ok=True)
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "command": f"python bench/data_scale.py {args.given}".rstrip(),

@@ -32,6 +32,7 @@ import arguments  # noqa: E402
 
 from transformer.dropout import dropout, keep_mask  # noqa: E402
 from transformer.host_memory import reuse_freed_memory  # noqa: E402
+from transformer.settings import cpu_model  # noqa: E402
 
 P = 0.3
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# CPU dropout masks: torch's, a float draw per element, ours",
         "",
-        f"- device: CPU {arguments.cpu_model()}, "
+        f"- device: CPU {cpu_model()}, "
         f"{torch.get_num_threads()} threads; torch {torch.__version__}; fp32; p = {P}; "
         f"glibc malloc keeps freed memory (trainer.cpu_malloc_reuse): {reuse}",
         f"- command: `python bench/dropout_masks.py {arguments.given(argv)}`",

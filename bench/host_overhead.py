@@ -58,6 +58,7 @@ from train_speed import (  # noqa: E402
 )
 
 from transformer import dropout  # noqa: E402
+from transformer.settings import cpu_model  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 # Operators that compute nothing: no kernel on a GPU (views are left out by their schema).
@@ -169,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     dropout.RAND_MASK_ON_CPU = False  # F.dropout in ours too, as on a GPU (Marian's dropout)
     lines = [
-        f"# Host overhead of a training step ({arguments.cpu_model()}, "
-        f"{torch.get_num_threads()} threads)",
+        f"# Host overhead of a training step ({cpu_model()}, {torch.get_num_threads()} threads)",
         "",
         f"- torch {torch.__version__}; bf16 autocast on the CPU; dropout 0.3/0.1/0.1 (torch's "
         "CPU dropout); fused AdamW; label-smoothed CE, not fused with the projection",

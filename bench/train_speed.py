@@ -43,7 +43,7 @@ from transformer.packing import pack_batch  # noqa: E402
 from transformer.precision import Bf16Weights  # noqa: E402
 from transformer.rnn_model import BahdanauRNN  # noqa: E402
 from transformer.run_data import prepare_data  # noqa: E402
-from transformer.settings import COMPILE_MODES, CUDA_GRAPH_MODES  # noqa: E402
+from transformer.settings import COMPILE_MODES, CUDA_GRAPH_MODES, cpu_model  # noqa: E402
 from transformer.transformer_model import Transformer  # noqa: E402
 
 CONFIGS = {
@@ -73,7 +73,7 @@ def machine(device: torch.device) -> str:
     lines = info.read_text().splitlines() if info.is_file() else []
     flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
     units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    name = arguments.cpu_model()
+    name = cpu_model()
     return f"{name} ({', '.join(units)})" if units else name
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -39,7 +38,7 @@ from . import checkpoint
 from .cli import EXPECTED, one_line
 from .metrics import Scorer
 from .run_files import write_whole
-from .settings import pick_device
+from .settings import cpu_model, pick_device
 from .translator import decode_options, encode_sources, from_checkpoint, translate_ids
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -207,8 +206,7 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    cpu = platform.processor() or platform.machine()
-    return f"CPU ({cpu}, {threads} thread{'s' if threads > 1 else ''})"
+    return f"CPU ({cpu_model()}, {threads} thread{'s' if threads > 1 else ''})"
 
 
 def default_names(ckpts: list[Path]) -> list[str]:

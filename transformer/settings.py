@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -24,6 +25,16 @@ log = logging.getLogger(__name__)
 
 class TrainingError(RuntimeError):
     """A fault that stops training with a clear message."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), which a CPU speed figure needs: this project's
+    2-core machines were an AMD EPYC one day and an Intel Xeon another, and tables that
+    named the CPU by ``platform.processor()`` (empty on Linux) said only "x86_64"."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
+    return name or platform.processor() or platform.machine() or "cpu"
 
 
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
