@@ -913,13 +913,16 @@ class Trainer:
             return None
         return distributed.state_dict_sha256(self.model.state_dict())
 
+    def epochs_done(self) -> int:
+        """Whole epochs trained: the current one counts once its last batch is taken."""
+        return self.epoch + (self.batch_in_epoch >= self.epoch_len)
+
     def end_after_a_skip(self, valid_log, out_of_time: bool) -> str | None:
         """After an update skipped on the host: why training ends there (the time is up, or
         the last epoch's last batch was that update's: the next ones were another epoch's,
         trained past the limit before the next evaluation stopped it), with the final
         evaluation unless this step had one; None to go on."""
-        epochs_done = self.epoch + (self.batch_in_epoch >= self.epoch_len)
-        if not (out_of_time or epochs_done >= self.t.max_epochs):
+        if not (out_of_time or self.epochs_done() >= self.t.max_epochs):
             return None
         if self.saved_step == self.step:  # evaluated and saved at this step already
             return "time limit" if out_of_time else "step/epoch limit"
@@ -932,8 +935,7 @@ class Trainer:
         """Validation, checkpoints and stopping decisions after a step; returns a reason to
         stop or None, the same on every rank (rank 0's)."""
         t = self.t
-        epochs_done = self.epoch + (self.batch_in_epoch >= self.epoch_len)
-        at_end = self.step >= t.max_steps or epochs_done >= t.max_epochs or out_of_time
+        at_end = self.step >= t.max_steps or self.epochs_done() >= t.max_epochs or out_of_time
         bleu_now = self.step % t.bleu_every == 0 or at_end  # BLEU comes with a validation
         if not (self.step % t.eval_every == 0 or bleu_now):
             return None
