@@ -75,6 +75,9 @@ def test_missing_directory_and_language_are_clear_errors(tmp_path, compose):
     langs = r"data.src_lang='xx' is not among data.langs=\['en', 'de', 'fr', 'cs'\]"
     with pytest.raises(DataError, match=f"{langs}.*'data.langs=\\[xx,en\\]'"):
         load_split(cfg.data, "train")
+    cfg = compose([f"data.data_dir={tmp_path}", "data.src_lang=en", "run_dir=/tmp/unused"])
+    with pytest.raises(DataError, match="^data.src_lang and data.tgt_lang are both 'en'$"):
+        load_split(cfg.data, "train")
 
 
 def test_a_corpus_file_of_another_suffix_or_folder_is_named(tmp_path, compose):
@@ -124,6 +127,16 @@ def test_invalid_utf8_is_replaced_not_dropped(tmp_path, caplog):
     lines = read_lines(tmp_path / "x.de")
     assert len(lines) == 3 and lines[1].endswith("kaputt") and "\ufffd" in lines[1]
     assert "1 line(s) not valid UTF-8" in caplog.text and "(first: line 2)" in caplog.text
+
+
+def test_a_last_line_without_its_newline_is_read_whole(tmp_path):
+    """The cached reading (line by line) and the whole-file one give the same lines."""
+    write(tmp_path / "a.de.gz", ["eins"], gz=True)
+    (tmp_path / "a.de").write_bytes(b"eins\nzwei")
+    with gzip.open(tmp_path / "a.de.gz", "ab") as f:
+        f.write(b"zwei")
+    for path in (tmp_path / "a.de", tmp_path / "a.de.gz"):
+        assert read_lines(path) == list(iter_lines(path)) == ["eins", "zwei"], path
 
 
 def test_hub_path_on_a_local_parquet_dataset(tmp_path):
@@ -190,6 +203,7 @@ def test_batches_respect_max_tokens_and_cover_every_example_once():
         b = batcher.batch(idx)
         assert b.src.numel() <= 120 and b.tgt_in.numel() <= 120
         assert (b.tgt_in[:, 0] == 2).all()
+        assert batcher.batch_shape(idx) == (*b.src.shape, b.tgt_out.shape[1])
 
 
 def padded_one_by_one(src, tgt, idx, pad, bos, eos):
@@ -233,6 +247,23 @@ def test_batch_order_reproducible_per_epoch_and_reshuffled_between_epochs():
     assert len(e0) == len(e0_again)
     assert all((a == b).all() for a, b in zip(e0, e0_again))
     assert any(len(a) != len(b) or (a != b).any() for a, b in zip(e0, e1))
+
+
+def test_the_batch_plan_is_shuffled_from_the_seed():
+    """The batches come in shuffled order (not shortest first, as cut), another seed gives
+    another order, and ties in length are broken anew each epoch, so that an epoch's batches
+    are not the same groups of examples as the last one's."""
+    split = fake_split()
+
+    def plan(seed, epoch):
+        return TokenBatcher(split, 120, seed, (0, 2, 3)).epoch_batches(epoch)
+
+    lengths = TokenBatcher(split, 120, 1, (0, 2, 3)).lengths
+    longest = [int(lengths[b].max()) for b in plan(1, 0)]
+    assert longest != sorted(longest)
+    assert [b.tolist() for b in plan(1, 0)] != [b.tolist() for b in plan(2, 0)]
+    groups = [{frozenset(b.tolist()) for b in plan(1, epoch)} for epoch in (0, 1)]
+    assert groups[0] != groups[1]
 
 
 @pytest.mark.parametrize("world_size", [3, 4])
@@ -306,3 +337,4 @@ def test_a_budget_below_the_longest_example_names_the_setting_to_change():
         TokenBatcher(split, 50, 1, (0, 1, 2))
     with pytest.raises(DataError, match=r"^--max-tokens=50 .* \(56 tokens\); raise it$"):
         TokenBatcher(split, 50, 1, (0, 1, 2), budget="--max-tokens")
+    assert TokenBatcher(split, 56, 1, (0, 1, 2)).max_tokens == 56  # just enough: it fits
