@@ -420,3 +420,47 @@ def test_a_new_cache_version_reads_the_corpus_again(
     prepare_data(cfg, tmp_path / "run2")
     after = sorted((tmp_path / "cache" / "raw").glob("*.arrow"))
     assert len(before) == 3 and len(after) == 6  # train, valid, test2016 read again
+
+
+def test_the_raw_text_cache_follows_either_sides_file_and_the_direction(compose, tmp_path):
+    """A corpus whose target file was replaced read the old target text from the cache
+    when only the source file's stamp was in the key; the other direction reads the sides
+    the other way round."""
+    from transformer.corpus_cache import open_split
+
+    corpus = folder(tmp_path / "data" / "multi30k", **{"train.de": "eins\nzwei\n"})
+    (corpus / "train.en").write_text("one\ntwo\n")
+    cfg = compose([f"data.data_dir={tmp_path / 'data'}", "run_dir=/tmp/unused"])
+    cache = tmp_path / "cache"
+
+    def read(data=cfg.data):
+        ds = open_split(data, "train", cache)[1]()
+        return list(ds["src"]), list(ds["tgt"])
+
+    assert read() == (["eins", "zwei"], ["one", "two"])
+    (corpus / "train.en").write_text("one\nthree\n")
+    assert read() == (["eins", "zwei"], ["one", "three"])
+    (corpus / "train.de").write_text("eins\ndreizehn\n")  # (sizes differ: mtimes may not)
+    assert read() == (["eins", "dreizehn"], ["one", "three"])
+    reverse = compose([f"data.data_dir={tmp_path / 'data'}", "data.src_lang=en",
+                       "data.tgt_lang=de", "run_dir=/tmp/unused"]).data  # fmt: skip
+    assert read(reverse) == (["one", "three"], ["eins", "dreizehn"])
+
+
+def test_separate_vocabularies_are_trained_each_on_its_own_side(compose, small_overrides, tmp_path):
+    """With data.joint_vocab=false the target tokenizer is trained on the target side: one
+    cache key for both sides made it the source's tokenizer, copied as en.model."""
+    cfg = compose([*small_overrides, "data.joint_vocab=false",
+                   "model.share_src_tgt_embeddings=false"])  # fmt: skip
+    _, src_tok, tgt_tok, info = prepare_data(cfg, tmp_path / "run")
+    assert (info["src"], info["tgt"]) == ("tokenizer/de.model", "tokenizer/en.model")
+    assert info["src_sha256"] != info["tgt_sha256"]
+    lines = {lang: read_lines(Path(cfg.data.data_dir) / "multi30k" / f"train.{lang}")
+             for lang in ("de", "en")}  # fmt: skip
+
+    def pieces(tok, lang):
+        return sum(map(len, tok.encode(lines[lang])))
+
+    # each tokenizer cuts its own language into fewer pieces than the other one does
+    assert pieces(src_tok, "de") < pieces(tgt_tok, "de")
+    assert pieces(tgt_tok, "en") < pieces(src_tok, "en")
