@@ -9,6 +9,7 @@ from transformer.tokenizer import (
     PAD_ID,
     SPM_MAX_SENTENCE_BYTES,
     UNK_ID,
+    Tokenizer,
     copy_into,
     private_name,
     train_or_load,
@@ -145,3 +146,16 @@ def test_another_sentencepiece_release_trains_its_own_model(tmp_path, monkeypatc
     first = train_or_load(TEXT, tmp_path, vocab_size=120).path
     monkeypatch.setattr(sentencepiece, "__version__", "0.0.1")
     assert train_or_load(TEXT, tmp_path, vocab_size=120).path != first
+
+
+def test_a_model_with_other_special_ids_is_refused(tmp_path):
+    """SentencePiece's own defaults (no pad, unk 0, bos 1, eos 2) would make the batches'
+    padding and EOS other pieces than the model's."""
+    import sentencepiece as spm
+
+    prefix = tmp_path / "plain"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT), model_prefix=str(prefix), vocab_size=40, minloglevel=2
+    )
+    with pytest.raises(ValueError, match="plain.model: not trained with this project's special"):
+        Tokenizer(f"{prefix}.model")
