@@ -6,25 +6,26 @@ from transformer.compare import load_run, main
 
 
 def fake_run(path, bleu):
-    """A finished run whose every figure differs from the others (test BLEU ``bleu``,
-    best valid BLEU ``bleu - 3``, steps 10, best step 5, ...), so that a table column
-    showing the wrong one is told apart."""
+    """A finished run whose every figure differs from the others within it and from those
+    of a run of another ``bleu`` (test BLEU ``bleu``, chrF ``bleu + 20``, best valid BLEU
+    ``bleu - 3``, best step ``int(bleu)`` of twice as many steps, ...), so that a table
+    column or row showing the wrong one is told apart."""
     path.mkdir()
     metrics = {
         "model": "transformer.transformer_model.Transformer",
-        "parameters": 1_000_000,
-        "steps": 10,
-        "best_step": 5,
+        "parameters": int(bleu) * 100_000,
+        "steps": int(bleu) * 2,
+        "best_step": int(bleu),
         "best_valid_bleu": bleu - 3,
-        "train_seconds": 754.0,
-        "train_tokens_per_s": 1000,
-        "device": "cpu",
+        "train_seconds": bleu * 20,
+        "train_tokens_per_s": int(bleu * 100),
+        "device": f"cpu{int(bleu)}",
         "test2016": {
             "bleu": bleu,
-            "chrf": 50.0,
+            "chrf": bleu + 20,
             "bleu_signature": "sig",
             "chrf_signature": "chrf-sig",
-            "decode_sentences_per_s": 3.0,
+            "decode_sentences_per_s": bleu / 10,
         },
     }
     (path / "metrics.json").write_text(json.dumps(metrics))
@@ -40,8 +41,12 @@ def test_table_and_plot(tmp_path, capsys):
     assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "compare.md").read_text()
     # run, model, params, test BLEU, chrF, train s, tok/s, decode sent/s, best step and BLEU
-    assert "| a | Transformer | 1.0 | 30.50 | 50.00 | 754 | 1000 | 3.0 | 5 | 27.50 | cpu |" in md
-    assert "| b | Transformer | 1.0 | 28.25 | 50.00 | 754 | 1000 | 3.0 | 5 | 25.25 | cpu |" in md
+    assert (
+        "| a | Transformer | 3.0 | 30.50 | 50.50 | 610 | 3050 | 3.05 | 30 | 27.50 | cpu30 |" in md
+    )
+    assert (
+        "| b | Transformer | 2.8 | 28.25 | 48.25 | 565 | 2825 | 2.825 | 28 | 25.25 | cpu28 |" in md
+    )
     assert "BLEU signature: `sig`; chrF signature: `chrf-sig`" in md  # both columns' own
     assert (tmp_path / "out" / "valid_bleu.png").stat().st_size > 1000
     # the plotted curve: (training seconds, greedy valid BLEU) of the rows that have one
@@ -56,8 +61,12 @@ def test_runs_with_other_test_splits_share_a_table(tmp_path, capsys):
     (b / "metrics.json").write_text(json.dumps(metrics))
     assert main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
     md = (tmp_path / "out" / "compare.md").read_text()
-    assert "| a | Transformer | 1.0 | 30.50 | 50.00 | - | - | 754 | 1000 | 3.0 | 5 | 27.50 |" in md
-    assert "| b | Transformer | 1.0 | - | - | 28.25 | 50.00 | 754 | 1000 | 3.0 | 5 | 25.25 |" in md
+    assert (
+        "| a | Transformer | 3.0 | 30.50 | 50.50 | - | - | 610 | 3050 | 3.05 | 30 | 27.50 |" in md
+    )
+    assert (
+        "| b | Transformer | 2.8 | - | - | 28.25 | 48.25 | 565 | 2825 | 2.825 | 28 | 25.25 |" in md
+    )
 
 
 def test_without_out_it_writes_under_the_ignored_outputs_folder(tmp_path, monkeypatch, capsys):
