@@ -280,3 +280,16 @@ def test_rank_layout_from_torchruns_environment(monkeypatch):
         from_env()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert from_env() == Dist()
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Under torchrun, device=cuda (or auto) is cuda:LOCAL_RANK: one GPU per process, not
+    every rank on GPU 0. (CUDA is faked present: the device is only named, not used.)"""
+    from transformer.settings import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert pick_device("auto", local_rank=3) == torch.device("cuda", 3)
+    assert pick_device("cuda:0", local_rank=2) == torch.device("cuda", 2)
+    assert pick_device("cuda") == torch.device("cuda")  # one process: as given
+    assert pick_device("cpu", local_rank=1) == torch.device("cpu")
