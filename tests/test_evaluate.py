@@ -44,6 +44,8 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, m
         lines = hyps[r["decode"]].splitlines()
         assert len(lines) == len(refs)
         assert r["bleu"] == round(sacrebleu.corpus_bleu(lines, [refs]).score, 2)
+        # (a 6-step model's BLEU is 0 against any reference: chrF tells them apart)
+        assert r["chrf"] == round(sacrebleu.corpus_chrf(lines, [refs]).score, 2)
         if r["seconds"] >= 0.05:  # seconds are rounded to 0.01
             assert r["sentences_per_s"] == pytest.approx(len(lines) / r["seconds"], rel=0.15)
     assert hyps["greedy"] == hyps["beam.beam_size=1"]
@@ -139,6 +141,21 @@ def test_bad_paths_are_named_before_any_decoding(
     assert main([*argv, "--split", "valid", "--decode", "greedy"]) == 1
     assert capsys.readouterr().err.startswith(f"error: {message.format(**fill)}")
     assert not list(tmp_path.rglob("*.hyp"))
+
+
+def test_a_split_the_corpus_lacks_fails_before_earlier_results_are_removed(
+    tiny_ckpt, corpus_root, tmp_path, capsys
+):
+    """A mistyped --split is found with the checkpoints, before --out is touched: an earlier
+    evaluation's results there are kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = '[{"name": "a", "bleu": 31.0, "hypotheses": "a/valid.greedy.hyp"}]'
+    (out / "results.json").write_text(earlier)
+    argv = [str(tiny_ckpt), "--split", "vaild", "--decode", "greedy"]
+    assert main([*argv, "--data-dir", str(corpus_root), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.startswith("error: no file vaild.de[.gz] in ")
+    assert (out / "results.json").read_text() == earlier
 
 
 @pytest.mark.parametrize("fail_at", [1, 2])
