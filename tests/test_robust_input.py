@@ -105,6 +105,21 @@ def test_nbest_tsv_indexes_every_input_in_order(tiny, raw):
     assert counts == [2 if seq else 1 for seq in ids], (counts, lines)
 
 
+def test_the_best_translation_is_the_first_of_each_nbest_list():
+    """With decode.nbest > 1, the translation returned (and scored against ref=) is each
+    list's first, best-scored one; the TSV numbers the inputs from ``first``."""
+
+    class Tok:
+        def decode(self, ids):
+            return [" ".join(map(str, seq)) for seq in ids]
+
+    nbest = [[([5, 6], -0.1), ([7], -0.9)], [], [([8], -0.2), ([9], -0.3)]]
+    best, lines = format_output(nbest, Tok(), 2, first=4)
+    assert best == ["5 6", "", "8"]
+    assert lines == ["4\t-0.1000\t5 6", "4\t-0.9000\t7", "5\t0.0000\t", "6\t-0.2000\t8",
+                     "6\t-0.3000\t9"]  # fmt: skip
+
+
 def test_translate_cli_on_nasty_input(tiny, tmp_path):
     ckpt = tiny[0]
     raw = b"".join(
@@ -191,6 +206,10 @@ def test_gzipped_input_ref_and_output_as_the_corpora_are(tiny, compose, tmp_path
     written = gzip.decompress((tmp_path / "out.en.gz").read_bytes()).decode()
     assert written == "".join(line + "\n" for line in plain)
     assert "BLEU" in capsys.readouterr().err
+    # the translations scored are the output against ref=: their own text scores 100
+    (tmp_path / "self.en").write_text(written, "utf-8")
+    translate_with(compose, ckpt, f"input={tmp_path / 'in.txt'}", f"ref={tmp_path / 'self.en'}")
+    assert "chrF 100.00\n" in capsys.readouterr().err
     (tmp_path / "bad.gz").write_bytes(b"Ein Hund.\n")
     with pytest.raises(DataError, match=r"^input=.*bad.gz: not a readable gzip file"):
         translate_with(compose, ckpt, f"input={tmp_path / 'bad.gz'}")
