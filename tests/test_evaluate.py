@@ -70,6 +70,21 @@ def test_scores_match_the_written_hypotheses(tiny_ckpt, corpus_root, tmp_path, m
     )
 
 
+def test_the_readme_shows_each_score_under_its_own_column():
+    """A tiny model scores 0 in every column, so the run above cannot tell them apart."""
+    from transformer.evaluate import markdown
+
+    row = {"name": "run", "step": 7, "decode": "beam", "split": "valid", "bleu": 31.25,
+           "chrf": 55.5, "bleu_lc": 32.75, "sentences_per_s": 12.5,
+           "hypotheses": "run/valid.beam.hyp", "bleu_signature": "b-sig",
+           "chrf_signature": "c-sig", "bleu_lc_signature": "lc-sig"}  # fmt: skip
+    md = markdown([row], "python -m transformer.evaluate x.pt", torch.device("cpu"))
+    assert md.startswith("# Decoding settings on valid\n")
+    assert "| model | step | decode | BLEU | chrF | BLEU (lc) | sentences/s | hypotheses |" in md
+    assert "| run | 7 | beam | 31.25 | 55.50 | 32.75 | 12.5 | [valid.beam.hyp](run/valid" in md
+    assert "BLEU: `b-sig`  \nchrF: `c-sig`  \nBLEU (lc): `lc-sig`\n" in md
+
+
 @pytest.mark.parametrize(
     "spec,message",
     [
