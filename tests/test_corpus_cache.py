@@ -464,3 +464,16 @@ def test_separate_vocabularies_are_trained_each_on_its_own_side(compose, small_o
     # each tokenizer cuts its own language into fewer pieces than the other one does
     assert pieces(src_tok, "de") < pieces(tgt_tok, "de")
     assert pieces(tgt_tok, "en") < pieces(src_tok, "en")
+
+
+def test_only_a_resumed_run_keeps_the_tokenizer_in_its_folder(compose, small_overrides, tmp_path):
+    """A fresh start takes the tokenizer of its own settings (trained, or the cache's) over
+    one an earlier run left in the folder (of another data.vocab_size here); a resumed run
+    keeps the one its checkpoints' ids mean."""
+    cfg = compose(small_overrides)
+    info = prepare_data(cfg, tmp_path / "run")[3]
+    other = prepare_data(compose([*small_overrides, "data.vocab_size=200"]), tmp_path / "other")[3]
+    assert other["src_sha256"] != info["src_sha256"]
+    shutil.copyfile(tmp_path / "other" / other["src"], tmp_path / "run" / info["src"])
+    assert prepare_data(cfg, tmp_path / "run", resuming=True)[3] == other
+    assert prepare_data(cfg, tmp_path / "run")[3] == info
