@@ -177,13 +177,16 @@ def test_a_sweep_gives_every_job_a_folder_of_its_own():
         assert shared_sweep_run_dir(fine) is None, fine
 
 
-def test_run_dir_takes_hydras_files_along():
+def test_run_dir_takes_hydras_files_along(compose):
     """run_dir=X put checkpoints and logs in X but train.log and .hydra/ in a new folder
     under outputs/: it now also sets hydra.run.dir, unless given or in a sweep."""
     assert run_dir_is_hydras(["a=1", "run_dir=/r"]) == ["a=1", "run_dir=/r", "hydra.run.dir=/r"]
     for kept in (["run_dir=/r", "hydra.run.dir=/h"], ["-m", "run_dir=/r"], ["a=1"],
                  ["run_dir=${hydra:runtime.cwd}/r"]):  # fmt: skip
         assert run_dir_is_hydras(kept) == kept
+    # given twice, the config takes the last: so do Hydra's files
+    twice = ["run_dir=/a", "run_dir=/b"]
+    assert compose(twice).run_dir == "/b" and run_dir_is_hydras(twice)[-1] == "hydra.run.dir=/b"
 
 
 def test_a_run_dir_the_file_system_refuses_is_named(tmp_path):
