@@ -511,6 +511,31 @@ def test_an_update_follows_the_gradient_of_the_loss_per_target_token(
         torch.testing.assert_close(p.detach(), expected[name], atol=1e-6, rtol=1e-4)
 
 
+def test_a_gradient_longer_than_clip_norm_is_scaled_down_to_it(compose, small_overrides, tmp_path):
+    """trainer.clip_norm: a gradient of norm above it moves plain SGD's weights along the
+    gradient by lr * clip_norm in all, not by lr times its norm. (Every other test of an
+    update sets clip_norm=1e9: a trainer that never clipped passed them all.)"""
+    clip = 0.05
+    unclipped = [o for o in sgd_without_dropout() if not o.startswith("trainer.clip_norm=")]
+    cfg = compose(small_overrides + unclipped + [f"trainer.clip_norm={clip}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    batch = trainer.batcher.batch(trainer.batcher.epoch_batches(0)[0])
+    reference = copy.deepcopy(trainer.model)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    loss, _, ntok = smoothed_sums(reference, [batch], trainer.pad_id, cfg.trainer.label_smoothing)
+    (loss / ntok).backward()
+    norm = float(torch.cat([p.grad.flatten() for p in reference.parameters()]).norm())
+    assert norm > 10 * clip  # so that it clips
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert trainer.train_step([batch]) is not None
+    moved = torch.cat([(p.detach() - before[n]).flatten()
+                       for n, p in trainer.model.named_parameters()])  # fmt: skip
+    assert float(moved.norm()) == pytest.approx(lr * clip, rel=1e-3)
+    for name, p in trainer.model.named_parameters():
+        expected = before[name] - lr * clip / norm * dict(reference.named_parameters())[name].grad
+        torch.testing.assert_close(p.detach(), expected, atol=1e-7, rtol=1e-4)
+
+
 def test_the_validation_loss_and_nll_are_per_target_token(compose, small_overrides, tmp_path):
     """valid_log.csv's valid_loss is the label-smoothed loss and valid_nll the NLL, each
     summed over the validation set and divided by its target tokens, and valid_ppl is
