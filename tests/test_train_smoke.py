@@ -725,34 +725,77 @@ def test_a_fresh_start_refuses_another_runs_checkpoints_and_drops_stale_log_rows
 
 
 def test_tokens_per_s_leaves_out_validation_time(compose, small_overrides, monkeypatch):
+    """By the clock the trainer reads, every update takes 10 s and the validation after
+    step 3 1000 s: train_log.csv's window over steps 3-4 and the training time (which
+    trainer.max_time_minutes limits) count the updates' 10 s each and leave the validation
+    out. (A real sleep of 3 s in the validation bounded the updates' own time, which a
+    loaded machine passed, and could not see a window that lost the time before it.)"""
     import time
+    from types import SimpleNamespace
 
+    from transformer import train_log
+    from transformer import trainer as trainer_module
     from transformer.trainer import Trainer
 
-    evaluate, log_window, seconds = Trainer.maybe_evaluate, Trainer.log_window, {}
+    evaluate, log_window, step = Trainer.maybe_evaluate, Trainer.log_window, Trainer.train_step
+    added = [0.0]  # the seconds the slow updates and validation added to the clock
+    clock = SimpleNamespace(perf_counter=lambda: time.perf_counter() + added[0])
+    monkeypatch.setattr(trainer_module, "time", clock)
+    monkeypatch.setattr(train_log, "time", clock)
+
+    def slow_update(self, micro_batches, packed=None):
+        added[0] += 10.0
+        return step(self, micro_batches, packed)
 
     def slow_evaluation(self, valid_log, out_of_time):
         if self.step == 3:  # trainer=debug: logs at steps 2, 4, 6; validates at 3 and 6
-            time.sleep(3.0)
+            added[0] += 1000.0
         return evaluate(self, valid_log, out_of_time)
+
+    seconds, tokens = {}, {}
 
     def logged(self, train_log, bar, window):
         seconds[self.step] = window.elapsed()  # the time tokens_per_s divides by
         tokens[self.step] = window.tokens
         return log_window(self, train_log, bar, window)
 
-    tokens = {}
+    monkeypatch.setattr(Trainer, "train_step", slow_update)
     monkeypatch.setattr(Trainer, "maybe_evaluate", slow_evaluation)
     monkeypatch.setattr(Trainer, "log_window", logged)
     cfg = compose(small_overrides)
-    train(cfg)
+    metrics = train(cfg)
     assert sorted(seconds) == [2, 4, 6]
-    assert seconds[4] < 3.0, seconds  # steps 3-4, without the 3 s of validation after step 3
+    for logged_seconds in seconds.values():  # two updates each, without the validation
+        assert 20 <= logged_seconds < 1000, seconds
+    assert 60 <= metrics["train_seconds"] < 1000, metrics["train_seconds"]  # six updates
     # the row divides the window's tokens by its seconds (read just before the row is made)
     with open(Path(cfg.run_dir) / "train_log.csv") as f:
         written = {int(r["step"]): int(r["tokens_per_s"]) for r in csv.DictReader(f)}
     for step in (2, 4, 6):
         assert written[step] == pytest.approx(tokens[step] / seconds[step], rel=0.05), step
+
+
+def test_a_log_window_counts_its_running_time_across_pauses(monkeypatch):
+    """An evaluation pauses the train_log.csv window: the seconds it ran before the pause
+    count with those after it, and so do those a checkpoint kept it with (a window that
+    restarted its clock divided its tokens by the time since the last evaluation only)."""
+    from types import SimpleNamespace
+
+    from transformer import train_log
+
+    now = [100.0]
+    monkeypatch.setattr(train_log, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    window = train_log.LogWindow().start()
+    now[0] += 2.0
+    window.pause()
+    now[0] += 30.0  # the evaluation
+    assert window.elapsed() == 2.0
+    window.start()
+    now[0] += 1.0
+    assert window.elapsed() == 3.0
+    resumed = train_log.LogWindow(seconds=window.elapsed()).start()  # as a resume makes it
+    now[0] += 0.5
+    assert resumed.elapsed() == 3.5
 
 
 def test_the_trial_build_imports_the_models_module_off_the_meta_device(tmp_path, monkeypatch):
