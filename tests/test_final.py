@@ -11,7 +11,7 @@ from transformer.checkpoint import CheckpointError
 from transformer.evaluate import decode_setting
 from transformer.final_choice import FinalChoice
 from transformer.metrics import bleu
-from transformer.trainer import TrainingError, train
+from transformer.trainer import Trainer, TrainingError, train
 from transformer.translate_cli import translate
 from transformer.translator import encode_sources, load_for_inference, translate_ids
 
@@ -174,6 +174,28 @@ def test_without_candidates_nothing_is_chosen(compose, small_overrides, tmp_path
         "chosen_on": None,
     }
     assert not list((tmp_path / "run" / "checkpoints").glob("avg_*.pt"))
+
+
+def test_the_average_candidate_is_of_the_newest_average_last_step_files(
+    compose, small_overrides, tmp_path
+):
+    """trainer.final.average_last=2 with three step files kept averages the newest two
+    (steps 9 and 6), and so with exactly two; a single step file is no average. (Every
+    other run here keeps exactly as many step files as it averages.)"""
+    kept = ["trainer.max_steps=9", "trainer.keep_checkpoints=3", "trainer.bleu_every=1000"]
+    cfg = compose(small_overrides + kept + ["trainer.final.average_last=2"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.run()  # step files 3, 6 and 9
+    ckpts = tmp_path / "run" / "checkpoints"
+    average = ckpts / "avg_last2.pt"
+    for steps in ([9, 6, 3], [9, 6]):
+        assert [int(p.stem[5:]) for p in checkpoint.step_checkpoints(ckpts)] == steps
+        assert FinalChoice(trainer).candidates() == [ckpts / "best.pt", average]
+        assert [s["step"] for s in checkpoint.load(average)["averaged_from"]] == [9, 6]
+        average.unlink()
+        checkpoint.step_checkpoints(ckpts)[-1].unlink()
+    assert FinalChoice(trainer).candidates() == [ckpts / "best.pt"]  # step 9's file alone
+    assert not average.exists()
 
 
 @pytest.mark.parametrize(
