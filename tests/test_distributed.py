@@ -214,6 +214,37 @@ def test_unwrap_sees_through_ddp_and_compile_in_either_order():
         dist.destroy_process_group()
 
 
+class RankOne(Dist):
+    """Rank 1 without a process group: every collective gives this rank's own values back
+    (as ``Dist`` does for one process), and its share of a split is all of it."""
+
+    def shard(self, items: list) -> list:
+        return list(items)
+
+
+def test_a_rank_other_than_0_writes_no_file(compose, small_overrides, tmp_path):
+    """Rank 0 alone writes a run's logs, checkpoints, hypotheses and metrics.json, sets an
+    earlier metrics.json aside and deletes the temporary files of killed writes: ranks
+    writing the same names raced each other, and the two-process test, whose files are the
+    same by name from either rank, passed when every rank wrote its checkpoints. Here rank 1
+    trains and finishes a run whose data rank 0 prepared; the folder is as it was."""
+    cfg = compose(small_overrides + ["trainer.max_steps=3", "data.test_splits=[]"])
+    run = tmp_path / "run"
+    Trainer(cfg, run)  # rank 0: the tokenizer
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".last.pt.tmp1").write_bytes(b"rank 0's, being written")
+    (run / "metrics.json").write_text("{}")  # a finished run's, which rank 0 sets aside
+
+    def files() -> dict:
+        return {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")}
+
+    before = files()
+    other = Trainer(cfg, run, RankOne(rank=1))
+    assert other.run() == {"stop_reason": "step/epoch limit"} and other.step == 3
+    assert other.finish()["valid"]["sentences"] > 0
+    assert files() == before
+
+
 def test_ranks_draw_their_own_dropout_masks(compose, small_overrides, tmp_path):
     """Rank 0 keeps the random stream of a single process; another rank reseeds from
     (seed, rank, step), so its dropout masks differ from rank 0's, change with the step it
