@@ -306,6 +306,10 @@ def test_rank_layout_from_torchruns_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     ctx = from_env()
     assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.is_main) == (3, 4, 1, False)
+    # the first process of the second node is not the run's main one, which writes its files
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert (from_env().is_main, Dist(0, 4, 1).is_main) == (False, True)
     monkeypatch.delenv("RANK")
     with pytest.raises(DistributedError, match="RANK/LOCAL_RANK are missing"):
         from_env()
