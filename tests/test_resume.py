@@ -766,8 +766,9 @@ def test_training_stops_after_patience_evaluations_without_a_bleu_gain(
         "trainer.bleu_every=2",
     )
     # BLEU at steps 2, 4, ...: a gain at 2, none at 4, a gain at 6 (which starts the count
-    # again: a run that kept counting stopped at 8), none at 8 and 10
-    scores = iter([10.0, 9.0, 11.0, 10.0, 9.0])
+    # again: a run that kept counting stopped at 8), none at 8 (a tie) and 10 (a run that
+    # took the tie for a gain stopped at 12, its best.pt step 8's)
+    scores = iter([10.0, 9.0, 11.0, 11.0, 9.0, 9.0])
     monkeypatch.setattr(trainer, "valid_bleu", lambda: next(scores))
     assert trainer.run() == {"stop_reason": "no valid BLEU gain in 2 evaluations"}
     assert trainer.step == 10 and trainer.best_step == 6
