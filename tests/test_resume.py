@@ -214,6 +214,23 @@ def test_a_resume_from_last_pt_mends_a_best_pt_damaged_on_its_own(
         assert "step_00000001.pt linked as best.pt" in caplog.text
 
 
+def test_a_kill_between_last_pt_and_best_pt_is_mended_on_resume(
+    compose, small_overrides, tmp_path, monkeypatch
+):
+    """A BLEU gain at step 2: last.pt is written, then linked as best.pt. A kill between the
+    two left best.pt at step 1, which the final choice took for the run's best weights."""
+    scores = iter([1.0, 2.0])  # steps 1, 2
+    monkeypatch.setattr(Trainer, "valid_bleu", lambda self: next(scores))
+    schedule = ["trainer.max_steps=2", "trainer.eval_every=1", "trainer.bleu_every=1"]
+    make_trainer(compose, small_overrides, tmp_path, *schedule).run()
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "best.pt").unlink()  # as if killed before the link: step 1's is best.pt
+    os.link(ckpts / "step_00000001.pt", ckpts / "best.pt")
+    again = make_trainer(compose, small_overrides, tmp_path, *schedule)
+    assert again.resume() and (again.step, again.best_step) == (2, 2)
+    assert checkpoint.load(ckpts / "best.pt")["progress"]["step"] == 2
+
+
 def test_a_second_run_in_a_run_dir_in_use_is_refused(compose, small_overrides, tmp_path):
     """Two runs in one folder (the same command started twice) each wrote every log row,
     checkpoint and best.pt over the other's; the second now stops before any work."""
