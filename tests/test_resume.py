@@ -20,7 +20,7 @@ from transformer.attention import stacked_from
 from transformer.cli import busy_run_dir
 from transformer.final_choice import FinalChoice
 from transformer.run_data import prepare_data
-from transformer.train_log import SkipCounter
+from transformer.train_log import NullLog, SkipCounter
 from transformer.trainer import (
     Trainer,
     TrainingError,
@@ -144,6 +144,21 @@ def test_a_train_log_row_across_a_checkpoint_is_the_same_after_a_resume(
     expected = read_csv(tmp_path / "whole" / "run" / "train_log.csv", *fields)
     assert [int(r[0]) for r in expected] == [3, 6]
     assert read_csv(tmp_path / "cut" / "run" / "train_log.csv", *fields) == expected
+
+
+def test_the_updates_after_an_evaluation_train_with_dropout(compose, small_overrides, tmp_path):
+    """Validation and BLEU decoding put the model in eval mode: left there, the updates
+    after an evaluation trained without dropout (and a run resumed after one with it,
+    other weights than the run never stopped)."""
+    trainer = make_trainer(compose, small_overrides, tmp_path, "model.dropout=0.3",
+                           "trainer.eval_every=2", "trainer.bleu_every=4")  # fmt: skip
+    (batch,) = first_batches(trainer, 1)
+    for trainer.step in (2, 4):  # the validation loss; with BLEU
+        assert trainer.maybe_evaluate(NullLog(), out_of_time=False) is None
+        with torch.no_grad():
+            losses = [float(trainer.loss(trainer.to_device(batch))) for _ in range(2)]
+        assert losses[0] != losses[1], trainer.step  # each pass drew its own dropout masks
+    assert (tmp_path / "run" / "valid_greedy" / "step_00000004.hyp").is_file()  # decoded
 
 
 def test_resume_falls_back_to_the_previous_good_checkpoint(
