@@ -33,9 +33,8 @@ def test_roundtrip_records_version_and_config_hash(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temporary file left
 
 
-def test_a_save_is_made_durable_before_and_after_its_rename(tmp_path, monkeypatch):
-    # The data is fsynced under the temporary name before os.replace publishes it, and the
-    # folder after it, so that a power cut leaves the old file or the whole new one.
+def durability_events(monkeypatch) -> list[tuple]:
+    """The fsyncs (of a folder or not) and renames (to which name) made from now on."""
     events, fsync, replace = [], os.fsync, os.replace
 
     def record_fsync(fd):
@@ -48,8 +47,36 @@ def test_a_save_is_made_durable_before_and_after_its_rename(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "fsync", record_fsync)
     monkeypatch.setattr(os, "replace", record_replace)
+    return events
+
+
+def test_a_save_is_made_durable_before_and_after_its_rename(tmp_path, monkeypatch):
+    # The data is fsynced under the temporary name before os.replace publishes it, and the
+    # folder after it, so that a power cut leaves the old file or the whole new one.
+    events = durability_events(monkeypatch)
     checkpoint.save(tmp_path / "last.pt", {"model": {"w": torch.ones(2)}})
     assert events == [("fsync", False), ("replace", "last.pt"), ("fsync", True)]
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_link_or_its_copy_is_made_durable(tmp_path, monkeypatch, hard_links):
+    """best.pt and the step files are hard links of last.pt, or copies where the filesystem
+    has none: as a save, a copy is fsynced before its rename and the folder after either,
+    so that a power cut leaves no empty best.pt or step file. (No test ran the copy.)"""
+
+    def no_hard_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    checkpoint.save(tmp_path / "last.pt", payload(5.0))
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_hard_links)
+    events = durability_events(monkeypatch)
+    checkpoint.link_or_copy(tmp_path / "last.pt", tmp_path / "best.pt")
+    renamed = [("replace", "best.pt"), ("fsync", True)]
+    assert events == (renamed if hard_links else [("fsync", False), *renamed])
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt") == hard_links
+    assert float(checkpoint.load(tmp_path / "best.pt")["model"]["w"].min()) == 5.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 
 
 def test_a_failed_write_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
