@@ -1,10 +1,15 @@
 """trainer.data_workers (transformer/prefetch.py): batches made by worker processes are the
 training loop's own, in its order, from any position, and train the same weights."""
 
+import os
+import signal
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from transformer import run_lock
 from transformer.data import EncodedSplit, TokenBatcher
 from transformer.packing import pack_batch
 from transformer.prefetch import Prepared, batch_stream
@@ -49,6 +54,35 @@ def test_workers_hand_over_the_loops_batches_in_its_order_across_epochs(workers,
                 assert torch.equal(x, y)
         else:
             assert item.packed is None
+
+
+def children() -> set[int]:
+    """The pids of this process's children (Linux /proc)."""
+    listed = Path("/proc/self/task").glob("*/children")
+    return {int(pid) for f in listed for pid in f.read_text().split()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux /proc")
+def test_a_worker_leaves_signals_and_the_run_lock_to_the_trainer(tmp_path):
+    """Ctrl-C reaches the whole process group, workers too, and a trainer killed with -9
+    leaves its workers running for up to 5 s: a worker that ended on SIGINT or SIGTERM
+    took the batches away before the trainer could save, and one that kept its inherited
+    copy of the run lock refused the resume meanwhile."""
+    batcher = small_batcher()
+    before = children()
+    with run_lock.run_lock(tmp_path):  # the trainer's
+        stream = batch_stream(batcher, 0, 0, pad_id=0, width=0, workers=1)
+        first = next(stream)  # the worker runs
+    try:
+        (worker,) = children() - before
+        assert run_lock.holder(tmp_path) is None  # gone with the trainer's own copy
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(worker, sig)
+        got = [first] + [next(stream) for _ in range(9)]  # more than the loader prefetched
+        assert [item.pos for item in got] == list(range(10))
+        assert worker in children()
+    finally:
+        del stream
 
 
 @pytest.mark.parametrize("rows", [0, 64])
