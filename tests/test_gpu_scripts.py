@@ -562,6 +562,7 @@ def test_mfu_counts_the_pairs_at_their_own_lengths_and_the_right_peak():
     peak = train_speed.peak_flops
     assert peak("NVIDIA H100 80GB HBM3", "bf16") == peak("NVIDIA H200", "bf16") == 989e12
     assert peak("NVIDIA H100 PCIe", "bf16") == 756e12 and peak("NVIDIA H100 NVL", "bf16") == 835e12
+    assert peak("NVIDIA H200 NVL", "bf16") == 835e12  # not the SXM part's 989 of "H200"
     assert peak("NVIDIA H100 80GB HBM3", "fp32") is None and peak("NVIDIA A10", "bf16") is None
 
 
@@ -591,3 +592,163 @@ def test_the_real_marian_keeps_no_cache_in_the_benchmark():
     src = torch.randint(3, 50, (2, 5))
     model(src, src != 0, torch.randint(3, 50, (2, 4)))
     assert seen[0].past_key_values is None
+
+
+def pairs_batch(src_lens, tgt_lens, pad=0):
+    """A padded seq2seq.Batch of pairs of these lengths (source with its EOS; target y + EOS,
+    so tgt_in = BOS + y), ids drawn from 3..49."""
+    from transformer.seq2seq import Batch
+
+    g = torch.Generator().manual_seed(0)
+    S, T = max(src_lens), max(tgt_lens)
+    src = torch.randint(3, 50, (len(src_lens), S), generator=g)
+    tgt = torch.randint(3, 50, (len(tgt_lens), T), generator=g)
+    src[torch.arange(S)[None, :] >= torch.tensor(src_lens)[:, None]] = pad
+    tgt_in = torch.where(torch.arange(T)[None, :] < torch.tensor(tgt_lens)[:, None], tgt, pad)
+    tgt_in[:, 0] = 1  # BOS
+    tgt_out = tgt_in.roll(-1, dims=1)
+    tgt_out[:, -1] = pad
+    tgt_out[torch.arange(len(tgt_lens)), torch.tensor(tgt_lens) - 1] = 2  # EOS
+    return Batch(src, src != pad, tgt_in, tgt_out)
+
+
+def test_the_analytic_flops_are_those_torch_counts_for_our_model():
+    """train_speed.flops_by_part (what MFU and step_flops.md divide) against torch's own count
+    of a forward and backward pass of ours, with the math attention kernel (matrix products
+    only; torch's FlopCounterMode counts a backward product twice the forward's): the weights'
+    products (mm, addmm) and attention's (bmm) apart. A count without the backward, the
+    output projection, the cross-attention or its keys and values over the source was wrong
+    by that much with no test failing."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    train_speed = load_bench("train_speed")
+    cfg = dict(d_model=16, n_heads=2, d_ff=40, n_enc_layers=2, n_dec_layers=3)
+    no_dropout = dict(dropout=0.0, attn_dropout=0.0, act_dropout=0.0)
+    torch.manual_seed(0)
+    model = train_speed.build_model("ours", cfg, 50, 0, 1, 2, no_dropout)
+    batch = pairs_batch([7, 7, 7], [5, 5, 5])  # no padding: the shapes are the pairs'
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(batch.src, batch.src_mask, batch.tgt_in).float().sum().backward()
+    counted = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    parts = train_speed.flops_by_part(cfg, 3, 7, 5, 50)
+    assert parts == {"linear": counted["aten.mm"] + counted["aten.addmm"],
+                     "attention": counted["aten.bmm"]}  # fmt: skip
+    assert train_speed.train_flops(cfg, 3, 7, 5, 50) == counter.get_total_flops()
+
+
+def test_mfu_columns_divide_the_pairs_and_the_padded_shapes_flops_by_the_time_and_peak():
+    """MFU: the FLOPs of the pairs at their own lengths over the timed seconds and the peak;
+    MFU (padded): of the padded shapes. The columns swapped, or the padded count taken on
+    another shape, passed every test; the RNN and other attention kinds (another model than
+    the count's) show none."""
+    train_speed = load_bench("train_speed")
+    V, peak = 100, 1e12
+    batches = [pairs_batch([6, 3, 2], [5, 4, 1]), pairs_batch([9, 8], [2, 7])]
+    pairs = [(6, 5), (3, 4), (2, 1), (9, 2), (8, 7)]  # source tokens, BOS + target tokens
+    real = sum(train_speed.train_flops(SIZE, 1, s, t, V) for s, t in pairs)
+    padded = train_speed.train_flops(SIZE, 3, 6, 5, V) + train_speed.train_flops(SIZE, 2, 9, 7, V)
+    models = {"ours": (None, {}), "marian": (None, {}), "rnn": (None, {}),
+              "ours/dot": (None, {"kind": "dot"})}  # fmt: skip
+    seconds = real / (0.25 * peak)  # 25% MFU
+    stats = dict(tok_s=1.0, step_ms=1.0, peak_gib=None, faults=0, batches=batches)
+    measured = {name: {**stats, "seconds": seconds} for name in models}
+    measured["marian"]["seconds"] = 2 * seconds
+    rows = train_speed.table_rows(models, measured, "multi30k-default", 4096, SIZE, V, 0, peak)
+    mfu = {c[2]: (c[9], c[10]) for c in ([x.strip() for x in r.split("|")[1:-1]] for r in rows)}
+    assert padded > 1.3 * real  # the two counts apart
+    padded_mfu = [f"{share * padded / real:.1f}%" for share in (25, 12.5)]
+    assert mfu == {"ours": ("25.0%", padded_mfu[0]), "marian": ("12.5%", padded_mfu[1]),
+                   "rnn": ("-", "-"), "ours/dot": ("-", "-")}  # fmt: skip
+
+
+def test_train_speed_times_only_the_timed_batches_and_counts_their_target_tokens(monkeypatch):
+    """tok/s: the timed batches' target tokens (not source tokens, not padding) over the timed
+    steps' seconds (not the warm-up's); step ms: the median step; the FLOPs of MFU counted
+    on the timed batches; a round's seconds: its own steps'."""
+    train_speed = load_bench("train_speed")
+    clock = [0.0]
+    durations = iter([50.0] * 4 + [1.0, 2.0, 6.0])  # warm-up: batch 0, then 1-3 once; timed
+    monkeypatch.setattr(train_speed, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def step(b):
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(train_speed, "make_step", lambda *a: step)
+    batches = [pairs_batch([4, 4], [2, 2]), pairs_batch([5, 2, 3], [3, 6, 1]),
+               pairs_batch([2], [4]), pairs_batch([7, 1], [1, 2])]  # fmt: skip
+    timing = train_speed.Timing(None, batches, 0, torch.device("cpu"), "fp32", 3, 1, None,
+                                False, lambda: None)  # fmt: skip
+    assert timing.first_s == 50.0
+    timing.run(2)
+    timing.run(1)
+    r = timing.result()
+    tokens = (3 + 6 + 1) + 4 + (1 + 2)  # y + EOS of each pair of batches 1-3
+    assert r["tok_s"] == tokens / 9.0 and r["seconds"] == 9.0
+    assert r["step_ms"] == 2000.0  # the median step, not the mean (3000)
+    assert r["batches"] == batches[1:] and r["round_s"] == [3.0, 6.0]
+
+
+def test_train_speed_rounds_alternate_between_the_models(monkeypatch):
+    """--rounds: every model is warmed up first, then each round times the next steps of every
+    model in turn, so that a change in the machine's load hits them alike."""
+    train_speed = load_bench("train_speed")
+    ran = []
+
+    class Timed:
+        def __init__(self, model, batches, *args, **kwargs):
+            self.model, self.timed = model, batches[2:]
+
+        def run(self, n):
+            ran.append((self.model.name, n))
+
+        def result(self):
+            return {}
+
+    monkeypatch.setattr(train_speed, "Timing", Timed)
+
+    def model(name):
+        def build():
+            m = torch.nn.Module()
+            m.name = name
+            return m
+
+        return build
+
+    models = {"ours": (model("ours"), {}), "marian": (model("marian"), {})}
+    args = SimpleNamespace(device=torch.device("cpu"), steps=5, warmup=2, rounds=2, out=None)
+    batches = [pairs_batch([2], [2])] * 7
+    train_speed.time_models(args, models, batches, 0, "fp32", False, "g", lambda m: [], [])
+    assert ran == [("ours", 2), ("marian", 2), ("ours", 3), ("marian", 3)]
+
+
+def test_train_speed_table_header_says_what_was_run(monkeypatch, tmp_path):
+    """The header names the command as given to main, the steps, warm-up and rounds, the
+    precision the CPU runs (fp32, whatever --precision says) and the peak MFU divides by."""
+    train_speed = load_bench("train_speed")
+    batches = [pairs_batch([3, 2], [2, 2])] * 9
+    monkeypatch.setattr(train_speed, "load_checked", lambda *a: ([], FakeTokenizer()))
+    monkeypatch.setattr(train_speed, "load_batches", lambda *a: (batches, FakeTokenizer()))
+    monkeypatch.setattr(train_speed, "apply_malloc", lambda *a: False)
+    given = {}
+
+    def time_models(args, models, batches, pad, precision, *rest):
+        given.update(precision=precision, batches=len(batches))
+        return []
+
+    monkeypatch.setattr(train_speed, "time_models", time_models)
+    out = tmp_path / "table.md"
+    argv = ["--device", "cpu", "--configs", "multi30k-default", "--max-tokens", "4096",
+            "--steps", "7", "--warmup", "2", "--rounds", "3", "--precision", "bf16",
+            "--out", str(out)]  # fmt: skip
+    train_speed.main(argv)
+    text = out.read_text()
+    assert given == {"precision": "fp32", "batches": 9}
+    assert f"- command: `python bench/train_speed.py {' '.join(argv)}`" in text
+    assert f"; torch {torch.__version__}; precision fp32; " in text
+    assert "; 7 timed steps each, after 2 warm-up steps plus one untimed pass" in text
+    assert "timed in 3 rounds that alternate between the models (each model 2-3 steps" in text
+    assert "- MFU: no peak figure for this device" in text
+    args = train_speed.parse_args(train_speed.make_parser(), argv)
+    lines = train_speed.header(args, argv, "NVIDIA H100 PCIe", "bf16", False, False, 756e12)
+    assert "- MFU peak: 756 TFLOP/s dense bf16 (datasheet)" in lines
