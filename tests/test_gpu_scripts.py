@@ -752,3 +752,46 @@ def test_train_speed_table_header_says_what_was_run(monkeypatch, tmp_path):
     args = train_speed.parse_args(train_speed.make_parser(), argv)
     lines = train_speed.header(args, argv, "NVIDIA H100 PCIe", "bf16", False, False, 756e12)
     assert "- MFU peak: 756 TFLOP/s dense bf16 (datasheet)" in lines
+
+
+def test_step_flops_reports_the_timed_batches_flops_and_the_step_an_mfu_needs(
+    monkeypatch, tmp_path
+):
+    """step_flops.md: per timed step (the warm-up batches left out) the sentences, the source
+    tokens per padded row and per sentence, the TFLOP of the padded shapes and of the pairs at
+    their own lengths, and the longest step reaching --mfu at the H100 SXM's 989 TFLOP/s, on
+    each count. (A vocabulary of 10^9 makes the FLOPs large enough to read in the table.)"""
+    step_flops, train_speed = load_bench("step_flops"), load_bench("train_speed")
+
+    class HugeVocabulary(FakeTokenizer):
+        def __len__(self):
+            return 10**9
+
+    warm_up = pairs_batch([9] * 4, [9] * 4)
+    lengths = [([6, 3, 2], [5, 4, 1]), ([200, 150, 40], [120, 180, 60])]  # source, target y + EOS
+    timed = [pairs_batch(*b) for b in lengths]
+
+    def batches(ap, max_tokens, n, join):
+        return [warm_up, *timed][:n], HugeVocabulary()
+
+    monkeypatch.setattr(step_flops, "load_checked", batches)
+    out = tmp_path / "step_flops.md"
+    step_flops.main(["--configs", "multi30k-default", "--max-tokens", "4096", "--warmup", "1",
+                     "--steps", "2", "--mfu", "0.5", "--out", str(out)])  # fmt: skip
+    cfg, V = train_speed.CONFIGS["multi30k-default"], 10**9
+
+    def per_step(shapes) -> dict:  # (B, S, T) -> FLOPs by part, averaged over the 2 steps
+        parts = [train_speed.flops_by_part(cfg, *shape, V) for shape in shapes]
+        return {k: sum(p[k] for p in parts) / 2 for k in ("linear", "attention")}
+
+    real = per_step([(1, s, t) for src, tgt in lengths for s, t in zip(src, tgt)])
+    padded = per_step([(3, 6, 5), (3, 200, 180)])
+    ms = [1e3 * sum(f.values()) / (0.5 * 989e12) for f in (real, padded)]
+    assert ms[1] > ms[0] + 1 and padded["attention"] > real["attention"] + 1e8  # apart
+    cells = ["multi30k-default", "4096", "2", "3", f"{(6 + 200) / 2:.1f}",
+             f"{(11 / 3 + 390 / 3) / 2:.1f}", f"{padded['linear'] / 1e12:.3f}",
+             f"{padded['attention'] / 1e12:.4f}", f"{real['linear'] / 1e12:.3f}",
+             f"{real['attention'] / 1e12:.4f}", f"{ms[0]:.1f}", f"{ms[1]:.1f}"]  # fmt: skip
+    text = out.read_text()
+    assert "| " + " | ".join(cells) + " |" in text.splitlines(), text
+    assert "the longest step that reaches it at 989 TFLOP/s" in text
