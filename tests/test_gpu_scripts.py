@@ -795,3 +795,58 @@ def test_step_flops_reports_the_timed_batches_flops_and_the_step_an_mfu_needs(
     text = out.read_text()
     assert "| " + " | ".join(cells) + " |" in text.splitlines(), text
     assert "the longest step that reaches it at 989 TFLOP/s" in text
+
+
+def test_profile_step_rates_the_profiled_steps_flops_and_counts_every_launch(monkeypatch):
+    """On a GPU (faked: the profiler's events are given): the TFLOP/s of the matrix products
+    and of attention count the FLOPs of the profiled batches (not the warm-up's) per step, the
+    target tokens per step are the profiled batches', and the launches per step count the
+    cuBLASLt ones (cuLaunchKernelEx) too."""
+    profile = load_bench("profile_step")
+    train_speed = load_bench("train_speed")
+    model = SimpleNamespace()
+    monkeypatch.setattr(profile, "build_model", lambda *a: SimpleNamespace(to=lambda d: model))
+    monkeypatch.setattr(profile, "make_step", lambda *a: lambda b: None)
+    monkeypatch.setattr(profile, "on_device", lambda b, *a: b)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    warm_up = [pairs_batch([30] * 8, [30] * 8), pairs_batch([20] * 8, [25] * 8)]
+    profiled = [pairs_batch([6, 3, 2], [5, 4, 2]), pairs_batch([9, 8], [2, 7])]
+    cfg, n = train_speed.CONFIGS["multi30k-default"], 2
+    flops = [train_speed.flops_by_part(cfg, *shape, 100) for shape in [(3, 6, 5), (2, 9, 7)]]
+    per_step = {k: sum(f[k] for f in flops) / n for k in ("linear", "attention")}
+
+    def event(key, device, count, us):
+        return SimpleNamespace(key=key, count=count, device_type=SimpleNamespace(name=device),
+                               self_cpu_time_total=us, self_device_time_total=us)  # fmt: skip
+
+    # kernel times at which the products run at 100 TFLOP/s and attention at 40
+    events = [event("nvjet_sm90_tst", "CUDA", 6, per_step["linear"] * n * 1e6 / 100e12),
+              event("fmha_cutlassF", "CUDA", 4, per_step["attention"] * n * 1e6 / 40e12),
+              event("aten::mm", "CPU", 6, 10.0), event("cudaLaunchKernel", "CPU", 10, 5.0),
+              event("cuLaunchKernel", "CPU", 2, 1.0), event("cudaLaunchKernelExC", "CPU", 2, 1.0),
+              event("cuLaunchKernelEx", "CPU", 6, 3.0)]  # fmt: skip
+
+    class Profiled:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+
+    monkeypatch.setattr(profile, "profile", Profiled)
+    args = SimpleNamespace(device=torch.device("cuda"), config="multi30k-default", steps=n,
+                           fused_loss="false", compile=False, compile_mode="default",
+                           top=3)  # fmt: skip
+    lines = profile.profile_model("ours", args, warm_up + profiled, FakeTokenizer())
+    rate = {c[0]: c[-1] for c in ([x.strip() for x in line.strip("|").split("|")]
+                                  for line in lines if line.startswith("| "))}  # fmt: skip
+    assert rate["matrix products"] == "100" and rate["attention"] == "40"
+    tokens = " ms for 10 target tokens (profiled; the profiler adds host overhead)"
+    assert any(line.endswith(tokens) for line in lines)  # (5 + 4 + 2 + 2 + 7) / 2 steps
+    assert "- kernel launches per step: 10" in lines
