@@ -850,3 +850,65 @@ def test_profile_step_rates_the_profiled_steps_flops_and_counts_every_launch(mon
     tokens = " ms for 10 target tokens (profiled; the profiler adds host overhead)"
     assert any(line.endswith(tokens) for line in lines)  # (5 + 4 + 2 + 2 + 7) / 2 steps
     assert "- kernel launches per step: 10" in lines
+
+
+def test_decode_speed_times_without_its_warm_up_and_counts_each_output_token_and_eos(monkeypatch):
+    decode = load_bench("decode_speed")
+    clock = [0.0]
+    monkeypatch.setattr(decode, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def fn(src, mask):  # a second per call, the 4-sentence warm-up included
+        clock[0] += 1.0
+        return [int(x) for x in src[:, 0]]
+
+    src = [torch.tensor([[20], [0]]), torch.tensor([[10]])]
+    batches = [([2, 0], src[0], src[0] > 0), ([1], src[1], src[1] > 0)]
+    assert decode.timed(fn, batches, torch.device("cpu")) == (2.0, [0, 10, 20])
+    assert decode.rate(2.0, [([5, 6, 7], None), ([8], None)]) == (1.0, 3.0)  # EOS counted
+
+
+def test_decode_speed_ratios_are_ours_over_theirs_and_the_bars_need_every_hypothesis(
+    monkeypatch, tmp_path
+):
+    """The cached speed-up is the uncached time over the cached one; ours / Marian, ours
+    sentences/s over Marian's; this tree / a baseline commit, the baseline's time over this
+    tree's; the cached beam bar is met only with 3x and every hypothesis the same."""
+    from omegaconf import OmegaConf
+
+    decode = load_bench("decode_speed")
+    tok = SimpleNamespace(pad_id=0, bos_id=1, eos_id=2)
+    opts = OmegaConf.create({"beam_size": 5, "min_len": 0, "max_len_a": 1.2, "max_len_b": 10,
+                             "length_penalty": 0.6, "max_tokens": 4096})  # fmt: skip
+    searches = {"greedy": opts, "beam 5": opts}
+    hyps = [([5, 6], -1.0), ([7], -2.0)]
+    other = [([5, 6], -1.0), ([8], -2.5)]
+    times = iter([(1.0, hyps), (4.0, hyps), (2.0, hyps), (5.0, other)])  # cached, uncached
+    monkeypatch.setattr(decode, "timed", lambda *a: next(times))
+    rows, found = decode.cache_rows("transformer", None, tok, [], searches, None)
+    assert found == {"greedy": dict(speedup=4.0, same=2, n=2),
+                     "beam 5": dict(speedup=2.5, same=1, n=2)}  # fmt: skip
+    assert "| 4.00x | 2/2 (max score diff 0.0e+00) |" in rows[0]
+    # ours forced to L = 3 tokens, Marian to L tokens then EOS; ours in 1 s, Marian in 3 s
+    hf = SimpleNamespace(eval=lambda: hf)
+    monkeypatch.setattr(decode, "marian", lambda *a: SimpleNamespace(to=lambda d: hf))
+    times = iter([(1.0, [([5, 6, 7], -1.0)] * 6), (3.0, [([5, 6, 7, 2], None)] * 6)] * 2)
+    marian_rows, ratios = decode.marian_rows(None, {}, FakeTokenizer(), [], searches, 3, None)
+    assert ratios == {"greedy": 3.0, "beam 5": 3.0}
+    assert marian_rows[0] == "| greedy | 3 | 6.0 | 2.0 | 3.00x | yes |"
+    # this tree (ROOT) in 2 s, the baseline in 6 s, over 4 sentences
+    runs = {"old": {s: [6.0, [[5], [6], [7], [8]], 40] for s in searches},
+            "new": {s: [2.0, [[5], [6], [7], [9]], 20] for s in searches}}  # fmt: skip
+    monkeypatch.setattr(decode, "run_package",
+                        lambda root, *a: runs["new" if root == decode.ROOT else "old"])  # fmt: skip
+    monkeypatch.setattr(decode, "tempfile", SimpleNamespace(mkdtemp=lambda: str(tmp_path)))
+    archive = SimpleNamespace(stdout=b"")  # git archive, and tar extracting it
+    monkeypatch.setattr(decode, "subprocess", SimpleNamespace(run=lambda *a, **k: archive))
+    before = decode.baseline_rows("HEAD~1", "transformer", "x.pt", [[3]] * 4, searches, 1)
+    assert before[0] == "| transformer | greedy | 0.7 | 2.0 | 3.00x | 10 | 5 | 3/4 |"
+    args = SimpleNamespace(models=["transformer"], given="", baseline=None)
+    found = {"transformer": {"what": "w", "params": 1e6, "n": 10, "cache": {
+        "beam 5": dict(speedup=4.0, same=9, n=10)}}, "marian": {"beam 5": 1.6}}  # fmt: skip
+    text = decode.report(args, torch.device("cpu"), searches, found, ([], [], []), [], ("", ""))
+    assert ("- transformer: cached beam 5 is 4.00x uncached (bar 3x) with 9/10 identical "
+            "hypotheses: **not met**") in text  # fmt: skip
+    assert "- Transformer beam 5 vs Marian: 1.60x (bar 1.5x): **met**" in text
