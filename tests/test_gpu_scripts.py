@@ -912,3 +912,32 @@ def test_decode_speed_ratios_are_ours_over_theirs_and_the_bars_need_every_hypoth
     assert ("- transformer: cached beam 5 is 4.00x uncached (bar 3x) with 9/10 identical "
             "hypotheses: **not met**") in text  # fmt: skip
     assert "- Transformer beam 5 vs Marian: 1.60x (bar 1.5x): **met**" in text
+
+
+def test_data_workers_ratio_is_each_worker_count_mean_over_the_first_ones():
+    data_workers = load_bench("data_workers")
+    args = SimpleNamespace(steps=300, rounds=3, workers=[0, 2])
+    tok_s = {0: [100, 100, 130], 2: [150, 120, 120]}  # means 110 and 130 (medians 100, 120)
+    lines = data_workers.report([], args, [], tok_s, "NVIDIA H200", "2.11")
+    assert lines[-2:] == ["| 0 | 100, 100, 130 | 110 | 1.00x |",
+                          "| 2 | 150, 120, 120 | 130 | 1.18x |"]  # fmt: skip
+
+
+def test_packed_fill_counts_the_tokens_of_both_sides_and_pairs_per_row(monkeypatch, tmp_path):
+    """real: the tokens of sources and targets over their positions; pairs per row: the
+    padded batch's rows over the packed rows; open rows "all" (0): any row a pair fits in."""
+    packed_fill = load_bench("packed_fill")
+    batch = pairs_batch([10, 10, 5, 5], [10, 10, 5, 5])  # rows of 16: 3 with open rows 1, 2 any
+    assert packed_fill.real_share([batch], 0) == (30 + 30) / (4 * 10 + 4 * 10)
+    train = SimpleNamespace(src_lens=np.array([5, 2]), tgt_lens=np.array([4, 3]))
+    monkeypatch.setattr(packed_fill, "load_checked", lambda *a: ([batch], FakeTokenizer()))
+    monkeypatch.setattr(packed_fill, "training_pairs", lambda join: (train, None))
+    out = tmp_path / "fill.md"
+    packed_fill.main(["--max-tokens", "4096", "--widths", "16", "--open-rows", "1,0",
+                      "--batches", "1", "--repeats", "1", "--out", str(out)])  # fmt: skip
+    rows = {c[2]: c[3:6] for c in ([x.strip() for x in line.strip("|").split("|")]
+            for line in out.read_text().splitlines() if line.startswith("| 4096 |"))}  # fmt: skip
+    assert "weighs): 5.0 slots" in out.read_text()  # the longer side of (5, 4), (2, 3), + 1
+    assert rows["-"] == ["4", "1", "75.0%"]
+    for open_rows, n in (("1", 3), ("all", 2)):
+        assert rows[open_rows] == [str(n), f"{4 / n:.1f}", f"{100 * 60 / (n * 32):.1f}%"]
