@@ -941,3 +941,79 @@ def test_packed_fill_counts_the_tokens_of_both_sides_and_pairs_per_row(monkeypat
     assert rows["-"] == ["4", "1", "75.0%"]
     for open_rows, n in (("1", 3), ("all", 2)):
         assert rows[open_rows] == [str(n), f"{4 / n:.1f}", f"{100 * 60 / (n * 32):.1f}%"]
+
+
+def test_attention_claims_counts_the_flops_torch_counts_and_keeps_the_fastest_and_the_peak(
+    monkeypatch,
+):
+    """Claim (2)'s analytic FLOPs against torch's count of MultiHeadAttention's forward (math
+    kernel: softmax, which torch does not count, apart); the time, the fastest call after the
+    warm-up; the peak memory, the most held during the call (CPU profiler), or (CUDA) the
+    allocator's peak above what was held before."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from transformer import attention as A
+
+    claims = load_bench("attention_claims")
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as c:
+        A.MultiHeadAttention(32, 4).eval()(torch.randn(2, 12, 32))
+    flops = claims.mha_flops(2, 12, 32, 4)
+    assert flops["proj"] + flops["scores"] == c.get_total_flops()
+    assert flops["total"] == c.get_total_flops() + flops["softmax"]
+    clock, durations = [0.0], iter([9.0, 5.0, 1.0, 3.0])  # the warm-up, then 3 calls
+    monkeypatch.setattr(claims, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def call():
+        clock[0] += next(durations)
+
+    assert claims.best_time(call, 3) == 1.0
+
+    def temporary():  # 4 MiB held for a while, 64 bytes returned
+        x = torch.empty(2**20)
+        del x
+        return torch.empty(16)
+
+    assert 2**22 <= claims.peak_bytes(temporary) < 2**22 + 4096
+    memory = FakeAllocator()
+    memory.install(monkeypatch)
+    monkeypatch.setattr(claims, "DEVICE", torch.device("cuda"))
+    memory.take(1000)  # the inputs, held before the call
+
+    def on_gpu():
+        memory.take(300)
+        memory.now -= 300
+        memory.take(20)
+
+    assert claims.peak_bytes(on_gpu) == 300
+
+
+def test_attention_kernels_times_after_two_untimed_passes_and_sums_each_kinds_layers(
+    monkeypatch, tmp_path
+):
+    """A pass is timed after two untimed ones, the median; per step, each kind's call times
+    its layers (encoder self-attention: the encoder's; the other two: the decoder's)."""
+    bench = load_bench("attention_kernels")
+    clock, durations = [0.0], iter([100.0, 100.0, 1.0, 2.0, 3.0])
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    q = torch.zeros(1, requires_grad=True)
+
+    def one_pass(call, method, dropout):
+        clock[0] += next(durations)
+        return q * 1, torch.ones(1)
+
+    monkeypatch.setattr(bench, "run", one_pass)
+    call = SimpleNamespace(q=q, k=q, v=q)
+    assert bench.time_call(call, "math", 0.0, 3, torch.device("cpu")) == 2.0
+    monkeypatch.undo()  # the real clock and passes
+    batches = [pairs_batch([6, 3, 2], [5, 4, 1])]
+    monkeypatch.setattr(bench, "load_checked", lambda *a: (batches, FakeTokenizer()))
+    ms = {"encoder self": 1.0, "decoder self": 2.0, "cross": 4.0}  # ms of a call, by kind
+    monkeypatch.setattr(bench, "mean_ms",
+                        lambda calls, method, p, *a: ms[calls[0].lengths[4]] * (1 + p))  # fmt: skip
+    out = tmp_path / "kernels.md"
+    bench.main(["--device", "cpu", "--config", "multi30k-default", "--methods", "math",
+                "--batches", "1", "--out", str(out)])  # fmt: skip
+    text = out.read_text()
+    assert "| math | 21.00 | 23.10 |" in text.splitlines()  # 3 layers x (1 + 2 + 4) ms
+    assert "61% of the source positions are real tokens" in text  # 11 of 3 x 6
