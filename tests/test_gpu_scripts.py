@@ -127,6 +127,29 @@ def test_runs_table_names_folders_without_metrics_and_reads_older_runs(tmp_path)
     assert done.stdout == ""
 
 
+def test_runs_table_shows_each_runs_own_figures_in_their_columns(tmp_path):
+    """Every cell of a row is its run's: updates, seconds, tokens/s, best valid BLEU, best.pt's
+    valid BLEU (the first candidate), the choice (no checkpoint: the last weights), valid and
+    test2016 BLEU, chrF; and every run's BLEU signature is listed."""
+    table_run(tmp_path / "a")
+    final = {"checkpoint": None, "length_penalty": 0.6, "beam_size": 4,
+             "candidates": [{"valid_bleu": 35.5}, {"valid_bleu": 36.1}]}  # fmt: skip
+    test = {"bleu": 33.0, "chrf": 55.5, "bleu_signature": "sig2"}
+    table_run(tmp_path / "b", steps=100, train_seconds=12.4, train_tokens_per_s=5000,
+              best_valid_bleu=30.0, final=final, test2016=test)  # fmt: skip
+    done = runs_table(tmp_path, "--final", "a", "b")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:4]]
+    assert rows == [
+        ["[a](a/)", "4,374", "6001", "2,692", "40.94", "41.88", "avg_last5, beam 7, lp 1.4",
+         "42.46", "41.13", "60.00"],
+        ["[b](b/)", "100", "12", "5,000", "30.00", "35.50", "last, beam 4, lp 0.6", "42.46",
+         "33.00", "55.50"],
+    ]  # fmt: skip
+    assert lines[-1] == "BLEU signature: `sig`, `sig2`"
+
+
 def test_runs_table_help_is_help_and_a_bad_command_line_exits_2(tmp_path):
     done = runs_table(tmp_path, "--help")  # was read as a run folder named --help
     assert done.returncode == 0 and done.stdout.startswith("usage: runs_table.py")
