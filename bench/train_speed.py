@@ -395,7 +395,9 @@ class Timing:
             "first_s": self.first_s,
             "compiled": self.compiled,
             "round_s": self.round_s,
-            "batches": self.counted,
+            # the batches timed so far: with --rounds a table saved between rounds divided the
+            # FLOPs of all the batches by the seconds of the rounds done (its MFU too high)
+            "batches": self.counted[: len(self.times)],
         }
 
 

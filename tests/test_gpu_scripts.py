@@ -704,6 +704,8 @@ def test_train_speed_times_only_the_timed_batches_and_counts_their_target_tokens
                                 False, lambda: None)  # fmt: skip
     assert timing.first_s == 50.0
     timing.run(2)
+    partial = timing.result()  # after a round: the MFU of a table saved then counts its batches
+    assert partial["batches"] == batches[1:3] and partial["seconds"] == 3.0
     timing.run(1)
     r = timing.result()
     tokens = (3 + 6 + 1) + 4 + (1 + 2)  # y + EOS of each pair of batches 1-3
