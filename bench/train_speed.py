@@ -575,6 +575,9 @@ def main(argv: list[str] | None = None) -> None:
                 timed = max(0, len(batches) - args.warmup)
                 note = (f"- {cname} at {max_tokens} tokens: epoch 0 has {len(batches)} batches, "
                         f"so {timed} timed steps, not {args.steps}")  # fmt: skip
+                sizes = round_sizes(timed, args.rounds)
+                if args.rounds > 1 and sizes:
+                    note += f" ({min(sizes)}-{max(sizes)} per round, in {len(sizes)} rounds)"
                 lines.insert(table_at, note)
                 table_at += 1
             torch.manual_seed(0)
@@ -803,15 +806,25 @@ def time_models(args, models: dict, batches, pad: int, precision: str, fused: bo
         del model, timing
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    bounds = [args.steps * i // args.rounds for i in range(args.rounds + 1)]
-    for lo, hi in zip(bounds[:-1], bounds[1:]) if alive else []:
+    timed = len(batches[args.warmup : args.warmup + args.steps])  # fewer in a short epoch
+    for n in round_sizes(timed, args.rounds) if alive else []:
         for timing in alive.values():
-            timing.run(hi - lo)
+            timing.run(n)
         so_far = {mname: timing.result() for mname, timing in alive.items()}
         save_partial(rows_of(measured | so_far))  # the steps of the rounds done
     use_sdpa_backends(None, device)
     measured.update((mname, timing.result()) for mname, timing in alive.items())
     return rows_of(measured)
+
+
+def round_sizes(steps: int, rounds: int) -> list[int]:
+    """The steps of each of ``rounds`` rounds over ``steps`` timed steps, as even as they can
+    be; a round of none left out (fewer timed steps than rounds). Split by --steps instead,
+    an epoch of fewer batches (17 timed of 20 at 25k tokens) had a short last round (5, 5, 5,
+    2 steps, not the header's 5-5) and, with more rounds than timed steps, rounds of no steps
+    whose ratio divided 0 by 0 after the timing."""
+    bounds = [steps * i // rounds for i in range(rounds + 1)]
+    return [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
 def peer(mname: str, opt: dict) -> str | None:

@@ -745,6 +745,14 @@ def test_train_speed_rounds_alternate_between_the_models(monkeypatch):
     batches = [pairs_batch([2], [2])] * 7
     train_speed.time_models(args, models, batches, 0, "fp32", False, "g", lambda m: [], [])
     assert ran == [("ours", 2), ("marian", 2), ("ours", 3), ("marian", 3)]
+    # an epoch with fewer batches than --warmup + --steps: its timed steps split evenly (not
+    # 10 and 10, nor with --rounds 4 and 3 timed steps a round of none, whose ratio was 0 / 0)
+    for steps, rounds, timed, sizes in ((20, 2, 5, [2, 3]), (8, 4, 3, [1, 1, 1])):
+        ran.clear()
+        args.steps, args.rounds = steps, rounds
+        train_speed.time_models(args, models, batches[: 2 + timed], 0, "fp32", False, "g",
+                                lambda m: [], [])  # fmt: skip
+        assert ran == [(name, n) for n in sizes for name in ("ours", "marian")]
 
 
 def test_train_speed_table_header_says_what_was_run(monkeypatch, tmp_path):
@@ -774,6 +782,11 @@ def test_train_speed_table_header_says_what_was_run(monkeypatch, tmp_path):
     assert "; 7 timed steps each, after 2 warm-up steps plus one untimed pass" in text
     assert "timed in 3 rounds that alternate between the models (each model 2-3 steps" in text
     assert "- MFU: no peak figure for this device" in text
+    batches[6:] = []  # an epoch of 6 batches: 4 timed steps, in rounds of 1-2
+    train_speed.main(argv)
+    note = ("- multi30k-default at 4096 tokens: epoch 0 has 6 batches, so 4 timed steps, not 7 "
+            "(1-2 per round, in 3 rounds)")  # fmt: skip
+    assert note in out.read_text().splitlines()
     args = train_speed.parse_args(train_speed.make_parser(), argv)
     lines = train_speed.header(args, argv, "NVIDIA H100 PCIe", "bf16", False, False, 756e12)
     assert "- MFU peak: 756 TFLOP/s dense bf16 (datasheet)" in lines
