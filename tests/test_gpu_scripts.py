@@ -1055,3 +1055,37 @@ def test_attention_kernels_times_after_two_untimed_passes_and_sums_each_kinds_la
     text = out.read_text()
     assert "| math | 21.00 | 23.10 |" in text.splitlines()  # 3 layers x (1 + 2 + 4) ms
     assert "61% of the source positions are real tokens" in text  # 11 of 3 x 6
+
+
+def test_host_overhead_counts_computing_operators_and_gives_marian_over_each_model(
+    monkeypatch, tmp_path
+):
+    """ops/step counts the operators that compute (not views, not bare allocations); the
+    table's Marian / this columns are Marian's count and time over the row's model's."""
+    from collections import Counter
+
+    host = load_bench("host_overhead")
+    x = torch.ones(4)
+    with host.Dispatched() as seen:
+        (x.view(2, 2).t() + 1).detach()
+    assert seen.ops == Counter({"add": 1})
+    counts = {"ours": Counter(mm=50, _to_copy=10), "ours/bf16-weights": Counter(mm=40),
+              "marian": Counter(mm=100, _to_copy=20)}  # fmt: skip
+    gpu_like = {"ours": Counter(mm=30), "ours/bf16-weights": Counter(mm=20),
+                "marian": Counter(mm=90)}  # fmt: skip
+
+    def count_ops(cfg, vocab, dropout=None):  # with a dropout: the GPU-like count
+        return gpu_like if dropout else counts
+
+    monkeypatch.setattr(host, "count_ops", count_ops)
+    ms = {"ours": 2.0, "ours/bf16-weights": 1.0, "marian": 4.0}
+    monkeypatch.setattr(host, "time_steps", lambda *a: ms)
+    monkeypatch.setattr(host.dropout, "RAND_MASK_ON_CPU", host.dropout.RAND_MASK_ON_CPU)
+    out = tmp_path / "host.md"
+    host.main(["--configs", "multi30k-default", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| multi30k")]
+    assert rows == [
+        "| multi30k-default | ours | 60 | 10 | 2.00 | 2.00x | 2.00x | 30 | 3.00x |",
+        "| multi30k-default | ours/bf16-weights | 40 | 0 | 1.00 | 3.00x | 4.00x | 20 | 4.50x |",
+        "| multi30k-default | marian | 120 | 20 | 4.00 | 1.00x | 1.00x | 90 | 1.00x |",
+    ]
