@@ -253,6 +253,39 @@ def test_decode_configs_dispatch(compose):
         search(model, src, mask, BOS, EOS, decode["sample"], gen)
 
 
+def test_each_decode_option_set_away_from_its_default_takes_effect():
+    """The test above decodes with the options at their defaults, where one that the
+    translator drops on its way to the search changes nothing: here each is moved, and
+    decodes as it says."""
+    src, mask = sources()
+
+    def run(model, **options):
+        opts = decode_options(OmegaConf.create(options))
+        return search(model, src, mask, BOS, EOS, opts, torch.Generator().manual_seed(0))
+
+    # Sampling: a tiny temperature, top_k=1 or a tiny top_p each leave the greedy choice only
+    model = make("transformer")
+    greedy = [hyps[0].tokens for hyps in run(model)]
+    sample = dict(sample=True, nbest=2)
+    assert tokens_of(run(model, **sample)) != [[g, g] for g in greedy]  # the test tells apart
+    for option in ({"temperature": 0.01}, {"top_k": 1}, {"top_p": 0.01}):
+        assert tokens_of(run(model, **sample, **option)) == [[g, g] for g in greedy], option
+
+    # Beam search, with a model that would stop at once: EOS is impossible before min_len,
+    # which the length limit a * len(src) + b overrules (EOS forced at its last position)
+    model = eager_to_stop("transformer")
+    lengths = dict(min_len=10, max_len_a=0.5, max_len_b=1)
+    limits = (0.5 * mask.sum(1) + 1).long().tolist()  # [4, 3, 4, 2]
+    plain = run(model, beam_size=3, nbest=3, **lengths)
+    assert [[len(h.tokens) for h in hyps] for hyps in plain] == [[n - 1] * 3 for n in limits]
+    # the scores, divided by ((5 + |y|) / 6)^alpha (|y| with EOS), where alpha was 0
+    penalised = run(model, beam_size=3, nbest=3, length_penalty=1.4, **lengths)
+    for a, b, n in zip(plain, penalised, limits):
+        assert [h.tokens for h in b] == [h.tokens for h in a]
+        lp = ((5 + n) / 6) ** 1.4
+        assert [h.score * lp for h in b] == pytest.approx([h.score for h in a], abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
