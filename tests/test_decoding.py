@@ -286,6 +286,32 @@ def test_each_decode_option_set_away_from_its_default_takes_effect():
         assert [h.score * lp for h in b] == pytest.approx([h.score for h in a], abs=1e-4)
 
 
+def test_the_translated_lines_are_the_best_of_each_n_best_list():
+    """translate_lines (validation and the final test translations) writes the first, best,
+    hypothesis of each n-best list, whatever decode.nbest is."""
+    from transformer.translator import encode_sources, translate_ids, translate_lines
+
+    class Ids:  # words are the ids themselves
+        pad_id, bos_id, eos_id = PAD, BOS, EOS
+
+        def encode(self, lines):
+            return [[int(w) for w in line.split()] for line in lines]
+
+        def decode(self, seqs):
+            return [" ".join(map(str, s)) for s in seqs]
+
+    model, src, cpu = make("transformer"), sources()[0], torch.device("cpu")
+    lines = [" ".join(str(i) for i in row if i != PAD) for row in src.tolist()]
+
+    def translate(**options):
+        return translate_lines(model, lines, Ids(), Ids(), OmegaConf.create(options), cpu, 50)
+
+    four = dict(beam_size=4, nbest=4)
+    assert translate(**four) == translate(beam_size=4)  # the best of 4 is the 1-best
+    ids = encode_sources(lines, Ids(), 50)
+    assert all(h[0][0] != h[-1][0] for h in translate_ids(model, ids, Ids(), four, cpu))
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
