@@ -55,6 +55,7 @@ def test_projected_loss_matches_the_plain_loss_and_its_gradients(smoothing, bias
 
 def test_projected_loss_without_grad_and_under_autocast():
     hidden, tgt = batch()
+    torch.manual_seed(0)
     proj = nn.Linear(16, 50, bias=False)
     hidden = hidden.float()
     with torch.no_grad():
@@ -67,7 +68,17 @@ def test_projected_loss_without_grad_and_under_autocast():
         reference = sequence_loss(proj(hidden), tgt, PAD, 0.1)  # bf16 product, fp32 softmax
     assert fused.dtype == torch.float32 and h.grad.dtype == torch.float32
     assert proj.weight.grad.dtype == torch.float32
-    torch.testing.assert_close(fused, reference, rtol=2e-2, atol=0.0)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=0.0)  # 1e-7 apart here
+    # The products ran in bf16, as autocast says: the loss and hidden gradient are those of
+    # bf16 inputs to the bit, not those of fp32 products
+    proj16 = nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        proj16.weight.copy_(proj.weight)
+    h16 = hidden.bfloat16().requires_grad_()
+    bf16 = projected_loss(h16, proj16, tgt, PAD, 0.1, 3)
+    bf16.backward()
+    assert torch.equal(fused, bf16) and torch.equal(h.grad, h16.grad.float())
+    assert not torch.equal(fused, projected_loss(hidden, proj, tgt, PAD, 0.1, 3).detach())
 
 
 @pytest.mark.parametrize("model", ["transformer", "rnn"])
