@@ -155,6 +155,19 @@ def test_transformer_with_additive_key_masks_equals_bool_masks(autocast):
     torch.testing.assert_close(with_bias, with_bool, atol=0, rtol=0)
 
 
+def test_the_additive_key_masks_take_the_dtype_attention_runs_in():
+    """Under bf16 autocast the key masks are bf16, as SDPA's queries are there: CUDA's
+    memory-efficient kernel refuses a bias of another dtype than the query's. The CPU's
+    SDPA takes an fp32 mask with bf16 queries alike, so the test above cannot tell."""
+    model, src, src_mask, _ = tiny_transformer_and_batch()
+    x = torch.zeros(3, 7, 16)
+    for role in ("encoder", "cross"):
+        assert model.key_mask(src_mask, role, x).dtype == torch.float32
+        assert model.key_mask(src_mask, role, x.double()).dtype == torch.float64
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.key_mask(src_mask, role, x).dtype == torch.bfloat16
+
+
 class Dispatched(TorchDispatchMode):
     """How many times each operator was dispatched while active, by name."""
 
