@@ -204,3 +204,16 @@ def test_a_transformer_built_with_max_positions_decodes_every_one_of_them():
     src, mask = sources()
     long = dict(max_len_a=0.0, max_len_b=50, min_len=100)
     assert all(len(h.tokens) == 6 for h in greedy_search(model, src, mask, BOS, EOS, **long))
+
+
+def test_a_length_limit_below_one_still_gives_every_input_a_translation():
+    """a * len(src) + b under 1 (max_len_b=0 and a short source) is a limit of 1: EOS at once,
+    an empty translation with the model's score, not no hypothesis (beam search) or an
+    unscored one (greedy)."""
+    model = make("transformer")
+    src, mask = sources()
+    lim = dict(max_len_a=0.1, max_len_b=0)  # 0.1 * len(src) < 1 for every source
+    for hyps in beam_search(model, src, mask, BOS, EOS, beam_size=2, **lim):
+        assert [h.tokens for h in hyps] == [[]] and hyps[0].score < 0
+    for h in greedy_search(model, src, mask, BOS, EOS, **lim):
+        assert h.tokens == [] and h.score < 0
