@@ -129,6 +129,13 @@ def test_layer_formulas_written_out():
         ln = torch.nn.functional.layer_norm(x, (16,), sub.norm.weight, sub.norm.bias)
         expected = x + f(ln)[0] if pre_norm else sub.norm(x + f(x)[0])
         torch.testing.assert_close(sub(x, f)[0], expected)
+        # dropout on the sublayer's output, before the residual sum (Section 5.4)
+        sub.dropout.p = 0.5
+        torch.manual_seed(2)
+        got = sub(x, f)[0]
+        torch.manual_seed(2)
+        dropped = sub.dropout(f(ln if pre_norm else x)[0])
+        torch.testing.assert_close(got, x + dropped if pre_norm else sub.norm(x + dropped))
     # dropout after the activation, inside the feed-forward network (train mode)
     ffn = FeedForward(16, 32, act_dropout=0.5).train()
     torch.manual_seed(1)
