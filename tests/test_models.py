@@ -200,7 +200,12 @@ def test_dropout_sits_where_the_paper_puts_it_and_acts_in_training_only(monkeypa
     assert set(attn) == {0.0}
     torch.testing.assert_close(got, plain(src, src_mask, tgt), atol=0, rtol=0)
     sites.clear(), attn.clear()
+    inputs = []  # the embeddings' dropout takes their sums with the positions
+    model.embed_dropout.register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
     model.train()(src, src_mask, tgt)
+    assert len(inputs) == 2  # the source's, then the target's
+    for ids, got in zip((src, tgt), inputs):
+        torch.testing.assert_close(got, model.positions(model.tgt_embed(ids)))
     # embeddings of both stacks; 2 sublayers per encoder layer, 3 per decoder layer
     assert sorted(sites) == [0.1] * 4 + [0.3] * (2 + 2 * 2 + 3 * 2)
     assert attn == [0.2] * (2 + 2 * 2)  # every self- and cross-attention
