@@ -236,6 +236,21 @@ def test_dropout_on_every_site_the_docstring_names_in_training_only():
     assert rates == [0.3] * (3 + T * (L - 1) + 1)
 
 
+def test_training_dropout_sits_before_the_keys_and_right_before_the_output():
+    """In training the attention keys are projected from the dropped-out annotations, the
+    ones the context is made of, and the deep output's dropout follows its maxout, right
+    before the output projection (the test above counts the sites, not their places)."""
+    model = make_model("additive").train()
+    src, src_mask, tgt_in = make_batch()
+    outputs = []
+    model.dropout.register_forward_hook(lambda mod, args, out: outputs.append(out))
+    enc = model.encode(src, src_mask)
+    memory = outputs[1]  # after the source embeddings' dropout: the annotations'
+    assert torch.equal(enc.memory, memory)
+    torch.testing.assert_close(enc.extra["keys"], model.attention.project_keys(memory))
+    assert torch.equal(model.decode_prefix(tgt_in, enc, project=False), outputs[-1])
+
+
 def test_source_lengths_counted_on_the_host_give_the_same_model():
     """``src_lengths`` (what the trainer counts on the host) packs the source as the mask
     does, so training needs no copy of the lengths back from the device."""
