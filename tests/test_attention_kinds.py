@@ -126,6 +126,24 @@ def test_weights_path_agrees_and_rows_sum_to_one(name, pattern):
     assert torch.all(w[~allowed.expand(2, 2, 13, 13)] == 0)  # off pattern
 
 
+@pytest.mark.parametrize("name,pattern", CASES)
+def test_attention_dropout_drops_weights_not_outputs(name, pattern):
+    """With every value 1, an output is the sum of its row of weights: 1 without dropout.
+    Dropout on the weights (every kind but linear, which has none) changes those sums, the
+    same in each of the d coordinates that a row's weights are shared by; dropout on the
+    outputs would zero coordinates one by one."""
+    kind = kind_obj(name, pattern)
+    q, k, _ = qkv()
+    ones = torch.ones_like(q)
+    torch.manual_seed(0)
+    out, _ = kind(q, k, ones, None, False, 0.5)
+    if name == "linear":  # no weight matrix to drop out
+        torch.testing.assert_close(out, ones)
+        return
+    assert not torch.allclose(out, ones)  # the weights were dropped out
+    torch.testing.assert_close(out, out[..., :1].expand_as(out))
+
+
 def test_pattern_masks_match_the_definitions():
     for causal in (False, True):
         for T_q, T_k in [(9, 9), (1, 9), (3, 11)]:
