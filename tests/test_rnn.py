@@ -142,6 +142,24 @@ def test_bad_args_raise(kwargs, match):
         BahdanauRNN(SRC_V, TGT_V, **args)
 
 
+def test_dot_is_general_with_a_bias_the_softmax_cancels():
+    """``dot`` projects the 2H-wide encoder states to H with a bias b; s^T b is the same for
+    every source position, so b moves no weight, no output and gets no gradient: ``dot``
+    trains the same functions as ``general`` (the docstring and rnn.yaml say so)."""
+    torch.manual_seed(0)
+    model = make_model("dot", dropout=0.0)
+    src, src_mask, tgt_in = make_batch()
+    logits, weights = unroll(model, src, src_mask, tgt_in)
+    logits.logsumexp(-1).sum().backward()
+    bias = model.attention.key_proj.bias
+    assert bias.grad.abs().max() < 1e-6 < model.attention.key_proj.weight.grad.abs().max()
+    with torch.no_grad():
+        bias.add_(torch.randn_like(bias) * 10)
+        moved, moved_weights = unroll(model, src, src_mask, tgt_in)
+    torch.testing.assert_close(moved_weights, weights, atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved, logits.detach(), atol=1e-4, rtol=0)
+
+
 def test_empty_source_raises():
     model = make_model("dot")
     src = torch.full((2, 3), PAD)

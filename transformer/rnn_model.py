@@ -13,7 +13,10 @@ to Align and Translate"), implementing the Seq2Seq contract.
   (Bahdanau, Appendix A.1.2), ``dot`` e_ij = s_{i-1}^T P h_j and ``general``
   e_ij = s_{i-1}^T W_a h_j (Luong et al. 2015, Section 3.1). ``dot`` needs the projection P
   of the 2H-wide bidirectional states to the decoder size H, so it differs from ``general``
-  only by P's bias. U h_j, P h_j or W_a h_j is computed once per sentence in ``encode``.
+  only by P's bias b, and that bias adds s_{i-1}^T b to every score of a target step, which
+  the softmax cancels: ``dot`` and ``general`` compute the same functions (b gets no
+  gradient) and differ only in their random initialisation. U h_j, P h_j or W_a h_j is
+  computed once per sentence in ``encode``.
   All three cost O(S A) per target step (A = attention size), O(T S A) per sentence.
 - Deep output (Appendix A.2.2): t_i = maxout_2(L_o [s_i; c_i; E y_{i-1}]) of width emb_dim,
   then the output projection, tied to the target embedding when ``tie_embeddings``.
