@@ -317,7 +317,7 @@ def shared_sweep_run_dir(argv: list[str]) -> str | None:
     interpolated per job is fine."""
     if not {"-m", "--multirun"} & set(argv):
         return None
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
+    given = values_given(argv, "run_dir")
     if not given or any(c in given[-1] for c in (",", "${", "(")):
         return None
     return (
@@ -353,10 +353,15 @@ def refused_resume(argv: list[str], conf: Path) -> str | None:
     return judged(run, cfg)
 
 
+def values_given(argv: list[str], key: str) -> list[str]:
+    """Every value ``argv`` gives ``key`` (``key=VALUE``), in order: the last is Hydra's."""
+    return [a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")]
+
+
 def single_run_value(argv: list[str], key: str) -> str | None:
     """The last ``key=`` value in ``argv``; None when not given, when it holds an
     interpolation (Hydra's to resolve), or in a sweep (-m: each job's own)."""
-    given = [a.split("=", 1)[1] for a in argv if a.startswith(f"{key}=")]
+    given = values_given(argv, key)
     if not given or "${" in given[-1] or {"-m", "--multirun"} & set(argv):
         return None
     return given[-1]
